@@ -1,0 +1,110 @@
+"""The embedded default: a tiny text-to-video DiT on the bundled moving-digits data, minutes on a CPU.
+
+    sora-jax train --config configs/quickstart.py --workdir runs/quick
+    sora-jax train --config configs/quickstart.py:smoke --workdir /tmp/t   # seconds, for tests
+
+`sora-jax demo` trains exactly this config.
+"""
+
+import ml_collections
+
+DEMO_PROMPTS = (
+    "a 3 moving left",
+    "the digit 7 drifts down",
+    "a 0 moves right while a 5 moves up",
+    "a 1 going up and to the right",
+    "a 4 moving down-left and a 9 moving right",
+    "the digit 2 slides to the left",
+    "an 8 falls",
+    "a 6 moves up-left",
+)
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""  # folder with ArrayRecord shards + metadata.json; empty: <workdir>/data
+    c.data.num_frames = 8
+    c.data.height = 32
+    c.data.width = 32
+    c.data.fps = 8
+    c.data.num_train = 6000  # clips, used when the data has to be built
+    c.data.num_test = 512
+    c.data.batch_size = 32  # global
+    c.data.num_workers = 0
+    c.data.shuffle_seed = 0
+
+    c.autoencoder = ml_collections.ConfigDict()
+    c.autoencoder.kind = "identity"  # identity (pixel space); the VAE comes later
+
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = "tiny"
+    c.model.patch_size = (1, 4, 4)
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+    c.model.remat = False
+
+    c.text = ml_collections.ConfigDict()
+    c.text.encoder = "trainable"
+    c.text.max_length = 24
+    c.text.vocab_size = 2048
+    c.text.width = 128
+    c.text.depth = 2
+    c.text.num_heads = 4
+    c.text.caption_dropout = 0.1
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.objective = "rectified_flow"  # ddpm | rectified_flow
+    c.diffusion.prediction = "v"  # ddpm only: eps | v
+    c.diffusion.schedule = "cosine"  # ddpm only: linear | cosine
+    c.diffusion.num_timesteps = 1000
+    c.diffusion.sampler = "euler"  # ddpm | ddim | euler
+    c.diffusion.sample_steps = 32
+    c.diffusion.cfg_scale = 3.0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 100
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.99
+    c.optim.grad_clip = 1.0
+    c.optim.ema_decay = 0.999
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 2000
+    c.train.log_every = 50
+    c.train.ckpt_every = 500
+    c.train.keep_checkpoints = 2
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.seq = 1
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.prompts = DEMO_PROMPTS
+    c.sample.seed = 0
+    c.sample.use_ema = True
+
+    if arg == "smoke":
+        c.data.num_train = 64
+        c.data.num_test = 16
+        c.data.batch_size = 8
+        c.data.num_frames = 4
+        c.data.height = 16
+        c.data.width = 16
+        c.train.num_steps = 6
+        c.train.log_every = 2
+        c.train.ckpt_every = 3
+        c.optim.warmup_steps = 2
+        c.diffusion.sample_steps = 4
+        c.text.width = 32
+        c.text.depth = 1
+        c.model.variant = "smoke"
+        c.sample.prompts = DEMO_PROMPTS[:2]
+    elif arg:
+        raise ValueError(f"configs/quickstart.py: unknown argument {arg!r} (use '' or 'smoke')")
+    return c

@@ -1,0 +1,121 @@
+"""Logical axis names -> mesh axes: the one rules table, activation constraints, and parameter shardings.
+
+Models name axes logically (``("embed", "mlp")`` on a kernel, ``("act_batch", "act_seq", "act_embed")`` on
+an activation). This module maps those names onto the mesh axes ``data``, ``fsdp``, ``tensor``, ``seq``.
+Outside an ``activation_sharding(mesh)`` context, ``constrain`` is a no-op, so models run unchanged on one
+device, under ``jax.eval_shape`` and in tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor", "seq")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical name -> mesh axis (or tuple of axes, or None = replicated). One table for the whole codebase.
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # activations
+    ("act_batch", BATCH_AXES),
+    ("act_seq", "seq"),
+    ("act_text", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_mlp", "tensor"),
+    # parameters
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", None),
+    ("patch", None),
+    ("layers", None),
+    ("norm", None),
+    ("cond", None),
+)
+
+_ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("sora_jax_mesh", default=None)
+
+
+def logical_to_spec(names: Sequence[str | None] | None, rules=RULES) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once per spec."""
+    if names is None:
+        return PartitionSpec()
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name in names:
+        axes = table.get(name) if name is not None else None
+        if name is not None and name not in table:
+            raise KeyError(f"logical axis {name!r} has no rule in sora_jax.parallel.sharding.RULES")
+        if axes is None:
+            out.append(None)
+            continue
+        axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
+        axes_t = tuple(a for a in axes_t if a not in used)
+        used.update(axes_t)
+        out.append(axes_t[0] if len(axes_t) == 1 else (axes_t or None))
+    return PartitionSpec(*out)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None) -> Iterator[None]:
+    """Within this context (at trace time), ``constrain`` pins activations onto ``mesh``."""
+    token = _ACTIVE_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVE_MESH.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op without an active mesh or on a single device."""
+    mesh = _ACTIVE_MESH.get()
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _fit(logical_to_spec(names), x.shape, mesh)))
+
+
+def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes that do not divide the dimension they would shard (small models, odd sizes)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            out.append(None)
+            continue
+        axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
+        kept, size = [], 1
+        for a in axes_t:
+            if dim % (size * mesh.shape[a]) == 0:
+                kept.append(a)
+                size *= mesh.shape[a]
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """NamedShardings for every leaf of an (abstract) NNX state, from its ``out_sharding`` logical names."""
+
+    def one(var):
+        names = getattr(var, "out_sharding", None)
+        value = var.value if isinstance(var, nnx.Variable) else var
+        spec = _fit(logical_to_spec(names), value.shape, mesh)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading axis over the batch axes (data, fsdp); the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
