@@ -80,7 +80,9 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     mesh = _ACTIVE_MESH.get()
     if mesh is None or mesh.size == 1:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _fit(logical_to_spec(names), x.shape, mesh)))
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, _fit(logical_to_spec(names), x.shape, mesh))
+    )
 
 
 def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
@@ -101,13 +103,14 @@ def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSp
 
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """NamedShardings for every leaf of an (abstract) NNX state, from its ``out_sharding`` logical names."""
+    """NamedShardings for every leaf of an (abstract) pytree of NNX variables and arrays, from each variable's
+    ``out_sharding`` logical names (arrays without names are replicated). Same tree structure as ``state``."""
 
     def one(var):
-        names = getattr(var, "out_sharding", None)
-        value = var.value if isinstance(var, nnx.Variable) else var
-        spec = _fit(logical_to_spec(names), value.shape, mesh)
-        return NamedSharding(mesh, spec)
+        if isinstance(var, nnx.Variable):
+            spec = _fit(logical_to_spec(getattr(var, "out_sharding", None)), var.value.shape, mesh)
+            return var.replace(NamedSharding(mesh, spec))
+        return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -1,0 +1,126 @@
+"""The ``sora-jax`` command line: parse, then call library code. Bad input: one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError, RuntimeError)
+
+
+def _add_multiprocess_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--num_processes", type=int, default=None, help="processes in the job (env JAX_NUM_PROCESSES)"
+    )
+    p.add_argument("--process_id", type=int, default=None, help="this process's index (env JAX_PROCESS_ID)")
+    p.add_argument(
+        "--coordinator_address", default=None, help="HOST:PORT of process 0 (env JAX_COORDINATOR_ADDRESS)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sora-jax", description="Sora-style text-to-video in JAX/Flax.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="build the bundled data, train the quickstart config, sample, evaluate")
+    p.add_argument("--workdir", default="runs/demo", help="output folder (default: runs/demo)")
+
+    p = sub.add_parser(
+        "train",
+        help="train a config in a workdir (resumes from its checkpoints)",
+        description="Train a config; override keys with --config.key=value (e.g. --config.train.num_steps=100).",
+    )
+    p.add_argument("--config", required=True, help="config file, path.py[:arg]")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics and TensorBoard events go here")
+    p.add_argument(
+        "--compile_only", action="store_true", help="lower and compile the step, print memory, exit"
+    )
+    _add_multiprocess_flags(p)
+
+    p = sub.add_parser("sample", help="generate videos from the latest checkpoint in a workdir")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    p.add_argument("--out", required=True, help="folder for the MP4/GIF files and the contact sheet")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's)")
+    p.add_argument("--cfg_scale", type=float, default=None, help="classifier-free guidance scale")
+
+    p = sub.add_parser("eval", help="score prompt adherence of generated videos on the test split's prompts")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--num_prompts", type=int, default=64)
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="report folder (default: <workdir>/eval)")
+    return parser
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def run(argv: list[str]) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides = [r for r in rest if r.startswith("--config.")]
+    unknown = [r for r in rest if not r.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides and args.command != "train":
+        parser.error("--config.* overrides are only for `sora-jax train`")
+    _setup_logging()
+
+    from sora_jax.config import load_config
+
+    if args.command == "train":
+        from sora_jax.parallel.mesh import initialize_distributed
+
+        initialize_distributed(args.num_processes, args.process_id, args.coordinator_address)
+        cfg = load_config(args.config, overrides)
+        from sora_jax.train.loop import train_and_evaluate
+
+        result = train_and_evaluate(cfg, args.workdir, compile_only=args.compile_only)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    elif args.command == "demo":
+        from sora_jax.demo import run_demo
+
+        run_demo(args.workdir)
+    elif args.command == "sample":
+        from sora_jax import api
+        from sora_jax.sample.outputs import write_samples
+
+        api.check_prompts(args.prompt)
+        pipe = api.load_pipeline(args.workdir, sample_steps=args.steps, cfg_scale=args.cfg_scale)
+        videos = pipe.generate(args.prompt, seed=args.seed, progress=True)
+        paths = write_samples(args.out, videos, args.prompt, fps=pipe.config.data.fps)
+        print(f"wrote {len(paths['mp4'])} videos and {paths['contact_sheet']}")
+    elif args.command == "eval":
+        from sora_jax.eval.evaluate import evaluate_workdir
+
+        report = evaluate_workdir(
+            args.workdir, num_prompts=args.num_prompts, split=args.split, seed=args.seed, out=args.out
+        )
+        print(" ".join(f"{k}={v:.3f}" for k, v in report["metrics"].items() if isinstance(v, float)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        print("sora-jax: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if os.environ.get("SORA_JAX_DEBUG"):
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"sora-jax: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

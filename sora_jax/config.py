@@ -1,0 +1,175 @@
+"""Config loading and the typed schema: enums for every choice, validated once at start.
+
+Configs are python files with ``get_config(arg) -> ml_collections.ConfigDict`` (``path.py:arg``). Overrides
+come as ``--config.key.sub=value`` strings and go through ConfigDict's type checks; a locked config rejects
+unknown keys. Every problem raises ``ConfigError`` with one line that names the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import enum
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message names the key or file."""
+
+
+class Objective(enum.StrEnum):
+    DDPM = "ddpm"
+    RECTIFIED_FLOW = "rectified_flow"
+
+
+class Prediction(enum.StrEnum):
+    EPS = "eps"
+    V = "v"
+
+
+class Schedule(enum.StrEnum):
+    LINEAR = "linear"
+    COSINE = "cosine"
+
+
+class Sampler(enum.StrEnum):
+    DDPM = "ddpm"
+    DDIM = "ddim"
+    EULER = "euler"
+
+
+class AutoencoderKind(enum.StrEnum):
+    IDENTITY = "identity"
+
+
+class TextEncoderKind(enum.StrEnum):
+    TRAINABLE = "trainable"
+
+
+class DType(enum.StrEnum):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+
+_SAMPLERS_FOR = {
+    Objective.DDPM: {Sampler.DDPM, Sampler.DDIM},
+    Objective.RECTIFIED_FLOW: {Sampler.EULER},
+}
+
+_ENUM_KEYS: dict[str, type[enum.StrEnum]] = {
+    "diffusion.objective": Objective,
+    "diffusion.prediction": Prediction,
+    "diffusion.schedule": Schedule,
+    "diffusion.sampler": Sampler,
+    "autoencoder.kind": AutoencoderKind,
+    "text.encoder": TextEncoderKind,
+    "model.dtype": DType,
+}
+
+
+def _get(cfg: ml_collections.ConfigDict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads ``path.py[:arg]``, applies ``key=value`` overrides, validates. Raises ConfigError."""
+    path_str, _, arg = spec.partition(":")
+    path = Path(path_str)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path_str}")
+    module_name = f"_sora_jax_config_{abs(hash(str(path.resolve())))}"
+    try:
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # a syntax error in a user's config file is still one line
+        raise ConfigError(f"config file {path_str} failed to load: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path_str} defines no get_config(arg)")
+    try:
+        cfg = module.get_config(arg) if arg else module.get_config()
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    cfg = ml_collections.ConfigDict(cfg)
+    cfg.lock()
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def _parse_value(text: str, current):
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    return value
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Applies ``a.b=value`` overrides in place (type-checked by ConfigDict)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.removeprefix("--").removeprefix("config.")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form --config.key=value")
+        parent_key, _, leaf = key.rpartition(".")
+        try:
+            parent = _get(cfg, parent_key) if parent_key else cfg
+            current = parent[leaf]
+        except (KeyError, AttributeError, TypeError):
+            raise ConfigError(f"unknown config key: {key}") from None
+        try:
+            parent[leaf] = _parse_value(text, current)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ConfigError(f"config key {key}: cannot set {text!r}: {e}") from None
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Checks enums, sizes and cross-field constraints once, at start."""
+    for key, kind in _ENUM_KEYS.items():
+        try:
+            value = _get(cfg, key)
+        except (KeyError, AttributeError):
+            continue
+        allowed = [m.value for m in kind]
+        if value not in allowed:
+            raise ConfigError(f"config.{key} = {value!r} is not one of {allowed}")
+    objective, sampler = Objective(cfg.diffusion.objective), Sampler(cfg.diffusion.sampler)
+    if sampler not in _SAMPLERS_FOR[objective]:
+        ok = sorted(s.value for s in _SAMPLERS_FOR[objective])
+        raise ConfigError(
+            f"config.diffusion.sampler = {sampler.value!r} does not fit objective {objective.value!r}: use {ok}"
+        )
+    for key in ("data.batch_size", "data.num_frames", "data.height", "data.width", "train.num_steps"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"config.{key} must be positive, got {_get(cfg, key)}")
+    pt, ph, pw = cfg.model.patch_size
+    for name, size, p in (
+        ("num_frames", cfg.data.num_frames, pt),
+        ("height", cfg.data.height, ph),
+        ("width", cfg.data.width, pw),
+    ):
+        if size % p:
+            raise ConfigError(
+                f"config.data.{name} = {size} is not divisible by the patch size {p} (config.model.patch_size)"
+            )
+    if not 0.0 <= cfg.text.caption_dropout < 1.0:
+        raise ConfigError(f"config.text.caption_dropout must be in [0, 1), got {cfg.text.caption_dropout}")
+    for axis in ("data", "fsdp", "tensor", "seq"):
+        v = cfg.mesh[axis]
+        if v == 0 or v < -1:
+            raise ConfigError(f"config.mesh.{axis} must be a positive size or -1 (fill), got {v}")

@@ -1,0 +1,147 @@
+"""Grain pipelines over clip datasets: ArrayRecord source, per-process batches, and global jax.Arrays.
+
+A dataset folder holds ``metadata.json`` (listing each split's shard files) and ArrayRecord shards of
+records in the ``sora_jax.data.records`` format. ``make_dataset`` reads one split as a grain ``IterDataset``
+of *per-process* batches (each process reads its own ``[process_index::process_count]`` slice of the
+shuffled, repeated record stream); ``to_global`` assembles those into global arrays sharded over the batch
+mesh axes. ``iter(ds)`` is a grain ``DatasetIterator``: checkpoint it with
+``grain.checkpoint.CheckpointSave``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sora_jax.data.records import decode_clip
+from sora_jax.parallel.sharding import BATCH_AXES
+
+Tokenizer = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
+
+
+def _missing(path: pathlib.Path, what: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"dataset folder {path} is missing {what}; build it first, e.g. "
+        f"`python -m data_pipelines.moving_digits --out {path}` (or `sora-jax ingest ... --out {path}`)"
+    )
+
+
+def read_metadata(path: str | pathlib.Path) -> dict[str, Any]:
+    """The dataset's metadata.json as a dict; FileNotFoundError (saying how to build it) if absent."""
+    path = pathlib.Path(path)
+    meta_path = path / "metadata.json"
+    if not meta_path.is_file():
+        raise _missing(path, "metadata.json")
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_path} is not valid JSON ({e}); delete the folder and build it again") from e
+
+
+def open_source(path: str | pathlib.Path, split: str) -> grain.sources.ArrayRecordDataSource:
+    """Random-access source over the split's shards (records: bytes in the ``records`` format)."""
+    path = pathlib.Path(path)
+    meta = read_metadata(path)
+    splits = meta.get("splits", {})
+    if split not in splits:
+        raise ValueError(f"dataset {path} has no split {split!r}; it has {sorted(splits)}")
+    shards = [path / name for name in splits[split]["shards"]]
+    absent = [p.name for p in shards if not p.is_file()]
+    if not shards or absent:
+        raise _missing(path, f"{split} shards {absent or '(none listed)'}")
+    return grain.sources.ArrayRecordDataSource([str(p) for p in shards])
+
+
+def _decode(record: bytes) -> dict[str, Any]:
+    return decode_clip(record)
+
+
+class _Tokenize:
+    """Batch transform: captions -> tokens int32 [b, L], text_mask bool [b, L] (picklable for workers)."""
+
+    def __init__(self, tokenize: Tokenizer):
+        self.tokenize = tokenize
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        captions = [str(c) for c in batch["caption"]]
+        ids, mask = self.tokenize(captions)
+        ids, mask = np.asarray(ids, np.int32), np.asarray(mask, bool)
+        if ids.ndim != 2 or ids.shape[0] != len(captions) or mask.shape != ids.shape:
+            raise ValueError(
+                f"tokenize must return ids [b, L] and mask [b, L] for b={len(captions)} captions, "
+                f"got {ids.shape} and {mask.shape}"
+            )
+        return {**batch, "tokens": ids, "text_mask": mask}
+
+
+def make_dataset(
+    path: str | pathlib.Path,
+    split: str,
+    *,
+    global_batch_size: int,
+    tokenize: Tokenizer,
+    seed: int,
+    shuffle: bool = True,
+    repeat: bool = True,
+    num_workers: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    drop_remainder: bool = True,
+) -> grain.IterDataset:
+    """Per-process batches of a split as a grain IterDataset.
+
+    Each element: video uint8 [b, T, H, W, 3], tokens int32 [b, L], text_mask bool [b, L], digits int32
+    [b, 2], directions int32 [b, 2], caption str [b]; b = global_batch_size // process_count.
+    With ``num_workers > 0`` decoding runs in worker processes (``tokenize`` must then be picklable);
+    restoring an iterator's state needs the same process count and ``num_workers``.
+    """
+    process_index = jax.process_index() if process_index is None else int(process_index)
+    process_count = jax.process_count() if process_count is None else int(process_count)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is outside [0, process_count={process_count})")
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(
+            f"data batch size {global_batch_size} must be a positive multiple of the process count "
+            f"{process_count}"
+        )
+    per_process = global_batch_size // process_count
+    ds = grain.MapDataset.source(open_source(path, split)).seed(seed)
+    if shuffle:
+        ds = ds.shuffle()
+    if repeat:
+        ds = ds.repeat()
+    ds = ds[process_index::process_count]
+    ds = ds.map(_decode).batch(per_process, drop_remainder=drop_remainder).map(_Tokenize(tokenize))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+    if num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain 0.2.18 reads an absl flag when starting workers
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return it
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Process-local arrays [b, ...] -> global jax.Arrays [b * process_count, ...] sharded over BATCH_AXES.
+
+    Non-numeric entries (captions) are dropped.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        if v.dtype.kind not in "biuf":
+            continue
+        out[k] = jax.make_array_from_process_local_data(sharding, v)
+    return out
+
+
+__all__ = ("make_dataset", "open_source", "read_metadata", "to_global")

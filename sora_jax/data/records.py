@@ -1,0 +1,100 @@
+"""The record codec shared by every dataset: one clip (video + caption + optional labels) <-> bytes.
+
+Layout of one record (no pickle, readable from any language)::
+
+    b"SJC1" | uint32 little-endian header length | JSON header (utf-8) | zlib(raw uint8 video bytes)
+
+The header holds ``shape`` [T, H, W, 3], ``dtype`` ("uint8"), ``caption``, ``digits`` and ``directions``
+(two ints each, -1 where absent) and ``payload_bytes`` (length of the compressed video). ArrayRecord
+shards written by ``data_pipelines`` and ``sora-jax ingest`` store one such record per clip.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"SJC1"
+_LEN = struct.Struct("<I")
+NUM_LABELS = 2  # objects per clip that carry (digit, direction) labels; -1 pads
+
+
+def _labels(x: Any, name: str) -> list[int]:
+    if x is None:
+        return [-1] * NUM_LABELS
+    a = np.asarray(x, dtype=np.int64).reshape(-1)
+    if a.size > NUM_LABELS:
+        raise ValueError(f"encode_clip: {name} has {a.size} entries, at most {NUM_LABELS} are stored")
+    return [int(v) for v in a] + [-1] * (NUM_LABELS - a.size)
+
+
+def encode_clip(
+    video: np.ndarray,
+    caption: str,
+    digits: np.ndarray | None = None,
+    directions: np.ndarray | None = None,
+    *,
+    level: int = 6,
+) -> bytes:
+    """Encodes a clip. video: uint8 [T, H, W, 3]; digits, directions: int [<=2] or None (-> -1s)."""
+    video = np.asarray(video)
+    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"encode_clip: video must be uint8 [T, H, W, 3], got {video.dtype} {video.shape}")
+    if not isinstance(caption, str):
+        raise ValueError(f"encode_clip: caption must be a str, got {type(caption).__name__}")
+    payload = zlib.compress(np.ascontiguousarray(video).tobytes(), level)
+    header = {
+        "shape": list(video.shape),
+        "dtype": "uint8",
+        "caption": caption,
+        "digits": _labels(digits, "digits"),
+        "directions": _labels(directions, "directions"),
+        "payload_bytes": len(payload),
+    }
+    h = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return MAGIC + _LEN.pack(len(h)) + h + payload
+
+
+def decode_clip(b: bytes) -> dict[str, Any]:
+    """Decodes a record -> {video uint8 [T,H,W,3], caption str, digits int32 [2], directions int32 [2]}.
+
+    Raises ValueError (saying what is wrong) on anything that is not a complete, valid record.
+    """
+    b = bytes(b)
+    if len(b) < len(MAGIC) + _LEN.size or b[: len(MAGIC)] != MAGIC:
+        raise ValueError(
+            f"corrupt clip record: missing the {MAGIC!r} magic ({len(b)} bytes); "
+            "was it written by sora_jax.data.records.encode_clip?"
+        )
+    (hlen,) = _LEN.unpack_from(b, len(MAGIC))
+    start = len(MAGIC) + _LEN.size
+    if start + hlen > len(b):
+        raise ValueError(f"corrupt clip record: header of {hlen} bytes runs past the record ({len(b)} bytes)")
+    try:
+        header = json.loads(b[start : start + hlen].decode("utf-8"))
+        shape = tuple(int(s) for s in header["shape"])
+        payload_len = int(header["payload_bytes"])
+        caption = header["caption"]
+        digits = np.asarray(header["digits"], np.int32)
+        directions = np.asarray(header["directions"], np.int32)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"corrupt clip record: unreadable header ({e})") from e
+    if header.get("dtype") != "uint8" or len(shape) != 4:
+        raise ValueError(f"corrupt clip record: unsupported dtype/shape {header.get('dtype')} {shape}")
+    payload = b[start + hlen :]
+    if len(payload) != payload_len:
+        raise ValueError(
+            f"corrupt clip record: video payload is {len(payload)} bytes, header says {payload_len}"
+        )
+    try:
+        raw = zlib.decompress(payload)
+    except zlib.error as e:
+        raise ValueError(f"corrupt clip record: video payload does not decompress ({e})") from e
+    if len(raw) != int(np.prod(shape)):
+        raise ValueError(f"corrupt clip record: {len(raw)} video bytes do not fill shape {shape}")
+    video = np.frombuffer(raw, np.uint8).reshape(shape).copy()  # writable
+    return {"video": video, "caption": caption, "digits": digits, "directions": directions}

@@ -1,0 +1,235 @@
+"""The diffusion process the trainer and samplers use: one object, DDPM or rectified flow, validated once.
+
+    process = make_process("ddpm", prediction="v", schedule="cosine", num_timesteps=1000)
+    loss = process.training_loss(apply_fn, x0, key)                    # [B]
+    x0 = process.sample(apply_fn, noise, key, sampler="ddim", num_steps=50)
+
+Model convention: ``apply_fn(x_t [B, ...], model_time [B] float32) -> out [B, ...]`` (same shape as x_t).
+``model_time`` is what the network embeds:
+
+- DDPM: the integer timestep as a float in [0, num_timesteps - 1] (respaced samplers pass the original
+  timestep, as guided-diffusion's SpacedDiffusion does); ``out`` is eps or v per ``prediction``.
+- rectified flow: ``1000 t`` with t in [0, 1] (t=1 is pure noise); ``out`` is the velocity noise - x0.
+
+Sampling loops are ``lax.fori_loop``/``lax.scan`` over steps, so ``sample`` can be traced by ``jax.jit``
+(``sampler`` and ``num_steps`` are static Python values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from sora_jax.diffusion import ddpm, flow
+from sora_jax.diffusion.ddpm import Prediction
+from sora_jax.diffusion.flow import TimestepSampling
+from sora_jax.diffusion.schedules import DDPMSchedule, ScheduleKind, make_schedule, respace, space_timesteps
+
+ApplyFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class Objective(enum.StrEnum):
+    DDPM = "ddpm"
+    RECTIFIED_FLOW = "rectified_flow"
+
+
+class Sampler(enum.StrEnum):
+    DDPM = "ddpm"  # ancestral
+    DDIM = "ddim"
+    EULER = "euler"
+    HEUN = "heun"
+
+
+SAMPLERS: dict[Objective, tuple[Sampler, ...]] = {
+    Objective.DDPM: (Sampler.DDPM, Sampler.DDIM),
+    Objective.RECTIFIED_FLOW: (Sampler.EULER, Sampler.HEUN),
+}
+
+
+def _parse(enum_cls: type[enum.StrEnum], value, name: str, allowed=None):
+    allowed = tuple(enum_cls) if allowed is None else allowed
+    try:
+        parsed = enum_cls(value)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(a.value for a in allowed)}")
+    return parsed
+
+
+def _masked_mean(sq: jax.Array, loss_mask: jax.Array | None) -> jax.Array:
+    """Per-example mean [B] of sq [B, ...] over non-batch dims, only where loss_mask is 1.
+
+    loss_mask: None, [B, T] (per frame; broadcast over the trailing dims of x [B, T, ...]) or any shape
+    broadcastable to sq. An example whose mask is all zero gets loss 0.
+    """
+    sq = sq.astype(jnp.float32)
+    axes = tuple(range(1, sq.ndim))
+    if loss_mask is None:
+        return jnp.mean(sq, axis=axes)
+    mask = jnp.asarray(loss_mask, jnp.float32)
+    mask = mask.reshape(mask.shape + (1,) * (sq.ndim - mask.ndim))
+    mask = jnp.broadcast_to(mask, sq.shape)
+    return jnp.sum(sq * mask, axis=axes) / jnp.maximum(jnp.sum(mask, axis=axes), 1.0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Process:
+    """A validated diffusion process. Build with ``make_process``; all methods are pure."""
+
+    objective: Objective
+    prediction: Prediction = Prediction.EPS
+    schedule: DDPMSchedule | None = None  # DDPM only, float64 tables
+    flow_timestep_sampling: TimestepSampling = TimestepSampling.LOGIT_NORMAL
+    flow_shift: float = 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.schedule.num_timesteps if self.schedule is not None else 0
+
+    @property
+    def is_flow(self) -> bool:
+        return self.objective is Objective.RECTIFIED_FLOW
+
+    def model_time(self, t: jax.Array) -> jax.Array:
+        """Network time [B] float32: DDPM integer timestep t [B] as float; flow t [B] in [0,1] times 1000."""
+        return flow.model_time(t) if self.is_flow else jnp.asarray(t, jnp.float32)
+
+    def check_sampler(self, sampler: str) -> Sampler:
+        """The parsed sampler, or ValueError naming it and the samplers of this objective."""
+        return _parse(
+            Sampler, sampler, f"sampler for objective {self.objective.value!r}", SAMPLERS[self.objective]
+        )
+
+    # ---------------------------------------------------------------- training
+
+    def training_loss(
+        self,
+        apply_fn: ApplyFn,
+        x0: jax.Array,
+        key: jax.Array,
+        *,
+        loss_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Per-example MSE [B] between apply_fn(x_t, model_time) and the target, for x0 [B, ...].
+
+        DDPM: t ~ U{0..N-1}, target eps or v. Flow: t from the configured sampling, target noise - x0.
+        ``loss_mask`` ([B, T] or broadcastable to x0) restricts the average to where it is 1.
+        """
+        batch = x0.shape[0]
+        key_t, key_noise = jax.random.split(key)
+        noise = jax.random.normal(key_noise, x0.shape, jnp.float32).astype(x0.dtype)
+        if self.is_flow:
+            t = flow.sample_time(key_t, batch, self.flow_timestep_sampling, self.flow_shift)
+            x_t = flow.interpolate(x0, noise, t).astype(x0.dtype)
+            target = flow.velocity_target(x0, noise)
+        else:
+            t = jax.random.randint(key_t, (batch,), 0, self.num_timesteps)
+            x_t = ddpm.q_sample(self.schedule, x0, t, noise).astype(x0.dtype)
+            target = (
+                noise if self.prediction is Prediction.EPS else ddpm.v_target(self.schedule, x0, t, noise)
+            )
+        out = apply_fn(x_t, self.model_time(t))
+        sq = jnp.square(out.astype(jnp.float32) - target.astype(jnp.float32))
+        return _masked_mean(sq, loss_mask)
+
+    # ---------------------------------------------------------------- sampling
+
+    def sample(
+        self,
+        apply_fn: ApplyFn,
+        noise: jax.Array,
+        key: jax.Array,
+        *,
+        sampler: str,
+        num_steps: int,
+        eta: float = 0.0,
+        clip_denoised: bool = True,
+        shift: float | None = None,
+    ) -> jax.Array:
+        """Generates x0 [B, ...] from noise [B, ...].
+
+        DDPM: "ddpm" (ancestral, fixed-small variance) or "ddim" (``eta``; 0 is deterministic), both over
+        ``num_steps`` evenly respaced timesteps, predicting x0 and clipping it to [-1, 1] when
+        ``clip_denoised``. Flow: "euler" or "heun" over ``num_steps`` uniform steps from t=1 to 0, shifted by
+        ``shift`` (default: the process's ``flow_shift``); ``key``, ``eta`` and ``clip_denoised`` are unused.
+        """
+        s = self.check_sampler(sampler)
+        if self.is_flow:
+            shift = self.flow_shift if shift is None else shift
+            if s is Sampler.EULER:
+                return flow.euler_sample(apply_fn, noise, num_steps, shift)
+            return flow.heun_sample(apply_fn, noise, num_steps, shift)
+        return self._ddpm_sample(apply_fn, noise, key, s, num_steps, eta, clip_denoised)
+
+    def _ddpm_sample(self, apply_fn, noise, key, sampler, num_steps, eta, clip_denoised):
+        kept = space_timesteps(self.num_timesteps, num_steps)
+        sched = respace(self.schedule, kept).to_jax()
+        timestep_map = jnp.asarray(kept, jnp.float32)
+        batch = noise.shape[0]
+
+        def body(j, x):
+            i = num_steps - 1 - j  # respaced index, from num_steps - 1 down to 0
+            ti = jnp.full((batch,), i, jnp.int32)
+            out = apply_fn(x, jnp.full((batch,), timestep_map[i])).astype(jnp.float32)
+            x0 = ddpm.predict_x0(sched, x, ti, out, self.prediction)
+            if clip_denoised:
+                x0 = jnp.clip(x0, -1.0, 1.0)
+            z = jax.random.normal(jax.random.fold_in(key, j), x.shape, jnp.float32)
+            nonzero = (i > 0).astype(jnp.float32)
+            if sampler is Sampler.DDPM:
+                mean, _, log_var = ddpm.q_posterior_mean_variance(sched, x0, x, ti)
+                return mean + nonzero * jnp.exp(0.5 * log_var) * z
+            eps = ddpm.eps_from_x0(sched, x, ti, x0)
+            a = sched.alphas_cumprod[i]
+            a_prev = sched.alphas_cumprod_prev[i]
+            sigma = eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a)) * jnp.sqrt(1.0 - a / a_prev)
+            mean = x0 * jnp.sqrt(a_prev) + jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma**2, 0.0)) * eps
+            return mean + nonzero * sigma * z
+
+        x = jax.lax.fori_loop(0, num_steps, body, noise.astype(jnp.float32))
+        return x.astype(noise.dtype)
+
+
+def make_process(
+    objective: str,
+    *,
+    prediction: str = "eps",
+    schedule: str = "cosine",
+    num_timesteps: int = 1000,
+    flow_timestep_sampling: str = "logit_normal",
+    flow_shift: float = 1.0,
+) -> Process:
+    """Validates the names once and builds the Process; ValueError names a bad value and the allowed ones.
+
+    objective: "ddpm" | "rectified_flow". DDPM only: prediction "eps" | "v", schedule "linear" | "cosine",
+    num_timesteps. Flow only: flow_timestep_sampling "uniform" | "logit_normal", flow_shift > 0.
+    """
+    obj = _parse(Objective, objective, "objective")
+    pred = _parse(Prediction, prediction, "prediction")
+    kind = _parse(ScheduleKind, schedule, "schedule")
+    sampling = _parse(TimestepSampling, flow_timestep_sampling, "flow_timestep_sampling")
+    if not flow_shift > 0:
+        raise ValueError(f"flow_shift must be > 0, got {flow_shift!r}")
+    if obj is Objective.RECTIFIED_FLOW:
+        return Process(obj, flow_timestep_sampling=sampling, flow_shift=float(flow_shift))
+    if int(num_timesteps) < 2:
+        raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps!r}")
+    return Process(obj, prediction=pred, schedule=make_schedule(kind, int(num_timesteps)))
+
+
+def process_from_config(diffusion_config) -> Process:
+    """``make_process`` from a config's ``diffusion`` section (keys as in configs/quickstart.py)."""
+    c = diffusion_config
+    return make_process(
+        c.objective,
+        prediction=c.get("prediction", "eps"),
+        schedule=c.get("schedule", "cosine"),
+        num_timesteps=c.get("num_timesteps", 1000),
+        flow_timestep_sampling=c.get("flow_timestep_sampling", "logit_normal"),
+        flow_shift=c.get("flow_shift", 1.0),
+    )

@@ -1,0 +1,251 @@
+"""The prompt-adherence evaluator: a small video classifier that reads which digits a clip shows and where
+each one moves.
+
+Input: uint8 [B, T, H, W, 3] videos of white digits on black (the bundled moving-digits data). The shipped
+weights (``weights/digit_reader.npz``) were trained on 8-frame 32x32 clips (``ReaderConfig`` is stored in the
+file, with the accuracy measured on held-out clips). Videos with more frames are read from their first
+``num_frames`` frames; videos whose size is an integer multiple of the trained size (e.g. a 128x128 MP4
+written by ``sample.video_io``) are block-averaged down; anything else raises a ValueError.
+
+Model (about 0.25M parameters): grey frames and frame differences stacked as channels [B, H, W, 2T-1] ->
+five 3x3 convolutions (two with stride 2) -> a feature map [B, H/4, W/4, D]; per digit class k an attention
+map over the positions pools a feature [B, 10, D]; a per-class head gives one presence logit and 8 direction
+logits ("the initial direction of digit k"). Trained with BCE on presence and CE on direction where present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = [
+    "DEFAULT_WEIGHTS",
+    "DIRECTIONS",
+    "DigitReader",
+    "ReaderConfig",
+    "load_reader",
+    "preprocess",
+    "read_videos",
+    "save_reader",
+]
+
+# Direction names by id, the order of ``data_pipelines.moving_digits.DIRECTIONS`` (checked by the tests and
+# stored with the weights, which win when loaded).
+DIRECTIONS: tuple[str, ...] = (
+    "left",
+    "right",
+    "up",
+    "down",
+    "up-left",
+    "up-right",
+    "down-left",
+    "down-right",
+)
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "digit_reader.npz"
+_CONFIG_KEY = "__config__"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaderConfig:
+    """What the reader was built and trained for.
+
+    num_frames, height, width: the clip it reads (longer clips are cut to the first ``num_frames``).
+    widths: channels of the five convolutions. metrics: accuracies measured after training (informational).
+    """
+
+    num_frames: int = 8
+    height: int = 32
+    width: int = 32
+    num_digits: int = 10
+    directions: tuple[str, ...] = DIRECTIONS
+    widths: tuple[int, ...] = (32, 64, 64, 96, 128)
+    metrics: dict = dataclasses.field(default_factory=dict, compare=False)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ReaderConfig:
+        d = json.loads(text)
+        d["directions"] = tuple(d["directions"])
+        d["widths"] = tuple(d["widths"])
+        return cls(**d)
+
+
+def preprocess(videos: np.ndarray | jax.Array, cfg: ReaderConfig) -> np.ndarray:
+    """Checks and normalises videos uint8 [B, T, H, W, 3] -> float32 [B, num_frames, height, width] in [0, 1].
+
+    Keeps the first ``cfg.num_frames`` frames; block-averages sizes that are an integer multiple of the
+    trained size; raises ValueError (naming the shape and what the reader accepts) otherwise.
+    """
+    videos = np.asarray(videos)
+    if videos.ndim == 4 and videos.shape[-1] == 3:
+        raise ValueError(f"videos must be batched [B, T, H, W, 3], got {videos.shape}; add a leading axis")
+    if videos.ndim != 5 or videos.shape[-1] != 3:
+        raise ValueError(f"videos must be uint8 [B, T, H, W, 3], got shape {videos.shape}")
+    if videos.dtype != np.uint8:
+        raise ValueError(f"videos must be uint8 (0..255), got {videos.dtype}")
+    b, t, h, w, _ = videos.shape
+    if t < cfg.num_frames:
+        raise ValueError(
+            f"the digit reader needs at least {cfg.num_frames} frames (it was trained on {cfg.num_frames}), "
+            f"got {t}"
+        )
+    f = h // cfg.height if h % cfg.height == 0 else 0
+    if f < 1 or w != f * cfg.width:
+        raise ValueError(
+            f"the digit reader reads {cfg.height}x{cfg.width} frames (or integer multiples of that size), "
+            f"got {h}x{w}"
+        )
+    grey = videos[:, : cfg.num_frames].astype(np.float32).mean(-1) / 255.0  # [B, T, H, W]
+    if f > 1:
+        grey = grey.reshape(b, cfg.num_frames, cfg.height, f, cfg.width, f).mean((3, 5))
+    return grey
+
+
+class DigitReader(nnx.Module):
+    """Reads digit presence and per-digit direction from preprocessed clips [B, T, H, W] (see preprocess)."""
+
+    def __init__(self, cfg: ReaderConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        c_in = 2 * cfg.num_frames - 1
+        strides = (1, 2, 1, 2, 1)
+        self.convs = nnx.List()
+        self.norms = nnx.List()
+        for c_out, s in zip(cfg.widths, strides, strict=True):
+            self.convs.append(nnx.Conv(c_in, c_out, (3, 3), strides=(s, s), padding="SAME", rngs=rngs))
+            self.norms.append(nnx.GroupNorm(c_out, num_groups=8, rngs=rngs))
+            c_in = c_out
+        d, k, o = c_in, cfg.num_digits, 1 + len(cfg.directions)
+        self.attn = nnx.Conv(d, k, (1, 1), rngs=rngs)
+        self.pre = nnx.LayerNorm(d, rngs=rngs)
+        self.hidden = nnx.Linear(d, d, rngs=rngs)
+        self.out_kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (k, d, o)))
+        self.out_bias = nnx.Param(jnp.zeros((k, o)))
+
+    def __call__(self, x_BTHW: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Returns presence logits [B, 10] and direction logits [B, 10, 8]."""
+        frames = jnp.moveaxis(x_BTHW, 1, -1)  # [B, H, W, T]
+        diffs = frames[..., 1:] - frames[..., :-1]
+        h = jnp.concatenate([frames, diffs], axis=-1)  # [B, H, W, 2T-1]
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            h = jax.nn.gelu(norm(conv(h)))  # [B, H', W', D]
+        att = self.attn(h)  # [B, H', W', K]
+        b, hh, ww, k = att.shape
+        att = jax.nn.softmax(att.reshape(b, hh * ww, k), axis=1)
+        pooled = jnp.einsum("BNK,BND->BKD", att, h.reshape(b, hh * ww, -1))
+        z = jax.nn.gelu(self.hidden(self.pre(pooled)))  # [B, K, D]
+        out = jnp.einsum("BKD,KDO->BKO", z, self.out_kernel[...]) + self.out_bias[...]
+        return out[..., 0], out[..., 1:]
+
+
+def _flat_params(model: DigitReader) -> dict[str, np.ndarray]:
+    return {
+        "/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.state(model, nnx.Param).flat_state()
+    }
+
+
+def save_reader(path: str | os.PathLike, model: DigitReader, cfg: ReaderConfig | None = None) -> Path:
+    """Writes the parameters as a flat .npz (param path -> array) plus the config JSON, atomically."""
+    cfg = model.cfg if cfg is None else cfg
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **{_CONFIG_KEY: np.array(cfg.to_json())}, **_flat_params(model))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_reader(path: str | os.PathLike | None = None) -> DigitReader:
+    """Loads a reader from a .npz written by ``save_reader`` (default: the shipped weights)."""
+    path = Path(DEFAULT_WEIGHTS if path is None else path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no digit-reader weights at {path}; train them with "
+            "`python -m sora_jax.eval.train_reader --out sora_jax/eval/weights/digit_reader.npz`"
+        )
+    with np.load(path, allow_pickle=False) as npz:
+        if _CONFIG_KEY not in npz:
+            raise ValueError(f"{path} is not a digit-reader weights file (no {_CONFIG_KEY} entry)")
+        cfg = ReaderConfig.from_json(str(npz[_CONFIG_KEY]))
+        arrays = {k: npz[k] for k in npz.files if k != _CONFIG_KEY}
+    model = DigitReader(cfg, rngs=nnx.Rngs(0))
+    pairs = []
+    for p, v in nnx.state(model, nnx.Param).flat_state():
+        key = "/".join(map(str, p))
+        if key not in arrays or arrays[key].shape != v.get_value().shape:
+            raise ValueError(f"{path}: parameter {key} missing or of the wrong shape")
+        pairs.append((p, v.replace(jnp.asarray(arrays[key]))))
+    nnx.update(model, nnx.State.from_flat_path(pairs))
+    return model
+
+
+@jax.jit
+def _apply(graphdef, state, x):
+    model = nnx.merge(graphdef, state)
+    pres, dirs = model(x)
+    return jax.nn.sigmoid(pres), jax.nn.softmax(dirs, axis=-1)
+
+
+def predict(model: DigitReader, videos: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Presence probabilities [B, 10] and direction probabilities [B, 10, 8] for uint8 [B, T, H, W, 3]."""
+    x = preprocess(videos, model.cfg)
+    graphdef, state = nnx.split(model)
+    pres, dirs = [], []
+    for i in range(0, len(x), batch_size):
+        chunk = x[i : i + batch_size]
+        n = len(chunk)
+        if n < batch_size and len(x) > batch_size:  # pad the last chunk: one compiled shape
+            chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+        p, d = _apply(graphdef, state, jnp.asarray(chunk))
+        pres.append(np.asarray(p)[:n])
+        dirs.append(np.asarray(d)[:n])
+    k, o = model.cfg.num_digits, len(model.cfg.directions)
+    if not pres:
+        return np.zeros((0, k), np.float32), np.zeros((0, k, o), np.float32)
+    return np.concatenate(pres), np.concatenate(dirs)
+
+
+def decode(
+    presence: np.ndarray, directions: np.ndarray, names: Sequence[str] = DIRECTIONS, threshold: float = 0.5
+) -> list[list[tuple[int, str]]]:
+    """Turns probabilities into readings: per video [(digit, direction_name), ...] sorted by digit.
+
+    Digits with presence > threshold are read; if none is, the single most likely digit.
+    """
+    readings = []
+    for p, d in zip(presence, directions):
+        digits = [int(k) for k in np.flatnonzero(p > threshold)] or [int(np.argmax(p))]
+        readings.append([(k, names[int(np.argmax(d[k]))]) for k in sorted(digits)])
+    return readings
+
+
+_DEFAULT_READER: DigitReader | None = None
+
+
+def read_videos(
+    videos: np.ndarray, reader: DigitReader | None = None, threshold: float = 0.5
+) -> list[list[tuple[int, str]]]:
+    """Reads uint8 [B, T, H, W, 3] videos: per video [(digit, direction_name), ...] sorted by digit.
+
+    Uses ``reader`` or the shipped weights (loaded once).
+    """
+    global _DEFAULT_READER
+    if reader is None:
+        if _DEFAULT_READER is None:
+            _DEFAULT_READER = load_reader()
+        reader = _DEFAULT_READER
+    presence, directions = predict(reader, videos)
+    return decode(presence, directions, reader.cfg.directions, threshold)

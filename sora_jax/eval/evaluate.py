@@ -1,0 +1,42 @@
+"""``sora-jax eval``: generate videos for a split's captions and score their prompt adherence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sora_jax.eval.adherence import evaluate_prompts, write_report
+
+
+def split_prompts(data_dir: str | Path, split: str, num: int, seed: int = 0) -> list[str]:
+    """``num`` captions of ``split`` from the dataset's metadata.json, drawn with ``seed``."""
+    meta = json.loads((Path(data_dir) / "metadata.json").read_text())
+    captions = meta["splits"][split]["captions"]
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(captions), size=min(num, len(captions)), replace=False)
+    return [captions[i] for i in sorted(idx)]
+
+
+def evaluate_workdir(
+    workdir: str | Path,
+    *,
+    num_prompts: int = 64,
+    split: str = "test",
+    seed: int = 0,
+    out: str | Path | None = None,
+    pipeline=None,
+) -> dict:
+    """Samples ``num_prompts`` captions of ``split`` with the workdir's latest checkpoint, writes the report."""
+    from sora_jax import api
+    from sora_jax.train.loop import data_path
+
+    pipe = pipeline or api.load_pipeline(workdir)
+    prompts = split_prompts(data_path(pipe.config, workdir), split, num_prompts, seed)
+    videos = pipe.generate(prompts, seed=seed, progress=True)
+    metrics, rows = evaluate_prompts(videos, prompts)
+    metrics = {"split": split, "step": pipe.step, **metrics}
+    out = Path(out) if out else Path(workdir) / "eval"
+    write_report(out / f"adherence_{split}.json", metrics, rows)
+    return {"metrics": metrics, "per_video": rows, "videos": videos, "prompts": prompts}

@@ -1,0 +1,70 @@
+"""From the global config to the parts: tokenizer, text-to-video model, autoencoder, diffusion process.
+
+The one place that reads ``config.model`` / ``config.text`` / ``config.diffusion`` and turns them into the
+models' own config dataclasses, so models never see the global config.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from sora_jax import diffusion
+from sora_jax.models.autoencoder import Autoencoder, IdentityAutoencoder
+from sora_jax.models.dit import DiTConfig, dit_config
+from sora_jax.models.t2v import TextToVideo
+from sora_jax.text.encoder import TextEncoderConfig
+from sora_jax.text.tokenizer import HashWordTokenizer
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def make_autoencoder(cfg: ml_collections.ConfigDict) -> Autoencoder:
+    if cfg.autoencoder.kind == "identity":
+        return IdentityAutoencoder()
+    raise ValueError(f"config.autoencoder.kind = {cfg.autoencoder.kind!r} is not supported")
+
+
+def make_tokenizer(cfg: ml_collections.ConfigDict) -> HashWordTokenizer:
+    return HashWordTokenizer(vocab_size=cfg.text.vocab_size, max_length=cfg.text.max_length)
+
+
+def text_config(cfg: ml_collections.ConfigDict) -> TextEncoderConfig:
+    t = cfg.text
+    return TextEncoderConfig(
+        vocab_size=t.vocab_size,
+        max_length=t.max_length,
+        width=t.width,
+        depth=t.depth,
+        num_heads=t.num_heads,
+        dtype=_DTYPES[cfg.model.dtype],
+    )
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
+    ae = make_autoencoder(cfg)
+    return dit_config(
+        cfg.model.variant,
+        in_channels=ae.latent_channels,
+        patch_size=tuple(cfg.model.patch_size),
+        text_dim=cfg.text.width,
+        dtype=_DTYPES[cfg.model.dtype],
+        remat=bool(cfg.model.remat),
+    )
+
+
+def make_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> TextToVideo:
+    return TextToVideo(model_config(cfg), text_config(cfg), rngs=nnx.Rngs(seed))
+
+
+def make_process(cfg: ml_collections.ConfigDict):
+    d = cfg.diffusion
+    return diffusion.make_process(
+        d.objective, prediction=d.prediction, schedule=d.schedule, num_timesteps=d.num_timesteps
+    )
+
+
+def latent_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
+    """(T', H', W', C) of the latent video the DiT works on."""
+    return tuple(make_autoencoder(cfg).latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width))

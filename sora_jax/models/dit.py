@@ -1,0 +1,335 @@
+"""The spacetime Diffusion Transformer (DiT) with text cross-attention, its variant table and its cost model.
+
+Owns: ``DiTConfig`` (the model's only input), ``VARIANTS`` / ``dit_config`` (named sizes and the paper each
+follows), the modules ``TimestepEmbedder``, ``DiTBlock``, ``FinalLayer``, ``DiT``, and the analytic
+``param_count`` / ``flops_per_token`` used for MFU.
+
+Data flow (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers", extended to video and text as
+in PixArt-alpha / Open-Sora / Latte)::
+
+    x [B,T,H,W,C] --patchify (pt,ph,pw)--> [B,N,P] --Linear--> tokens [B,N,D]
+    c = TimestepEmbedder(t) (+ Linear(masked mean of text) when pooled_text_cond)            # [B, D]
+    DiTBlock x depth (stacked params [depth, ...], run with lax.scan, optional remat):
+        x += gate_msa * SelfAttn(modulate(LN(x), shift_msa, scale_msa))   # 3D RoPE + QK RMSNorm
+        x += CrossAttn(RMSNorm(x), text, key mask)                         # QK RMSNorm, no modulation
+        x += gate_mlp * Mlp(modulate(LN(x), shift_mlp, scale_mlp))
+    FinalLayer: modulate(LN(x), shift, scale) --Linear--> [B,N,P] --unpatchify--> [B,T,H,W,C]
+
+adaLN-Zero: every block's modulation Linear (D -> 6D) is zero-initialised, so each block starts as the
+identity; the cross-attention is not modulated and instead has a zero-initialised output projection (its own
+"gate" at zero); the FinalLayer's modulation and output Linear are zero-initialised, so a fresh model outputs
+exactly zero. Positions come from 3D RoPE computed at trace time (nothing stored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sora_jax.models.layers import (
+    ATTENTION_IMPLEMENTATIONS,
+    Attention,
+    Mlp,
+    RMSNorm,
+    as_dtype,
+    layer_norm,
+    linear,
+    modulate,
+    patchify,
+    rope_3d_angles,
+    rope_split,
+    timestep_embedding,
+    unpatchify,
+)
+from sora_jax.parallel.sharding import constrain
+
+FREQ_DIM = 256  # TimestepEmbedder's sinusoidal width, as in DiT
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """Everything the DiT needs. ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype."""
+
+    in_channels: int
+    patch_size: tuple[int, int, int]
+    width: int
+    depth: int
+    num_heads: int
+    text_dim: int
+    mlp_ratio: float = 4.0
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+    dtype: str | jnp.dtype = "float32"
+    param_dtype: str | jnp.dtype = "float32"
+    attention_impl: str | None = None  # None/"xla" | "cudnn" | "reference"
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"  # a name in jax.checkpoint_policies
+    pooled_text_cond: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(
+                f"DiTConfig.patch_size must be 3 positive ints (pt, ph, pw), got {self.patch_size}"
+            )
+        if self.width % self.num_heads:
+            raise ValueError(f"DiTConfig.width {self.width} is not divisible by num_heads {self.num_heads}")
+        rope_split(self.head_dim)  # raises on odd or too small head dims
+        for key in ("dtype", "param_dtype"):
+            try:
+                dt = jnp.dtype(getattr(self, key))
+            except TypeError as e:
+                raise ValueError(f"DiTConfig.{key}={getattr(self, key)!r} is not a dtype") from e
+            if not jnp.issubdtype(dt, jnp.floating):
+                raise ValueError(f"DiTConfig.{key} must be a float dtype, got {dt}")
+        if self.attention_impl is not None and self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"DiTConfig.attention_impl={self.attention_impl!r}; "
+                f"use None or one of {ATTENTION_IMPLEMENTATIONS}"
+            )
+        if not hasattr(jax.checkpoint_policies, self.remat_policy):
+            raise ValueError(
+                f"DiTConfig.remat_policy={self.remat_policy!r} is not in jax.checkpoint_policies"
+            )
+        if min(self.in_channels, self.width, self.depth, self.text_dim) < 1:
+            raise ValueError("DiTConfig: in_channels, width, depth, text_dim must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    @property
+    def patch_dim(self) -> int:
+        pt, ph, pw = self.patch_size
+        return pt * ph * pw * self.in_channels
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    width: int
+    depth: int
+    num_heads: int
+    patch_size: tuple[int, int, int]
+    in_channels: int
+    text_dim: int
+    follows: str
+
+
+# Named sizes. S/B/L/XL are DiT's (Peebles & Xie 2023, Table 1) with /2 patches on a 4-channel latent and a
+# T5-XXL-sized context (4096) as in PixArt-alpha and Open-Sora. With cross-attention XL is already ~1.0B;
+# "1B" trades depth for width (1536 x 18, head dim 96) at ~1.1B.
+VARIANTS: dict[str, Variant] = {
+    "smoke": Variant(32, 1, 2, (1, 4, 4), 3, 32, "test-only: the smallest model that exercises every path"),
+    "tiny": Variant(128, 4, 4, (1, 4, 4), 3, 128, "CPU demo: pixel-space DiT for the bundled moving digits"),
+    "S": Variant(384, 12, 6, (1, 2, 2), 4, 4096, "DiT-S/2 (Peebles & Xie 2023)"),
+    "B": Variant(768, 12, 12, (1, 2, 2), 4, 4096, "DiT-B/2 (Peebles & Xie 2023)"),
+    "L": Variant(1024, 24, 16, (1, 2, 2), 4, 4096, "DiT-L/2 (Peebles & Xie 2023)"),
+    "XL": Variant(
+        1152, 28, 16, (1, 2, 2), 4, 4096, "DiT-XL/2 (Peebles & Xie 2023); PixArt-alpha / Open-Sora 1.x"
+    ),
+    "1B": Variant(
+        1536, 18, 16, (1, 2, 2), 4, 4096, "~1.1B: DiT widened to 1536, shallower (SD3-medium scale)"
+    ),
+}
+
+
+def dit_config(variant: str, **overrides) -> DiTConfig:
+    """``DiTConfig`` for a named variant (``VARIANTS``) with field overrides (e.g. ``dtype="bfloat16"``)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown DiT variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    v = dataclasses.asdict(VARIANTS[variant])
+    v.pop("follows")
+    fields = {f.name for f in dataclasses.fields(DiTConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"dit_config: unknown field(s) {unknown}; DiTConfig has {sorted(fields)}")
+    v.update(overrides)
+    return DiTConfig(**v)
+
+
+# ------------------------------------------------------------------------------------------------ modules
+
+
+class TimestepEmbedder(nnx.Module):
+    """t ``[B]`` -> sinusoidal ``[B, 256]`` -> Linear -> SiLU -> Linear -> ``[B, D]``."""
+
+    def __init__(self, width: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = linear(FREQ_DIM, width, ("cond", "embed"), **kw)
+        self.fc2 = linear(width, width, ("embed", "cond"), **kw)
+        self.dtype = as_dtype(dtype)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        freq = timestep_embedding(t, FREQ_DIM).astype(self.dtype)
+        return self.fc2(jax.nn.silu(self.fc1(freq)))
+
+
+class DiTBlock(nnx.Module):
+    """adaLN-Zero self-attention (3D RoPE, QK-norm), un-modulated cross-attention to text, modulated MLP."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        D = cfg.width
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        akw = dict(qk_norm=cfg.qk_norm, implementation=cfg.attention_impl, **kw)
+        self.attn = Attention(D, cfg.num_heads, **akw)
+        self.cross_norm = RMSNorm(D, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.cross_attn = Attention(D, cfg.num_heads, context_dim=cfg.text_dim, zero_out=True, **akw)
+        self.mlp = Mlp(D, cfg.mlp_dim, **kw)
+        self.adaLN_modulation = linear(D, 6 * D, ("embed", "cond"), zero=True, **kw)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        c: jax.Array,
+        text: jax.Array,
+        text_mask: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+    ) -> jax.Array:
+        """x ``[B, N, D]``, c ``[B, D]``, text ``[B, L, Dt]``, text_mask ``[B, L]`` -> ``[B, N, D]``."""
+        mod = self.adaLN_modulation(jax.nn.silu(c))  # [B, 6D]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+        h = self.attn(modulate(layer_norm(x), shift_msa, scale_msa), rope=rope)
+        x = x + gate_msa[:, None] * h
+        x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+        x = x + self.cross_attn(self.cross_norm(x), text, mask=text_mask)
+        x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+        x = x + gate_mlp[:, None] * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        return constrain(x, ("act_batch", "act_seq", "act_embed"))
+
+
+class FinalLayer(nnx.Module):
+    """modulate(LN(x), shift, scale) -> Linear(D -> pt*ph*pw*C); modulation and output zero-initialised."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.adaLN_modulation = linear(cfg.width, 2 * cfg.width, ("embed", "cond"), zero=True, **kw)
+        self.linear = linear(cfg.width, cfg.patch_dim, ("embed", "patch"), zero=True, **kw)
+
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        """x ``[B, N, D]``, c ``[B, D]`` -> ``[B, N, P]``."""
+        shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(c)), 2, axis=-1)
+        return self.linear(modulate(layer_norm(x), shift, scale))
+
+
+class DiT(nnx.Module):
+    """Spacetime DiT: ``(x [B,T,H,W,C], t [B], text [B,L,Dt], text_mask [B,L]) -> [B,T,H,W,C]``.
+
+    ``t`` is model time in [0, 1000] (float). Blocks are stored stacked (leading axis ``"layers"``) and run
+    with ``jax.lax.scan`` so compile time does not grow with depth.
+    """
+
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.x_embedder = linear(cfg.patch_dim, cfg.width, ("patch", "embed"), **kw)
+        self.t_embedder = TimestepEmbedder(cfg.width, **kw)
+        self.y_embedder = (
+            linear(cfg.text_dim, cfg.width, ("embed", "cond"), **kw) if cfg.pooled_text_cond else None
+        )
+
+        @nnx.split_rngs(splits=cfg.depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(r: nnx.Rngs) -> DiTBlock:
+            return DiTBlock(cfg, rngs=r)
+
+        self.blocks = make_blocks(rngs)
+        self.final_layer = FinalLayer(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, t: jax.Array, text: jax.Array, text_mask: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dt = as_dtype(cfg.dtype)
+        if x.ndim != 5 or x.shape[-1] != cfg.in_channels:
+            raise ValueError(f"DiT wants x [B, T, H, W, {cfg.in_channels}], got {x.shape}")
+        B, T, H, W, _ = x.shape
+        pt, ph, pw = cfg.patch_size
+        if T % pt or H % ph or W % pw:
+            raise ValueError(
+                f"DiT: video [T, H, W] = {(T, H, W)} is not divisible by patch_size {cfg.patch_size}"
+            )
+        if text.ndim != 3 or text.shape[0] != B or text.shape[-1] != cfg.text_dim:
+            raise ValueError(f"DiT wants text [{B}, L, {cfg.text_dim}], got {text.shape}")
+        if text_mask.shape != text.shape[:2]:
+            raise ValueError(f"DiT: text_mask {text_mask.shape} != text [B, L] {text.shape[:2]}")
+        if jnp.shape(t) != (B,):
+            raise ValueError(f"DiT wants t [{B}], got shape {jnp.shape(t)}")
+        grid = (T // pt, H // ph, W // pw)
+        text_mask = text_mask.astype(jnp.bool_)
+        text = constrain(text.astype(dt), ("act_batch", "act_text", "act_embed"))
+
+        tokens = self.x_embedder(patchify(x.astype(dt), cfg.patch_size))  # [B, N, D]
+        tokens = constrain(tokens, ("act_batch", "act_seq", "act_embed"))
+        c = self.t_embedder(t)  # [B, D]
+        if self.y_embedder is not None:
+            m = text_mask[..., None].astype(jnp.float32)
+            pooled = jnp.sum(text.astype(jnp.float32) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+            c = c + self.y_embedder(pooled.astype(dt))
+        rope = rope_3d_angles(*grid, cfg.head_dim, cfg.rope_theta)
+
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(h: jax.Array, block_state) -> tuple[jax.Array, None]:
+            block = nnx.merge(graphdef, block_state)
+            return block(h, c, text, text_mask, rope), None
+
+        if cfg.remat:
+            body = jax.checkpoint(
+                body, prevent_cse=False, policy=getattr(jax.checkpoint_policies, cfg.remat_policy)
+            )
+        tokens, _ = jax.lax.scan(body, tokens, state)
+
+        out = self.final_layer(tokens, c)  # [B, N, P]
+        return unpatchify(out, cfg.patch_size, grid)
+
+
+# ------------------------------------------------------------------------------------------ cost model
+
+
+def param_count(cfg: DiTConfig) -> int:
+    """Exact number of parameters of ``DiT(cfg)`` from the architecture (tests check it against the model)."""
+    D, F, P, Dt, Hd = cfg.width, cfg.mlp_dim, cfg.patch_dim, cfg.text_dim, cfg.head_dim
+    qkn = 2 * Hd if cfg.qk_norm else 0
+    self_attn = 4 * D * D + 4 * D + qkn
+    cross_attn = 2 * D * D + 2 * Dt * D + 4 * D + qkn + D  # + the pre-norm scale
+    mlp = D * F + F + F * D + D
+    ada = D * 6 * D + 6 * D
+    block = self_attn + cross_attn + mlp + ada
+    embed = P * D + D + FREQ_DIM * D + D + D * D + D + ((Dt * D + D) if cfg.pooled_text_cond else 0)
+    final = D * 2 * D + 2 * D + D * P + P
+    return embed + cfg.depth * block + final
+
+
+def flops_per_token(cfg: DiTConfig, num_tokens: int, text_len: int) -> float:
+    """Forward FLOPs per video token (2 per multiply-add): matmuls plus attention scores and values.
+
+    Per-sample work (conditioning, adaLN) and per-text-token work (cross-attention k/v projections) is
+    amortised over the ``num_tokens`` video tokens. Training is about 3x this.
+    """
+    D, F, P, Dt, N, L = cfg.width, cfg.mlp_dim, cfg.patch_dim, cfg.text_dim, num_tokens, text_len
+    per_block = (
+        2 * 4 * D * D  # self-attention q, k, v, o
+        + 2 * 2 * N * D  # self-attention scores and values
+        + 2 * 2 * D * D  # cross-attention q, o
+        + 2 * 2 * Dt * D * L / N  # cross-attention k, v on the text tokens
+        + 2 * 2 * L * D  # cross-attention scores and values
+        + 2 * 2 * D * F  # MLP
+        + 2 * 6 * D * D / N  # adaLN modulation, once per sample
+    )
+    cond = 2 * (FREQ_DIM * D + D * D + (Dt * D if cfg.pooled_text_cond else 0) + 2 * D * D) / N
+    return float(cfg.depth * per_block + 2 * P * D + 2 * D * P + cond)
+
+
+def describe(cfg: DiTConfig) -> str:
+    """One line for logs: size, shape and parameter count."""
+    n = param_count(cfg)
+    return (
+        f"DiT width={cfg.width} depth={cfg.depth} heads={cfg.num_heads} patch={cfg.patch_size} "
+        f"params={n / 1e6:.1f}M ({math.log10(max(n, 1)):.1f} log10)"
+    )

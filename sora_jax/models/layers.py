@@ -1,0 +1,368 @@
+"""Building blocks shared by the DiT and the text encoder: attention dispatch, norms, MLP, 3D RoPE, patchify.
+
+Owns: ``dot_product_attention`` (one entry point for the XLA / cuDNN / naive reference paths), ``RMSNorm``,
+``layer_norm`` (parameter-free, as DiT's), ``Mlp`` (GELU tanh), ``Attention`` (q/k/v/o as einsum kernels with
+optional QK-norm and RoPE), the 3D rotary tables ``rope_3d_angles`` / ``apply_rope`` (computed, never stored),
+``patchify`` / ``unpatchify`` for spacetime patches, DiT's sinusoidal ``timestep_embedding`` and ``modulate``.
+
+Layouts: tokens ``[B, N, D]``; per-head tensors ``[B, N, K, H]`` (K heads of width H). Norms and softmax run
+in float32 and cast back to the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sora_jax.parallel.sharding import constrain
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "reference")
+
+Dtype = jnp.dtype | str | type
+
+
+def as_dtype(dtype: Dtype) -> jnp.dtype:
+    """``"float32"`` / ``"bfloat16"`` / ``jnp.bfloat16`` -> ``jnp.dtype``."""
+    return jnp.dtype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------- attention
+
+
+def _expand_mask(mask: jax.Array | None, q: jax.Array, k: jax.Array) -> jax.Array | None:
+    """A key mask ``[B, M]`` becomes ``[B, 1, 1, M]``; other masks must broadcast to ``[B, K, N, M]``."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise ValueError(f"attention mask must be bool, got {mask.dtype}")
+    if mask.ndim == 2:
+        if mask.shape != (k.shape[0], k.shape[1]):
+            raise ValueError(f"key mask shape {mask.shape} != (B, M) = {(k.shape[0], k.shape[1])}")
+        return mask[:, None, None, :]
+    if mask.ndim != 4:
+        raise ValueError(f"attention mask must be [B, M] or broadcastable to [B, K, N, M]; got {mask.shape}")
+    return mask
+
+
+def _reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Naive attention in float32: softmax(q k^T / sqrt(H)) v, masked logits set to the dtype's minimum."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum("BNKH,BMKH->BKNM", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("BKNM,BMKH->BNKH", probs, v.astype(jnp.float32))
+    return out.astype(q.dtype)
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Scaled dot-product attention: q ``[B, N, K, H]``, k/v ``[B, M, K, H]`` -> ``[B, N, K, H]``.
+
+    ``mask`` (bool, True = attend) is a key mask ``[B, M]`` or anything broadcastable to ``[B, K, N, M]``.
+    ``implementation``: ``None``/``"xla"`` -> ``jax.nn.dot_product_attention`` XLA path; ``"cudnn"`` -> the
+    cuDNN flash kernel (needs bf16/fp16 inputs; raises otherwise rather than silently falling back);
+    ``"reference"`` -> a naive einsum path used by the tests.
+    """
+    impl = implementation or "xla"
+    if impl not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {impl!r} unknown; use one of {ATTENTION_IMPLEMENTATIONS}")
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"attention wants [B, N, K, H] inputs; got {q.shape}, {k.shape}, {v.shape}")
+    mask4 = _expand_mask(mask, q, k)
+    if impl == "reference":
+        return _reference_attention(q, k, v, mask4)
+    if impl == "cudnn":
+        if q.dtype not in (jnp.bfloat16, jnp.float16) or not (q.dtype == k.dtype == v.dtype):
+            raise ValueError(
+                f"cudnn attention needs equal bf16/fp16 q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}"
+                " (set the model dtype to bfloat16 or use attention_impl='xla')"
+            )
+        if mask4 is not None:
+            mask4 = jnp.broadcast_to(mask4, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask4, implementation=impl)
+
+
+# ---------------------------------------------------------------------------------------------- norms, MLP
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Parameter-free LayerNorm over the last axis (DiT's ``elementwise_affine=False``), float32 inside."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis with a learned scale ``[D]`` (logical ``("norm",)``); float32 inside."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        del rngs  # deterministic init; kept for a uniform constructor signature
+        init = nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",))
+        self.scale = nnx.Param(init(jax.random.key(0), (dim,), as_dtype(param_dtype)))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x ``[..., D]`` -> ``[..., D]`` in x's dtype."""
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def dense_init(names: Sequence[str | None], init=None):
+    """A kernel initializer (default: xavier uniform, as DiT) annotated with logical axis names."""
+    return nnx.with_partitioning(init or nnx.initializers.xavier_uniform(), tuple(names))
+
+
+def zeros_init(names: Sequence[str | None]):
+    return nnx.with_partitioning(nnx.initializers.zeros_init(), tuple(names))
+
+
+def linear(
+    din: int,
+    dout: int,
+    names: tuple[str, str],
+    *,
+    zero: bool = False,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+    """``nnx.Linear``, logical names on kernel ``[din, dout]`` and bias ``[dout]``; ``zero``: adaLN-Zero."""
+    kinit = zeros_init(names) if zero else dense_init(names)
+    return nnx.Linear(
+        din,
+        dout,
+        kernel_init=kinit,
+        bias_init=zeros_init((names[1],)),
+        dtype=as_dtype(dtype),
+        param_dtype=as_dtype(param_dtype),
+        rngs=rngs,
+    )
+
+
+class Mlp(nnx.Module):
+    """Transformer MLP: Linear(D -> F), GELU (tanh approximation), Linear(F -> D)."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.fc1 = linear(dim, hidden, ("embed", "mlp"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = linear(hidden, dim, ("mlp", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x ``[B, N, D]`` -> ``[B, N, D]``."""
+        h = jax.nn.gelu(self.fc1(x), approximate=True)
+        h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
+        return self.fc2(h)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with einsum kernels ``[D_in, K, H]`` (q from x, k/v from ``context``).
+
+    Self-attention when ``context`` is None. Optional QK RMSNorm over H (one scale shared by all heads) and
+    rotary embedding of q and k (self-attention only). ``zero_out`` zero-initialises the output projection.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        context_dim: int | None = None,
+        qk_norm: bool = True,
+        zero_out: bool = False,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        implementation: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+        K, H = num_heads, dim // num_heads
+        cdim = context_dim or dim
+        pd = as_dtype(param_dtype)
+        binit = zeros_init(("heads", "kv"))
+        # xavier over the fused fan-in/fan-out, as torch's Linear(D, D) viewed as [D, K, H]
+        xavier = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2))
+        winit = dense_init(("embed", "heads", "kv"), xavier)
+        self.wq = nnx.Param(winit(rngs.params(), (dim, K, H), pd))
+        self.wk = nnx.Param(winit(rngs.params(), (cdim, K, H), pd))
+        self.wv = nnx.Param(winit(rngs.params(), (cdim, K, H), pd))
+        self.bq = nnx.Param(binit(rngs.params(), (K, H), pd))
+        self.bk = nnx.Param(binit(rngs.params(), (K, H), pd))
+        self.bv = nnx.Param(binit(rngs.params(), (K, H), pd))
+        oinit = (
+            zeros_init(("heads", "kv", "embed"))
+            if zero_out
+            else dense_init(
+                ("heads", "kv", "embed"),
+                nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2),
+            )
+        )
+        self.wo = nnx.Param(oinit(rngs.params(), (K, H, dim), pd))
+        self.bo = nnx.Param(zeros_init(("embed",))(rngs.params(), (dim,), pd))
+        self.q_norm = RMSNorm(H, param_dtype=pd, rngs=rngs) if qk_norm else None
+        self.k_norm = RMSNorm(H, param_dtype=pd, rngs=rngs) if qk_norm else None
+        self.dtype = as_dtype(dtype)
+        self.implementation = implementation
+
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        rope: tuple[jax.Array, jax.Array] | None = None,
+    ) -> jax.Array:
+        """x ``[B, N, D]``, context ``[B, M, Dc]`` (default x), mask ``[B, M]`` or ``[B, K, N, M]``.
+
+        Returns ``[B, N, D]``.
+        """
+        dt = self.dtype
+        ctx = x if context is None else context
+        x, ctx = x.astype(dt), ctx.astype(dt)
+        q = jnp.einsum("BND,DKH->BNKH", x, self.wq[...].astype(dt)) + self.bq[...].astype(dt)
+        k = jnp.einsum("BMD,DKH->BMKH", ctx, self.wk[...].astype(dt)) + self.bk[...].astype(dt)
+        v = jnp.einsum("BMD,DKH->BMKH", ctx, self.wv[...].astype(dt)) + self.bv[...].astype(dt)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q = constrain(q, ("act_batch", "act_seq", "act_heads", "act_kv"))
+        out = dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        out = constrain(out, ("act_batch", "act_seq", "act_heads", "act_kv"))
+        return jnp.einsum("BNKH,KHD->BND", out, self.wo[...].astype(dt)) + self.bo[...].astype(dt)
+
+
+# ---------------------------------------------------------------------------------------------------- RoPE
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Rotary pairs given to (t, h, w): H/2 pairs split in three, h and w equal, t gets the remainder."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    pairs = head_dim // 2
+    per = pairs // 3
+    if per == 0:
+        raise ValueError(f"3D RoPE needs head_dim >= 6, got {head_dim}")
+    return pairs - 2 * per, per, per
+
+
+def _axis_angles(pos: np.ndarray, pairs: int, theta: float) -> np.ndarray:
+    """angles [N, pairs] = pos * theta^(-i / pairs), i.e. the 1D RoPE frequencies for a 2*pairs sub-dim."""
+    inv_freq = theta ** (-np.arange(pairs, dtype=np.float64) / pairs)
+    return pos[:, None].astype(np.float64) * inv_freq[None, :]
+
+
+def rope_3d_angles(
+    grid_t: int, grid_h: int, grid_w: int, head_dim: int, theta: float = 10000.0
+) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin), float32 ``[N, head_dim/2]`` each, ``N = grid_t*grid_h*grid_w``, (t, h, w) row-major.
+
+    The first pairs rotate by the frame index, the next by the row, the last by the column (``rope_split``).
+    Computed from integer positions at trace time; a constant, never a parameter.
+    """
+    pt, ph, pw = rope_split(head_dim)
+    t, h, w = np.meshgrid(np.arange(grid_t), np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    ang = np.concatenate(
+        [
+            _axis_angles(t.reshape(-1), pt, theta),
+            _axis_angles(h.reshape(-1), ph, theta),
+            _axis_angles(w.reshape(-1), pw, theta),
+        ],
+        axis=1,
+    )
+    return jnp.asarray(np.cos(ang), jnp.float32), jnp.asarray(np.sin(ang), jnp.float32)
+
+
+def rope_1d_angles(n: int, head_dim: int, theta: float = 10000.0) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin), each float32 ``[n, head_dim/2]``, for positions 0..n-1 (the text encoder's RoPE)."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    ang = _axis_angles(np.arange(n), head_dim // 2, theta)
+    return jnp.asarray(np.cos(ang), jnp.float32), jnp.asarray(np.sin(ang), jnp.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates x ``[B, N, K, H]`` by angles ``[N, H/2]`` (rotate-half: pairs i, i + H/2); float32 inside."""
+    half = x.shape[-1] // 2
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    return out.astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ patching
+
+
+def patchify(x: jax.Array, patch_size: tuple[int, int, int]) -> jax.Array:
+    """x ``[B, T, H, W, C]`` -> tokens ``[B, N, pt*ph*pw*C]``, N in (t, h, w) row-major patch order.
+
+    Each token flattens its patch as (pt, ph, pw, C).
+    """
+    B, T, H, W, C = x.shape
+    pt, ph, pw = patch_size
+    if T % pt or H % ph or W % pw:
+        raise ValueError(
+            f"video [T, H, W] = {(T, H, W)} is not divisible by the patch size {tuple(patch_size)}"
+        )
+    gt, gh, gw = T // pt, H // ph, W // pw
+    x = x.reshape(B, gt, pt, gh, ph, gw, pw, C)
+    x = jnp.transpose(x, (0, 1, 3, 5, 2, 4, 6, 7))  # B gt gh gw pt ph pw C
+    return x.reshape(B, gt * gh * gw, pt * ph * pw * C)
+
+
+def unpatchify(x: jax.Array, patch_size: tuple[int, int, int], grid: tuple[int, int, int]) -> jax.Array:
+    """Inverse of ``patchify``: tokens ``[B, N, pt*ph*pw*C]`` and grid (gt, gh, gw) -> ``[B, T, H, W, C]``."""
+    B, N, P = x.shape
+    pt, ph, pw = patch_size
+    gt, gh, gw = grid
+    if gt * gh * gw != N or P % (pt * ph * pw):
+        raise ValueError(f"tokens {x.shape} do not match grid {tuple(grid)} and patch {tuple(patch_size)}")
+    C = P // (pt * ph * pw)
+    x = x.reshape(B, gt, gh, gw, pt, ph, pw, C)
+    x = jnp.transpose(x, (0, 1, 4, 2, 5, 3, 6, 7))  # B gt pt gh ph gw pw C
+    return x.reshape(B, gt * pt, gh * ph, gw * pw, C)
+
+
+# ----------------------------------------------------------------------------------------- conditioning
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """DiT's sinusoidal embedding: t ``[B]`` float -> ``[B, dim]`` float32, ``[cos(t f), sin(t f)]``.
+
+    ``f_i = max_period^(-i / (dim/2))``; an odd ``dim`` gets one zero column at the end.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN modulation: x ``[B, N, D]``, shift/scale ``[B, D]`` -> ``x * (1 + scale) + shift``."""
+    return x * (1 + scale[:, None]) + shift[:, None]

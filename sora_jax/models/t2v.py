@@ -1,0 +1,37 @@
+"""The text-to-video model: a text encoder and a DiT as one NNX module (one parameter tree, one optimizer).
+
+``__call__`` encodes the prompt then denoises; samplers call ``encode_text`` once and ``denoise`` per step.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from sora_jax.models.dit import DiT, DiTConfig
+from sora_jax.text.encoder import TextEncoderConfig, TrainableTextEncoder
+
+
+class TextToVideo(nnx.Module):
+    """``text_encoder`` (TrainableTextEncoder) + ``dit`` (DiT); ``dit_cfg.text_dim == text_cfg.width``."""
+
+    def __init__(self, dit_cfg: DiTConfig, text_cfg: TextEncoderConfig, *, rngs: nnx.Rngs):
+        if dit_cfg.text_dim != text_cfg.width:
+            raise ValueError(
+                f"DiTConfig.text_dim={dit_cfg.text_dim} must equal the text encoder width {text_cfg.width}"
+            )
+        self.text_encoder = TrainableTextEncoder(text_cfg, rngs=rngs)
+        self.dit = DiT(dit_cfg, rngs=rngs)
+
+    def encode_text(self, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """ids int32 ``[B, L]``, mask bool ``[B, L]`` -> (ctx ``[B, L, D]``, mask ``[B, L]``)."""
+        return self.text_encoder(ids, mask), mask
+
+    def denoise(self, x_t: jax.Array, t: jax.Array, ctx: jax.Array, mask: jax.Array) -> jax.Array:
+        """The DiT alone: x_t ``[B, T, H, W, C]``, t ``[B]`` in [0, 1000], ctx ``[B, L, D]`` -> like x_t."""
+        return self.dit(x_t, t, ctx, mask)
+
+    def __call__(self, x_t: jax.Array, t: jax.Array, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        """x_t ``[B, T, H, W, C]``, t ``[B]``, ids/mask ``[B, L]`` -> model output ``[B, T, H, W, C]``."""
+        ctx, mask = self.encode_text(ids, mask)
+        return self.denoise(x_t, t, ctx, mask)

@@ -1,0 +1,1 @@
+"""Samplers (the pmap evaluation sampler) and video writers (MP4, GIF, contact sheets)."""

@@ -1,0 +1,206 @@
+"""The trainer, one ordered script: mesh -> data -> abstract init -> shardings -> jit(init) -> jit(step)
+-> resume -> compile (memory analysis) -> loop -> checkpoints. Extend through config, not forks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from tqdm.auto import tqdm
+
+from sora_jax import factory
+from sora_jax.data import pipeline
+from sora_jax.parallel import sharding
+from sora_jax.parallel.mesh import make_mesh
+from sora_jax.train import checkpoint, metrics
+from sora_jax.train.state import init_state, learning_rate, make_optimizer
+from sora_jax.train.step import make_train_step
+
+log = logging.getLogger("sora_jax.train")
+
+BATCH_KEYS = ("video", "tokens", "text_mask")
+
+
+def data_path(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+    """``config.data.path``, or ``<workdir>/data`` built from the bundled moving digits when missing."""
+    if cfg.data.path:
+        return Path(cfg.data.path)
+    path = Path(workdir) / "data"
+    if not (path / "metadata.json").is_file() and jax.process_index() == 0:
+        from data_pipelines import moving_digits
+
+        d = cfg.data
+        moving_digits.build(
+            path,
+            num_train=d.num_train,
+            num_test=d.num_test,
+            num_frames=d.num_frames,
+            height=d.height,
+            width=d.width,
+            fps=d.fps,
+            seed=cfg.seed,
+        )
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("sora_jax_data_built")
+    return path
+
+
+def abstract_batch(cfg: ml_collections.ConfigDict, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    d, b, length = cfg.data, cfg.data.batch_size, cfg.text.max_length
+    shapes = {
+        "video": ((b, d.num_frames, d.height, d.width, 3), jnp.uint8),
+        "tokens": ((b, length), jnp.int32),
+        "text_mask": ((b, length), jnp.bool_),
+    }
+    return {
+        k: jax.ShapeDtypeStruct(s, dt, sharding=sharding.batch_sharding(mesh, len(s)))
+        for k, (s, dt) in shapes.items()
+    }
+
+
+def build_train_fns(cfg: ml_collections.ConfigDict, mesh):
+    """(init_fn jitted with out_shardings, step_fn jitted with in/out shardings, state_sharding, graphdef)."""
+    tx = make_optimizer(cfg)
+    process = factory.make_process(cfg)
+    autoencoder = factory.make_autoencoder(cfg)
+    tokenizer = factory.make_tokenizer(cfg)
+
+    def init_fn():
+        return init_state(factory.make_model(cfg, cfg.seed), tx, cfg.seed)
+
+    abstract_model = nnx.eval_shape(lambda: factory.make_model(cfg, cfg.seed))
+    graphdef, _ = nnx.split(abstract_model, nnx.Param)
+    abstract_state = jax.eval_shape(init_fn)
+    state_sharding = sharding.state_shardings(abstract_state, mesh)
+    null_ids, null_mask = tokenizer.encode([""])
+    step = make_train_step(
+        graphdef,
+        tx,
+        process,
+        autoencoder,
+        null_ids=jnp.asarray(null_ids[0]),
+        null_mask=jnp.asarray(null_mask[0]),
+        caption_dropout=cfg.text.caption_dropout,
+        ema_decay=cfg.optim.ema_decay,
+        lr_fn=lambda s: learning_rate(cfg, s),
+    )
+
+    def sharded_step(state, batch):
+        with sharding.activation_sharding(mesh):
+            return step(state, batch)
+
+    batch_sharding = {k: v.sharding for k, v in abstract_batch(cfg, mesh).items()}
+    init_jit = jax.jit(init_fn, out_shardings=state_sharding)
+    step_jit = jax.jit(
+        sharded_step,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    return init_jit, step_jit, state_sharding, abstract_state, graphdef
+
+
+def _log_memory(compiled) -> None:
+    try:
+        mem = compiled.memory_analysis()
+    except Exception:  # not every backend reports it
+        return
+    if mem is not None:
+        gib = 1 / 2**30
+        log.info(
+            "compiled step memory per device: args %.3f GiB, outputs %.3f GiB, temps %.3f GiB",
+            mem.argument_size_in_bytes * gib,
+            mem.output_size_in_bytes * gib,
+            mem.temp_size_in_bytes * gib,
+        )
+
+
+def train_and_evaluate(
+    cfg: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    compile_only: bool = False,
+    progress: bool = True,
+    devices: Sequence[jax.Device] | None = None,
+) -> dict:
+    """Trains ``cfg`` in ``workdir`` (resuming from its latest checkpoint). Returns the last logged metrics.
+
+    ``devices``: the mesh's devices (default: all devices of all processes).
+    """
+    workdir = Path(workdir)
+    mesh = make_mesh(cfg.mesh, devices)
+    log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+
+    init_jit, step_jit, state_sharding, abstract_state, _ = build_train_fns(cfg, mesh)
+    batch_abstract = abstract_batch(cfg, mesh)
+    abstract_sharded = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
+    )
+    compiled = step_jit.lower(abstract_sharded, batch_abstract).compile()
+    _log_memory(compiled)
+    if compile_only:
+        return {"compiled": True}
+
+    tokenizer = factory.make_tokenizer(cfg)
+    dataset = pipeline.make_dataset(
+        data_path(cfg, workdir),
+        "train",
+        global_batch_size=cfg.data.batch_size,
+        tokenize=tokenizer.encode,
+        seed=cfg.data.shuffle_seed,
+        num_workers=cfg.data.num_workers,
+    )
+    data_iter = iter(dataset)
+
+    mgr = checkpoint.manager(workdir, keep=cfg.train.keep_checkpoints)
+    if mgr.latest_step() is not None:
+        start, state = checkpoint.restore(mgr, abstract_sharded, data_iter=data_iter)
+        log.info("resumed from step %d in %s", start, workdir)
+    else:
+        start, state = 0, init_jit()
+
+    writer = metrics.MetricWriter(workdir)
+    total = cfg.train.num_steps
+    bar = tqdm(total=total, initial=start, desc="train", disable=not progress or jax.process_index() != 0)
+    pending: list[tuple[int, dict]] = []
+    last: dict = {}
+    t0, steps_timed = time.perf_counter(), 0
+    try:
+        for step in range(start, total):
+            batch = pipeline.to_global({k: v for k, v in next(data_iter).items() if k in BATCH_KEYS}, mesh)
+            state, step_metrics = compiled(state, batch)
+            pending.append((step + 1, step_metrics))
+            steps_timed += 1
+            bar.update(1)
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == total:
+                host = [(s, jax.device_get(m)) for s, m in pending]
+                metrics.check_finite([(s, float(m["loss"])) for s, m in host])
+                coll = None
+                for _, m in host:
+                    one = metrics.TrainMetrics.single_from_model_output(**m)
+                    coll = one if coll is None else coll.merge(one)
+                last = {k: float(v) for k, v in coll.compute().items()}
+                dt = time.perf_counter() - t0
+                last["steps_per_sec"] = steps_timed / dt
+                writer.write_scalars(done, last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+                pending, t0, steps_timed = [], time.perf_counter(), 0
+            if done % cfg.train.ckpt_every == 0 or done == total:
+                checkpoint.save(mgr, done, state, cfg, data_iter)
+    finally:
+        bar.close()
+        mgr.wait_until_finished()
+        mgr.close()
+        writer.close()
+    last["step"] = total
+    return last

@@ -1,0 +1,57 @@
+"""The jitted train step: caption dropout, encode, diffusion loss, AdamW update, EMA."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from sora_jax.models.autoencoder import Autoencoder, video_to_float
+from sora_jax.train.state import TrainState, ema_update
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    process,
+    autoencoder: Autoencoder,
+    *,
+    null_ids: jax.Array,
+    null_mask: jax.Array,
+    caption_dropout: float,
+    ema_decay: float,
+    lr_fn: Callable[[jax.Array], jax.Array],
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Returns ``step(state, batch) -> (state, metrics)``; batch: video u8 [B,T,H,W,3], tokens, text_mask [B,L]."""
+
+    def loss_fn(params, batch, key):
+        model = nnx.merge(graphdef, params)
+        k_drop, k_diff = jax.random.split(key)
+        ids, mask = batch["tokens"], batch["text_mask"]
+        drop = jax.random.uniform(k_drop, (ids.shape[0], 1)) < caption_dropout
+        ids = jnp.where(drop, null_ids[None, :], ids)
+        mask = jnp.where(drop, null_mask[None, :], mask)
+        x0 = autoencoder.encode(video_to_float(batch["video"]))
+        ctx, ctx_mask = model.encode_text(ids, mask)
+        per_example = process.training_loss(lambda xt, t: model.denoise(xt, t, ctx, ctx_mask), x0, k_diff)
+        return per_example.mean()
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, key)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": params,
+            "opt_state": opt_state,
+            "ema": ema_update(state["ema"], params, ema_decay),
+            "rng": state["rng"],
+        }
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_fn(state["step"])}
+        return new_state, metrics
+
+    return step

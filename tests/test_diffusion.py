@@ -1,0 +1,341 @@
+"""Diffusion: schedules, noising, targets, samplers and guidance against closed-form float64 references."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sora_jax import diffusion as D
+from sora_jax.diffusion import flow
+
+N = 1000
+
+
+def _jit_loss(process, fn, x0, key, **kw):
+    return jax.jit(lambda x, k: process.training_loss(fn, x, k, **kw))(x0, key)
+
+
+def _bcast(a, like):
+    return a.reshape(a.shape + (1,) * (like.ndim - a.ndim))
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def test_linear_betas_match_ddpm_values():
+    np.testing.assert_allclose(D.linear_betas(1000), np.linspace(1e-4, 0.02, 1000), rtol=0, atol=0)
+    b = D.linear_betas(100)
+    assert b.dtype == np.float64
+    np.testing.assert_allclose(b[[0, -1]], [1e-3, 0.2], rtol=1e-12)
+
+
+def test_cosine_alphas_cumprod_follow_cos_squared():
+    s = 0.008
+    sched = D.make_schedule("cosine", N)
+    f = lambda t: np.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    t = np.arange(1, N + 1) / N
+    expected = f(t) / f(0.0)
+    unclipped = D.cosine_betas(N) < 0.999
+    assert unclipped[: N - 5].all()
+    np.testing.assert_allclose(sched.alphas_cumprod[unclipped], expected[unclipped], rtol=1e-9, atol=1e-12)
+    assert D.cosine_betas(N).max() <= 0.999
+
+
+def test_posterior_matches_gaussian_conditioning():
+    for kind in ("linear", "cosine"):
+        sched = D.make_schedule(kind, N)
+        b = sched.betas
+        ab = np.array([np.prod(1 - b[: t + 1]) for t in range(N)])
+        ab_prev = np.append(1.0, ab[:-1])
+        t = np.arange(1, N)
+        # x_{t-1} | x0 ~ N(sqrt(ab_prev) x0, 1 - ab_prev); x_t = sqrt(1 - b_t) x_{t-1} + sqrt(b_t) n
+        gain = np.sqrt(1 - b[t]) * (1 - ab_prev[t]) / (1 - ab[t])  # Cov(x_{t-1}, x_t) / Var(x_t)
+        coef2 = gain
+        coef1 = np.sqrt(ab_prev[t]) - gain * np.sqrt(1 - b[t]) * np.sqrt(ab_prev[t])
+        var = (1 - ab_prev[t]) - gain * np.sqrt(1 - b[t]) * (1 - ab_prev[t])
+        np.testing.assert_allclose(sched.alphas_cumprod, ab, rtol=1e-12)
+        np.testing.assert_allclose(sched.posterior_mean_coef1[t], coef1, rtol=1e-7, atol=1e-12)
+        np.testing.assert_allclose(sched.posterior_mean_coef2[t], coef2, rtol=1e-9)
+        np.testing.assert_allclose(sched.posterior_variance[t], var, rtol=1e-7, atol=1e-14)
+        assert sched.posterior_variance[0] == 0.0
+        assert sched.posterior_log_variance_clipped[0] == sched.posterior_log_variance_clipped[1]
+        np.testing.assert_allclose(sched.posterior_mean_coef1[0], 1.0)
+
+
+def test_q_posterior_mean_variance_jax_matches_numpy():
+    sched = D.make_schedule("linear", N)
+    key = jax.random.key(0)
+    x0, xt = jax.random.normal(key, (2, 3, 4, 5))
+    t = jnp.array([5, 700, 0])
+    mean, var, log_var = D.q_posterior_mean_variance(sched.to_jax(), x0, xt, t)
+    tn = np.asarray(t)
+    c1, c2 = sched.posterior_mean_coef1[tn], sched.posterior_mean_coef2[tn]
+    exp = _bcast(c1, np.asarray(x0)) * np.asarray(x0) + _bcast(c2, np.asarray(x0)) * np.asarray(xt)
+    np.testing.assert_allclose(mean, exp, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var[:, 0, 0], sched.posterior_variance[tn], rtol=1e-5)
+    np.testing.assert_allclose(log_var[:, 0, 0], sched.posterior_log_variance_clipped[tn], rtol=1e-5)
+
+
+def test_respace_keeps_alphas_cumprod_at_kept_timesteps():
+    sched = D.make_schedule("cosine", N)
+    kept = D.space_timesteps(N, 10)
+    assert kept[0] == 0 and kept[-1] == N - 1 and len(kept) == 10
+    sub = D.respace(sched, kept)
+    np.testing.assert_allclose(sub.alphas_cumprod, sched.alphas_cumprod[kept], rtol=1e-8)
+    full = D.respace(sched, np.arange(N))
+    np.testing.assert_allclose(full.betas, sched.betas, rtol=1e-8)
+
+
+def test_bad_schedule_name():
+    with pytest.raises(ValueError, match="'quadratic'.*linear, cosine"):
+        D.make_schedule("quadratic", 10)
+
+
+# ----------------------------------------------------------------------------- ddpm
+
+
+def test_q_sample_deterministic_and_statistics():
+    sched = D.make_schedule("cosine", N)
+    x0 = jnp.full((3, 20000), 0.7)
+    t = jnp.array([10, 500, 990])
+    noise = jax.random.normal(jax.random.key(1), x0.shape)
+    xt = np.asarray(D.q_sample(sched, x0, t, noise))
+    a = sched.alphas_cumprod[np.asarray(t)][:, None]
+    np.testing.assert_allclose(
+        xt, np.sqrt(a) * 0.7 + np.sqrt(1 - a) * np.asarray(noise), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(xt.mean(1), np.sqrt(a[:, 0]) * 0.7, atol=0.03)
+    np.testing.assert_allclose(xt.std(1), np.sqrt(1 - a[:, 0]), rtol=0.03)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_predict_x0_and_eps_invert_q_sample(prediction):
+    sched = D.make_schedule("linear", N).to_jax()
+    k1, k2 = jax.random.split(jax.random.key(2))
+    x0 = jax.random.uniform(k1, (4, 2, 3, 3), minval=-1, maxval=1)
+    noise = jax.random.normal(k2, x0.shape)
+    t = jnp.array([0, 1, 400, 999])
+    xt = D.q_sample(sched, x0, t, noise)
+    out = noise if prediction == "eps" else D.v_target(sched, x0, t, noise)
+    np.testing.assert_allclose(D.predict_x0(sched, xt, t, out, prediction), x0, atol=2e-3)
+    np.testing.assert_allclose(D.predict_eps(sched, xt, t, out, prediction), noise, atol=2e-3)
+    # Away from the ends, float32 round-off is small.
+    np.testing.assert_allclose(D.predict_x0(sched, xt, t, out, prediction)[2], x0[2], atol=1e-5)
+
+
+def test_v_target_formula():
+    sched = D.make_schedule("cosine", N)
+    x0 = np.array([[0.3, -0.5]])
+    eps = np.array([[1.2, 0.1]])
+    a = sched.alphas_cumprod[123]
+    v = D.v_target(sched, jnp.asarray(x0), jnp.array([123]), jnp.asarray(eps))
+    np.testing.assert_allclose(v, np.sqrt(a) * eps - np.sqrt(1 - a) * x0, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- oracles
+
+
+def _ddpm_oracle(process, x_star, prediction):
+    """The optimal model for a dataset that is the single point x_star."""
+    ac = jnp.asarray(process.schedule.alphas_cumprod, jnp.float32)
+
+    def apply_fn(xt, model_time):
+        a = _bcast(ac[jnp.round(model_time).astype(jnp.int32)], xt)
+        eps = (xt - jnp.sqrt(a) * x_star) / jnp.sqrt(1 - a)
+        return eps if prediction == "eps" else jnp.sqrt(a) * eps - jnp.sqrt(1 - a) * x_star
+
+    return apply_fn
+
+
+def _flow_oracle(x_star):
+    def apply_fn(xt, model_time):
+        t = _bcast(model_time / 1000.0, xt)
+        return (xt - x_star) / t
+
+    return apply_fn
+
+
+@pytest.mark.parametrize(
+    ("sampler", "prediction", "steps"), [("ddim", "eps", 10), ("ddim", "v", 25), ("ddpm", "eps", 20)]
+)
+def test_ddpm_samplers_recover_point_mass(sampler, prediction, steps):
+    process = D.make_process("ddpm", prediction=prediction, schedule="cosine")
+    x_star = jnp.linspace(-0.9, 0.9, 24).reshape(1, 2, 3, 4)
+    noise = jax.random.normal(jax.random.key(3), (5, 2, 3, 4))
+    fn = _ddpm_oracle(process, x_star, prediction)
+    x = process.sample(fn, noise, jax.random.key(4), sampler=sampler, num_steps=steps)
+    np.testing.assert_allclose(x, jnp.broadcast_to(x_star, x.shape), atol=1e-3)
+
+
+def test_ddim_with_eta_recovers_point_mass():
+    process = D.make_process("ddpm", schedule="linear", num_timesteps=200)
+    x_star = jnp.full((1, 6), 0.25)
+    noise = jax.random.normal(jax.random.key(5), (4, 6))
+    x = process.sample(
+        _ddpm_oracle(process, x_star, "eps"), noise, jax.random.key(6), sampler="ddim", num_steps=8, eta=1.0
+    )
+    np.testing.assert_allclose(x, jnp.broadcast_to(x_star, x.shape), atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_flow_samplers_recover_point_mass(sampler):
+    process = D.make_process("rectified_flow", flow_shift=3.0)
+    x_star = jnp.linspace(-2.0, 2.0, 12).reshape(1, 3, 4)
+    noise = jax.random.normal(jax.random.key(7), (4, 3, 4))
+    x = process.sample(_flow_oracle(x_star), noise, jax.random.key(0), sampler=sampler, num_steps=7)
+    np.testing.assert_allclose(x, jnp.broadcast_to(x_star, x.shape), atol=1e-4)
+
+
+@pytest.mark.parametrize(("sampler", "steps"), [("euler", 50), ("heun", 20)])
+def test_flow_gaussian_data_matches_moments(sampler, steps):
+    mu, sigma = 1.5, 0.4
+
+    def velocity(xt, model_time):
+        # data N(mu, sigma^2); x_t = (1-t) x0 + t n  =>  v = E[n | x_t] - E[x0 | x_t]
+        t = _bcast(model_time / 1000.0, xt)
+        var = (1 - t) ** 2 * sigma**2 + t**2
+        r = xt - (1 - t) * mu
+        return t / var * r - (mu + (1 - t) * sigma**2 / var * r)
+
+    process = D.make_process("rectified_flow")
+    noise = jax.random.normal(jax.random.key(8), (4000, 8))
+    x = np.asarray(process.sample(velocity, noise, jax.random.key(0), sampler=sampler, num_steps=steps))
+    assert abs(x.mean() - mu) < 0.02
+    assert abs(x.std() - sigma) < 0.02
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_ddpm_training_loss_oracle_and_zero_model(prediction):
+    process = D.make_process("ddpm", prediction=prediction, schedule="linear")
+    x_star = jnp.where(jnp.arange(64) % 2 == 0, 1.0, -1.0).reshape(1, 4, 4, 4)
+    x0 = jnp.broadcast_to(x_star, (8, 4, 4, 4))
+    key = jax.random.key(9)
+    loss = _jit_loss(process, _ddpm_oracle(process, x_star, prediction), x0, key)
+    assert loss.shape == (8,)
+    assert float(loss.max()) < 1e-4
+    big = jnp.broadcast_to(x_star.reshape(1, -1)[:, :2].repeat(2048, 1), (16, 4096))
+    zero = _jit_loss(process, lambda x, t: jnp.zeros_like(x), big, key)
+    # E[eps^2] = 1; E[v^2] = a E[eps^2] + (1 - a) x0^2 = 1 for x0 = +-1.
+    np.testing.assert_allclose(zero.mean(), 1.0, atol=0.02)
+
+
+def test_flow_training_loss_oracle_zero_model_and_time():
+    for sampling in ("uniform", "logit_normal"):
+        process = D.make_process("rectified_flow", flow_timestep_sampling=sampling)
+        x_star = jnp.full((1, 2, 8), 0.5)
+        x0 = jnp.broadcast_to(x_star, (16, 2, 8))
+        seen = []
+        target = _flow_oracle(x_star)
+
+        def oracle(xt, model_time, seen=seen, target=target):
+            seen.append(model_time)
+            return target(xt, model_time)
+
+        loss = process.training_loss(oracle, x0, jax.random.key(10))
+        assert float(loss.max()) < 1e-6
+        assert float(seen[0].min()) >= 0 and float(seen[0].max()) <= 1000
+        zero = _jit_loss(
+            process, lambda x, t: jnp.zeros_like(x), jnp.full((32, 1024), 0.5), jax.random.key(1)
+        )
+        np.testing.assert_allclose(zero.mean(), 1.25, atol=0.03)  # E[(n - x0)^2] = 1 + x0^2
+
+
+def test_loss_mask_averages_only_masked_frames():
+    process = D.make_process("rectified_flow")
+    x_star = jnp.zeros((1, 4, 3, 3, 2))  # [B, T, H, W, C]
+    x0 = jnp.broadcast_to(x_star, (2, 4, 3, 3, 2))
+    offset = jnp.array([0.0, 0.0, 1.0, 1.0]).reshape(1, 4, 1, 1, 1)
+    fn = lambda xt, mt: _flow_oracle(x_star)(xt, mt) + offset  # wrong by 1 on frames 2, 3
+    key = jax.random.key(11)
+    np.testing.assert_allclose(_jit_loss(process, fn, x0, key), [0.5, 0.5], atol=1e-4)
+    mask = jnp.array([[1, 1, 0, 0], [0, 1, 1, 0]])
+    np.testing.assert_allclose(_jit_loss(process, fn, x0, key, loss_mask=mask), [0.0, 0.5], atol=1e-4)
+
+
+def test_flow_time_sampling_and_shift():
+    np.testing.assert_allclose(flow.shift_time(jnp.array([0.0, 0.5, 1.0]), 3.0), [0.0, 0.75, 1.0])
+    t = np.asarray(D.sample_time(jax.random.key(0), 20000, "logit_normal"))
+    assert t.min() > 0 and t.max() < 1
+    logit = np.log(t / (1 - t))
+    np.testing.assert_allclose([logit.mean(), logit.std()], [0.0, 1.0], atol=0.03)
+    t_shift = np.asarray(D.sample_time(jax.random.key(0), 20000, "logit_normal", shift=3.0))
+    np.testing.assert_allclose(t_shift, 3 * t / (1 + 2 * t), rtol=1e-5)
+    u = np.asarray(D.sample_time(jax.random.key(1), 20000, "uniform"))
+    np.testing.assert_allclose(u.mean(), 0.5, atol=0.01)
+    ts = np.asarray(D.sampling_times(4))
+    np.testing.assert_allclose(ts, [1.0, 0.75, 0.5, 0.25, 0.0])
+    assert D.resolution_shift(1024, 256) == 2.0
+
+
+# ----------------------------------------------------------------------------- guidance
+
+
+def test_cfg_apply_matches_formula():
+    def model(x, t, cond):
+        return x * cond["w"][:, None] + t[:, None] + cond["b"]
+
+    B = 3
+    x = jax.random.normal(jax.random.key(12), (B, 5))
+    t = jnp.arange(B, dtype=jnp.float32)
+    cond = {"w": jnp.array([1.0, 2.0, 3.0, 0.5, 0.5, 0.5]), "b": jnp.arange(6.0)[:, None] * jnp.ones((6, 5))}
+    c = model(x, t, jax.tree.map(lambda a: a[:B], cond))
+    u = model(x, t, jax.tree.map(lambda a: a[B:], cond))
+    for s in (0.0, 1.0, 4.5):
+        np.testing.assert_allclose(D.cfg_apply(model, cond, s)(x, t), u + s * (c - u), rtol=1e-6)
+    traced = jax.jit(lambda s: D.cfg_apply(model, cond, s)(x, t))(jnp.float32(4.5))
+    np.testing.assert_allclose(traced, u + 4.5 * (c - u), rtol=1e-6)
+    calls = []
+    D.cfg_apply(lambda x, t, cond: calls.append(x.shape[0]) or x, cond, 1.0)(x, t)
+    D.cfg_apply(lambda x, t, cond: calls.append(x.shape[0]) or x, cond, 2.0)(x, t)
+    assert calls == [B, 2 * B]
+    with pytest.raises(ValueError, match="2B"):
+        D.cfg_apply(model, jax.tree.map(lambda a: a[:B], cond), 2.0)(x, t)
+
+
+# ----------------------------------------------------------------------------- validation, jit
+
+
+def test_bad_names_raise_with_name():
+    with pytest.raises(ValueError, match="'diffusion_gan'.*ddpm, rectified_flow"):
+        D.make_process("diffusion_gan")
+    with pytest.raises(ValueError, match="'x0'.*eps, v"):
+        D.make_process("ddpm", prediction="x0")
+    with pytest.raises(ValueError, match="'beta'"):
+        D.make_process("rectified_flow", flow_timestep_sampling="beta")
+    noise = jnp.zeros((1, 2))
+    ddpm_proc, flow_proc = D.make_process("ddpm"), D.make_process("rectified_flow")
+    with pytest.raises(ValueError, match="'euler'.*ddpm, ddim"):
+        ddpm_proc.sample(lambda x, t: x, noise, jax.random.key(0), sampler="euler", num_steps=2)
+    with pytest.raises(ValueError, match="'ddim'.*euler, heun"):
+        flow_proc.sample(lambda x, t: x, noise, jax.random.key(0), sampler="ddim", num_steps=2)
+    with pytest.raises(ValueError, match="'rk4'"):
+        flow_proc.sample(lambda x, t: x, noise, jax.random.key(0), sampler="rk4", num_steps=2)
+
+
+def test_process_from_config():
+    import configs.quickstart as qs
+
+    p = D.process_from_config(qs.get_config().diffusion)
+    assert p.objective is D.Objective.RECTIFIED_FLOW
+    np.testing.assert_allclose(p.model_time(jnp.array([0.5])), [500.0])
+
+
+@pytest.mark.parametrize(
+    ("objective", "sampler"), [("ddpm", "ddpm"), ("ddpm", "ddim"), ("rectified_flow", "euler")]
+)
+def test_sampling_and_loss_under_jit(objective, sampler):
+    process = D.make_process(objective, prediction="v")
+    fn = lambda x, t: 0.1 * x + 1e-4 * t.reshape((-1,) + (1,) * (x.ndim - 1))
+    noise = jax.random.normal(jax.random.key(13), (2, 3, 4))
+    key = jax.random.key(14)
+    run = jax.jit(lambda n, k: process.sample(fn, n, k, sampler=sampler, num_steps=6))
+    out = run(noise, key)
+    np.testing.assert_allclose(out, process.sample(fn, noise, key, sampler=sampler, num_steps=6), atol=1e-5)
+    assert out.shape == noise.shape and bool(jnp.isfinite(out).all())
+    loss = jax.jit(lambda x, k: process.training_loss(fn, x, k))(noise, key)
+    assert loss.shape == (2,) and bool(jnp.isfinite(loss).all())

@@ -1,0 +1,110 @@
+"""Training: one-step end to end, the same loss curve on 1 and 8 devices, exact resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import quickstart
+from sora_jax.config import load_config
+from sora_jax.train import checkpoint
+from sora_jax.train.loop import train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from data_pipelines import moving_digits
+
+    path = tmp_path_factory.mktemp("digits")
+    moving_digits.build(path, num_train=64, num_test=16, num_frames=4, height=16, width=16, fps=4, seed=0)
+    return path
+
+
+def smoke_config(data_dir, **overrides):
+    items = [f"--config.data.path={data_dir}", "--config.train.log_every=1"]
+    items += [f"--config.{k}={v}" for k, v in overrides.items()]
+    return load_config(f"{quickstart.__file__}:smoke", items)
+
+
+def losses(workdir) -> dict[int, float]:
+    out = {}
+    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out[row["step"]] = row["loss"]  # a resumed run rewrites steps after its checkpoint: keep the last
+    return out
+
+
+def test_train_one_device_then_sharded_same_loss_curve(data_dir, tmp_path):
+    assert jax.device_count() == 8
+    one = smoke_config(data_dir, **{"mesh.data": 1})
+    train_and_evaluate(one, tmp_path / "one", progress=False, devices=jax.devices()[:1])
+    eight = smoke_config(data_dir, **{"mesh.data": 2, "mesh.fsdp": 4})
+    train_and_evaluate(eight, tmp_path / "eight", progress=False)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    assert sorted(a) == list(range(1, one.train.num_steps + 1))
+    assert a.keys() == b.keys()
+    np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=2e-4, atol=1e-6)
+    # the loss went down from its first value: the model learns something even in 6 steps
+    assert a[max(a)] < a[1]
+    # checkpoints: keep 2, the last one at the final step
+    assert checkpoint.latest_step(tmp_path / "one") == one.train.num_steps
+    assert list((tmp_path / "one" / "tensorboard").iterdir())
+
+
+def test_kill_and_rerun_resumes_exactly(data_dir, tmp_path):
+    steps = 60
+    args = [
+        "--config",
+        f"{quickstart.__file__}:smoke",
+        f"--config.data.path={data_dir}",
+        f"--config.train.num_steps={steps}",
+        "--config.train.log_every=1",
+        "--config.train.ckpt_every=10",
+        "--config.mesh.data=1",
+    ]
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "sora_jax.cli", "train", "--workdir", str(tmp_path / "killed"), *args]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (checkpoint.latest_step(tmp_path / "killed") or 0) < 20:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = checkpoint.latest_step(tmp_path / "killed")
+    assert killed_at is not None and killed_at < steps, "the run finished before it could be killed"
+    rerun = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"resumed from step {killed_at}" in rerun.stderr
+    assert checkpoint.latest_step(tmp_path / "killed") == steps
+    # reference: the same job never interrupted
+    ref = subprocess.run(
+        [*cmd[:5], str(tmp_path / "ref"), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    a, b = losses(tmp_path / "killed"), losses(tmp_path / "ref")
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], rtol=1e-5, atol=1e-7)
+
+
+def test_nan_loss_raises_with_step(data_dir, tmp_path):
+    from sora_jax.train.metrics import NonFiniteLossError
+
+    cfg = smoke_config(
+        data_dir, **{"mesh.data": 1, "optim.lr": 1e30, "optim.grad_clip": 1e30, "optim.warmup_steps": 1}
+    )
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+"):
+        train_and_evaluate(cfg, tmp_path, progress=False, devices=jax.devices()[:1])
