@@ -32,16 +32,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.fps = 8
     c.data.num_train = 6000  # clips, used when the data has to be built
     c.data.num_test = 512
-    c.data.batch_size = 32  # global
+    c.data.batch_size = 16  # global
     c.data.num_workers = 0
     c.data.shuffle_seed = 0
 
     c.autoencoder = ml_collections.ConfigDict()
-    c.autoencoder.kind = "identity"  # identity (pixel space); the VAE comes later
+    c.autoencoder.kind = "luma"  # identity (pixel RGB) | luma (pixel grey); the VAE comes later
 
     c.model = ml_collections.ConfigDict()
     c.model.variant = "tiny"
-    c.model.patch_size = (1, 4, 4)
+    c.model.patch_size = (1, 8, 8)  # 128 tokens of 64 values (luma)
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
     c.model.remat = False
 
@@ -70,7 +70,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optim.b1 = 0.9
     c.optim.b2 = 0.99
     c.optim.grad_clip = 1.0
-    c.optim.ema_decay = 0.999
+    c.optim.ema_decay = 0.995
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 2000

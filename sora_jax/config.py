@@ -16,34 +16,18 @@ from pathlib import Path
 
 import ml_collections
 
+from sora_jax.diffusion.ddpm import Prediction
+from sora_jax.diffusion.process import SAMPLERS, Objective, Sampler
+from sora_jax.diffusion.schedules import ScheduleKind
+
 
 class ConfigError(ValueError):
     """A config problem the user can fix; the message names the key or file."""
 
 
-class Objective(enum.StrEnum):
-    DDPM = "ddpm"
-    RECTIFIED_FLOW = "rectified_flow"
-
-
-class Prediction(enum.StrEnum):
-    EPS = "eps"
-    V = "v"
-
-
-class Schedule(enum.StrEnum):
-    LINEAR = "linear"
-    COSINE = "cosine"
-
-
-class Sampler(enum.StrEnum):
-    DDPM = "ddpm"
-    DDIM = "ddim"
-    EULER = "euler"
-
-
 class AutoencoderKind(enum.StrEnum):
-    IDENTITY = "identity"
+    IDENTITY = "identity"  # pixel space, RGB
+    LUMA = "luma"  # pixel space, grey (1 channel)
 
 
 class TextEncoderKind(enum.StrEnum):
@@ -55,15 +39,10 @@ class DType(enum.StrEnum):
     BFLOAT16 = "bfloat16"
 
 
-_SAMPLERS_FOR = {
-    Objective.DDPM: {Sampler.DDPM, Sampler.DDIM},
-    Objective.RECTIFIED_FLOW: {Sampler.EULER},
-}
-
 _ENUM_KEYS: dict[str, type[enum.StrEnum]] = {
     "diffusion.objective": Objective,
     "diffusion.prediction": Prediction,
-    "diffusion.schedule": Schedule,
+    "diffusion.schedule": ScheduleKind,
     "diffusion.sampler": Sampler,
     "autoencoder.kind": AutoencoderKind,
     "text.encoder": TextEncoderKind,
@@ -149,8 +128,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         if value not in allowed:
             raise ConfigError(f"config.{key} = {value!r} is not one of {allowed}")
     objective, sampler = Objective(cfg.diffusion.objective), Sampler(cfg.diffusion.sampler)
-    if sampler not in _SAMPLERS_FOR[objective]:
-        ok = sorted(s.value for s in _SAMPLERS_FOR[objective])
+    if sampler not in SAMPLERS[objective]:
+        ok = [s.value for s in SAMPLERS[objective]]
         raise ConfigError(
             f"config.diffusion.sampler = {sampler.value!r} does not fit objective {objective.value!r}: use {ok}"
         )

@@ -11,7 +11,7 @@ import ml_collections
 from flax import nnx
 
 from sora_jax import diffusion
-from sora_jax.models.autoencoder import Autoencoder, IdentityAutoencoder
+from sora_jax.models.autoencoder import Autoencoder, IdentityAutoencoder, LumaAutoencoder
 from sora_jax.models.dit import DiTConfig, dit_config
 from sora_jax.models.t2v import TextToVideo
 from sora_jax.text.encoder import TextEncoderConfig
@@ -23,6 +23,8 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def make_autoencoder(cfg: ml_collections.ConfigDict) -> Autoencoder:
     if cfg.autoencoder.kind == "identity":
         return IdentityAutoencoder()
+    if cfg.autoencoder.kind == "luma":
+        return LumaAutoencoder()
     raise ValueError(f"config.autoencoder.kind = {cfg.autoencoder.kind!r} is not supported")
 
 
@@ -59,10 +61,7 @@ def make_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> TextToVideo:
 
 
 def make_process(cfg: ml_collections.ConfigDict):
-    d = cfg.diffusion
-    return diffusion.make_process(
-        d.objective, prediction=d.prediction, schedule=d.schedule, num_timesteps=d.num_timesteps
-    )
+    return diffusion.process_from_config(cfg.diffusion)
 
 
 def latent_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int, int, int]:

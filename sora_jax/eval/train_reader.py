@@ -24,7 +24,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from sora_jax.eval.adherence import score
-from sora_jax.eval.digit_reader import DigitReader, ReaderConfig, decode, predict, save_reader
+from sora_jax.eval.digit_reader import DigitReader, ReaderConfig, decode, load_reader, predict, save_reader
 
 
 def _labels(digits: np.ndarray, directions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -39,36 +39,38 @@ def _labels(digits: np.ndarray, directions: np.ndarray, k: int) -> tuple[np.ndar
     return presence, direction
 
 
-def make_chunk(split: str, num_clips: int, seed: int, cfg: ReaderConfig) -> tuple[np.ndarray, ...]:
-    """Fresh clips of a split: grey uint8 [N, T, H, W], presence float32 [N, 10], direction int32 [N, 10]."""
+def make_chunk(num_clips: int, seed: int, cfg: ReaderConfig) -> tuple[np.ndarray, ...]:
+    """Fresh clips, half from each split, shuffled together (a batch from one split teaches its direction
+    prior, e.g. test clips always show a held-out pair, and the next batches unteach it):
+    grey uint8 [N, T, H, W], presence float32 [N, 10], direction int32 [N, 10]."""
     from data_pipelines.moving_digits import generate
 
-    data = generate(
-        split, num_clips, seed=seed, num_frames=cfg.num_frames, height=cfg.height, width=cfg.width
-    )
-    grey = np.round(data["video"].astype(np.float32).mean(-1)).astype(np.uint8)
-    return (grey, *_labels(data["digits"], data["directions"], cfg.num_digits))
+    parts = []
+    for split in ("train", "test"):
+        data = generate(
+            split, num_clips // 2, seed=seed, num_frames=cfg.num_frames, height=cfg.height, width=cfg.width
+        )
+        grey = np.round(data["video"].astype(np.float32).mean(-1)).astype(np.uint8)
+        parts.append((grey, *_labels(data["digits"], data["directions"], cfg.num_digits)))
+    order = np.random.default_rng(seed).permutation(2 * (num_clips // 2))
+    return tuple(np.concatenate(arrays)[order] for arrays in zip(*parts))
 
 
 def stream_batches(
     cfg: ReaderConfig, batch: int, seed: int, chunk: int = 2048
 ) -> Iterator[tuple[np.ndarray, ...]]:
-    """Endless shuffled batches of never-repeated clips, alternating chunks of the train and test splits
-    (chunk c uses seed ``seed + c``), generated one chunk ahead in a background thread."""
+    """Endless batches of never-repeated clips (chunk c uses seed ``seed + c``), generated one chunk ahead
+    in a background thread."""
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    splits = ("train", "test")
-    pending = pool.submit(make_chunk, splits[0], chunk, seed, cfg)
-    rng = np.random.default_rng(seed)
+    pending = pool.submit(make_chunk, chunk, seed, cfg)
     c = 0
     try:
         while True:
             x, p, d = pending.result()
             c += 1
-            pending = pool.submit(make_chunk, splits[c % 2], chunk, seed + c, cfg)
-            order = rng.permutation(len(x))
+            pending = pool.submit(make_chunk, chunk, seed + c, cfg)
             for i in range(0, len(x) - batch + 1, batch):
-                idx = order[i : i + batch]
-                yield x[idx], p[idx], d[idx]
+                yield x[i : i + batch], p[i : i + batch], d[i : i + batch]
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
@@ -85,12 +87,13 @@ def loss_fn(model: DigitReader, x, presence, direction):
     return bce + ce, {"bce": bce, "ce": ce, "exact": (exact_digits & dir_ok).mean()}
 
 
-def augment(key: jax.Array, x: jax.Array) -> jax.Array:
-    """Brightness in [0.6, 1] and Gaussian noise (sigma in [0, 0.08]) on grey clips [B, T, H, W] in [0, 1]."""
+def augment(key: jax.Array, x: jax.Array, strength: float = 1.0) -> jax.Array:
+    """Brightness in [1 - 0.4 s, 1] and Gaussian noise (sigma in [0, 0.08 s]) on grey clips [B, T, H, W] in
+    [0, 1], s = ``strength`` (0 turns augmentation off)."""
     k1, k2, k3 = jax.random.split(key, 3)
     b = x.shape[0]
-    gain = jax.random.uniform(k1, (b, 1, 1, 1), minval=0.6, maxval=1.0)
-    sigma = jax.random.uniform(k2, (b, 1, 1, 1), maxval=0.08)
+    gain = jax.random.uniform(k1, (b, 1, 1, 1), minval=1.0 - 0.4 * strength, maxval=1.0)
+    sigma = jax.random.uniform(k2, (b, 1, 1, 1), maxval=0.08 * strength)
     return jnp.clip(x * gain + sigma * jax.random.normal(k3, x.shape), 0.0, 1.0)
 
 
@@ -115,7 +118,12 @@ def train(args: argparse.Namespace) -> tuple[DigitReader, dict]:
     t0 = time.time()
     batches = stream_batches(cfg, args.batch, args.seed)
 
-    model = DigitReader(cfg, rngs=nnx.Rngs(args.seed))
+    if args.init:  # continue training saved weights (its config wins)
+        model = load_reader(args.init)
+        cfg = dataclasses.replace(model.cfg, metrics={})
+        model.cfg = cfg
+    else:
+        model = DigitReader(cfg, rngs=nnx.Rngs(args.seed))
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(100, args.steps // 10), args.steps)
     opt = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=1e-4), wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))
@@ -123,7 +131,7 @@ def train(args: argparse.Namespace) -> tuple[DigitReader, dict]:
     @jax.jit
     def step(state, key, x_u8, presence, direction):
         model, opt = nnx.merge(graphdef, state)
-        x = augment(key, x_u8.astype(jnp.float32) / 255.0)
+        x = augment(key, x_u8.astype(jnp.float32) / 255.0, args.augment)
         grads, aux = nnx.grad(loss_fn, has_aux=True)(model, x, presence, direction)
         opt.update(model, grads)
         return nnx.state((model, opt)), aux
@@ -142,7 +150,14 @@ def train(args: argparse.Namespace) -> tuple[DigitReader, dict]:
     batches.close()
     model, _ = nnx.merge(graphdef, state)
 
-    metrics = {"train_seconds": round(time.time() - t0, 1), "steps": args.steps}
+    metrics = {
+        "train_seconds": round(time.time() - t0, 1),
+        "steps": args.steps,
+        "lr": args.lr,
+        "augment": args.augment,
+    }
+    if args.init:
+        metrics["init"] = f"{args.init} (seed {args.seed})"
     for split in ("test", "train"):
         m = evaluate(model, split, args.eval_clips, seed=0)
         metrics[f"{split}_exact"] = m["both_accuracy"]
@@ -167,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-clips", type=int, default=1000)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--augment", type=float, default=1.0, help="augmentation strength (0: off)")
+    parser.add_argument("--init", default=None, help="continue from these weights (their frames/size win)")
     args = parser.parse_args(argv)
     if args.seed < 200:
         parser.error("--seed must be >= 200: seeds below are the evaluation and test clips")

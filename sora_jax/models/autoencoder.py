@@ -58,6 +58,29 @@ class IdentityAutoencoder:
         return jnp.clip(jnp.asarray(latents, jnp.float32), -1.0, 1.0)
 
 
+class LumaAutoencoder(IdentityAutoencoder):
+    """Pixel space, luma only: latents are the Rec.601 luma of the video (C = 1); decoding repeats it into RGB.
+
+    Exact for grey videos (the bundled moving digits) at a third of the DiT's patch width; colour is lost.
+    """
+
+    latent_channels = 1
+    _WEIGHTS = (0.299, 0.587, 0.114)
+
+    def encode(self, video: jax.Array) -> jax.Array:
+        """video ``[B, T, H, W, 3]`` -> luma ``[B, T, H, W, 1]`` float32."""
+        if video.ndim != 5 or video.shape[-1] != 3:
+            raise ValueError(f"LumaAutoencoder.encode wants [B, T, H, W, 3], got {video.shape}")
+        w = jnp.asarray(self._WEIGHTS, jnp.float32)
+        return jnp.einsum("bthwc,c->bthw", jnp.asarray(video, jnp.float32), w)[..., None]
+
+    def decode(self, latents: jax.Array) -> jax.Array:
+        """luma ``[B, T, H, W, 1]`` -> grey video float32 ``[B, T, H, W, 3]`` clipped to [-1, 1]."""
+        if latents.ndim != 5 or latents.shape[-1] != 1:
+            raise ValueError(f"LumaAutoencoder.decode wants [B, T, H, W, 1], got {latents.shape}")
+        return jnp.repeat(jnp.clip(jnp.asarray(latents, jnp.float32), -1.0, 1.0), 3, axis=-1)
+
+
 def video_to_float(video: jax.Array | np.ndarray) -> jax.Array:
     """uint8 ``[..., 3]`` in [0, 255] -> float32 in [-1, 1]."""
     if video.dtype != np.uint8:

@@ -1,0 +1,37 @@
+"""The moving-digits benchmark model: DiT-S on 8x32x32 pixel-space clips, for one GPU (or a long CPU run).
+
+sora-jax train --config configs/digits_small.py --workdir runs/digits_small
+sora-jax eval --workdir runs/digits_small --num_prompts 256      # adherence on test-split prompts
+sora-jax train --config configs/digits_small.py:smoke --workdir /tmp/ds   # seconds, for tests
+"""
+
+import ml_collections
+
+from configs import quickstart
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    c = quickstart.get_config("smoke" if arg == "smoke" else "")
+    if arg not in ("", "smoke"):
+        raise ValueError(f"configs/digits_small.py: unknown argument {arg!r} (use '' or 'smoke')")
+    if arg == "smoke":
+        return c
+    c.data.num_train = 50_000
+    c.data.num_test = 1024
+    c.data.batch_size = 64
+    c.data.num_workers = 2
+    c.model.variant = "S"
+    c.model.patch_size = (1, 4, 4)
+    c.model.dtype = "bfloat16"
+    c.text.width = 256
+    c.text.depth = 4
+    c.text.num_heads = 4
+    c.optim.lr = 3e-4
+    c.optim.warmup_steps = 1000
+    c.optim.weight_decay = 0.01
+    c.optim.ema_decay = 0.9995
+    c.train.num_steps = 40_000
+    c.train.log_every = 100
+    c.train.ckpt_every = 2000
+    c.train.keep_checkpoints = 3
+    return c
