@@ -59,6 +59,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.diffusion.prediction = "v"  # ddpm only: eps | v
     c.diffusion.schedule = "cosine"  # ddpm only: linear | cosine
     c.diffusion.num_timesteps = 1000
+    c.diffusion.flow_timestep_sampling = "uniform"  # rectified_flow only: uniform | logit_normal
+    c.diffusion.flow_shift = 1.0
     c.diffusion.sampler = "euler"  # ddpm | ddim | euler
     c.diffusion.sample_steps = 32
     c.diffusion.cfg_scale = 3.0
@@ -73,7 +75,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optim.ema_decay = 0.995
 
     c.train = ml_collections.ConfigDict()
-    c.train.num_steps = 2000
+    c.train.num_steps = 3000
     c.train.log_every = 50
     c.train.ckpt_every = 500
     c.train.keep_checkpoints = 2

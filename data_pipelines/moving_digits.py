@@ -137,6 +137,8 @@ _HORIZONTAL_TOKENS = {
     **dict.fromkeys(["left", "leftward", "leftwards", "west"], -1),
     **dict.fromkeys(["right", "rightward", "rightwards", "east"], 1),
 }
+# Plural nouns that make the number before them a count ("two digits: ..."), not a digit.
+_COUNT_NOUNS = frozenset({"digits", "numbers", "numerals", "objects"})
 _COMPASS = {"northwest": (-1, -1), "northeast": (-1, 1), "southwest": (1, -1), "southeast": (1, 1)}
 
 
@@ -157,10 +159,15 @@ def parse_prompt(text: str) -> list[tuple[int, int]]:
 
     A digit is a numeral 0-9 or a number word; its direction is read from the words after it (up to the
     next digit), else the words before it, else it is shared with the next object ("a 3 and a 7 moving
-    left"). Digits without any direction are dropped.
+    left"). A count such as "two digits:" or "2 numbers" (followed by a plural noun) is not a digit.
+    Digits without any direction are dropped.
     """
     tokens = re.findall(r"[a-z]+|\d+", text.lower())
-    mentions = [i for i, t in enumerate(tokens) if t in _DIGIT_TOKENS]
+    mentions = [
+        i
+        for i, t in enumerate(tokens)
+        if t in _DIGIT_TOKENS and (i + 1 == len(tokens) or tokens[i + 1] not in _COUNT_NOUNS)
+    ]
     bounds = [-1, *mentions, len(tokens)]
     dirs: list[int | None] = []
     for j, i in enumerate(mentions):

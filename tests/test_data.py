@@ -170,6 +170,8 @@ def test_generated_captions_match_labels():
         ("The digit FIVE rises.", [(5, 2)]),
         ("a 3 and a 7 moving left", [(3, 0), (7, 0)]),
         ("moving right: a 2", [(2, 1)]),
+        ("two digits: a 3 moving left and a 7 moving down", [(3, 0), (7, 3)]),
+        ("2 numbers: the digit five rises and a 1 moves right", [(5, 2), (1, 1)]),
         ("a cat moves left", []),
         ("a 4", []),
         ("", []),

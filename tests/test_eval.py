@@ -12,6 +12,11 @@ from data_pipelines import moving_digits
 from sora_jax.eval import adherence, digit_reader
 from sora_jax.eval.digit_reader import DigitReader, ReaderConfig
 
+# Floors for the shipped weights (the 0.98 target). Measured: 0.990 exact on these 300 test clips (0.989 on
+# generate("test", 1000, seed=0)), 0.995 on the 200 train clips (0.992 on 1000).
+MIN_EXACT_TEST = 0.98
+MIN_EXACT_TRAIN = 0.98
+
 
 @pytest.fixture(scope="module")
 def reader() -> DigitReader:
@@ -39,9 +44,9 @@ def test_directions_match_the_generator(reader):
 def test_shipped_reader_reads_fresh_test_clips(reader, test_clips):
     readings = digit_reader.read_videos(test_clips["video"], reader)
     metrics = adherence.score(readings, _intended(test_clips))
-    assert metrics["both_accuracy"] >= 0.98, metrics
-    assert metrics["digit_accuracy"] >= 0.98, metrics
-    assert metrics["direction_accuracy"] >= 0.98, metrics
+    assert metrics["both_accuracy"] >= MIN_EXACT_TEST, metrics
+    assert metrics["digit_accuracy"] >= MIN_EXACT_TEST, metrics
+    assert metrics["direction_accuracy"] >= MIN_EXACT_TEST, metrics
     # readings are sorted by digit and use direction names
     for reading in readings:
         assert [d for d, _ in reading] == sorted(d for d, _ in reading)
@@ -51,7 +56,7 @@ def test_shipped_reader_reads_fresh_test_clips(reader, test_clips):
 def test_shipped_reader_reads_train_split_too(reader):
     data = moving_digits.generate("train", 200, seed=124)
     metrics = adherence.score(digit_reader.read_videos(data["video"], reader), _intended(data))
-    assert metrics["both_accuracy"] >= 0.97, metrics
+    assert metrics["both_accuracy"] >= MIN_EXACT_TRAIN, metrics
 
 
 def test_reader_frames_and_sizes(reader, test_clips):
@@ -132,7 +137,9 @@ def test_parse_prompt_list():
 
 
 def test_save_load_roundtrip(tmp_path):
-    cfg = ReaderConfig(num_frames=4, height=16, width=16, widths=(8, 8, 8, 8, 8), metrics={"note": "tiny"})
+    cfg = ReaderConfig(
+        num_frames=4, height=16, width=16, widths=(8, 8), strides=(2, 1), hidden=8, metrics={"note": "tiny"}
+    )
     model = DigitReader(cfg, rngs=nnx.Rngs(3))
     path = digit_reader.save_reader(tmp_path / "r.npz", model)
     loaded = digit_reader.load_reader(path)

@@ -7,10 +7,13 @@ file, with the accuracy measured on held-out clips). Videos with more frames are
 ``num_frames`` frames; videos whose size is an integer multiple of the trained size (e.g. a 128x128 MP4
 written by ``sample.video_io``) are block-averaged down; anything else raises a ValueError.
 
-Model (about 0.25M parameters): grey frames and frame differences stacked as channels [B, H, W, 2T-1] ->
-five 3x3 convolutions (two with stride 2) -> a feature map [B, H/4, W/4, D]; per digit class k an attention
-map over the positions pools a feature [B, 10, D]; a per-class head gives one presence logit and 8 direction
-logits ("the initial direction of digit k"). Trained with BCE on presence and CE on direction where present.
+Model (about 0.2M parameters): every grey frame [H, W, 1] goes through the same four 3x3 convolutions
+(widths 24-48-96-96, strides 2-1-2-1, GroupNorm + GELU) -> a feature map [H/4, W/4, D] per frame; per digit
+class k and frame t an attention map over the positions pools a feature and the expected position of digit k
+(a soft-argmax). Presence of digit k: an MLP on its features pooled over the frames (mean and max), so a
+digit that the other one covers in some frames is still read from the rest. Direction of digit k ("its
+initial direction"): an MLP shared by all classes on its trajectory (per-frame positions and steps) and its
+mean feature. Trained with BCE on presence and CE on direction where present (``train_reader``).
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ class ReaderConfig:
     """What the reader was built and trained for.
 
     num_frames, height, width: the clip it reads (longer clips are cut to the first ``num_frames``).
-    widths: channels of the five convolutions. metrics: accuracies measured after training (informational).
+    widths, strides: channels and strides of the per-frame 3x3 convolutions; hidden: width of the head MLPs.
+    metrics: accuracies measured after training (informational).
     """
 
     num_frames: int = 8
@@ -66,7 +70,9 @@ class ReaderConfig:
     width: int = 32
     num_digits: int = 10
     directions: tuple[str, ...] = DIRECTIONS
-    widths: tuple[int, ...] = (32, 64, 64, 96, 128)
+    widths: tuple[int, ...] = (24, 48, 96, 96)
+    strides: tuple[int, ...] = (2, 1, 2, 1)
+    hidden: int = 128
     metrics: dict = dataclasses.field(default_factory=dict, compare=False)
 
     def to_json(self) -> str:
@@ -77,6 +83,7 @@ class ReaderConfig:
         d = json.loads(text)
         d["directions"] = tuple(d["directions"])
         d["widths"] = tuple(d["widths"])
+        d["strides"] = tuple(d["strides"])
         return cls(**d)
 
 
@@ -112,39 +119,64 @@ def preprocess(videos: np.ndarray | jax.Array, cfg: ReaderConfig) -> np.ndarray:
 
 
 class DigitReader(nnx.Module):
-    """Reads digit presence and per-digit direction from preprocessed clips [B, T, H, W] (see preprocess)."""
+    """Reads digit presence and per-digit direction from preprocessed clips [B, T, H, W] (see preprocess).
+
+    Every frame goes through the same 2D conv body (frames are sharp; digits only overlap in some of
+    them). Per frame, a per-class attention map over the feature positions pools a feature per digit class
+    and that class's expected position (a soft-argmax). Presence reads the per-class features pooled over
+    time (mean and max); direction reads the per-class trajectory (positions and their frame-to-frame
+    steps) together with the time-pooled feature, with one head shared by all classes.
+    """
 
     def __init__(self, cfg: ReaderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        c_in = 2 * cfg.num_frames - 1
-        strides = (1, 2, 1, 2, 1)
+        if len(cfg.strides) != len(cfg.widths):
+            raise ValueError(f"ReaderConfig: {len(cfg.widths)} widths but {len(cfg.strides)} strides")
+        c_in = 1
         self.convs = nnx.List()
         self.norms = nnx.List()
-        for c_out, s in zip(cfg.widths, strides, strict=True):
+        for c_out, s in zip(cfg.widths, cfg.strides, strict=True):
             self.convs.append(nnx.Conv(c_in, c_out, (3, 3), strides=(s, s), padding="SAME", rngs=rngs))
-            self.norms.append(nnx.GroupNorm(c_out, num_groups=8, rngs=rngs))
+            self.norms.append(nnx.GroupNorm(c_out, num_groups=min(8, c_out), rngs=rngs))
             c_in = c_out
-        d, k, o = c_in, cfg.num_digits, 1 + len(cfg.directions)
+        d, k, t, hid = c_in, cfg.num_digits, cfg.num_frames, cfg.hidden
         self.attn = nnx.Conv(d, k, (1, 1), rngs=rngs)
-        self.pre = nnx.LayerNorm(d, rngs=rngs)
-        self.hidden = nnx.Linear(d, d, rngs=rngs)
-        self.out_kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (k, d, o)))
-        self.out_bias = nnx.Param(jnp.zeros((k, o)))
+        # presence: per class from [mean_T, max_T] of the pooled features
+        self.pres_norm = nnx.LayerNorm(2 * d, rngs=rngs)
+        self.pres_hidden = nnx.Linear(2 * d, hid, rngs=rngs)
+        self.pres_kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (k, hid)))
+        self.pres_bias = nnx.Param(jnp.zeros((k,)))
+        # direction: shared over classes, from the trajectory (T positions + T-1 steps) and the feature
+        traj = 2 * t + 2 * (t - 1)
+        self.dir_norm = nnx.LayerNorm(d, rngs=rngs)
+        self.dir_hidden = nnx.Linear(traj + d, hid, rngs=rngs)
+        self.dir_hidden2 = nnx.Linear(hid, hid, rngs=rngs)
+        self.dir_out = nnx.Linear(hid, len(cfg.directions), rngs=rngs)
 
     def __call__(self, x_BTHW: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Returns presence logits [B, 10] and direction logits [B, 10, 8]."""
-        frames = jnp.moveaxis(x_BTHW, 1, -1)  # [B, H, W, T]
-        diffs = frames[..., 1:] - frames[..., :-1]
-        h = jnp.concatenate([frames, diffs], axis=-1)  # [B, H, W, 2T-1]
+        b, t, hgt, wid = x_BTHW.shape
+        h = x_BTHW.reshape(b * t, hgt, wid, 1)
         for conv, norm in zip(self.convs, self.norms, strict=True):
-            h = jax.nn.gelu(norm(conv(h)))  # [B, H', W', D]
-        att = self.attn(h)  # [B, H', W', K]
-        b, hh, ww, k = att.shape
-        att = jax.nn.softmax(att.reshape(b, hh * ww, k), axis=1)
-        pooled = jnp.einsum("BNK,BND->BKD", att, h.reshape(b, hh * ww, -1))
-        z = jax.nn.gelu(self.hidden(self.pre(pooled)))  # [B, K, D]
-        out = jnp.einsum("BKD,KDO->BKO", z, self.out_kernel[...]) + self.out_bias[...]
-        return out[..., 0], out[..., 1:]
+            h = jax.nn.gelu(norm(conv(h)))  # [B*T, H', W', D]
+        att = self.attn(h)  # [B*T, H', W', K]
+        _, hh, ww, k = att.shape
+        att = jax.nn.softmax(att.reshape(b, t, hh * ww, k), axis=2)  # [B, T, N, K]
+        feats = jnp.einsum("BTNK,BTND->BKTD", att, h.reshape(b, t, hh * ww, -1))
+        ys, xs = jnp.meshgrid(jnp.linspace(-1.0, 1.0, hh), jnp.linspace(-1.0, 1.0, ww), indexing="ij")
+        grid = jnp.stack([ys.reshape(-1), xs.reshape(-1)], -1) * (hgt / 4)  # [N, 2], ~pixels / 2
+        pos = jnp.einsum("BTNK,NC->BKTC", att, grid)  # [B, K, T, 2]
+        steps = pos[:, :, 1:] - pos[:, :, :-1]
+
+        pooled = jnp.concatenate([feats.mean(2), feats.max(2)], -1)  # [B, K, 2D]
+        zp = jax.nn.gelu(self.pres_hidden(self.pres_norm(pooled)))  # [B, K, hid]
+        presence = jnp.einsum("BKH,KH->BK", zp, self.pres_kernel[...]) + self.pres_bias[...]
+
+        traj = jnp.concatenate([pos.reshape(b, k, -1) / 4, steps.reshape(b, k, -1)], -1)
+        zd = jnp.concatenate([traj, self.dir_norm(feats.mean(2))], -1)
+        zd = jax.nn.gelu(self.dir_hidden(zd))
+        zd = jax.nn.gelu(self.dir_hidden2(zd))
+        return presence, self.dir_out(zd)
 
 
 def _flat_params(model: DigitReader) -> dict[str, np.ndarray]:

@@ -5,7 +5,12 @@
 The reader must read every (digit, direction) combination, including the pairs the video model never sees
 in training, so it trains on clips from *both* splits of ``data_pipelines.moving_digits.generate`` drawn
 with seeds (``--seed`` and up) that the evaluation clips do not use, every clip fresh (no epochs: a fixed
-pool overfits); it is measured on clips of each split drawn with seed 0. About 10 minutes on 2 CPU cores.
+pool overfits); it is measured on clips of each split drawn with seed 0.
+
+The shipped weights (0.989 of ``generate("test", 1000, seed=0)`` clips read exactly, digits 0.993,
+directions 0.995; train split 0.992) came from one run, about 20 minutes on one (shared) CPU core:
+    python -m sora_jax.eval.train_reader --steps 2600 --batch 32 --lr 2e-3 --augment 0.5 --seed 1000 \
+        --out sora_jax/eval/weights/digit_reader.npz
 """
 
 from __future__ import annotations
