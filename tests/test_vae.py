@@ -12,7 +12,9 @@ def test_luma_matches_rec601_and_roundtrips_grey_videos():
     x = np.asarray(video_to_float(rgb), np.float64)
     ae = LumaAutoencoder()
     z = np.asarray(ae.encode(video_to_float(rgb)))
-    np.testing.assert_allclose(z[..., 0], 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2], atol=1e-6)
+    np.testing.assert_allclose(
+        z[..., 0], 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2], atol=1e-6
+    )
     assert ae.latent_shape(3, 4, 4) == (3, 4, 4, 1)
     grey = np.repeat(rng.integers(0, 256, (2, 3, 4, 4, 1), dtype=np.uint8), 3, axis=-1)
     back = np.asarray(float_to_video(ae.decode(ae.encode(video_to_float(grey)))))
