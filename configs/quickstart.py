@@ -75,7 +75,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optim.ema_decay = 0.995
 
     c.train = ml_collections.ConfigDict()
-    c.train.num_steps = 2500
+    c.train.num_steps = 2000
     c.train.log_every = 50
     c.train.ckpt_every = 500
     c.train.keep_checkpoints = 2
