@@ -68,7 +68,7 @@ def test_prompt_index_keys_and_seed(parts):
     assert not np.array_equal(a, c)
 
 
-def test_guidance_scale_one_equals_conditional_model(parts):
+def test_guidance_scale_changes_the_videos(parts):
     cfg, graphdef, params = parts
     a = make_sampler(cfg, graphdef, jax.local_devices()[:1], scale=1.0).generate(params, PROMPTS[:1])
     b = make_sampler(cfg, graphdef, jax.local_devices()[:1], scale=4.0).generate(params, PROMPTS[:1])
