@@ -41,6 +41,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.variant = "tiny"
+    c.model.width = 0  # 0: the variant's; set to resize it (also depth, num_heads)
+    c.model.depth = 0
+    c.model.num_heads = 0
     c.model.patch_size = (1, 8, 8)  # 128 tokens of 64 values (luma)
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
     c.model.remat = False
@@ -61,6 +64,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.diffusion.num_timesteps = 1000
     c.diffusion.flow_timestep_sampling = "uniform"  # rectified_flow only: uniform | logit_normal
     c.diffusion.flow_shift = 1.0
+    c.diffusion.flow_prediction = "v"  # rectified_flow only: v | x0
     c.diffusion.sampler = "euler"  # ddpm | ddim | euler
     c.diffusion.sample_steps = 32
     c.diffusion.cfg_scale = 3.0

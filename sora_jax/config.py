@@ -17,7 +17,7 @@ from pathlib import Path
 import ml_collections
 
 from sora_jax.diffusion.ddpm import Prediction
-from sora_jax.diffusion.flow import TimestepSampling
+from sora_jax.diffusion.flow import FlowPrediction, TimestepSampling
 from sora_jax.diffusion.process import SAMPLERS, Objective, Sampler
 from sora_jax.diffusion.schedules import ScheduleKind
 
@@ -49,6 +49,7 @@ _ENUM_KEYS: dict[str, type[enum.StrEnum]] = {
     "text.encoder": TextEncoderKind,
     "model.dtype": DType,
     "diffusion.flow_timestep_sampling": TimestepSampling,
+    "diffusion.flow_prediction": FlowPrediction,
 }
 
 

@@ -46,8 +46,11 @@ def text_config(cfg: ml_collections.ConfigDict) -> TextEncoderConfig:
 
 def model_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
     ae = make_autoencoder(cfg)
+    # width / depth / num_heads: 0 (or absent) keeps the variant's value
+    sizes = {k: int(cfg.model.get(k, 0)) for k in ("width", "depth", "num_heads") if cfg.model.get(k, 0)}
     return dit_config(
         cfg.model.variant,
+        **sizes,
         in_channels=ae.latent_channels,
         patch_size=tuple(cfg.model.patch_size),
         text_dim=cfg.text.width,

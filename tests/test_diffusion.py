@@ -206,6 +206,56 @@ def test_flow_gaussian_data_matches_moments(sampler, steps):
     assert abs(x.std() - sigma) < 0.02
 
 
+def _gaussian_posterior_x0(mu, sigma):
+    """E[x0 | x_t] for data N(mu, sigma^2) under x_t = (1-t) x0 + t n (Gaussian conditioning)."""
+
+    def x0_hat(xt, model_time):
+        t = _bcast(model_time / 1000.0, xt)
+        var = (1 - t) ** 2 * sigma**2 + t**2
+        return mu + (1 - t) * sigma**2 / var * (xt - (1 - t) * mu)
+
+    return x0_hat
+
+
+@pytest.mark.parametrize(("sampler", "steps"), [("euler", 50), ("heun", 20)])
+def test_flow_x0_prediction_gaussian_data_matches_moments(sampler, steps):
+    mu, sigma = -0.7, 0.3
+    process = D.make_process("rectified_flow", flow_prediction="x0")
+    noise = jax.random.normal(jax.random.key(8), (4000, 8))
+    fn = _gaussian_posterior_x0(mu, sigma)
+    x = np.asarray(process.sample(fn, noise, jax.random.key(0), sampler=sampler, num_steps=steps))
+    assert abs(x.mean() - mu) < 0.02
+    assert abs(x.std() - sigma) < 0.02
+    # a point-mass x0-oracle lands exactly on the point, whatever the step count
+    x_star = jnp.linspace(-1.0, 1.0, 8)[None]
+    one = process.sample(
+        lambda xt, mt: jnp.broadcast_to(x_star, xt.shape), noise[:3], None, sampler=sampler, num_steps=3
+    )
+    np.testing.assert_allclose(one, jnp.broadcast_to(x_star, one.shape), atol=1e-5)
+
+
+def test_flow_x0_prediction_loss_is_clipped_v_loss():
+    process = D.make_process("rectified_flow", flow_prediction="x0", flow_timestep_sampling="uniform")
+    x0 = jax.random.normal(jax.random.key(20), (64, 6))
+    key = jax.random.key(21)
+    wrong = lambda xt, mt: jnp.zeros_like(xt)  # predicts x0 = 0
+    loss = np.asarray(_jit_loss(process, wrong, x0, key))
+    # the same draws of t and noise as training_loss, then the v-loss in float64 numpy
+    key_t, key_noise = jax.random.split(key)
+    t = np.asarray(D.sample_time(key_t, 64, "uniform"), np.float64)[:, None]
+    x = np.asarray(x0, np.float64)
+    want = np.mean((x / np.maximum(t, 0.05)) ** 2, axis=1)
+    np.testing.assert_allclose(loss, want, rtol=1e-4)
+    # equals |v_hat - v|^2 with v_hat = (x_t - x0_hat) / t where t >= 0.05
+    n = np.asarray(jax.random.normal(key_noise, (64, 6), jnp.float32), np.float64)
+    xt = (1 - t) * x + t * n
+    v_hat, v = xt / t, n - x
+    big = t[:, 0] >= 0.05
+    np.testing.assert_allclose(loss[big], np.mean((v_hat - v) ** 2, axis=1)[big], rtol=1e-3)
+    oracle = lambda xt, mt: x0
+    assert float(_jit_loss(process, oracle, x0, key).max()) < 1e-10
+
+
 # ----------------------------------------------------------------------------- losses
 
 
@@ -305,6 +355,8 @@ def test_bad_names_raise_with_name():
         D.make_process("diffusion_gan")
     with pytest.raises(ValueError, match="'x0'.*eps, v"):
         D.make_process("ddpm", prediction="x0")
+    with pytest.raises(ValueError, match="'eps'.*v, x0"):
+        D.make_process("rectified_flow", flow_prediction="eps")
     with pytest.raises(ValueError, match="'beta'"):
         D.make_process("rectified_flow", flow_timestep_sampling="beta")
     noise = jnp.zeros((1, 2))

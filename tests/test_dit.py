@@ -190,3 +190,20 @@ def test_text_to_video_and_autoencoder():
     assert f.dtype == jnp.float32 and float(f.min()) >= -1 and float(f.max()) <= 1
     np.testing.assert_array_equal(float_to_video(ae.decode(ae.encode(f))), video)
     np.testing.assert_array_equal(float_to_video(np.array([-3.0, 3.0, 0.0])), [0, 255, 128])
+
+
+def test_config_resizes_variant():
+    from sora_jax import factory
+    from sora_jax.config import load_config
+
+    base = factory.model_config(load_config("configs/quickstart.py"))
+    cfg = load_config(
+        "configs/quickstart.py",
+        ["model.width=96", "model.depth=3", "model.num_heads=2", "model.patch_size=(2,8,8)"],
+    )
+    resized = factory.model_config(cfg)
+    assert (resized.width, resized.depth, resized.num_heads, resized.patch_size) == (96, 3, 2, (2, 8, 8))
+    assert (base.width, base.depth) == (dit_lib.VARIANTS["tiny"].width, dit_lib.VARIANTS["tiny"].depth)
+    model = nnx.eval_shape(lambda: factory.make_model(cfg))
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(model.dit, nnx.Param)))
+    assert n == dit_lib.param_count(resized)

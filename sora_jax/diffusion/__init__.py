@@ -13,13 +13,16 @@ from sora_jax.diffusion.ddpm import (
     v_target,
 )
 from sora_jax.diffusion.flow import (
+    FlowPrediction,
     TimestepSampling,
     interpolate,
     resolution_shift,
     sample_time,
     sampling_times,
     shift_time,
+    velocity_from_x0,
     velocity_target,
+    x0_loss,
 )
 from sora_jax.diffusion.guidance import cfg_apply
 from sora_jax.diffusion.process import (
@@ -48,6 +51,7 @@ __all__ = [
     "Process",
     "Sampler",
     "ScheduleKind",
+    "FlowPrediction",
     "TimestepSampling",
     "cfg_apply",
     "cosine_betas",
@@ -68,5 +72,7 @@ __all__ = [
     "shift_time",
     "space_timesteps",
     "v_target",
+    "velocity_from_x0",
     "velocity_target",
+    "x0_loss",
 ]

@@ -1,7 +1,12 @@
 """Rectified flow (as in SD3, Open-Sora 2, Wan): straight paths from data at t=0 to noise at t=1.
 
-``x_t = (1 - t) x0 + t noise``; the network predicts the velocity ``dx_t/dt = noise - x0``. The network is
-given ``model_time = 1000 t`` (``model_time``) so timestep embeddings see the same range as in DDPM.
+``x_t = (1 - t) x0 + t noise``; the network predicts the velocity ``dx_t/dt = noise - x0`` (``"v"``) or the
+clean sample ``x0`` (``"x0"``, as in JiT, Li & He 2025 "Back to Basics: Let Denoising Generative Models
+Denoise"). x0-prediction keeps the network's output on the data manifold, so a token can carry more values
+than the model is wide (large pixel patches); it is trained with the v-loss
+``|v(x0_hat) - v|^2 = |x0_hat - x0|^2 / t^2`` with t clipped at ``X0_MIN_T`` in the denominator, and sampled by
+converting to ``v = (x_t - x0_hat) / t``. The network is given ``model_time = 1000 t`` (``model_time``) so
+timestep embeddings see the same range as in DDPM.
 Training times are uniform or logit-normal (SD3: ``t = sigmoid(m + s n)``, n ~ N(0, 1)), optionally pushed
 toward the noise end by the shift ``t' = shift t / (1 + (shift - 1) t)`` (SD3 eq. 23; larger shift for
 more tokens, see ``resolution_shift``). Sampling integrates the ODE from t=1 to t=0.
@@ -16,6 +21,16 @@ import jax
 import jax.numpy as jnp
 
 TIME_SCALE = 1000.0
+
+
+X0_MIN_T = 0.05  # JiT's clip of t in the v-loss denominator for x0-prediction
+
+
+class FlowPrediction(enum.StrEnum):
+    """What a flow network outputs: the velocity ``v`` (noise - x0) or the clean sample ``x0``."""
+
+    V = "v"
+    X0 = "x0"
 
 
 class TimestepSampling(enum.StrEnum):
@@ -44,6 +59,18 @@ def interpolate(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
 def velocity_target(x0: jax.Array, noise: jax.Array) -> jax.Array:
     """The regression target [B, ...]: noise - x0."""
     return noise - x0
+
+
+def velocity_from_x0(x_t: jax.Array, x0_hat: jax.Array, t: jax.Array, min_t: float = 0.0) -> jax.Array:
+    """v [B, ...] = (x_t - x0_hat) / max(t, min_t) for t [B]: the velocity an x0-prediction implies."""
+    tb = jnp.maximum(_bcast(t, x_t), max(float(min_t), 1e-6))
+    return (x_t.astype(jnp.float32) - x0_hat.astype(jnp.float32)) / tb
+
+
+def x0_loss(x0_hat: jax.Array, x0: jax.Array, t: jax.Array) -> jax.Array:
+    """The v-loss of an x0-prediction, elementwise [B, ...]: ((x0_hat - x0) / max(t, X0_MIN_T))^2."""
+    tb = jnp.maximum(_bcast(t, x0), X0_MIN_T)
+    return jnp.square((x0_hat.astype(jnp.float32) - x0.astype(jnp.float32)) / tb)
 
 
 def shift_time(t: jax.Array, shift: float | jax.Array) -> jax.Array:

@@ -9,7 +9,8 @@ Model convention: ``apply_fn(x_t [B, ...], model_time [B] float32) -> out [B, ..
 
 - DDPM: the integer timestep as a float in [0, num_timesteps - 1] (respaced samplers pass the original
   timestep, as guided-diffusion's SpacedDiffusion does); ``out`` is eps or v per ``prediction``.
-- rectified flow: ``1000 t`` with t in [0, 1] (t=1 is pure noise); ``out`` is the velocity noise - x0.
+- rectified flow: ``1000 t`` with t in [0, 1] (t=1 is pure noise); ``out`` is the velocity noise - x0
+  (``flow_prediction="v"``) or x0 itself (``"x0"``; the samplers convert it to a velocity).
 
 Sampling loops are ``lax.fori_loop``/``lax.scan`` over steps, so ``sample`` can be traced by ``jax.jit``
 (``sampler`` and ``num_steps`` are static Python values).
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 
 from sora_jax.diffusion import ddpm, flow
 from sora_jax.diffusion.ddpm import Prediction
-from sora_jax.diffusion.flow import TimestepSampling
+from sora_jax.diffusion.flow import FlowPrediction, TimestepSampling
 from sora_jax.diffusion.schedules import DDPMSchedule, ScheduleKind, make_schedule, respace, space_timesteps
 
 ApplyFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -86,6 +87,7 @@ class Process:
     schedule: DDPMSchedule | None = None  # DDPM only, float64 tables
     flow_timestep_sampling: TimestepSampling = TimestepSampling.LOGIT_NORMAL
     flow_shift: float = 1.0
+    flow_prediction: FlowPrediction = FlowPrediction.V
 
     @property
     def num_timesteps(self) -> int:
@@ -98,6 +100,16 @@ class Process:
     def model_time(self, t: jax.Array) -> jax.Array:
         """Network time [B] float32: DDPM integer timestep t [B] as float; flow t [B] in [0,1] times 1000."""
         return flow.model_time(t) if self.is_flow else jnp.asarray(t, jnp.float32)
+
+    def velocity_fn(self, apply_fn: ApplyFn) -> ApplyFn:
+        """Flow only: ``apply_fn`` as a velocity model (x0-predictions converted by v = (x_t - x0) / t)."""
+        if self.flow_prediction is FlowPrediction.V:
+            return apply_fn
+
+        def velocity(x: jax.Array, mt: jax.Array) -> jax.Array:
+            return flow.velocity_from_x0(x, apply_fn(x, mt), mt / flow.TIME_SCALE).astype(x.dtype)
+
+        return velocity
 
     def check_sampler(self, sampler: str) -> Sampler:
         """The parsed sampler, or ValueError naming it and the samplers of this objective."""
@@ -117,7 +129,8 @@ class Process:
     ) -> jax.Array:
         """Per-example MSE [B] between apply_fn(x_t, model_time) and the target, for x0 [B, ...].
 
-        DDPM: t ~ U{0..N-1}, target eps or v. Flow: t from the configured sampling, target noise - x0.
+        DDPM: t ~ U{0..N-1}, target eps or v. Flow: t from the configured sampling, target noise - x0, or
+        for x0-prediction the v-loss ``((out - x0) / max(t, 0.05))^2``.
         ``loss_mask`` ([B, T] or broadcastable to x0) restricts the average to where it is 1.
         """
         batch = x0.shape[0]
@@ -126,6 +139,8 @@ class Process:
         if self.is_flow:
             t = flow.sample_time(key_t, batch, self.flow_timestep_sampling, self.flow_shift)
             x_t = flow.interpolate(x0, noise, t).astype(x0.dtype)
+            if self.flow_prediction is FlowPrediction.X0:
+                return _masked_mean(flow.x0_loss(apply_fn(x_t, self.model_time(t)), x0, t), loss_mask)
             target = flow.velocity_target(x0, noise)
         else:
             t = jax.random.randint(key_t, (batch,), 0, self.num_timesteps)
@@ -161,6 +176,7 @@ class Process:
         s = self.check_sampler(sampler)
         if self.is_flow:
             shift = self.flow_shift if shift is None else shift
+            apply_fn = self.velocity_fn(apply_fn)
             if s is Sampler.EULER:
                 return flow.euler_sample(apply_fn, noise, num_steps, shift)
             return flow.heun_sample(apply_fn, noise, num_steps, shift)
@@ -203,20 +219,25 @@ def make_process(
     num_timesteps: int = 1000,
     flow_timestep_sampling: str = "logit_normal",
     flow_shift: float = 1.0,
+    flow_prediction: str = "v",
 ) -> Process:
     """Validates the names once and builds the Process; ValueError names a bad value and the allowed ones.
 
     objective: "ddpm" | "rectified_flow". DDPM only: prediction "eps" | "v", schedule "linear" | "cosine",
-    num_timesteps. Flow only: flow_timestep_sampling "uniform" | "logit_normal", flow_shift > 0.
+    num_timesteps. Flow only: flow_timestep_sampling "uniform" | "logit_normal", flow_shift > 0,
+    flow_prediction "v" | "x0".
     """
     obj = _parse(Objective, objective, "objective")
     pred = _parse(Prediction, prediction, "prediction")
     kind = _parse(ScheduleKind, schedule, "schedule")
     sampling = _parse(TimestepSampling, flow_timestep_sampling, "flow_timestep_sampling")
+    flow_pred = _parse(FlowPrediction, flow_prediction, "flow_prediction")
     if not flow_shift > 0:
         raise ValueError(f"flow_shift must be > 0, got {flow_shift!r}")
     if obj is Objective.RECTIFIED_FLOW:
-        return Process(obj, flow_timestep_sampling=sampling, flow_shift=float(flow_shift))
+        return Process(
+            obj, flow_timestep_sampling=sampling, flow_shift=float(flow_shift), flow_prediction=flow_pred
+        )
     if int(num_timesteps) < 2:
         raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps!r}")
     return Process(obj, prediction=pred, schedule=make_schedule(kind, int(num_timesteps)))
@@ -232,4 +253,5 @@ def process_from_config(diffusion_config) -> Process:
         num_timesteps=c.get("num_timesteps", 1000),
         flow_timestep_sampling=c.get("flow_timestep_sampling", "logit_normal"),
         flow_shift=c.get("flow_shift", 1.0),
+        flow_prediction=c.get("flow_prediction", "v"),
     )
