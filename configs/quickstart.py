@@ -30,6 +30,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.height = 32
     c.data.width = 32
     c.data.fps = 8
+    c.data.speed = ()  # (min, max) px/frame of the digits; () = the generator's default
     c.data.num_train = 6000  # clips, used when the data has to be built
     c.data.num_test = 512
     c.data.batch_size = 16  # global

@@ -246,20 +246,30 @@ def _reflect(p: np.ndarray, limit: np.ndarray) -> np.ndarray:
 
 
 def _trajectories(
-    rng: np.random.Generator, directions: np.ndarray, num_frames: int, limits: np.ndarray, size: int
+    rng: np.random.Generator,
+    directions: np.ndarray,
+    num_frames: int,
+    limits: np.ndarray,
+    size: int,
+    speed: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Top-left corners int [n, 2, T, 2] (y, x) for objects moving in ``directions`` [n, 2].
 
-    Speed is uniform in [L/T, 2L/T] px/frame (L = free travel, at least 1.5 px/frame); starts leave two
+    Speed is uniform in ``speed`` = (min, max) px/frame, by default [L/T, 2L/T] (L = free travel, at least
+    1.5 px/frame); starts leave two
     frames of travel before the first bounce, and the two objects of a clip start >= size/2 apart.
     """
     n = directions.shape[0]
     travel = float(limits.min())
-    lo = max(1.5, travel / num_frames)  # diagonal components >= 1 px/frame
+    if speed is None:
+        lo = max(1.5, travel / num_frames)  # diagonal components >= 1 px/frame
+        hi = max(lo, 2 * travel / num_frames)
+    else:
+        lo, hi = float(speed[0]), float(speed[1])
     vec = DIRECTION_VECTORS[np.maximum(directions, 0)]  # [n, 2, 2]
 
     def sample(count: int, vec_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        v = rng.uniform(lo, max(lo, 2 * travel / num_frames), (count, 1)) * vec_  # [count, 2]
+        v = rng.uniform(lo, hi, (count, 1)) * vec_  # [count, 2]
         free = np.minimum(limits, 2 * np.abs(v))
         start_lo = np.where(v < 0, free, 0.0)
         start_hi = np.where(v > 0, limits - free, limits)
@@ -308,13 +318,17 @@ def generate(
     width: int = 32,
     digit_size: int | None = None,
     interpolation: str = "nearest",
+    speed: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """Generates clips in memory, deterministic in (split, seed, sizes).
 
     Returns video uint8 [N, T, H, W, 3] (white digits on black), digits int32 [N, 2] and directions
     int32 [N, 2] (-1 padded for one-object clips; direction = initial direction id into DIRECTIONS),
-    captions list[str] of length N. ``digit_size`` defaults to min(height, width) // 2.
+    captions list[str] of length N. ``digit_size`` defaults to min(height, width) // 2. ``speed`` (min, max)
+    px/frame; default: from the free travel L = min(H, W) - digit_size, uniform in [L/T, 2L/T].
     """
+    if speed is not None and not (len(speed) == 2 and 0 < float(speed[0]) <= float(speed[1])):
+        raise ValueError(f"moving_digits.generate: speed must be (min, max) with 0 < min <= max, got {speed}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     size = min(height, width) // 2 if digit_size is None else int(digit_size)
@@ -333,7 +347,7 @@ def generate(
     pick = offsets[safe_digits] + np.floor(rng.random(digits.shape) * counts[safe_digits]).astype(np.int64)
     glyphs = glyph_bank[pick] * (digits >= 0)[..., None, None].astype(np.uint8)  # [N, 2, S, S]
     limits = np.array([height - size, width - size], np.float64)
-    corners = _trajectories(rng, directions, num_frames, limits, size)
+    corners = _trajectories(rng, directions, num_frames, limits, size, speed)
 
     video = np.empty((num_clips, num_frames, height, width, 3), np.uint8)
     chunk = max(1, (1 << 22) // (MAX_OBJECTS * num_frames * height * width))
@@ -382,6 +396,7 @@ def build(
     num_shards: int = 4,
     digit_size: int | None = None,
     interpolation: str = "nearest",
+    speed: tuple[float, float] | None = None,
     progress: bool = True,
 ) -> pathlib.Path:
     """Writes train/test ArrayRecord shards + metadata.json into ``out_dir`` atomically; returns out_dir.
@@ -410,6 +425,7 @@ def build(
         num_shards=int(num_shards),
         digit_size=None if digit_size is None else int(digit_size),
         interpolation=interpolation,
+        speed=None if speed is None else [float(v) for v in speed],
     )
     if _is_complete(out_dir, params):
         return out_dir
@@ -447,6 +463,7 @@ def build(
                 width=width,
                 digit_size=digit_size,
                 interpolation=interpolation,
+                speed=speed,
             )
             shards = min(num_shards, sizes[split])
             names = shard_names(split, shards)
@@ -495,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--num_shards", type=int, default=4)
     p.add_argument("--digit_size", type=int, default=None, help="default: min(height, width) // 2")
     p.add_argument("--interpolation", choices=INTERPOLATIONS, default="nearest")
+    p.add_argument("--speed", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="px/frame")
     a = p.parse_args(argv)
     out = build(
         a.out,
@@ -508,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         num_shards=a.num_shards,
         digit_size=a.digit_size,
         interpolation=a.interpolation,
+        speed=a.speed,
     )
     print(out)
 

@@ -101,6 +101,23 @@ def test_single_digit_centroid_moves_in_labelled_direction():
                 assert (np.sign(steps) == np.sign(v)).all() and (np.abs(steps) >= 1 - 1e-9).all(), (i, c, v)
 
 
+def test_speed_sets_pixels_per_frame():
+    # axis-aligned motion at speed v moves rint(p0 + v t): over the two frames before any bounce the
+    # corner advances round(v * 2) +- 1 px, and the default speed range is faster than (1, 1.25)
+    directions = np.array([[1, -1]] * 300)  # "right", one object
+    limits = np.array([16.0, 16.0])
+    rng = np.random.default_rng(0)
+    slow = md._trajectories(rng, directions, 8, limits, 16, speed=(1.0, 1.25))[:, 0, :, 1]  # x [n, T]
+    fast = md._trajectories(rng, directions, 8, limits, 16)[:, 0, :, 1]
+    adv_slow, adv_fast = slow[:, 2] - slow[:, 0], fast[:, 2] - fast[:, 0]
+    assert ((adv_slow >= 1) & (adv_slow <= 3)).all()
+    assert ((adv_fast >= 3) & (adv_fast <= 9)).all()
+    d = md.generate("train", 8, seed=0, speed=(1.0, 2.0))
+    assert d["video"].shape == (8, 8, 32, 32, 3)
+    with pytest.raises(ValueError, match="speed"):
+        md.generate("train", 8, seed=0, speed=(2.0, 1.0))
+
+
 def test_render_pastes_glyphs_with_max_composite():
     g = np.zeros((1, 2, 2, 2), np.uint8)
     g[0, 0] = [[10, 20], [30, 40]]

@@ -46,6 +46,7 @@ def data_path(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Path:
             width=d.width,
             fps=d.fps,
             seed=cfg.seed,
+            speed=tuple(d.speed) if d.get("speed") else None,
         )
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
