@@ -30,7 +30,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.height = 32
     c.data.width = 32
     c.data.fps = 8
-    c.data.speed = ()  # (min, max) px/frame of the digits; () = the generator's default
+    c.data.speed = (1.0, 2.0)  # (min, max) px/frame of the digits; () = the generator's default (2-4)
     c.data.num_train = 6000  # clips, used when the data has to be built
     c.data.num_test = 512
     c.data.batch_size = 16  # global
@@ -45,7 +45,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.width = 0  # 0: the variant's; set to resize it (also depth, num_heads)
     c.model.depth = 0
     c.model.num_heads = 0
-    c.model.patch_size = (1, 8, 8)  # 128 tokens of 64 values (luma)
+    c.model.patch_size = (2, 8, 8)  # 64 tokens of 128 values (luma); x0-prediction makes this work
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
     c.model.remat = False
 
@@ -63,12 +63,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.diffusion.prediction = "v"  # ddpm only: eps | v
     c.diffusion.schedule = "cosine"  # ddpm only: linear | cosine
     c.diffusion.num_timesteps = 1000
-    c.diffusion.flow_timestep_sampling = "uniform"  # rectified_flow only: uniform | logit_normal
-    c.diffusion.flow_shift = 1.0
-    c.diffusion.flow_prediction = "v"  # rectified_flow only: v | x0
+    c.diffusion.flow_timestep_sampling = "logit_normal"  # rectified_flow only: uniform | logit_normal
+    # Where a clip is decided: a 16x16 digit over 8 frames stays visible in noise until t ~ 0.95, so spend
+    # training and sampling steps near the noise end (video models use shifts of 5-17).
+    c.diffusion.flow_shift = 6.0
+    c.diffusion.flow_prediction = "x0"  # rectified_flow only: v | x0 (JiT; large pixel patches)
     c.diffusion.sampler = "euler"  # ddpm | ddim | euler
     c.diffusion.sample_steps = 32
-    c.diffusion.cfg_scale = 3.0
+    c.diffusion.cfg_scale = 6.0  # demo checkpoint, test digit accuracy: 0.115 at 6, 0.083 at 3
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3
@@ -80,9 +82,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optim.ema_decay = 0.995
 
     c.train = ml_collections.ConfigDict()
-    c.train.num_steps = 2000
-    c.train.log_every = 50
-    c.train.ckpt_every = 500
+    c.train.num_steps = 4000
+    c.train.log_every = 100
+    c.train.ckpt_every = 1000
     c.train.keep_checkpoints = 2
 
     c.mesh = ml_collections.ConfigDict()

@@ -22,7 +22,7 @@ from sora_jax.train.loop import train_and_evaluate
 
 log = logging.getLogger("sora_jax.demo")
 
-EVAL_PROMPTS = 48
+EVAL_PROMPTS = 96
 
 
 def run_demo(workdir: str | Path, *, config_arg: str = "", num_eval_prompts: int = EVAL_PROMPTS) -> dict:

@@ -44,36 +44,51 @@ def _labels(digits: np.ndarray, directions: np.ndarray, k: int) -> tuple[np.ndar
     return presence, direction
 
 
-def make_chunk(num_clips: int, seed: int, cfg: ReaderConfig) -> tuple[np.ndarray, ...]:
-    """Fresh clips, half from each split, shuffled together (a batch from one split teaches its direction
-    prior, e.g. test clips always show a held-out pair, and the next batches unteach it):
+def make_chunk(
+    num_clips: int, seed: int, cfg: ReaderConfig, speeds: tuple[tuple[float, float] | None, ...] = (None,)
+) -> tuple[np.ndarray, ...]:
+    """Fresh clips, an equal share from each split and each speed range (None: the generator's default),
+    shuffled together (a batch from one split teaches its direction prior, e.g. test clips always show a
+    held-out pair, and the next batches unteach it):
     grey uint8 [N, T, H, W], presence float32 [N, 10], direction int32 [N, 10]."""
     from data_pipelines.moving_digits import generate
 
     parts = []
+    share = num_clips // (2 * len(speeds))
     for split in ("train", "test"):
-        data = generate(
-            split, num_clips // 2, seed=seed, num_frames=cfg.num_frames, height=cfg.height, width=cfg.width
-        )
-        grey = np.round(data["video"].astype(np.float32).mean(-1)).astype(np.uint8)
-        parts.append((grey, *_labels(data["digits"], data["directions"], cfg.num_digits)))
-    order = np.random.default_rng(seed).permutation(2 * (num_clips // 2))
+        for k, speed in enumerate(speeds):
+            data = generate(
+                split,
+                share,
+                seed=seed + 100_000 * k,
+                num_frames=cfg.num_frames,
+                height=cfg.height,
+                width=cfg.width,
+                speed=speed,
+            )
+            grey = np.round(data["video"].astype(np.float32).mean(-1)).astype(np.uint8)
+            parts.append((grey, *_labels(data["digits"], data["directions"], cfg.num_digits)))
+    order = np.random.default_rng(seed).permutation(2 * len(speeds) * share)
     return tuple(np.concatenate(arrays)[order] for arrays in zip(*parts))
 
 
 def stream_batches(
-    cfg: ReaderConfig, batch: int, seed: int, chunk: int = 2048
+    cfg: ReaderConfig,
+    batch: int,
+    seed: int,
+    chunk: int = 2048,
+    speeds: tuple[tuple[float, float] | None, ...] = (None,),
 ) -> Iterator[tuple[np.ndarray, ...]]:
     """Endless batches of never-repeated clips (chunk c uses seed ``seed + c``), generated one chunk ahead
     in a background thread."""
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    pending = pool.submit(make_chunk, chunk, seed, cfg)
+    pending = pool.submit(make_chunk, chunk, seed, cfg, speeds)
     c = 0
     try:
         while True:
             x, p, d = pending.result()
             c += 1
-            pending = pool.submit(make_chunk, chunk, seed + c, cfg)
+            pending = pool.submit(make_chunk, chunk, seed + c, cfg, speeds)
             for i in range(0, len(x) - batch + 1, batch):
                 yield x[i : i + batch], p[i : i + batch], d[i : i + batch]
     finally:
@@ -102,13 +117,21 @@ def augment(key: jax.Array, x: jax.Array, strength: float = 1.0) -> jax.Array:
     return jnp.clip(x * gain + sigma * jax.random.normal(k3, x.shape), 0.0, 1.0)
 
 
-def evaluate(model: DigitReader, split: str, num_clips: int, seed: int) -> dict:
+def evaluate(
+    model: DigitReader, split: str, num_clips: int, seed: int, speed: tuple[float, float] | None = None
+) -> dict:
     """Exact-reading accuracy and adherence metrics on fresh clips of ``split`` (seed never trained on)."""
     from data_pipelines.moving_digits import generate
 
     cfg = model.cfg
     data = generate(
-        split, num_clips, seed=seed, num_frames=cfg.num_frames, height=cfg.height, width=cfg.width
+        split,
+        num_clips,
+        seed=seed,
+        num_frames=cfg.num_frames,
+        height=cfg.height,
+        width=cfg.width,
+        speed=speed,
     )
     readings = decode(*predict(model, data["video"]), cfg.directions)
     intended = [
@@ -118,10 +141,28 @@ def evaluate(model: DigitReader, split: str, num_clips: int, seed: int) -> dict:
     return score(readings, intended)
 
 
+def _speeds(specs: list[str]) -> tuple[tuple[float, float] | None, ...]:
+    """``["default", "1:2"]`` -> ``(None, (1.0, 2.0))``."""
+    out = []
+    for s in specs:
+        if s == "default":
+            out.append(None)
+            continue
+        lo, sep, hi = s.partition(":")
+        try:
+            out.append((float(lo), float(hi)))
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise SystemExit(f"train_reader: --speeds wants 'default' or MIN:MAX, got {s!r}")
+    return tuple(out)
+
+
 def train(args: argparse.Namespace) -> tuple[DigitReader, dict]:
     cfg = ReaderConfig(num_frames=args.frames, height=args.size, width=args.size)
     t0 = time.time()
-    batches = stream_batches(cfg, args.batch, args.seed)
+    speeds = _speeds(args.speeds)
+    batches = stream_batches(cfg, args.batch, args.seed, speeds=speeds)
 
     if args.init:  # continue training saved weights (its config wins)
         model = load_reader(args.init)
@@ -163,11 +204,13 @@ def train(args: argparse.Namespace) -> tuple[DigitReader, dict]:
     }
     if args.init:
         metrics["init"] = f"{args.init} (seed {args.seed})"
-    for split in ("test", "train"):
-        m = evaluate(model, split, args.eval_clips, seed=0)
-        metrics[f"{split}_exact"] = m["both_accuracy"]
-        metrics[f"{split}_digit"] = m["digit_accuracy"]
-        metrics[f"{split}_direction"] = m["direction_accuracy"]
+    for speed in speeds:
+        tag = "" if speed is None else f"_speed_{speed[0]:g}_{speed[1]:g}"
+        for split in ("test", "train"):
+            m = evaluate(model, split, args.eval_clips, seed=0, speed=speed)
+            metrics[f"{split}_exact{tag}"] = m["both_accuracy"]
+            metrics[f"{split}_digit{tag}"] = m["digit_accuracy"]
+            metrics[f"{split}_direction{tag}"] = m["direction_accuracy"]
     metrics["eval"] = (
         f"generate(split, {args.eval_clips}, seed=0); trained on {args.steps * args.batch} fresh clips "
         f"of both splits, seeds >= {args.seed}"
@@ -189,6 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--augment", type=float, default=1.0, help="augmentation strength (0: off)")
     parser.add_argument("--init", default=None, help="continue from these weights (their frames/size win)")
+    parser.add_argument(
+        "--speeds",
+        nargs="+",
+        default=["default"],
+        help="speed ranges to train on, equal shares: 'default' (the generator's) or MIN:MAX px/frame",
+    )
     args = parser.parse_args(argv)
     if args.seed < 200:
         parser.error("--seed must be >= 200: seeds below are the evaluation and test clips")
