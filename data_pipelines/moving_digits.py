@@ -256,8 +256,8 @@ def _trajectories(
     """Top-left corners int [n, 2, T, 2] (y, x) for objects moving in ``directions`` [n, 2].
 
     Speed is uniform in ``speed`` = (min, max) px/frame, by default [L/T, 2L/T] (L = free travel, at least
-    1.5 px/frame); starts leave two
-    frames of travel before the first bounce, and the two objects of a clip start >= size/2 apart.
+    1.5 px/frame); starts leave two frames of travel before the first bounce, and the two objects of a clip
+    start >= size/2 apart.
     """
     n = directions.shape[0]
     travel = float(limits.min())

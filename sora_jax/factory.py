@@ -47,7 +47,7 @@ def text_config(cfg: ml_collections.ConfigDict) -> TextEncoderConfig:
 def model_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
     ae = make_autoencoder(cfg)
     # width / depth / num_heads: 0 (or absent) keeps the variant's value
-    sizes = {k: int(cfg.model.get(k, 0)) for k in ("width", "depth", "num_heads") if cfg.model.get(k, 0)}
+    sizes = {k: int(v) for k in ("width", "depth", "num_heads") if (v := cfg.model.get(k, 0))}
     return dit_config(
         cfg.model.variant,
         **sizes,

@@ -21,8 +21,6 @@ import jax
 import jax.numpy as jnp
 
 TIME_SCALE = 1000.0
-
-
 X0_MIN_T = 0.05  # JiT's clip of t in the v-loss denominator for x0-prediction
 
 
@@ -61,9 +59,10 @@ def velocity_target(x0: jax.Array, noise: jax.Array) -> jax.Array:
     return noise - x0
 
 
-def velocity_from_x0(x_t: jax.Array, x0_hat: jax.Array, t: jax.Array, min_t: float = 0.0) -> jax.Array:
-    """v [B, ...] = (x_t - x0_hat) / max(t, min_t) for t [B]: the velocity an x0-prediction implies."""
-    tb = jnp.maximum(_bcast(t, x_t), max(float(min_t), 1e-6))
+def velocity_from_x0(x_t: jax.Array, x0_hat: jax.Array, t: jax.Array) -> jax.Array:
+    """v [B, ...] = (x_t - x0_hat) / t for t [B] > 0: the velocity an x0-prediction implies (samplers never
+    evaluate at t = 0; t is floored at 1e-6 only to keep a stray call finite)."""
+    tb = jnp.maximum(_bcast(t, x_t), 1e-6)
     return (x_t.astype(jnp.float32) - x0_hat.astype(jnp.float32)) / tb
 
 

@@ -148,13 +148,11 @@ def _speeds(specs: list[str]) -> tuple[tuple[float, float] | None, ...]:
         if s == "default":
             out.append(None)
             continue
-        lo, sep, hi = s.partition(":")
         try:
-            out.append((float(lo), float(hi)))
+            lo, hi = (float(v) for v in s.split(":"))
         except ValueError:
-            sep = ""
-        if not sep:
-            raise SystemExit(f"train_reader: --speeds wants 'default' or MIN:MAX, got {s!r}")
+            raise SystemExit(f"train_reader: --speeds wants 'default' or MIN:MAX, got {s!r}") from None
+        out.append((lo, hi))
     return tuple(out)
 
 
