@@ -47,7 +47,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.num_heads = 0
     c.model.patch_size = (2, 8, 8)  # 64 tokens of 128 values (luma); x0-prediction makes this work
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
-    c.model.remat = False
+    c.model.remat = "none"  # none | full | dots | dots_no_batch | attn_out (what the backward pass keeps)
+    c.model.seq_parallel = "none"
+    c.model.attention_impl = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs, bf16) | reference  # self-attention over the mesh's seq axis: none | ulysses | ring
 
     c.text = ml_collections.ConfigDict()
     c.text.encoder = "trainable"
@@ -92,6 +94,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     c.mesh.seq = 1
+    # multi-slice: the factor of each axis that spans slices (data-center network); the rest is in-slice
+    c.mesh.dcn = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, "seq": 1})
 
     c.sample = ml_collections.ConfigDict()
     c.sample.prompts = DEMO_PROMPTS

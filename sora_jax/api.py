@@ -70,7 +70,7 @@ def load_pipeline(
     ``sample_overrides``: ``sample_steps``, ``cfg_scale``, ``sampler`` replace the config's diffusion values.
     """
     step, cfg = checkpoint.restore_config(workdir, step)
-    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg = ml_collections.ConfigDict(config_lib.upgrade(cfg.to_dict()))
     for key, value in sample_overrides.items():
         if value is not None:
             cfg.diffusion[key] = value

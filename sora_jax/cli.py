@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile_only", action="store_true", help="lower and compile the step, print memory, exit"
     )
+    p.add_argument(
+        "--cpu_devices",
+        type=int,
+        default=None,
+        help="run on N fake CPU devices (with --compile_only: per-device memory of a pod mesh, on a laptop)",
+    )
     _add_multiprocess_flags(p)
 
     p = sub.add_parser("sample", help="generate videos from the latest checkpoint in a workdir")
@@ -76,6 +82,11 @@ def run(argv: list[str]) -> int:
     from sora_jax.config import load_config
 
     if args.command == "train":
+        if args.cpu_devices:
+            import jax
+
+            jax.config.update("jax_platforms", "cpu")
+            jax.config.update("jax_num_cpu_devices", args.cpu_devices)
         from sora_jax.parallel.mesh import initialize_distributed
 
         initialize_distributed(args.num_processes, args.process_id, args.coordinator_address)

@@ -35,6 +35,26 @@ class TextEncoderKind(enum.StrEnum):
     TRAINABLE = "trainable"
 
 
+class Remat(enum.StrEnum):  # sora_jax.models.dit.REMAT_POLICIES
+    NONE = "none"
+    FULL = "full"
+    DOTS = "dots"
+    DOTS_NO_BATCH = "dots_no_batch"
+    ATTN_OUT = "attn_out"
+
+
+class SeqParallel(enum.StrEnum):  # sora_jax.parallel.sequence.SEQ_PARALLEL
+    NONE = "none"
+    ULYSSES = "ulysses"
+    RING = "ring"
+
+
+class AttentionImpl(enum.StrEnum):  # sora_jax.models.layers.ATTENTION_IMPLEMENTATIONS
+    XLA = "xla"
+    CUDNN = "cudnn"
+    REFERENCE = "reference"
+
+
 class DType(enum.StrEnum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
@@ -48,6 +68,9 @@ _ENUM_KEYS: dict[str, type[enum.StrEnum]] = {
     "autoencoder.kind": AutoencoderKind,
     "text.encoder": TextEncoderKind,
     "model.dtype": DType,
+    "model.remat": Remat,
+    "model.seq_parallel": SeqParallel,
+    "model.attention_impl": AttentionImpl,
     "diffusion.flow_timestep_sampling": TimestepSampling,
     "diffusion.flow_prediction": FlowPrediction,
 }
@@ -120,6 +143,14 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
             raise ConfigError(f"config key {key}: cannot set {text!r}: {e}") from None
 
 
+def upgrade(config: dict) -> dict:
+    """A config dict saved by an older version, in today's spelling (``model.remat`` was a bool)."""
+    model = config.get("model", {})
+    if isinstance(model.get("remat"), bool):
+        model["remat"] = "full" if model["remat"] else "none"
+    return config
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Checks enums, sizes and cross-field constraints once, at start."""
     for key, kind in _ENUM_KEYS.items():
@@ -155,3 +186,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         v = cfg.mesh[axis]
         if v == 0 or v < -1:
             raise ConfigError(f"config.mesh.{axis} must be a positive size or -1 (fill), got {v}")
+        dcn = cfg.mesh.get("dcn", {}).get(axis, 1)
+        if dcn < 1 or (v > 0 and v % dcn):
+            raise ConfigError(
+                f"config.mesh.dcn.{axis} = {dcn} must be a positive divisor of mesh.{axis} = {v}"
+            )

@@ -55,8 +55,17 @@ def model_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
         patch_size=tuple(cfg.model.patch_size),
         text_dim=cfg.text.width,
         dtype=_DTYPES[cfg.model.dtype],
-        remat=bool(cfg.model.remat),
+        remat=_remat(cfg.model.remat),
+        seq_parallel=cfg.model.get("seq_parallel", "none"),
+        attention_impl=cfg.model.get("attention_impl", "xla"),
     )
+
+
+def _remat(value) -> str:
+    """``model.remat``: a policy name (``dit.REMAT_POLICIES``); True/False mean "full"/"none"."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    return str(value)
 
 
 def make_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> TextToVideo:

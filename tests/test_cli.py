@@ -1,5 +1,6 @@
 """The command line: bad input gets one clear line on stderr and a non-zero exit, never a traceback."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,26 @@ def test_unknown_flag_and_help_via_console():
     )
     assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_compile_only_on_fake_cpu_devices_reports_memory_and_writes_nothing(tmp_path):
+    """`--compile_only --cpu_devices N`: compile the step for an N-device mesh, print per-device memory."""
+    workdir = tmp_path / "w"
+    env = {**os.environ, "XLA_FLAGS": ""}  # not the tests' 8 devices: the flag must make the 4
+    cmd = [sys.executable, "-m", "sora_jax.cli", "train", "--config", "configs/quickstart.py:smoke"]
+    cmd += ["--workdir", str(workdir), "--compile_only", "--cpu_devices", "4", "--config.mesh.data=1"]
+    cmd += ["--config.mesh.fsdp=2", "--config.mesh.seq=2", "--config.model.seq_parallel=ring"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "'fsdp': 2" in out.stderr and "over 4 devices" in out.stderr
+    fields = dict(kv.split("=") for kv in out.stdout.split())
+    assert fields["compiled"] == "True" and float(fields["peak_gib"]) > 0
+    assert not (workdir / "checkpoints").exists()
+    bad = subprocess.run(
+        cmd[:-1] + ["--config.model.seq_parallel=allgather"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert bad.returncode == 2 and "config.model.seq_parallel = 'allgather' is not one of" in bad.stderr

@@ -2,9 +2,9 @@
 
 A dataset folder holds ``metadata.json`` (listing each split's shard files) and ArrayRecord shards of
 records in the ``sora_jax.data.records`` format. ``make_dataset`` reads one split as a grain ``IterDataset``
-of *per-process* batches (each process reads its own ``[process_index::process_count]`` slice of the
-shuffled, repeated record stream); ``to_global`` assembles those into global arrays sharded over the batch
-mesh axes. ``iter(ds)`` is a grain ``DatasetIterator``: checkpoint it with
+of *per-process* batches: the shuffled, repeated record stream is cut into global batches and process p
+reads the p-th contiguous block of each, so ``to_global`` assembles exactly the batch a single process would
+have read (same examples, same order), whatever the number of processes. ``iter(ds)`` is a grain ``DatasetIterator``: checkpoint it with
 ``grain.checkpoint.CheckpointSave``.
 """
 
@@ -59,8 +59,9 @@ def open_source(path: str | pathlib.Path, split: str) -> grain.sources.ArrayReco
     return grain.sources.ArrayRecordDataSource([str(p) for p in shards])
 
 
-def _decode(record: bytes) -> dict[str, Any]:
-    return decode_clip(record)
+def _decode_batch(records: list[bytes]) -> dict[str, Any]:
+    clips = [decode_clip(r) for r in records]
+    return {k: np.stack([c[k] for c in clips]) for k in clips[0]}
 
 
 class _Tokenize:
@@ -117,8 +118,9 @@ def make_dataset(
         ds = ds.shuffle()
     if repeat:
         ds = ds.repeat()
-    ds = ds[process_index::process_count]
-    ds = ds.map(_decode).batch(per_process, drop_remainder=drop_remainder).map(_Tokenize(tokenize))
+    # global batch k = records [kB, (k+1)B); this process's part: [kB + p b, kB + (p+1) b)
+    ds = ds.batch(per_process, drop_remainder=drop_remainder, batch_fn=list)[process_index::process_count]
+    ds = ds.map(_decode_batch).map(_Tokenize(tokenize))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
     if num_workers > 0:
         from absl import flags

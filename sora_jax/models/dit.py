@@ -45,9 +45,22 @@ from sora_jax.models.layers import (
     timestep_embedding,
     unpatchify,
 )
+from sora_jax.parallel.sequence import SEQ_PARALLEL
 from sora_jax.parallel.sharding import constrain
 
 FREQ_DIM = 256  # TimestepEmbedder's sinusoidal width, as in DiT
+
+# Rematerialisation: what each scanned block keeps for the backward pass (MaxText's names). "none" keeps
+# everything (fastest, most memory); "full" keeps only the block input and recomputes the rest; "dots" keeps
+# matmul outputs; "dots_no_batch" keeps weight matmuls but recomputes attention score matmuls; "attn_out"
+# keeps the attention outputs (named in layers.Attention) and recomputes the MLP and projections.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +79,8 @@ class DiTConfig:
     dtype: str | jnp.dtype = "float32"
     param_dtype: str | jnp.dtype = "float32"
     attention_impl: str | None = None  # None/"xla" | "cudnn" | "reference"
-    remat: bool = False
-    remat_policy: str = "nothing_saveable"  # a name in jax.checkpoint_policies
+    remat: str = "none"  # a name in REMAT_POLICIES: what the backward pass keeps of each block
+    seq_parallel: str = "none"  # self-attention over the mesh's seq axis: none | ulysses | ring
     pooled_text_cond: bool = True
 
     def __post_init__(self):
@@ -91,9 +104,11 @@ class DiTConfig:
                 f"DiTConfig.attention_impl={self.attention_impl!r}; "
                 f"use None or one of {ATTENTION_IMPLEMENTATIONS}"
             )
-        if not hasattr(jax.checkpoint_policies, self.remat_policy):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"DiTConfig.remat={self.remat!r} unknown; use one of {tuple(REMAT_POLICIES)}")
+        if self.seq_parallel not in SEQ_PARALLEL:
             raise ValueError(
-                f"DiTConfig.remat_policy={self.remat_policy!r} is not in jax.checkpoint_policies"
+                f"DiTConfig.seq_parallel={self.seq_parallel!r} unknown; use one of {SEQ_PARALLEL}"
             )
         if min(self.in_channels, self.width, self.depth, self.text_dim) < 1:
             raise ValueError("DiTConfig: in_channels, width, depth, text_dim must be positive")
@@ -138,6 +153,7 @@ VARIANTS: dict[str, Variant] = {
     "1B": Variant(
         1536, 18, 16, (1, 2, 2), 4, 4096, "~1.1B: DiT widened to 1536, shallower (SD3-medium scale)"
     ),
+    "8B": Variant(3072, 40, 24, (1, 2, 2), 4, 4096, "~8B: width 3072 x 40 blocks, head dim 128 (pod scale)"),
 }
 
 
@@ -179,7 +195,7 @@ class DiTBlock(nnx.Module):
         D = cfg.width
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         akw = dict(qk_norm=cfg.qk_norm, implementation=cfg.attention_impl, **kw)
-        self.attn = Attention(D, cfg.num_heads, **akw)
+        self.attn = Attention(D, cfg.num_heads, seq_parallel=cfg.seq_parallel, **akw)
         self.cross_norm = RMSNorm(D, param_dtype=cfg.param_dtype, rngs=rngs)
         self.cross_attn = Attention(D, cfg.num_heads, context_dim=cfg.text_dim, zero_out=True, **akw)
         self.mlp = Mlp(D, cfg.mlp_dim, **kw)
@@ -279,10 +295,8 @@ class DiT(nnx.Module):
             block = nnx.merge(graphdef, block_state)
             return block(h, c, text, text_mask, rope), None
 
-        if cfg.remat:
-            body = jax.checkpoint(
-                body, prevent_cse=False, policy=getattr(jax.checkpoint_policies, cfg.remat_policy)
-            )
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat])
         tokens, _ = jax.lax.scan(body, tokens, state)
 
         out = self.final_layer(tokens, c)  # [B, N, P]

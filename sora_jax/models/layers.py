@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from sora_jax.parallel import sequence
 from sora_jax.parallel.sharding import constrain
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "reference")
@@ -194,6 +197,7 @@ class Attention(nnx.Module):
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         implementation: str | None = None,
+        seq_parallel: str = "none",
         rngs: nnx.Rngs,
     ):
         if dim % num_heads:
@@ -225,6 +229,7 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(H, param_dtype=pd, rngs=rngs) if qk_norm else None
         self.dtype = as_dtype(dtype)
         self.implementation = implementation
+        self.seq_parallel = sequence.check_mode(seq_parallel)
 
     def __call__(
         self,
@@ -249,8 +254,12 @@ class Attention(nnx.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q = constrain(q, ("act_batch", "act_seq", "act_heads", "act_kv"))
-        out = dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
-        out = constrain(out, ("act_batch", "act_seq", "act_heads", "act_kv"))
+        kernel = partial(dot_product_attention, mask=mask, implementation=self.implementation)
+        if context is None and mask is None and self.seq_parallel != "none":
+            out = sequence.attention(q, k, v, mode=self.seq_parallel, kernel=kernel)
+        else:
+            out = kernel(q, k, v)
+        out = checkpoint_name(constrain(out, ("act_batch", "act_seq", "act_heads", "act_kv")), "attn_out")
         return jnp.einsum("BNKH,KHD->BND", out, self.wo[...].astype(dt)) + self.bo[...].astype(dt)
 
 

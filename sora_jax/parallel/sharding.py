@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -38,7 +40,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("patch", None),
     ("layers", None),
     ("norm", None),
-    ("cond", None),
+    ("cond", "tensor"),  # adaLN and conditioning projections: their output (6D) splits like an MLP
 )
 
 _ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("sora_jax_mesh", default=None)
@@ -81,11 +83,16 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if mesh is None or mesh.size == 1:
         return x
     return jax.lax.with_sharding_constraint(
-        x, NamedSharding(mesh, _fit(logical_to_spec(names), x.shape, mesh))
+        x, NamedSharding(mesh, fit_spec(logical_to_spec(names), x.shape, mesh))
     )
 
 
-def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing ``activation_sharding`` context (None outside one)."""
+    return _ACTIVE_MESH.get()
+
+
+def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """Drops mesh axes that do not divide the dimension they would shard (small models, odd sizes)."""
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -108,7 +115,7 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
 
     def one(var):
         if isinstance(var, nnx.Variable):
-            spec = _fit(logical_to_spec(getattr(var, "out_sharding", None)), var.value.shape, mesh)
+            spec = fit_spec(logical_to_spec(getattr(var, "out_sharding", None)), var.value.shape, mesh)
             return var.replace(NamedSharding(mesh, spec))
         return NamedSharding(mesh, PartitionSpec())
 
@@ -122,3 +129,58 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+# ------------------------------------------------------------------------------------- memory per device
+
+
+def _leaf_bytes(x) -> tuple[int, int]:
+    """(total bytes, bytes on the most loaded device) of an array or ShapeDtypeStruct with a sharding."""
+    total = math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+    shard = getattr(x, "sharding", None)
+    if shard is None:
+        return total, total
+    local = math.prod(shard.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+    return total, local
+
+
+def bytes_per_device(tree) -> tuple[int, int]:
+    """(total bytes, bytes per device) of a pytree of sharded arrays / ShapeDtypeStructs (replicas counted
+    once in the total, fully on every device that holds them)."""
+    total = local = 0
+    for leaf in jax.tree.leaves(tree):
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            t, d = _leaf_bytes(leaf)
+            total, local = total + t, local + d
+    return total, local
+
+
+class ShardingError(ValueError):
+    """Parameters are not sharded as the mesh promises."""
+
+
+def check_sufficiently_sharded(
+    tree, mesh: Mesh, *, axes: Sequence[str] = ("fsdp", "tensor"), tolerance: float = 0.02
+) -> float:
+    """Raises ``ShardingError`` unless bytes per device <= total / prod(mesh[axes]) * (1 + tolerance).
+
+    The FSDP promise (MaxText's ``assert_params_sufficiently_sharded``): with fsdp=8 each device holds about
+    an eighth of the parameters. Small leaves that do not divide (biases, norms) cost the tolerance; a big
+    kernel left replicated by a missing rule fails, and the message names the largest replicated leaves.
+    Returns the measured fraction per device.
+    """
+    shards = math.prod(mesh.shape[a] for a in axes)
+    total, local = bytes_per_device(tree)
+    frac = local / max(total, 1)
+    if frac > (1.0 + tolerance) / shards:
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        worst = sorted(
+            ((_leaf_bytes(x)[1], jax.tree_util.keystr(p)) for p, x in flat if hasattr(x, "shape")),
+            reverse=True,
+        )[:3]
+        raise ShardingError(
+            f"parameters are not sharded over {dict((a, mesh.shape[a]) for a in axes)}: {frac:.3f} of "
+            f"{total / 2**20:.1f} MiB per device (want <= {(1 + tolerance) / shards:.3f}); largest per device: "
+            + ", ".join(f"{name} {b / 2**20:.1f} MiB" for b, name in worst)
+        )
+    return frac

@@ -110,19 +110,44 @@ def build_train_fns(cfg: ml_collections.ConfigDict, mesh):
     return init_jit, step_jit, state_sharding, abstract_state, graphdef
 
 
-def _log_memory(compiled) -> None:
+def _log_state_bytes(abstract_state, mesh) -> None:
+    """Logs the train state's bytes per device; warns when FSDP leaves parameters unsharded."""
+    total, local = sharding.bytes_per_device(abstract_state)
+    log.info("train state: %.3f GiB in all, %.3f GiB per device", total / 2**30, local / 2**30)
+    if mesh.shape["fsdp"] > 1:
+        try:
+            sharding.check_sufficiently_sharded(abstract_state["params"], mesh, tolerance=0.1)
+        except sharding.ShardingError as e:
+            log.warning("%s", e)
+
+
+def _log_memory(compiled) -> dict[str, float]:
+    """Logs and returns the compiled step's memory per device in GiB (empty where the backend has none)."""
     try:
         mem = compiled.memory_analysis()
     except Exception:  # not every backend reports it
-        return
-    if mem is not None:
-        gib = 1 / 2**30
-        log.info(
-            "compiled step memory per device: args %.3f GiB, outputs %.3f GiB, temps %.3f GiB",
-            mem.argument_size_in_bytes * gib,
-            mem.output_size_in_bytes * gib,
-            mem.temp_size_in_bytes * gib,
-        )
+        return {}
+    if mem is None:
+        return {}
+    gib = 1 / 2**30
+    out = {
+        "argument_gib": mem.argument_size_in_bytes * gib,
+        "output_gib": mem.output_size_in_bytes * gib,
+        "temp_gib": mem.temp_size_in_bytes * gib,
+        "alias_gib": mem.alias_size_in_bytes * gib,
+    }
+    # donated state: outputs alias arguments, so the peak is arguments + temporaries + non-aliased outputs
+    out["peak_gib"] = out["argument_gib"] + out["temp_gib"] + out["output_gib"] - out["alias_gib"]
+    log.info(
+        "compiled step memory per device: args %.3f GiB, outputs %.3f GiB (%.3f aliased), temps %.3f GiB, "
+        "peak about %.3f GiB",
+        out["argument_gib"],
+        out["output_gib"],
+        out["alias_gib"],
+        out["temp_gib"],
+        out["peak_gib"],
+    )
+    return out
 
 
 def train_and_evaluate(
@@ -146,10 +171,11 @@ def train_and_evaluate(
     abstract_sharded = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
     )
+    _log_state_bytes(abstract_sharded, mesh)
     compiled = step_jit.lower(abstract_sharded, batch_abstract).compile()
-    _log_memory(compiled)
+    memory = _log_memory(compiled)
     if compile_only:
-        return {"compiled": True}
+        return {"compiled": True, **memory}
 
     tokenizer = factory.make_tokenizer(cfg)
     dataset = pipeline.make_dataset(

@@ -13,6 +13,32 @@ from sora_jax.models.autoencoder import Autoencoder, video_to_float
 from sora_jax.train.state import TrainState, ema_update
 
 
+def make_loss_fn(
+    graphdef: nnx.GraphDef,
+    process,
+    autoencoder: Autoencoder,
+    *,
+    null_ids: jax.Array,
+    null_mask: jax.Array,
+    caption_dropout: float,
+) -> Callable[[nnx.State, dict, jax.Array], jax.Array]:
+    """``loss_fn(params, batch, key) -> scalar``: caption dropout, encode, mean diffusion loss over the batch."""
+
+    def loss_fn(params, batch, key):
+        model = nnx.merge(graphdef, params)
+        k_drop, k_diff = jax.random.split(key)
+        ids, mask = batch["tokens"], batch["text_mask"]
+        drop = jax.random.uniform(k_drop, (ids.shape[0], 1)) < caption_dropout
+        ids = jnp.where(drop, null_ids[None, :], ids)
+        mask = jnp.where(drop, null_mask[None, :], mask)
+        x0 = autoencoder.encode(video_to_float(batch["video"]))
+        ctx, ctx_mask = model.encode_text(ids, mask)
+        per_example = process.training_loss(lambda xt, t: model.denoise(xt, t, ctx, ctx_mask), x0, k_diff)
+        return per_example.mean()
+
+    return loss_fn
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -26,18 +52,14 @@ def make_train_step(
     lr_fn: Callable[[jax.Array], jax.Array],
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Returns ``step(state, batch) -> (state, metrics)``; batch: video u8 [B,T,H,W,3], tokens, text_mask [B,L]."""
-
-    def loss_fn(params, batch, key):
-        model = nnx.merge(graphdef, params)
-        k_drop, k_diff = jax.random.split(key)
-        ids, mask = batch["tokens"], batch["text_mask"]
-        drop = jax.random.uniform(k_drop, (ids.shape[0], 1)) < caption_dropout
-        ids = jnp.where(drop, null_ids[None, :], ids)
-        mask = jnp.where(drop, null_mask[None, :], mask)
-        x0 = autoencoder.encode(video_to_float(batch["video"]))
-        ctx, ctx_mask = model.encode_text(ids, mask)
-        per_example = process.training_loss(lambda xt, t: model.denoise(xt, t, ctx, ctx_mask), x0, k_diff)
-        return per_example.mean()
+    loss_fn = make_loss_fn(
+        graphdef,
+        process,
+        autoencoder,
+        null_ids=null_ids,
+        null_mask=null_mask,
+        caption_dropout=caption_dropout,
+    )
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
