@@ -297,3 +297,40 @@ def test_pod_configs_shard_their_state_over_the_pod(name, mesh_shape, max_state_
     # params (f32) + Adam (2x) + EMA = 4 copies of the parameters
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
     assert abs(total - 16 * n_params) < 0.01 * total
+
+
+@pytest.mark.parametrize(
+    "env,expected",
+    [
+        ({}, None),
+        ({"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "1"}, None),  # a single-task step: no cluster
+        ({"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "4"}, "slurm"),
+        ({"TPU_WORKER_HOSTNAMES": "t-0"}, None),  # one TPU VM host
+        ({"TPU_WORKER_HOSTNAMES": "t-0,t-1,t-2,t-3"}, "tpu"),
+        ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2"}, "tpu-multislice"),
+        ({"OMPI_COMM_WORLD_SIZE": "2"}, "mpi"),
+        ({"SORA_JAX_AUTO_DISTRIBUTED": "1"}, "requested"),
+    ],
+)
+def test_cluster_discovery_from_the_environment(monkeypatch, env, expected):
+    from sora_jax.parallel import mesh as mesh_lib
+
+    for key in (
+        "SLURM_STEP_NUM_TASKS",
+        "TPU_WORKER_HOSTNAMES",
+        "MEGASCALE_COORDINATOR_ADDRESS",
+        "OMPI_COMM_WORLD_SIZE",
+        "SORA_JAX_AUTO_DISTRIBUTED",
+    ):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert mesh_lib._auto_cluster() == expected
+
+
+def test_explicit_multiprocess_start_needs_its_coordinator(monkeypatch):
+    from sora_jax.parallel.mesh import initialize_distributed
+
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    with pytest.raises(MeshError, match="--coordinator_address"):
+        initialize_distributed(num_processes=2, process_id=0)
