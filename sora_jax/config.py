@@ -143,6 +143,21 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
             raise ConfigError(f"config key {key}: cannot set {text!r}: {e}") from None
 
 
+def _validate_vae(cfg: ml_collections.ConfigDict) -> None:
+    from sora_jax.models.vae import VAE_VARIANTS, vae_config
+
+    if cfg.vae.variant not in VAE_VARIANTS:
+        raise ConfigError(f"config.vae.variant = {cfg.vae.variant!r} is not one of {sorted(VAE_VARIANTS)}")
+    v = vae_config(cfg.vae.variant)
+    f, s = v.temporal_downsample, v.spatial_downsample
+    if (cfg.data.num_frames - 1) % f:
+        raise ConfigError(
+            f"config.data.num_frames = {cfg.data.num_frames}: the causal VAE wants 1 + {f}k frames"
+        )
+    if cfg.data.height % s or cfg.data.width % s:
+        raise ConfigError(f"config.data.height/width must be divisible by the VAE's spatial factor {s}")
+
+
 def upgrade(config: dict) -> dict:
     """A config dict saved by an older version, in today's spelling (``model.remat`` was a bool)."""
     model = config.get("model", {})
@@ -170,6 +185,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key in ("data.batch_size", "data.num_frames", "data.height", "data.width", "train.num_steps"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"config.{key} must be positive, got {_get(cfg, key)}")
+    if cfg.get("task", "t2v") not in ("t2v", "vae"):
+        raise ConfigError(f"config.task = {cfg.task!r} is not one of ['t2v', 'vae']")
+    if cfg.get("task", "t2v") == "vae":
+        _validate_vae(cfg)
     pt, ph, pw = cfg.model.patch_size
     for name, size, p in (
         ("num_frames", cfg.data.num_frames, pt),

@@ -11,9 +11,11 @@ import ml_collections
 from flax import nnx
 
 from sora_jax import diffusion
+from sora_jax.models import vae as vae_lib
 from sora_jax.models.autoencoder import Autoencoder, IdentityAutoencoder, LumaAutoencoder
 from sora_jax.models.dit import DiTConfig, dit_config
 from sora_jax.models.t2v import TextToVideo
+from sora_jax.models.vae import VAEConfig, VideoVAE
 from sora_jax.text.encoder import TextEncoderConfig
 from sora_jax.text.tokenizer import HashWordTokenizer
 
@@ -70,6 +72,17 @@ def _remat(value) -> str:
 
 def make_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> TextToVideo:
     return TextToVideo(model_config(cfg), text_config(cfg), rngs=nnx.Rngs(seed))
+
+
+def vae_config(cfg: ml_collections.ConfigDict) -> VAEConfig:
+    """The VAE of ``config.vae`` (variant + overrides of latent_channels / base_width when non-zero)."""
+    v = cfg.vae
+    sizes = {k: int(v[k]) for k in ("latent_channels", "base_width") if v.get(k, 0)}
+    return vae_lib.vae_config(v.variant, dtype=cfg.model.dtype, **sizes)
+
+
+def make_vae(cfg: ml_collections.ConfigDict, seed: int = 0) -> VideoVAE:
+    return VideoVAE(vae_config(cfg), rngs=nnx.Rngs(seed))
 
 
 def make_process(cfg: ml_collections.ConfigDict):

@@ -40,6 +40,8 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("patch", None),
     ("layers", None),
     ("norm", None),
+    ("conv_in", None),  # 3D conv kernels [kt, kh, kw, in, out]: FSDP over the output channels
+    ("conv_out", "fsdp"),
     ("cond", "tensor"),  # adaLN and conditioning projections: their output (6D) splits like an MLP
 )
 

@@ -21,11 +21,14 @@ from sora_jax.parallel import sharding
 from sora_jax.parallel.mesh import make_mesh
 from sora_jax.train import checkpoint, metrics
 from sora_jax.train.state import init_state, learning_rate, make_optimizer
-from sora_jax.train.step import make_train_step
+from sora_jax.train.step import make_step, make_train_step, make_vae_loss_fn
 
 log = logging.getLogger("sora_jax.train")
 
-BATCH_KEYS = ("video", "tokens", "text_mask")
+
+def task(cfg: ml_collections.ConfigDict) -> str:
+    """What a config trains: ``"t2v"`` (the text-to-video DiT, default) or ``"vae"`` (the video VAE)."""
+    return cfg.get("task", "t2v")
 
 
 def data_path(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Path:
@@ -57,11 +60,9 @@ def data_path(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Path:
 
 def abstract_batch(cfg: ml_collections.ConfigDict, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     d, b, length = cfg.data, cfg.data.batch_size, cfg.text.max_length
-    shapes = {
-        "video": ((b, d.num_frames, d.height, d.width, 3), jnp.uint8),
-        "tokens": ((b, length), jnp.int32),
-        "text_mask": ((b, length), jnp.bool_),
-    }
+    shapes = {"video": ((b, d.num_frames, d.height, d.width, 3), jnp.uint8)}
+    if task(cfg) == "t2v":
+        shapes |= {"tokens": ((b, length), jnp.int32), "text_mask": ((b, length), jnp.bool_)}
     return {
         k: jax.ShapeDtypeStruct(s, dt, sharding=sharding.batch_sharding(mesh, len(s)))
         for k, (s, dt) in shapes.items()
@@ -71,29 +72,35 @@ def abstract_batch(cfg: ml_collections.ConfigDict, mesh) -> dict[str, jax.ShapeD
 def build_train_fns(cfg: ml_collections.ConfigDict, mesh):
     """(init_fn jitted with out_shardings, step_fn jitted with in/out shardings, state_sharding, graphdef)."""
     tx = make_optimizer(cfg)
-    process = factory.make_process(cfg)
-    autoencoder = factory.make_autoencoder(cfg)
-    tokenizer = factory.make_tokenizer(cfg)
+    make = factory.make_vae if task(cfg) == "vae" else factory.make_model
 
     def init_fn():
-        return init_state(factory.make_model(cfg, cfg.seed), tx, cfg.seed)
+        return init_state(make(cfg, cfg.seed), tx, cfg.seed)
 
-    abstract_model = nnx.eval_shape(lambda: factory.make_model(cfg, cfg.seed))
+    abstract_model = nnx.eval_shape(lambda: make(cfg, cfg.seed))
     graphdef, _ = nnx.split(abstract_model, nnx.Param)
     abstract_state = jax.eval_shape(init_fn)
     state_sharding = sharding.state_shardings(abstract_state, mesh)
-    null_ids, null_mask = tokenizer.encode([""])
-    step = make_train_step(
-        graphdef,
-        tx,
-        process,
-        autoencoder,
-        null_ids=jnp.asarray(null_ids[0]),
-        null_mask=jnp.asarray(null_mask[0]),
-        caption_dropout=cfg.text.caption_dropout,
-        ema_decay=cfg.optim.ema_decay,
-        lr_fn=lambda s: learning_rate(cfg, s),
-    )
+    lr_fn = lambda s: learning_rate(cfg, s)  # noqa: E731
+    if task(cfg) == "vae":
+        v = cfg.vae
+        loss_fn = make_vae_loss_fn(
+            graphdef, l1_weight=v.l1_weight, l2_weight=v.l2_weight, kl_weight=v.kl_weight
+        )
+        step = make_step(loss_fn, tx, ema_decay=cfg.optim.ema_decay, lr_fn=lr_fn)
+    else:
+        null_ids, null_mask = factory.make_tokenizer(cfg).encode([""])
+        step = make_train_step(
+            graphdef,
+            tx,
+            factory.make_process(cfg),
+            factory.make_autoencoder(cfg),
+            null_ids=jnp.asarray(null_ids[0]),
+            null_mask=jnp.asarray(null_mask[0]),
+            caption_dropout=cfg.text.caption_dropout,
+            ema_decay=cfg.optim.ema_decay,
+            lr_fn=lr_fn,
+        )
 
     def sharded_step(state, batch):
         with sharding.activation_sharding(mesh):
@@ -203,7 +210,9 @@ def train_and_evaluate(
     t0, steps_timed = time.perf_counter(), 0
     try:
         for step in range(start, total):
-            batch = pipeline.to_global({k: v for k, v in next(data_iter).items() if k in BATCH_KEYS}, mesh)
+            batch = pipeline.to_global(
+                {k: v for k, v in next(data_iter).items() if k in batch_abstract}, mesh
+            )
             state, step_metrics = compiled(state, batch)
             pending.append((step + 1, step_metrics))
             steps_timed += 1
@@ -212,9 +221,9 @@ def train_and_evaluate(
             if done % cfg.train.log_every == 0 or done == total:
                 host = [(s, jax.device_get(m)) for s, m in pending]
                 metrics.check_finite([(s, float(m["loss"])) for s, m in host])
-                coll = None
+                coll, collection = None, metrics.collection(host[0][1])
                 for _, m in host:
-                    one = metrics.TrainMetrics.single_from_model_output(**m)
+                    one = collection.single_from_model_output(**m)
                     coll = one if coll is None else coll.merge(one)
                 last = {k: float(v) for k, v in coll.compute().items()}
                 dt = time.perf_counter() - t0

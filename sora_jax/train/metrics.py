@@ -8,17 +8,16 @@ import json
 import math
 from pathlib import Path
 
-import flax
 import jax
 import numpy as np
 from clu import metrics as clu_metrics
 
 
-@flax.struct.dataclass
-class TrainMetrics(clu_metrics.Collection):
-    loss: clu_metrics.Average.from_output("loss")
-    grad_norm: clu_metrics.Average.from_output("grad_norm")
-    lr: clu_metrics.LastValue.from_output("lr")
+def collection(names) -> type[clu_metrics.Collection]:
+    """A clu Collection for a step's metric names: ``lr`` keeps its last value, the rest average."""
+    return clu_metrics.Collection.create(
+        **{n: (clu_metrics.LastValue if n == "lr" else clu_metrics.Average).from_output(n) for n in names}
+    )
 
 
 class NonFiniteLossError(FloatingPointError):

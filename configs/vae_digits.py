@@ -1,0 +1,43 @@
+"""The causal video VAE on the bundled moving digits: 9-frame 32x32 clips -> 3 x 8 x 8 x 8 latents.
+
+    sora-jax train --config configs/vae_digits.py --workdir runs/vae_digits
+    sora-jax eval --workdir runs/vae_digits            # PSNR / SSIM on test clips, recon contact sheet
+    sora-jax train --config configs/vae_digits.py:smoke --workdir /tmp/v   # seconds, for tests
+
+A causal VAE codes 1 + 4k frames (the first alone), so the clips have 9 frames; the digit reader reads the
+first 8. Losses: L1 + L2 on pixels in [-1, 1] and a small KL (``vae.kl_weight``).
+"""
+
+import ml_collections
+
+from configs import quickstart
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    if arg not in ("", "smoke"):
+        raise ValueError(f"configs/vae_digits.py: unknown argument {arg!r} (use '' or 'smoke')")
+    c = quickstart.get_config("smoke" if arg == "smoke" else "")
+    c.task = "vae"
+    c.vae = ml_collections.ConfigDict()
+    c.vae.variant = "digits"  # sora_jax.models.vae.VAE_VARIANTS
+    c.vae.latent_channels = 0  # 0: the variant's
+    c.vae.base_width = 0
+    c.vae.l1_weight = 1.0
+    c.vae.l2_weight = 1.0
+    c.vae.kl_weight = 1e-3  # per pixel, on KL summed over each clip's latent
+    c.data.num_frames = 9
+    c.model.patch_size = (1, 1, 1)  # unused by the VAE; keeps the DiT checks quiet
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 200
+    c.optim.ema_decay = 0.999
+    c.train.num_steps = 3000
+    c.train.log_every = 100
+    c.train.ckpt_every = 1000
+    if arg == "smoke":
+        c.vae.variant = "smoke"
+        c.data.num_frames = 5
+        c.train.num_steps = 4
+        c.train.log_every = 2
+        c.train.ckpt_every = 2
+        c.optim.warmup_steps = 2
+    return c
