@@ -62,16 +62,14 @@ def check_prompts(prompts: list[str]) -> None:
             raise ValueError(f"prompt of {len(p)} characters is too long (at most {MAX_PROMPT_CHARS})")
 
 
-def load_pipeline(
-    workdir: str | Path, *, step: int | None = None, use_ema: bool | None = None, **sample_overrides
-) -> Pipeline:
-    """Loads config + params of the latest (or given) checkpoint in ``workdir`` onto the local devices.
-
-    ``sample_overrides``: ``sample_steps``, ``cfg_scale``, ``sampler`` replace the config's diffusion values.
-    """
+def restore(
+    workdir: str | Path, *, step: int | None = None, use_ema: bool | None = None, **diffusion_overrides
+) -> tuple[ml_collections.ConfigDict, int, nnx.GraphDef, nnx.State]:
+    """(config, step, graphdef, params on the host) of the latest (or given) checkpoint in ``workdir``;
+    EMA parameters unless ``use_ema`` is False (default: the config's ``sample.use_ema``)."""
     step, cfg = checkpoint.restore_config(workdir, step)
     cfg = ml_collections.ConfigDict(config_lib.upgrade(cfg.to_dict()))
-    for key, value in sample_overrides.items():
+    for key, value in diffusion_overrides.items():
         if value is not None:
             cfg.diffusion[key] = value
     config_lib.validate(cfg)
@@ -85,6 +83,17 @@ def load_pipeline(
         step, state = checkpoint.restore(mgr, abstract, step=step)
     use_ema = cfg.sample.use_ema if use_ema is None else use_ema
     params = state["ema"] if use_ema else state["params"]
+    return cfg, step, graphdef, jax.device_get(params)
+
+
+def load_pipeline(
+    workdir: str | Path, *, step: int | None = None, use_ema: bool | None = None, **sample_overrides
+) -> Pipeline:
+    """Loads config + params of the latest (or given) checkpoint in ``workdir`` onto the local devices.
+
+    ``sample_overrides``: ``sample_steps``, ``cfg_scale``, ``sampler`` replace the config's diffusion values.
+    """
+    cfg, step, graphdef, params = restore(workdir, step=step, use_ema=use_ema, **sample_overrides)
     ae = factory.make_autoencoder(cfg)
     tokenizer = factory.make_tokenizer(cfg)
     sampler = PmapSampler(
@@ -97,7 +106,6 @@ def load_pipeline(
         num_steps=cfg.diffusion.sample_steps,
         cfg_scale=cfg.diffusion.cfg_scale,
     )
-    params = jax.device_get(params)
     return Pipeline(cfg, ae, tokenizer, graphdef, params, step, sampler)
 
 

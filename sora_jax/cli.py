@@ -53,9 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's)")
     p.add_argument("--cfg_scale", type=float, default=None, help="classifier-free guidance scale")
 
-    p = sub.add_parser("eval", help="score prompt adherence of generated videos on the test split's prompts")
+    p = sub.add_parser(
+        "eval",
+        help="score a workdir: prompt adherence on test prompts (DiT), or reconstruction PSNR/SSIM (VAE)",
+    )
     p.add_argument("--workdir", required=True)
     p.add_argument("--num_prompts", type=int, default=64)
+    p.add_argument("--num_clips", type=int, default=256, help="VAE workdirs: clips to reconstruct")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="report folder (default: <workdir>/eval)")
@@ -110,7 +114,14 @@ def run(argv: list[str]) -> int:
         print(f"wrote {len(paths['mp4'])} videos and {paths['contact_sheet']}")
     elif args.command == "eval":
         from sora_jax.eval.evaluate import evaluate_workdir
+        from sora_jax.train.checkpoint import restore_config
 
+        if restore_config(args.workdir)[1].get("task", "t2v") == "vae":
+            from sora_jax.eval.reconstruction import evaluate_vae
+
+            metrics = evaluate_vae(args.workdir, num_clips=args.num_clips, split=args.split, out=args.out)
+            print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            return 0
         report = evaluate_workdir(
             args.workdir, num_prompts=args.num_prompts, split=args.split, seed=args.seed, out=args.out
         )
