@@ -38,7 +38,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.shuffle_seed = 0
 
     c.autoencoder = ml_collections.ConfigDict()
-    c.autoencoder.kind = "luma"  # identity (pixel RGB) | luma (pixel grey); the VAE comes later
+    c.autoencoder.kind = "luma"  # identity (pixel RGB) | luma (pixel grey) | vae (latents of a trained VAE)
+    c.autoencoder.path = ""  # kind = vae: the VAE's workdir (configs/digits_latent.py)
 
     c.model = ml_collections.ConfigDict()
     c.model.variant = "tiny"

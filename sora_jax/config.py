@@ -29,6 +29,7 @@ class ConfigError(ValueError):
 class AutoencoderKind(enum.StrEnum):
     IDENTITY = "identity"  # pixel space, RGB
     LUMA = "luma"  # pixel space, grey (1 channel)
+    VAE = "vae"  # latents of a trained VAE (config.autoencoder.path: its workdir)
 
 
 class TextEncoderKind(enum.StrEnum):
@@ -190,10 +191,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.get("task", "t2v") == "vae":
         _validate_vae(cfg)
     pt, ph, pw = cfg.model.patch_size
+    latent = cfg.autoencoder.kind == "vae"  # the patch divides the latent video: checked when it is known
     for name, size, p in (
-        ("num_frames", cfg.data.num_frames, pt),
-        ("height", cfg.data.height, ph),
-        ("width", cfg.data.width, pw),
+        ()
+        if latent
+        else (
+            ("num_frames", cfg.data.num_frames, pt),
+            ("height", cfg.data.height, ph),
+            ("width", cfg.data.width, pw),
+        )
     ):
         if size % p:
             raise ConfigError(

@@ -6,6 +6,8 @@ models' own config dataclasses, so models never see the global config.
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
@@ -27,7 +29,16 @@ def make_autoencoder(cfg: ml_collections.ConfigDict) -> Autoencoder:
         return IdentityAutoencoder()
     if cfg.autoencoder.kind == "luma":
         return LumaAutoencoder()
+    if cfg.autoencoder.kind == "vae":
+        if not cfg.autoencoder.get("path"):
+            raise ValueError("config.autoencoder.kind = 'vae' needs config.autoencoder.path (a VAE workdir)")
+        return _vae_codec(cfg.autoencoder.path)
     raise ValueError(f"config.autoencoder.kind = {cfg.autoencoder.kind!r} is not supported")
+
+
+@functools.lru_cache(maxsize=4)
+def _vae_codec(path: str) -> vae_lib.VAECodec:
+    return vae_lib.VAECodec.from_workdir(path)
 
 
 def make_tokenizer(cfg: ml_collections.ConfigDict) -> HashWordTokenizer:
@@ -46,14 +57,28 @@ def text_config(cfg: ml_collections.ConfigDict) -> TextEncoderConfig:
     )
 
 
+def latent_channels(cfg: ml_collections.ConfigDict) -> int:
+    """Channels of the latents the DiT sees (a VAE's from its stored config: no weights are loaded, so this
+    is safe inside traced code such as ``jax.eval_shape``)."""
+    if cfg.autoencoder.kind == "vae":
+        from sora_jax.train.checkpoint import restore_config
+
+        vcfg = restore_config(cfg.autoencoder.path)[1] if cfg.autoencoder.get("path") else None
+        if vcfg is None or vcfg.get("task", "t2v") != "vae":
+            raise ValueError(
+                f"config.autoencoder.path = {cfg.autoencoder.get('path')!r} is not a VAE workdir"
+            )
+        return vae_config(vcfg).latent_channels
+    return make_autoencoder(cfg).latent_channels
+
+
 def model_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
-    ae = make_autoencoder(cfg)
     # width / depth / num_heads: 0 (or absent) keeps the variant's value
     sizes = {k: int(v) for k in ("width", "depth", "num_heads") if (v := cfg.model.get(k, 0))}
     return dit_config(
         cfg.model.variant,
         **sizes,
-        in_channels=ae.latent_channels,
+        in_channels=latent_channels(cfg),
         patch_size=tuple(cfg.model.patch_size),
         text_dim=cfg.text.width,
         dtype=_DTYPES[cfg.model.dtype],

@@ -176,7 +176,8 @@ def test_ssim_and_psnr_against_direct_formulas():
 
 
 def test_vae_trains_and_evaluates_from_the_command_line(tmp_path):
-    """`sora-jax train --config configs/vae_digits.py:smoke` then `sora-jax eval`: a PSNR/SSIM report."""
+    """`sora-jax train --config configs/vae_digits.py:smoke`, `sora-jax eval` (PSNR/SSIM report, latent
+    statistics), then a DiT trained on the VAE's latents (configs/digits_latent.py:smoke) samples a video."""
     import json
     import os
     import subprocess
@@ -211,3 +212,62 @@ def test_vae_trains_and_evaluates_from_the_command_line(tmp_path):
     assert report["clips"] == 8 and report["latent_shape"] == [2, 4, 4, 4]
     assert 0 < report["psnr_db"] < 100 and -1 <= report["ssim"] <= 1
     assert (tmp_path / "v" / "eval" / "reconstruction_test.png").is_file()
+
+    # the latent statistics: normalised latents of the clips they were measured on have mean 0 and std 1
+    from sora_jax.data import pipeline
+    from sora_jax.models.autoencoder import video_to_float
+
+    stats = json.loads((tmp_path / "v" / vae_lib.LATENT_STATS).read_text())
+    assert stats["step"] == 4 and stats["split"] == "train" and stats["clips"] == 8
+    codec = vae_lib.VAECodec.from_workdir(tmp_path / "v")
+    data = tmp_path / "v" / "data"
+    ds = pipeline.make_dataset(
+        data,
+        "train",
+        global_batch_size=8,
+        tokenize=lambda c: (np.zeros((len(c), 1)), np.ones((len(c), 1))),
+        seed=0,
+        shuffle=False,
+        repeat=False,
+        process_index=0,
+        process_count=1,
+    )
+    x = video_to_float(next(iter(ds))["video"])
+    z = np.asarray(codec.encode(x), np.float64)
+    assert abs(z.mean()) < 1e-4 and abs(z.std() - 1) < 1e-4
+    assert codec.decode(codec.encode(x)).shape == x.shape
+
+    # latent diffusion: the DiT trains on those latents and samples through the VAE's decoder
+    latent = [*base, "train", "--config", "configs/digits_latent.py:smoke", "--workdir", str(tmp_path / "d")]
+    run = subprocess.run(
+        [*latent, f"--config.autoencoder.path={tmp_path / 'v'}"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    sample = subprocess.run(
+        [
+            *base,
+            "sample",
+            "--workdir",
+            str(tmp_path / "d"),
+            "--prompt",
+            "a 3 moving left",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert sample.returncode == 0, sample.stderr[-2000:]
+    assert len(list((tmp_path / "s").glob("*.mp4"))) == 1
+    missing = subprocess.run(
+        [*latent, "--config.autoencoder.path="], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "autoencoder.path" in missing.stderr

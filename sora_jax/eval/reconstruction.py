@@ -4,7 +4,8 @@
 K1 = 0.01, K2 = 0.03, on luma, averaged over frames); ``evaluate_vae(workdir)`` encodes and decodes
 ``num_clips`` clips of the split with the workdir's checkpoint (EMA weights) and writes
 ``<out>/reconstruction_<split>.{json,md}`` and ``reconstruction_<split>.png`` (originals above
-reconstructions), atomically.
+reconstructions), atomically; it also measures the latent shift/scale on training clips into
+``<workdir>/latent_stats.json``, which latent diffusion (``autoencoder.kind = "vae"``) needs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from sora_jax.models.autoencoder import float_to_video, video_to_float
+from sora_jax.models.vae import LATENT_STATS, latent_statistics
 
 _LUMA = np.asarray([0.299, 0.587, 0.114], np.float64)
 
@@ -83,6 +85,26 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def measure_latent_statistics(workdir, graphdef, params, train_clips, step: int, num_clips: int) -> dict:
+    """Shift/scale of the posterior means over ``num_clips`` training clips, written atomically to
+    ``<workdir>/latent_stats.json`` (what ``VAECodec`` normalises latents with)."""
+
+    @jax.jit
+    def encode(p, video):
+        return nnx.merge(graphdef, p).encode(video_to_float(video))
+
+    means, seen = [], 0
+    for batch in train_clips:
+        video = np.asarray(batch["video"])[: num_clips - seen]
+        means.append(np.asarray(encode(params, jnp.asarray(video))))
+        seen += len(video)
+        if seen >= num_clips:
+            break
+    stats = {"step": step, "split": "train", "clips": seen, **latent_statistics(np.concatenate(means))}
+    _write_atomic(Path(workdir) / LATENT_STATS, json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
 def evaluate_vae(
     workdir: str | Path,
     *,
@@ -98,18 +120,22 @@ def evaluate_vae(
     from sora_jax.train.loop import data_path
 
     cfg, step, graphdef, params = api.restore(workdir)
-    ds = pipeline.make_dataset(
-        data_path(cfg, workdir),
-        split,
-        global_batch_size=batch_size,
-        tokenize=factory.make_tokenizer(cfg).encode,
-        seed=0,
-        shuffle=False,
-        repeat=False,
-        process_index=0,
-        process_count=1,
-        drop_remainder=False,
-    )
+
+    def clips(which: str):
+        return pipeline.make_dataset(
+            data_path(cfg, workdir),
+            which,
+            global_batch_size=batch_size,
+            tokenize=factory.make_tokenizer(cfg).encode,
+            seed=0,
+            shuffle=False,
+            repeat=False,
+            process_index=0,
+            process_count=1,
+            drop_remainder=False,
+        )
+
+    ds = clips(split)
 
     @jax.jit
     def reconstruct(p, video):
@@ -143,6 +169,9 @@ def evaluate_vae(
         "psnr_db_min": float(np.min(p)),
         "ssim": float(np.mean(s)),
     }
+    metrics["latent_stats"] = measure_latent_statistics(
+        workdir, graphdef, params, clips("train"), int(step), num_clips
+    )
     out = Path(out) if out else Path(workdir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / f"reconstruction_{split}.json", json.dumps(metrics, indent=2) + "\n")

@@ -519,3 +519,65 @@ def decode_tiled(
 def param_count(cfg: VAEConfig) -> int:
     state = jax.eval_shape(lambda: nnx.state(VideoVAE(cfg, rngs=nnx.Rngs(0)), nnx.Param))
     return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+
+
+# ------------------------------------------------------------------------ the VAE as the DiT's codec
+
+LATENT_STATS = "latent_stats.json"
+
+
+class VAECodec:
+    """A trained VAE as the ``Autoencoder`` the DiT works through: ``encode`` gives the posterior mean
+    normalised as ``(mean - shift) / scale`` (statistics measured on training clips, stored next to the VAE's
+    checkpoints by ``sora-jax eval``), ``decode`` undoes it and decodes, clipped to [-1, 1]. Parameters are
+    held as host arrays and enter jitted code as constants."""
+
+    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, cfg: VAEConfig, shift: float, scale: float):
+        self.graphdef, self.params, self.cfg = graphdef, params, cfg
+        self.shift, self.scale = float(shift), float(scale)
+        self.latent_channels = cfg.latent_channels
+        self.temporal_downsample = cfg.temporal_downsample
+        self.spatial_downsample = cfg.spatial_downsample
+
+    @classmethod
+    def from_workdir(cls, workdir) -> VAECodec:
+        """The EMA weights of the latest checkpoint of a VAE workdir and its measured latent statistics."""
+        import json
+        from pathlib import Path
+
+        from sora_jax import api, factory
+
+        stats_path = Path(workdir) / LATENT_STATS
+        if not stats_path.is_file():
+            raise FileNotFoundError(
+                f"{stats_path} not found: measure the VAE's latent statistics first with "
+                f"`sora-jax eval --workdir {workdir}`"
+            )
+        stats = json.loads(stats_path.read_text())
+        vcfg, step, graphdef, params = api.restore(workdir, step=stats.get("step"))
+        if vcfg.get("task", "t2v") != "vae":
+            raise ValueError(f"{workdir} holds a {vcfg.get('task', 't2v')!r} model, not a VAE")
+        return cls(graphdef, params, factory.vae_config(vcfg), stats["shift"], stats["scale"])
+
+    def _model(self) -> VideoVAE:
+        return nnx.merge(self.graphdef, self.params)
+
+    def latent_shape(self, T: int, H: int, W: int) -> tuple[int, int, int, int]:
+        f, s = self.temporal_downsample, self.spatial_downsample
+        if T < 1 or (T - 1) % f or H % s or W % s:
+            raise ValueError(f"the VAE codes 1 + {f}k frames of sizes divisible by {s}; got {T}x{H}x{W}")
+        return (1 + (T - 1) // f, H // s, W // s, self.latent_channels)
+
+    def encode(self, video: jax.Array) -> jax.Array:
+        """video ``[B, T, H, W, 3]`` in [-1, 1] -> normalised latents ``[B, T', H', W', Z]``."""
+        return (self._model().encode(video) - self.shift) / self.scale
+
+    def decode(self, latents: jax.Array) -> jax.Array:
+        """normalised latents ``[B, T', H', W', Z]`` -> video ``[B, T, H, W, 3]`` in [-1, 1]."""
+        return jnp.clip(self._model().decode(latents * self.scale + self.shift), -1.0, 1.0)
+
+
+def latent_statistics(means: np.ndarray) -> dict[str, float]:
+    """Scalar shift / scale (as SD3 and Flux) that make the posterior means zero-mean, unit-variance."""
+    m = np.asarray(means, np.float64)
+    return {"shift": float(m.mean()), "scale": float(m.std() + 1e-8)}
