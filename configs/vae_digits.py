@@ -25,6 +25,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.vae.l1_weight = 1.0
     c.vae.l2_weight = 1.0
     c.vae.kl_weight = 1e-3  # per pixel, on KL summed over each clip's latent
+    # 3D PatchGAN (hinge loss, adaptive weight) from step gan_start on; gan_weight 0 switches it off
+    c.vae.gan_weight = 0.0
+    c.vae.gan_start = 2000
+    c.vae.disc_lr = 0.0  # 0: optim.lr
+    c.vae.disc_width = 32
+    c.vae.disc_layers = 3
     c.data.num_frames = 9
     c.model.patch_size = (1, 1, 1)  # unused by the VAE; keeps the DiT checks quiet
     c.optim.lr = 1e-3

@@ -15,6 +15,7 @@ from flax import nnx
 from sora_jax import diffusion
 from sora_jax.models import vae as vae_lib
 from sora_jax.models.autoencoder import Autoencoder, IdentityAutoencoder, LumaAutoencoder
+from sora_jax.models.discriminator import PatchDiscriminator3D
 from sora_jax.models.dit import DiTConfig, dit_config
 from sora_jax.models.t2v import TextToVideo
 from sora_jax.models.vae import VAEConfig, VideoVAE
@@ -108,6 +109,11 @@ def vae_config(cfg: ml_collections.ConfigDict) -> VAEConfig:
 
 def make_vae(cfg: ml_collections.ConfigDict, seed: int = 0) -> VideoVAE:
     return VideoVAE(vae_config(cfg), rngs=nnx.Rngs(seed))
+
+
+def make_discriminator(cfg: ml_collections.ConfigDict, seed: int = 0) -> PatchDiscriminator3D:
+    v = cfg.vae
+    return PatchDiscriminator3D(3, v.get("disc_width", 64), v.get("disc_layers", 3), rngs=nnx.Rngs(seed))
 
 
 def make_process(cfg: ml_collections.ConfigDict):

@@ -271,3 +271,68 @@ def test_vae_trains_and_evaluates_from_the_command_line(tmp_path):
         [*latent, "--config.autoencoder.path="], cwd=root, env=env, capture_output=True, text=True
     )
     assert missing.returncode == 2 and "autoencoder.path" in missing.stderr
+
+
+def test_hinge_losses_and_adaptive_weight_match_their_formulas():
+    from sora_jax.models.discriminator import adaptive_weight, hinge_d_loss, hinge_g_loss
+
+    real, fake = np.array([2.0, 0.5, -1.0]), np.array([-2.0, 0.0, 1.5])
+    # 0.5 * (mean(relu(1 - real)) + mean(relu(1 + fake)))
+    np.testing.assert_allclose(hinge_d_loss(real, fake), 0.5 * ((0 + 0.5 + 2) / 3 + (0 + 1 + 2.5) / 3))
+    np.testing.assert_allclose(hinge_g_loss(fake), -(-2.0 + 0.0 + 1.5) / 3)
+    a, b = np.array([3.0, 4.0]), np.array([0.0, 0.5])
+    np.testing.assert_allclose(adaptive_weight(a, b), 5.0 / (0.5 + 1e-4), rtol=1e-6)
+    assert float(adaptive_weight(a, np.zeros(2), max_weight=100.0)) == 100.0
+
+
+def test_gan_step_is_the_plain_step_before_gan_start_and_adds_the_weighted_gan_gradient_after():
+    from sora_jax import factory
+    from sora_jax.config import load_config
+    from sora_jax.models.discriminator import adaptive_weight, hinge_g_loss
+    from sora_jax.parallel.mesh import make_mesh
+    from sora_jax.train.loop import build_train_fns
+    from sora_jax.train.step import make_vae_loss_fn
+
+    cfg = load_config(
+        "configs/vae_digits.py:smoke",
+        ["--config.vae.gan_weight=0.5", "--config.vae.gan_start=1", "--config.mesh.data=1"],
+    )
+    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+    init, step, _, _, graphdef = build_train_fns(cfg, mesh)
+    state = init()
+    batch = {"video": np.random.default_rng(0).integers(0, 256, (8, 5, 16, 16, 3), dtype=np.uint8)}
+    loss_fn = make_vae_loss_fn(graphdef, l1_weight=1.0, l2_weight=1.0, kl_weight=cfg.vae.kl_weight)
+
+    # step 0 < gan_start: exactly the plain VAE gradient (and the discriminator does not move)
+    key0 = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 0)
+    g_plain = jax.grad(lambda p: loss_fn(p, batch, key0)[0])(state["params"])
+    disc0 = jax.tree.map(np.asarray, state["disc"])
+    state1, m1 = step(jax.tree.map(jnp.copy, state), batch)
+    assert float(m1["gan_weight"]) == 0.0 and float(m1["d_loss"]) == 0.0
+    for a, b in zip(jax.tree.leaves(disc0), jax.tree.leaves(state1["disc"])):
+        np.testing.assert_array_equal(a, b)
+    # the step reports the global norm of the gradient it applied
+    np.testing.assert_allclose(float(m1["grad_norm"]), float(optax_global_norm(g_plain)), rtol=1e-5)
+
+    # step 1 >= gan_start: gradient = g_rec + 0.5 * w * g_gan, w from the last layer's gradient norms
+    key1 = jax.random.fold_in(jax.random.wrap_key_data(state1["rng"]), 1)
+    disc = nnx.merge(nnx.graphdef(factory.make_discriminator(cfg)), state1["disc"])
+    x = jnp.asarray(batch["video"], jnp.float32) / 127.5 - 1.0
+
+    def g_of(p):
+        recon = nnx.merge(graphdef, p)(x, key1)[0]
+        return hinge_g_loss(disc(recon))
+
+    g_rec = jax.grad(lambda p: loss_fn(p, batch, key1)[0])(state1["params"])
+    g_gan = jax.grad(g_of)(state1["params"])
+    last = lambda g: g["decoder"]["conv_out"]["kernel"].value  # noqa: E731
+    w = 0.5 * float(adaptive_weight(last(g_rec), last(g_gan)))
+    expected = jax.tree.map(lambda a, b: a + w * b, g_rec, g_gan)
+    _, m2 = step(jax.tree.map(jnp.copy, state1), batch)
+    np.testing.assert_allclose(float(m2["gan_weight"]), w, rtol=1e-4)
+    np.testing.assert_allclose(float(m2["grad_norm"]), float(optax_global_norm(expected)), rtol=1e-4)
+    assert float(m2["d_loss"]) > 0
+
+
+def optax_global_norm(tree) -> float:
+    return float(np.sqrt(sum(float(jnp.sum(jnp.square(x))) for x in jax.tree.leaves(tree))))

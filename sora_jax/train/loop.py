@@ -21,7 +21,7 @@ from sora_jax.parallel import sharding
 from sora_jax.parallel.mesh import make_mesh
 from sora_jax.train import checkpoint, metrics
 from sora_jax.train.state import init_state, learning_rate, make_optimizer
-from sora_jax.train.step import make_step, make_train_step, make_vae_loss_fn
+from sora_jax.train.step import make_step, make_train_step, make_vae_gan_step, make_vae_loss_fn
 
 log = logging.getLogger("sora_jax.train")
 
@@ -74,15 +74,38 @@ def build_train_fns(cfg: ml_collections.ConfigDict, mesh):
     tx = make_optimizer(cfg)
     make = factory.make_vae if task(cfg) == "vae" else factory.make_model
 
+    gan = task(cfg) == "vae" and cfg.vae.get("gan_weight", 0.0) > 0
+    disc_tx = make_optimizer(cfg, lr=cfg.vae.get("disc_lr", 0.0) or cfg.optim.lr) if gan else None
+
     def init_fn():
-        return init_state(make(cfg, cfg.seed), tx, cfg.seed)
+        state = init_state(make(cfg, cfg.seed), tx, cfg.seed)
+        if gan:
+            disc = nnx.state(factory.make_discriminator(cfg, cfg.seed + 1), nnx.Param)
+            state |= {"disc": disc, "disc_opt_state": disc_tx.init(disc)}
+        return state
 
     abstract_model = nnx.eval_shape(lambda: make(cfg, cfg.seed))
     graphdef, _ = nnx.split(abstract_model, nnx.Param)
     abstract_state = jax.eval_shape(init_fn)
     state_sharding = sharding.state_shardings(abstract_state, mesh)
     lr_fn = lambda s: learning_rate(cfg, s)  # noqa: E731
-    if task(cfg) == "vae":
+    if gan:
+        v = cfg.vae
+        disc_graphdef, _ = nnx.split(nnx.eval_shape(lambda: factory.make_discriminator(cfg, 0)), nnx.Param)
+        step = make_vae_gan_step(
+            graphdef,
+            disc_graphdef,
+            tx,
+            disc_tx,
+            l1_weight=v.l1_weight,
+            l2_weight=v.l2_weight,
+            kl_weight=v.kl_weight,
+            gan_weight=v.gan_weight,
+            gan_start=v.gan_start,
+            ema_decay=cfg.optim.ema_decay,
+            lr_fn=lr_fn,
+        )
+    elif task(cfg) == "vae":
         v = cfg.vae
         loss_fn = make_vae_loss_fn(
             graphdef, l1_weight=v.l1_weight, l2_weight=v.l2_weight, kl_weight=v.kl_weight

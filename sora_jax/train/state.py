@@ -19,15 +19,17 @@ TrainState = dict[
 ]  # {"step": i32[], "params": nnx.State, "opt_state": ..., "ema": nnx.State, "rng": key}
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with linear warmup then cosine decay to 10%, global-norm clipping first."""
+def make_optimizer(cfg: ml_collections.ConfigDict, lr: float | None = None) -> optax.GradientTransformation:
+    """AdamW with linear warmup then cosine decay to 10%, global-norm clipping first (peak ``lr`` or the
+    config's)."""
     o = cfg.optim
+    lr = o.lr if lr is None else lr
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
-        peak_value=o.lr,
+        peak_value=lr,
         warmup_steps=max(1, o.warmup_steps),
         decay_steps=max(cfg.train.num_steps, o.warmup_steps + 1),
-        end_value=o.lr * 0.1,
+        end_value=lr * 0.1,
     )
     return optax.chain(
         optax.clip_by_global_norm(o.grad_clip),

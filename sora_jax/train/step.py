@@ -11,6 +11,7 @@ import optax
 from flax import nnx
 
 from sora_jax.models.autoencoder import Autoencoder, video_to_float
+from sora_jax.models.discriminator import adaptive_weight, hinge_d_loss, hinge_g_loss
 from sora_jax.models.vae import kl_divergence
 from sora_jax.train.state import TrainState, ema_update
 
@@ -119,3 +120,92 @@ def make_vae_loss_fn(
         return loss, {"l1": l1, "mse": mse, "kl": kl, "psnr": psnr(mse)}
 
     return loss_fn
+
+
+def make_vae_gan_step(
+    graphdef: nnx.GraphDef,
+    disc_graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    disc_tx: optax.GradientTransformation,
+    *,
+    l1_weight: float,
+    l2_weight: float,
+    kl_weight: float,
+    gan_weight: float,
+    gan_start: int,
+    ema_decay: float,
+    lr_fn: Callable[[jax.Array], jax.Array],
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The VAE step with a 3D PatchGAN (state also holds ``disc`` and ``disc_opt_state``).
+
+    One forward of the VAE and two pullbacks (``jax.vjp``): the gradient of reconstruction + KL and the
+    gradient of the generator's hinge loss; the latter is scaled by ``gan_weight`` x the adaptive weight
+    (their norm ratio at the decoder's last layer, taming eq. 7) and counts from step ``gan_start`` on, as
+    does the discriminator's hinge loss on real clips against (stopped) reconstructions.
+    """
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        x = video_to_float(batch["video"])
+        on = (state["step"] >= gan_start).astype(jnp.float32)
+
+        def forward(params):
+            return nnx.merge(graphdef, params)(x, key)
+
+        (recon, mean, logvar), pullback = jax.vjp(forward, state["params"])
+
+        def rec_kl(recon, mean, logvar):
+            err = recon - x
+            l1, mse = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
+            kl = jnp.mean(kl_divergence(mean, logvar)) / x[0].size
+            return l1_weight * l1 + l2_weight * mse + kl_weight * kl, (l1, mse, kl)
+
+        def disc_logits(disc, video):
+            return nnx.merge(disc_graphdef, disc)(video)
+
+        (rec_loss, (l1, mse, kl)), rec_cot = jax.value_and_grad(rec_kl, argnums=(0, 1, 2), has_aux=True)(
+            recon, mean, logvar
+        )
+        g_loss, g_cot = jax.value_and_grad(lambda r: hinge_g_loss(disc_logits(state["disc"], r)))(recon)
+        (g_rec,) = pullback(rec_cot)
+        (g_gan,) = pullback((g_cot, jnp.zeros_like(mean), jnp.zeros_like(logvar)))
+        last = lambda g: g["decoder"]["conv_out"]["kernel"].value  # noqa: E731
+        weight = on * gan_weight * adaptive_weight(last(g_rec), last(g_gan))
+        grads = jax.tree.map(lambda a, b: a + weight * b, g_rec, g_gan)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+
+        fake = jax.lax.stop_gradient(recon)
+
+        def d_loss_fn(disc):
+            real_logits, fake_logits = disc_logits(disc, x), disc_logits(disc, fake)
+            return on * hinge_d_loss(real_logits, fake_logits), (real_logits.mean(), fake_logits.mean())
+
+        (d_loss, (real_mean, fake_mean)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(state["disc"])
+        d_updates, disc_opt_state = disc_tx.update(d_grads, state["disc_opt_state"], state["disc"])
+        new_state = {
+            **state,
+            "step": state["step"] + 1,
+            "params": params,
+            "opt_state": opt_state,
+            "ema": ema_update(state["ema"], params, ema_decay),
+            "disc": optax.apply_updates(state["disc"], d_updates),
+            "disc_opt_state": disc_opt_state,
+        }
+        metrics = {
+            "loss": rec_loss + weight * g_loss,
+            "grad_norm": optax.global_norm(grads),
+            "lr": lr_fn(state["step"]),
+            "l1": l1,
+            "mse": mse,
+            "kl": kl,
+            "psnr": psnr(mse),
+            "g_loss": g_loss,
+            "d_loss": d_loss,
+            "gan_weight": weight,
+            "logits_real": real_mean,
+            "logits_fake": fake_mean,
+        }
+        return new_state, metrics
+
+    return step
