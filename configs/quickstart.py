@@ -26,6 +26,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # folder with ArrayRecord shards + metadata.json; empty: <workdir>/data
+    c.data.content = "video"  # video | latents (precomputed by data_pipelines/encode_latents.py)
     c.data.num_frames = 8
     c.data.height = 32
     c.data.width = 32

@@ -32,6 +32,11 @@ class AutoencoderKind(enum.StrEnum):
     VAE = "vae"  # latents of a trained VAE (config.autoencoder.path: its workdir)
 
 
+class DataContent(enum.StrEnum):
+    VIDEO = "video"
+    LATENTS = "latents"  # data_pipelines/encode_latents.py
+
+
 class TextEncoderKind(enum.StrEnum):
     TRAINABLE = "trainable"
 
@@ -67,6 +72,7 @@ _ENUM_KEYS: dict[str, type[enum.StrEnum]] = {
     "diffusion.schedule": ScheduleKind,
     "diffusion.sampler": Sampler,
     "autoencoder.kind": AutoencoderKind,
+    "data.content": DataContent,
     "text.encoder": TextEncoderKind,
     "model.dtype": DType,
     "model.remat": Remat,
@@ -190,6 +196,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.task = {cfg.task!r} is not one of ['t2v', 'vae']")
     if cfg.get("task", "t2v") == "vae":
         _validate_vae(cfg)
+    if cfg.data.get("content", "video") == "latents" and cfg.autoencoder.kind != "vae":
+        raise ConfigError(
+            "config.data.content = 'latents' needs config.autoencoder.kind = 'vae' (and its path)"
+        )
     pt, ph, pw = cfg.model.patch_size
     latent = cfg.autoencoder.kind == "vae"  # the patch divides the latent video: checked when it is known
     for name, size, p in (

@@ -238,7 +238,17 @@ def test_record_corrupt_raises():
     with pytest.raises(ValueError, match="corrupt clip record"):
         decode_clip(rec[:-6] + bytes(6))
     with pytest.raises(ValueError, match="uint8"):
-        encode_clip(np.zeros((2, 4, 4, 3), np.float32), "cap")
+        encode_clip(np.zeros((2, 4, 4, 3), np.float64), "cap")
+    with pytest.raises(ValueError, match="uint8"):
+        encode_clip(np.zeros((2, 4, 4, 1), np.uint8), "cap")
+
+
+def test_latent_records_round_trip_as_float32():
+    lat = np.random.default_rng(0).normal(size=(3, 2, 2, 4)).astype(np.float16)
+    out = decode_clip(encode_clip(lat, "a 3 moving left", [3], [0]))
+    assert "video" not in out and out["latents"].dtype == np.float32
+    np.testing.assert_array_equal(out["latents"], lat.astype(np.float32))
+    assert out["caption"] == "a 3 moving left" and list(out["digits"]) == [3, -1]
 
 
 # ---------------------------------------------------------------------------------------------- build

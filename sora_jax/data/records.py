@@ -4,7 +4,8 @@ Layout of one record (no pickle, readable from any language)::
 
     b"SJC1" | uint32 little-endian header length | JSON header (utf-8) | zlib(raw uint8 video bytes)
 
-The header holds ``shape`` [T, H, W, 3], ``dtype`` ("uint8"), ``caption``, ``digits`` and ``directions``
+The header holds ``shape`` [T, H, W, C], ``dtype`` ("uint8" for a video [T, H, W, 3]; "float16" or
+"float32" for precomputed latents [T', H', W', Z], which decode under the key ``latents``), ``caption``, ``digits`` and ``directions``
 (two ints each, -1 where absent) and ``payload_bytes`` (length of the compressed video). ArrayRecord
 shards written by ``data_pipelines`` and ``sora-jax ingest`` store one such record per clip.
 """
@@ -42,14 +43,18 @@ def encode_clip(
 ) -> bytes:
     """Encodes a clip. video: uint8 [T, H, W, 3]; digits, directions: int [<=2] or None (-> -1s)."""
     video = np.asarray(video)
-    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
-        raise ValueError(f"encode_clip: video must be uint8 [T, H, W, 3], got {video.dtype} {video.shape}")
+    is_latent = video.dtype in (np.float16, np.float32)
+    if video.ndim != 4 or not (is_latent or (video.dtype == np.uint8 and video.shape[-1] == 3)):
+        raise ValueError(
+            f"encode_clip: video must be uint8 [T, H, W, 3] or float16/32 latents [T, H, W, Z], "
+            f"got {video.dtype} {video.shape}"
+        )
     if not isinstance(caption, str):
         raise ValueError(f"encode_clip: caption must be a str, got {type(caption).__name__}")
     payload = zlib.compress(np.ascontiguousarray(video).tobytes(), level)
     header = {
         "shape": list(video.shape),
-        "dtype": "uint8",
+        "dtype": str(video.dtype),
         "caption": caption,
         "digits": _labels(digits, "digits"),
         "directions": _labels(directions, "directions"),
@@ -60,7 +65,8 @@ def encode_clip(
 
 
 def decode_clip(b: bytes) -> dict[str, Any]:
-    """Decodes a record -> {video uint8 [T,H,W,3], caption str, digits int32 [2], directions int32 [2]}.
+    """Decodes a record -> {video uint8 [T,H,W,3] (or latents float32), caption str, digits int32 [2],
+    directions int32 [2]}.
 
     Raises ValueError (saying what is wrong) on anything that is not a complete, valid record.
     """
@@ -83,8 +89,9 @@ def decode_clip(b: bytes) -> dict[str, Any]:
         directions = np.asarray(header["directions"], np.int32)
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"corrupt clip record: unreadable header ({e})") from e
-    if header.get("dtype") != "uint8" or len(shape) != 4:
-        raise ValueError(f"corrupt clip record: unsupported dtype/shape {header.get('dtype')} {shape}")
+    dtype = header.get("dtype")
+    if dtype not in ("uint8", "float16", "float32") or len(shape) != 4:
+        raise ValueError(f"corrupt clip record: unsupported dtype/shape {dtype} {shape}")
     payload = b[start + hlen :]
     if len(payload) != payload_len:
         raise ValueError(
@@ -94,7 +101,14 @@ def decode_clip(b: bytes) -> dict[str, Any]:
         raw = zlib.decompress(payload)
     except zlib.error as e:
         raise ValueError(f"corrupt clip record: video payload does not decompress ({e})") from e
-    if len(raw) != int(np.prod(shape)):
-        raise ValueError(f"corrupt clip record: {len(raw)} video bytes do not fill shape {shape}")
-    video = np.frombuffer(raw, np.uint8).reshape(shape).copy()  # writable
-    return {"video": video, "caption": caption, "digits": digits, "directions": directions}
+    if len(raw) != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+        raise ValueError(f"corrupt clip record: {len(raw)} bytes do not fill shape {shape} of {dtype}")
+    array = np.frombuffer(raw, dtype).reshape(shape).copy()  # writable
+    if dtype != "uint8":
+        return {
+            "latents": array.astype(np.float32),
+            "caption": caption,
+            "digits": digits,
+            "directions": directions,
+        }
+    return {"video": array, "caption": caption, "digits": digits, "directions": directions}

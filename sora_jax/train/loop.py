@@ -60,7 +60,10 @@ def data_path(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Path:
 
 def abstract_batch(cfg: ml_collections.ConfigDict, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     d, b, length = cfg.data, cfg.data.batch_size, cfg.text.max_length
-    shapes = {"video": ((b, d.num_frames, d.height, d.width, 3), jnp.uint8)}
+    if d.get("content", "video") == "latents":
+        shapes = {"latents": ((b, *factory.latent_shape(cfg)), jnp.float32)}
+    else:
+        shapes = {"video": ((b, d.num_frames, d.height, d.width, 3), jnp.uint8)}
     if task(cfg) == "t2v":
         shapes |= {"tokens": ((b, length), jnp.int32), "text_mask": ((b, length), jnp.bool_)}
     return {

@@ -34,7 +34,10 @@ def make_loss_fn(
         drop = jax.random.uniform(k_drop, (ids.shape[0], 1)) < caption_dropout
         ids = jnp.where(drop, null_ids[None, :], ids)
         mask = jnp.where(drop, null_mask[None, :], mask)
-        x0 = autoencoder.encode(video_to_float(batch["video"]))
+        if "latents" in batch:  # precomputed by data_pipelines/encode_latents.py
+            x0 = batch["latents"]
+        else:
+            x0 = autoencoder.encode(video_to_float(batch["video"]))
         ctx, ctx_mask = model.encode_text(ids, mask)
         per_example = process.training_loss(lambda xt, t: model.denoise(xt, t, ctx, ctx_mask), x0, k_diff)
         return per_example.mean()
