@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     p.add_argument("--num_prompts", type=int, default=64)
     p.add_argument("--num_clips", type=int, default=256, help="VAE workdirs: clips to reconstruct")
+    p.add_argument("--raw_params", action="store_true", help="score the raw parameters, not the EMA")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="report folder (default: <workdir>/eval)")
@@ -119,7 +120,13 @@ def run(argv: list[str]) -> int:
         if restore_config(args.workdir)[1].get("task", "t2v") == "vae":
             from sora_jax.eval.reconstruction import evaluate_vae
 
-            metrics = evaluate_vae(args.workdir, num_clips=args.num_clips, split=args.split, out=args.out)
+            metrics = evaluate_vae(
+                args.workdir,
+                num_clips=args.num_clips,
+                split=args.split,
+                out=args.out,
+                use_ema=False if args.raw_params else None,
+            )
             print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
             return 0
         report = evaluate_workdir(

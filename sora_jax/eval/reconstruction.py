@@ -113,13 +113,15 @@ def evaluate_vae(
     batch_size: int = 16,
     out: str | Path | None = None,
     progress: bool = True,
+    use_ema: bool | None = None,
 ) -> dict:
-    """PSNR / SSIM of the workdir's VAE on ``num_clips`` clips of ``split``; writes the report; returns it."""
+    """PSNR / SSIM of the workdir's VAE on ``num_clips`` clips of ``split``; writes the report; returns it.
+    ``use_ema`` False scores the raw parameters (default: the config's ``sample.use_ema``)."""
     from sora_jax import api, factory
     from sora_jax.data import pipeline
     from sora_jax.train.loop import data_path
 
-    cfg, step, graphdef, params = api.restore(workdir)
+    cfg, step, graphdef, params = api.restore(workdir, use_ema=use_ema)
 
     def clips(which: str):
         return pipeline.make_dataset(
@@ -161,6 +163,7 @@ def evaluate_vae(
     metrics = {
         "split": split,
         "step": int(step),
+        "weights": "ema" if (cfg.sample.use_ema if use_ema is None else use_ema) else "raw",
         "clips": int(seen),
         "frames": int(originals.shape[1]),
         "size": f"{originals.shape[2]}x{originals.shape[3]}",
