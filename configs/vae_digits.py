@@ -25,6 +25,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.vae.l1_weight = 1.0
     c.vae.l2_weight = 1.0
     c.vae.kl_weight = 1e-3  # per pixel, on KL summed over each clip's latent
+    # LPIPS on a user-supplied VGG16 (.npz in torchvision naming, sora_jax/models/perceptual.py); 0: off
+    c.vae.perceptual_weight = 0.0
+    c.vae.perceptual_path = ""
     # 3D PatchGAN (hinge loss, adaptive weight) from step gan_start on; gan_weight 0 switches it off
     c.vae.gan_weight = 0.0
     c.vae.gan_start = 2000

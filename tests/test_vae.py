@@ -336,3 +336,127 @@ def test_gan_step_is_the_plain_step_before_gan_start_and_adds_the_weighted_gan_g
 
 def optax_global_norm(tree) -> float:
     return float(np.sqrt(sum(float(jnp.sum(jnp.square(x))) for x in jax.tree.leaves(tree))))
+
+
+def _random_vgg_npz(path, lpips_heads: bool, seed: int = 0):
+    from sora_jax.models.perceptual import VGG16_CONV_INDICES, VGG16_WIDTHS
+
+    rng = np.random.default_rng(seed)
+    arrays, cin = {}, 3
+    for idx, width in zip(VGG16_CONV_INDICES, VGG16_WIDTHS):
+        arrays[f"features.{idx}.weight"] = rng.normal(0, np.sqrt(2 / (9 * cin)), (width, cin, 3, 3)).astype(
+            np.float32
+        )
+        arrays[f"features.{idx}.bias"] = rng.normal(0, 0.1, width).astype(np.float32)
+        cin = width
+    if lpips_heads:
+        for k, c in enumerate((64, 128, 256, 512, 512)):
+            arrays[f"lin{k}.model.1.weight"] = rng.uniform(0, 1, (1, c, 1, 1)).astype(np.float32)
+    np.savez(path, **arrays)
+    return arrays
+
+
+def _lpips_numpy(arrays, a, b):
+    """LPIPS by the book, in float64 numpy/scipy, torch weight layout [out, in, kh, kw]: reference."""
+    from scipy.signal import correlate2d
+
+    from sora_jax.models.perceptual import VGG16_CONV_INDICES
+
+    shift, scale = np.array([-0.030, -0.088, -0.188]), np.array([0.458, 0.448, 0.450])
+
+    def feats(img):  # [H, W, 3]
+        h, out = (img - shift) / scale, []
+        for idx in VGG16_CONV_INDICES:
+            w, bias = arrays[f"features.{idx}.weight"].astype(np.float64), arrays[f"features.{idx}.bias"]
+            y = np.stack(
+                [
+                    sum(correlate2d(h[..., i], w[o, i], mode="same") for i in range(w.shape[1])) + bias[o]
+                    for o in range(w.shape[0])
+                ],
+                axis=-1,
+            )
+            h = np.maximum(y, 0)
+            if idx in (2, 7, 14, 21, 28):
+                out.append(h)
+            if idx in (2, 7, 14, 21):
+                H, W = h.shape[0] // 2 * 2, h.shape[1] // 2 * 2
+                h = h[:H, :W].reshape(H // 2, 2, W // 2, 2, -1).max(axis=(1, 3))
+        return out
+
+    total = 0.0
+    for k, (fa, fb) in enumerate(zip(feats(a), feats(b))):
+        na = fa / (np.sqrt((fa**2).sum(-1, keepdims=True)) + 1e-10)
+        nb = fb / (np.sqrt((fb**2).sum(-1, keepdims=True)) + 1e-10)
+        d = (na - nb) ** 2
+        lin = arrays.get(f"lin{k}.model.1.weight")
+        d = d @ lin.reshape(-1) if lin is not None else d.mean(-1)
+        total += d.mean()
+    return total
+
+
+def test_perceptual_loss_matches_a_numpy_lpips(tmp_path):
+    from sora_jax.models.perceptual import PerceptualLoss, load_perceptual
+
+    arrays = _random_vgg_npz(tmp_path / "vgg.npz", lpips_heads=True)
+    loss = load_perceptual(tmp_path / "vgg.npz")
+    rng = np.random.default_rng(1)
+    a = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    b = np.clip(a + rng.normal(0, 0.3, a.shape), -1, 1).astype(np.float32)
+    got = np.asarray(loss(jnp.asarray(a), jnp.asarray(b)))
+    np.testing.assert_allclose(
+        got[0], _lpips_numpy(arrays, a[0].astype(np.float64), b[0].astype(np.float64)), rtol=2e-4
+    )
+    assert got[1] > 0
+    np.testing.assert_allclose(np.asarray(loss(jnp.asarray(a), jnp.asarray(a))), 0.0, atol=1e-7)
+    # without LPIPS heads every channel weighs the same: heads of 1 / C give the same distance
+    uniform = PerceptualLoss(loss_convs(arrays), [np.full(c, 1.0 / c) for c in (64, 128, 256, 512, 512)])
+    plain = PerceptualLoss(loss_convs(arrays), None)
+    np.testing.assert_allclose(
+        plain(jnp.asarray(a), jnp.asarray(b)), uniform(jnp.asarray(a), jnp.asarray(b)), rtol=1e-5
+    )
+
+
+def loss_convs(arrays):
+    from sora_jax.models.perceptual import VGG16_CONV_INDICES
+
+    return [(arrays[f"features.{i}.weight"], arrays[f"features.{i}.bias"]) for i in VGG16_CONV_INDICES]
+
+
+def test_perceptual_weights_errors_name_the_problem(tmp_path):
+    from sora_jax.models.perceptual import load_perceptual
+
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_perceptual(tmp_path / "none.npz")
+    arrays = _random_vgg_npz(tmp_path / "vgg.npz", True)
+    arrays.pop("features.10.weight")
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match="features.10.weight"):
+        load_perceptual(tmp_path / "bad.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="readable"):
+        load_perceptual(tmp_path / "junk.npz")
+
+
+def test_vae_training_adds_the_perceptual_term(tmp_path):
+    from sora_jax.config import load_config
+    from sora_jax.parallel.mesh import make_mesh
+    from sora_jax.train.loop import build_train_fns
+
+    _random_vgg_npz(tmp_path / "vgg.npz", lpips_heads=True)
+    base = ["--config.mesh.data=1", "--config.data.batch_size=2"]
+    cfg = load_config("configs/vae_digits.py:smoke", base)
+    with_p = load_config(
+        "configs/vae_digits.py:smoke",
+        [*base, "--config.vae.perceptual_weight=0.5", f"--config.vae.perceptual_path={tmp_path / 'vgg.npz'}"],
+    )
+    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+    batch = {"video": np.random.default_rng(0).integers(0, 256, (2, 5, 16, 16, 3), dtype=np.uint8)}
+    init, step, *_ = build_train_fns(cfg, mesh)
+    _, m0 = step(init(), batch)
+    init, step, *_ = build_train_fns(with_p, mesh)
+    _, m1 = step(init(), batch)
+    assert "lpips" not in m0 and float(m1["lpips"]) > 0
+    np.testing.assert_allclose(float(m1["loss"]), float(m0["loss"]) + 0.5 * float(m1["lpips"]), rtol=1e-5)
+    bad = load_config("configs/vae_digits.py:smoke", [*base, "--config.vae.perceptual_weight=0.5"])
+    with pytest.raises(ValueError, match="perceptual_path"):
+        build_train_fns(bad, mesh)

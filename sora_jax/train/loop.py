@@ -92,6 +92,13 @@ def build_train_fns(cfg: ml_collections.ConfigDict, mesh):
     abstract_state = jax.eval_shape(init_fn)
     state_sharding = sharding.state_shardings(abstract_state, mesh)
     lr_fn = lambda s: learning_rate(cfg, s)  # noqa: E731
+    perceptual = None
+    if task(cfg) == "vae" and cfg.vae.get("perceptual_weight", 0.0) > 0:
+        from sora_jax.models.perceptual import load_perceptual
+
+        if not cfg.vae.get("perceptual_path"):
+            raise ValueError("config.vae.perceptual_weight > 0 needs config.vae.perceptual_path (VGG16 .npz)")
+        perceptual = load_perceptual(cfg.vae.perceptual_path)
     if gan:
         v = cfg.vae
         disc_graphdef, _ = nnx.split(nnx.eval_shape(lambda: factory.make_discriminator(cfg, 0)), nnx.Param)
@@ -107,11 +114,18 @@ def build_train_fns(cfg: ml_collections.ConfigDict, mesh):
             gan_start=v.gan_start,
             ema_decay=cfg.optim.ema_decay,
             lr_fn=lr_fn,
+            perceptual=perceptual,
+            perceptual_weight=v.get("perceptual_weight", 0.0),
         )
     elif task(cfg) == "vae":
         v = cfg.vae
         loss_fn = make_vae_loss_fn(
-            graphdef, l1_weight=v.l1_weight, l2_weight=v.l2_weight, kl_weight=v.kl_weight
+            graphdef,
+            l1_weight=v.l1_weight,
+            l2_weight=v.l2_weight,
+            kl_weight=v.kl_weight,
+            perceptual=perceptual,
+            perceptual_weight=v.get("perceptual_weight", 0.0),
         )
         step = make_step(loss_fn, tx, ema_decay=cfg.optim.ema_decay, lr_fn=lr_fn)
     else:

@@ -106,11 +106,24 @@ def psnr(mse_pm1: jax.Array) -> jax.Array:
     return 10.0 * jnp.log10(4.0 / jnp.maximum(mse_pm1, 1e-12))
 
 
+def _perceptual_term(perceptual, recon: jax.Array, x: jax.Array) -> jax.Array:
+    """Mean LPIPS over every frame of recon / x ``[B, T, H, W, 3]``."""
+    frames = lambda v: v.reshape(-1, *v.shape[2:])  # noqa: E731
+    return jnp.mean(perceptual(frames(recon), frames(x)))
+
+
 def make_vae_loss_fn(
-    graphdef: nnx.GraphDef, *, l1_weight: float, l2_weight: float, kl_weight: float
+    graphdef: nnx.GraphDef,
+    *,
+    l1_weight: float,
+    l2_weight: float,
+    kl_weight: float,
+    perceptual=None,
+    perceptual_weight: float = 0.0,
 ) -> Callable[[nnx.State, dict, jax.Array], tuple[jax.Array, dict]]:
     """VAE loss on batch["video"] u8 [B, T, H, W, 3]: ``l1 |x - x^| + l2 (x - x^)^2 + kl KL / n``, the means
-    over pixels in [-1, 1] and KL (summed over each clip's latent) divided by the clip's pixel count n."""
+    over pixels in [-1, 1] and KL (summed over each clip's latent) divided by the clip's pixel count n; plus
+    ``perceptual_weight`` x mean LPIPS over frames when a ``perceptual`` loss (``models.perceptual``) is given."""
 
     def loss_fn(params, batch, key):
         model = nnx.merge(graphdef, params)
@@ -120,7 +133,11 @@ def make_vae_loss_fn(
         l1, mse = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
         kl = jnp.mean(kl_divergence(mean, logvar)) / (x[0].size)
         loss = l1_weight * l1 + l2_weight * mse + kl_weight * kl
-        return loss, {"l1": l1, "mse": mse, "kl": kl, "psnr": psnr(mse)}
+        aux = {"l1": l1, "mse": mse, "kl": kl, "psnr": psnr(mse)}
+        if perceptual is not None and perceptual_weight > 0:
+            aux["lpips"] = _perceptual_term(perceptual, recon, x)
+            loss = loss + perceptual_weight * aux["lpips"]
+        return loss, aux
 
     return loss_fn
 
@@ -138,6 +155,8 @@ def make_vae_gan_step(
     gan_start: int,
     ema_decay: float,
     lr_fn: Callable[[jax.Array], jax.Array],
+    perceptual=None,
+    perceptual_weight: float = 0.0,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The VAE step with a 3D PatchGAN (state also holds ``disc`` and ``disc_opt_state``).
 
@@ -161,7 +180,10 @@ def make_vae_gan_step(
             err = recon - x
             l1, mse = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
             kl = jnp.mean(kl_divergence(mean, logvar)) / x[0].size
-            return l1_weight * l1 + l2_weight * mse + kl_weight * kl, (l1, mse, kl)
+            loss = l1_weight * l1 + l2_weight * mse + kl_weight * kl
+            if perceptual is not None and perceptual_weight > 0:
+                loss = loss + perceptual_weight * _perceptual_term(perceptual, recon, x)
+            return loss, (l1, mse, kl)
 
         def disc_logits(disc, video):
             return nnx.merge(disc_graphdef, disc)(video)
