@@ -80,7 +80,7 @@ VAE_VARIANTS: dict[str, dict] = {
     "smoke": dict(
         base_width=8, width_mults=(1, 2, 2), temporal_down=(True, True), num_res_blocks=1, latent_channels=4
     ),
-    # moving digits (32x32 grey): 4x temporal, 4x spatial, 8 channels; minutes on CPU
+    # moving digits (32x32 grey): 4x temporal, 4x spatial, 8 channels (configs/vae_digits.py narrows it to 16)
     "digits": dict(
         base_width=32, width_mults=(1, 2, 4), temporal_down=(True, True), num_res_blocks=1, latent_channels=8
     ),
