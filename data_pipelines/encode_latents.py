@@ -43,7 +43,6 @@ def encode_dataset(
         raise FileExistsError(f"{out} exists; choose a new --out (latents are never overwritten)")
     meta = pipeline.read_metadata(data)
     codec = VAECodec.from_workdir(vae)
-    stats = json.loads((Path(vae) / "latent_stats.json").read_text())
     encode = jax.jit(lambda v: codec.encode(video_to_float(v)))
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -51,18 +50,7 @@ def encode_dataset(
     try:
         splits = {}
         for split, info in meta["splits"].items():
-            ds = pipeline.make_dataset(
-                data,
-                split,
-                global_batch_size=batch_size,
-                tokenize=lambda c: (np.zeros((len(c), 1), np.int32), np.ones((len(c), 1), bool)),
-                seed=0,
-                shuffle=False,
-                repeat=False,
-                process_index=0,
-                process_count=1,
-                drop_remainder=False,
-            )
+            ds = pipeline.in_order(data, split, batch_size)
             name = f"{split}-00000-of-00001.array_record"
             writer = ArrayRecordWriter(str(tmp / name), "group_size:1")
             bar = tqdm(total=info["num_clips"], desc=f"encode {split}", disable=not progress)
@@ -85,7 +73,7 @@ def encode_dataset(
             "latent_shape": latent_shape,
             "latent_dtype": "float16",
             "vae": str(Path(vae).absolute()),
-            "vae_step": stats["step"],
+            "vae_step": codec.step,
             "source": str(data.absolute()),
             "splits": splits,
         }

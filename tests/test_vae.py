@@ -221,17 +221,7 @@ def test_vae_trains_and_evaluates_from_the_command_line(tmp_path):
     assert stats["step"] == 4 and stats["split"] == "train" and stats["clips"] == 8
     codec = vae_lib.VAECodec.from_workdir(tmp_path / "v")
     data = tmp_path / "v" / "data"
-    ds = pipeline.make_dataset(
-        data,
-        "train",
-        global_batch_size=8,
-        tokenize=lambda c: (np.zeros((len(c), 1)), np.ones((len(c), 1))),
-        seed=0,
-        shuffle=False,
-        repeat=False,
-        process_index=0,
-        process_count=1,
-    )
+    ds = pipeline.in_order(data, "train", 8)
     x = video_to_float(next(iter(ds))["video"])
     z = np.asarray(codec.encode(x), np.float64)
     assert abs(z.mean()) < 1e-4 and abs(z.std() - 1) < 1e-4

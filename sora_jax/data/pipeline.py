@@ -131,6 +131,27 @@ def make_dataset(
     return it
 
 
+def _no_tokens(captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((len(captions), 1), np.int32), np.ones((len(captions), 1), bool)
+
+
+def in_order(path: str | pathlib.Path, split: str, batch_size: int) -> grain.IterDataset:
+    """Every clip of a split once, in stored order, on this process alone, in batches of ``batch_size``
+    (the last one smaller); no tokens (for evaluation and preprocessing, not training)."""
+    return make_dataset(
+        path,
+        split,
+        global_batch_size=batch_size,
+        tokenize=_no_tokens,
+        seed=0,
+        shuffle=False,
+        repeat=False,
+        process_index=0,
+        process_count=1,
+        drop_remainder=False,
+    )
+
+
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Process-local arrays [b, ...] -> global jax.Arrays [b * process_count, ...] sharded over BATCH_AXES.
 
@@ -146,4 +167,4 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     return out
 
 
-__all__ = ("make_dataset", "open_source", "read_metadata", "to_global")
+__all__ = ("in_order", "make_dataset", "open_source", "read_metadata", "to_global")

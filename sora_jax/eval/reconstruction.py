@@ -124,18 +124,7 @@ def evaluate_vae(
     cfg, step, graphdef, params = api.restore(workdir, use_ema=use_ema)
 
     def clips(which: str):
-        return pipeline.make_dataset(
-            data_path(cfg, workdir),
-            which,
-            global_batch_size=batch_size,
-            tokenize=factory.make_tokenizer(cfg).encode,
-            seed=0,
-            shuffle=False,
-            repeat=False,
-            process_index=0,
-            process_count=1,
-            drop_remainder=False,
-        )
+        return pipeline.in_order(data_path(cfg, workdir), which, batch_size)
 
     ds = clips(split)
 

@@ -532,8 +532,16 @@ class VAECodec:
     checkpoints by ``sora-jax eval``), ``decode`` undoes it and decodes, clipped to [-1, 1]. Parameters are
     held as host arrays and enter jitted code as constants."""
 
-    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, cfg: VAEConfig, shift: float, scale: float):
-        self.graphdef, self.params, self.cfg = graphdef, params, cfg
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        params: nnx.State,
+        cfg: VAEConfig,
+        shift: float,
+        scale: float,
+        step: int = 0,
+    ):
+        self.graphdef, self.params, self.cfg, self.step = graphdef, params, cfg, int(step)
         self.shift, self.scale = float(shift), float(scale)
         self.latent_channels = cfg.latent_channels
         self.temporal_downsample = cfg.temporal_downsample
@@ -557,7 +565,7 @@ class VAECodec:
         vcfg, step, graphdef, params = api.restore(workdir, step=stats.get("step"))
         if vcfg.get("task", "t2v") != "vae":
             raise ValueError(f"{workdir} holds a {vcfg.get('task', 't2v')!r} model, not a VAE")
-        return cls(graphdef, params, factory.vae_config(vcfg), stats["shift"], stats["scale"])
+        return cls(graphdef, params, factory.vae_config(vcfg), stats["shift"], stats["scale"], step)
 
     def _model(self) -> VideoVAE:
         return nnx.merge(self.graphdef, self.params)
