@@ -37,6 +37,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.batch_size = 16  # global
     c.data.num_workers = 0
     c.data.shuffle_seed = 0
+    # native-size training (sora_jax/data/buckets.py): "TxHxW,..." buckets, e.g. "16x256x256,1x512x512"; each
+    # batch is one bucket with token_budget // tokens-per-clip clips (0: data.batch_size); clips are sampled
+    # at data.fps (0: native) and never upscaled more than max_upscale to cover their bucket. "": one shape.
+    c.data.buckets = ""
+    c.data.token_budget = 0
+    c.data.max_upscale = 1.0
 
     c.autoencoder = ml_collections.ConfigDict()
     c.autoencoder.kind = "luma"  # identity (pixel RGB) | luma (pixel grey) | vae (latents of a trained VAE)

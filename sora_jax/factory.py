@@ -120,6 +120,21 @@ def make_process(cfg: ml_collections.ConfigDict):
     return diffusion.process_from_config(cfg.diffusion)
 
 
+def tokens_per_clip(cfg: ml_collections.ConfigDict, frames: int, height: int, width: int) -> int:
+    """Spacetime patches (DiT tokens) of one clip of (frames, height, width) pixels under ``cfg``; for the
+    VAE task, pixels. ValueError when the sizes do not divide."""
+    if cfg.get("task", "t2v") == "vae":
+        return frames * height * width
+    t, h, w, _ = make_autoencoder(cfg).latent_shape(frames, height, width)
+    pt, ph, pw = cfg.model.patch_size
+    if t % pt or h % ph or w % pw:
+        raise ValueError(
+            f"a {frames}x{height}x{width} clip gives latents {t}x{h}x{w}, which patch size "
+            f"{tuple(cfg.model.patch_size)} does not divide"
+        )
+    return (t // pt) * (h // ph) * (w // pw)
+
+
 def latent_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
     """(T', H', W', C) of the latent video the DiT works on."""
     return tuple(make_autoencoder(cfg).latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width))

@@ -121,6 +121,11 @@ def make_dataset(
     # global batch k = records [kB, (k+1)B); this process's part: [kB + p b, kB + (p+1) b)
     ds = ds.batch(per_process, drop_remainder=drop_remainder, batch_fn=list)[process_index::process_count]
     ds = ds.map(_decode_batch).map(_Tokenize(tokenize))
+    return to_iter(ds, num_workers)
+
+
+def to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
+    """``ds`` as an IterDataset read by 2 threads, in ``num_workers`` worker processes when > 0."""
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
     if num_workers > 0:
         from absl import flags

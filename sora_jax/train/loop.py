@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,10 +13,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
 from sora_jax import factory
+from sora_jax.data import buckets as buckets_lib
 from sora_jax.data import pipeline
 from sora_jax.parallel import sharding
 from sora_jax.parallel.mesh import make_mesh
@@ -58,18 +61,72 @@ def data_path(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     return path
 
 
-def abstract_batch(cfg: ml_collections.ConfigDict, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(
+    cfg: ml_collections.ConfigDict, mesh, video_shape: tuple[int, int, int, int] | None = None
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the step takes; ``video_shape`` (B, T, H, W) overrides the config's (buckets)."""
     d, b, length = cfg.data, cfg.data.batch_size, cfg.text.max_length
+    if video_shape is not None:
+        b = video_shape[0]
     if d.get("content", "video") == "latents":
         shapes = {"latents": ((b, *factory.latent_shape(cfg)), jnp.float32)}
     else:
-        shapes = {"video": ((b, d.num_frames, d.height, d.width, 3), jnp.uint8)}
+        t, h, w = video_shape[1:] if video_shape is not None else (d.num_frames, d.height, d.width)
+        shapes = {"video": ((b, t, h, w, 3), jnp.uint8)}
     if task(cfg) == "t2v":
         shapes |= {"tokens": ((b, length), jnp.int32), "text_mask": ((b, length), jnp.bool_)}
     return {
         k: jax.ShapeDtypeStruct(s, dt, sharding=sharding.batch_sharding(mesh, len(s)))
         for k, (s, dt) in shapes.items()
     }
+
+
+def _batch_key(batch: dict) -> tuple:
+    return tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+
+
+def _bucket_plan(
+    cfg: ml_collections.ConfigDict, mesh, index, check_batches: bool = True
+) -> buckets_lib.BucketPlan:
+    d = cfg.data
+    if d.get("content", "video") != "video":
+        raise ValueError("config.data.buckets needs data.content = 'video' (latent records have one shape)")
+    batch_axes = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    return buckets_lib.BucketPlan(
+        index,
+        buckets_lib.parse_buckets(d.buckets),
+        token_budget=int(d.get("token_budget", 0)),
+        tokens_fn=lambda b: factory.tokens_per_clip(cfg, *b.shape),
+        batch_multiple=math.lcm(batch_axes, jax.process_count()),
+        default_batch=d.batch_size,
+        target_fps=float(d.get("fps", 0) or 0),
+        max_upscale=float(d.get("max_upscale", 1.0)),
+        seed=d.shuffle_seed,
+        check_batches=check_batches,
+    )
+
+
+def bucket_batch_shapes(cfg: ml_collections.ConfigDict, mesh) -> dict[tuple[int, int, int], int]:
+    """{(T, H, W): global batch} of the config's buckets (checks every bucket against the model)."""
+    plan = _bucket_plan(cfg, mesh, np.zeros((0, 4)), check_batches=False)
+    return {b.shape: n for b, n in zip(plan.buckets, plan.batch_sizes)}
+
+
+def make_bucketed_train_data(cfg: ml_collections.ConfigDict, path, mesh, tokenize):
+    """The bucketed train stream of ``path`` (index from metadata, else read from the record headers)."""
+    source = pipeline.open_source(path, "train")
+    entry = pipeline.read_metadata(path)["splits"]["train"]
+    index = np.load(Path(path) / entry["index"]) if entry.get("index") else buckets_lib.scan_index(source)
+    plan = _bucket_plan(cfg, mesh, index)
+    log.info(
+        "buckets (clips per bucket): %s; batches %s; %d batches per epoch",
+        plan.counts(),
+        dict(zip(map(str, plan.buckets), plan.batch_sizes)),
+        plan.batches_per_epoch,
+    )
+    return buckets_lib.make_bucketed_dataset(
+        source, plan, tokenize=tokenize, num_workers=cfg.data.num_workers
+    )
 
 
 def build_train_fns(cfg: ml_collections.ConfigDict, mesh):
@@ -219,20 +276,33 @@ def train_and_evaluate(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
     )
     _log_state_bytes(abstract_sharded, mesh)
-    compiled = step_jit.lower(abstract_sharded, batch_abstract).compile()
-    memory = _log_memory(compiled)
+    # one executable per batch shape: the config's, or every bucket's (memory checked before training)
+    executables, memory = {}, {}
+    if cfg.data.get("buckets"):
+        shapes = [(b, *shape) for shape, b in bucket_batch_shapes(cfg, mesh).items()]
+    else:
+        shapes = [None]
+    for shape in shapes:
+        abstract = abstract_batch(cfg, mesh, video_shape=shape)
+        if shape is not None:
+            log.info("bucket %s: global batch %d", "x".join(map(str, shape[1:])), shape[0])
+        executables[_batch_key(abstract)] = compiled = step_jit.lower(abstract_sharded, abstract).compile()
+        memory = _log_memory(compiled)
     if compile_only:
         return {"compiled": True, **memory}
 
     tokenizer = factory.make_tokenizer(cfg)
-    dataset = pipeline.make_dataset(
-        data_path(cfg, workdir),
-        "train",
-        global_batch_size=cfg.data.batch_size,
-        tokenize=tokenizer.encode,
-        seed=cfg.data.shuffle_seed,
-        num_workers=cfg.data.num_workers,
-    )
+    if cfg.data.get("buckets"):
+        dataset = make_bucketed_train_data(cfg, data_path(cfg, workdir), mesh, tokenizer.encode)
+    else:
+        dataset = pipeline.make_dataset(
+            data_path(cfg, workdir),
+            "train",
+            global_batch_size=cfg.data.batch_size,
+            tokenize=tokenizer.encode,
+            seed=cfg.data.shuffle_seed,
+            num_workers=cfg.data.num_workers,
+        )
     data_iter = iter(dataset)
 
     mgr = checkpoint.manager(workdir, keep=cfg.train.keep_checkpoints)
@@ -253,7 +323,11 @@ def train_and_evaluate(
             batch = pipeline.to_global(
                 {k: v for k, v in next(data_iter).items() if k in batch_abstract}, mesh
             )
-            state, step_metrics = compiled(state, batch)
+            key = _batch_key(batch)
+            if key not in executables:  # not expected: every shape is compiled above
+                log.warning("compiling the step for an unexpected batch shape %s", key)
+                executables[key] = step_jit.lower(state, batch).compile()
+            state, step_metrics = executables[key](state, batch)
             pending.append((step + 1, step_metrics))
             steps_timed += 1
             bar.update(1)
@@ -279,4 +353,5 @@ def train_and_evaluate(
         mgr.close()
         writer.close()
     last["step"] = total
+    last["compiled_steps"] = len(executables)
     return last
