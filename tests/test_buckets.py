@@ -128,35 +128,44 @@ def test_two_processes_disjoint_cover_epoch_and_assemble_one_process_batch(data)
 
 _RESUME = """
 import json, sys
-import numpy as np
+import jax, numpy as np
 from sora_jax.data import buckets as bk
 from sora_jax.data.pipeline import open_source
+from sora_jax.train import checkpoint
 index = np.load(sys.argv[1] + "/train.index.npy")
 plan = bk.BucketPlan(index, bk.parse_buckets({buckets!r}), token_budget=64,
     tokens_fn=lambda b: b.frames * (b.height // 8) * (b.width // 8), target_fps=8.0, seed=3)
 it = iter(bk.make_bucketed_dataset(open_source(sys.argv[1], "train"), plan))
-it.set_state(json.loads(sys.argv[2]))
+with checkpoint.manager(sys.argv[2]) as mgr:
+    step, _ = checkpoint.restore(mgr, {{"x": jax.ShapeDtypeStruct((1,), np.float32)}}, data_iter=it)
+assert step == 13, step
 out = [next(it) for _ in range(4)]
 print(json.dumps([[b["record"].tolist(), float(b["video"].astype(np.float64).sum())] for b in out]))
 """
 
 
-def test_resume_in_fresh_process_gives_the_exact_next_batches(data):
+def test_resume_from_a_checkpoint_in_a_fresh_process_gives_the_exact_next_batches(data, tmp_path):
     path, index = data
+    import jax.numpy as jnp
+
+    from configs import quickstart
     from sora_jax.data.pipeline import open_source
+    from sora_jax.train import checkpoint
 
     it = iter(bk.make_bucketed_dataset(open_source(path, "train"), _plan(index)))
     k = 13  # past the end of epoch 0 (11 batches)
     for _ in range(k):
         next(it)
-    state = it.get_state()
+    with checkpoint.manager(tmp_path) as mgr:  # the trainer's orbax checkpoint: state + iterator + config
+        checkpoint.save(mgr, k, {"x": jnp.zeros(1)}, quickstart.get_config("smoke"), it)
+        mgr.wait_until_finished()
     expected = [
         [b["record"].tolist(), float(b["video"].astype(np.float64).sum())]
         for b in (next(it) for _ in range(4))
     ]
     code = _RESUME.format(buckets=BUCKETS)
     out = subprocess.run(
-        [sys.executable, "-c", code, str(path), json.dumps(state)],
+        [sys.executable, "-c", code, str(path), str(tmp_path)],
         capture_output=True,
         text=True,
         check=True,
