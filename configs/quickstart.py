@@ -40,9 +40,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # native-size training (sora_jax/data/buckets.py): "TxHxW,..." buckets, e.g. "16x256x256,1x512x512"; each
     # batch is one bucket with token_budget // tokens-per-clip clips (0: data.batch_size); clips are sampled
     # at data.fps (0: native) and never upscaled more than max_upscale to cover their bucket. "": one shape.
+    # Each clip goes to the bucket of closest aspect ratio it can fill (the largest on ties).
     c.data.buckets = ""
     c.data.token_budget = 0
     c.data.max_upscale = 1.0
+    c.data.image_fraction = 0.0  # share of videos trained as single frames in the T = 1 buckets
 
     c.autoencoder = ml_collections.ConfigDict()
     c.autoencoder.kind = "luma"  # identity (pixel RGB) | luma (pixel grey) | vae (latents of a trained VAE)

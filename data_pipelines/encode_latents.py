@@ -65,7 +65,8 @@ def encode_dataset(
                 bar.update(len(latents))
             bar.close()
             writer.close()
-            splits[split] = {**info, "shards": [name]}
+            # the pixel-clip index (sizes per record) does not describe latents: dropped
+            splits[split] = {**{k: v for k, v in info.items() if k != "index"}, "shards": [name]}
             latent_shape = list(latents.shape[1:])
         new_meta = {
             **{k: v for k, v in meta.items() if k != "splits"},

@@ -64,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="report folder (default: <workdir>/eval)")
+
+    p = sub.add_parser(
+        "ingest",
+        help="videos + a captions file -> a dataset folder of H.264 clips (resumable, parallel)",
+        description="Cut videos into captioned clips stored as H.264 in ArrayRecord shards "
+        "(data_pipelines.ingest); rerun to resume.",
+    )
+    from data_pipelines.ingest import add_arguments as add_ingest_arguments
+
+    add_ingest_arguments(p)
     return parser
 
 
@@ -83,6 +93,12 @@ def run(argv: list[str]) -> int:
     if overrides and args.command != "train":
         parser.error("--config.* overrides are only for `sora-jax train`")
     _setup_logging()
+
+    if args.command == "ingest":  # before anything imports jax: ingest spawns worker processes
+        from data_pipelines.ingest import run_from_args
+
+        run_from_args(args)
+        return 0
 
     from sora_jax.config import load_config
 

@@ -84,6 +84,13 @@ def test_plan_assignment_and_batch_sizes(data):
     assert short.assignment[0] != 1
     # never upscale past max_upscale: a 8x8 image fits no bucket
     assert _plan(np.array([[1, 8, 8, 0.0]]), check_batches=False).counts()["dropped"] == 1
+    # image_fraction: that share of the videos trains in the image bucket, the same clips every time
+    mixed = _plan(index, image_fraction=0.5, max_upscale=2.0)  # 16x16 videos cover 32x32 at 2x
+    moved = np.flatnonzero(mixed.assignment != plan.assignment)
+    assert 0 < len(moved) < 20 and np.all(mixed.assignment[moved] == 2) and np.all(index[moved, 0] > 1)
+    np.testing.assert_array_equal(
+        _plan(index, image_fraction=0.5, max_upscale=2.0).assignment, mixed.assignment
+    )
     # the token budget must fit one clip of every bucket (a multiple of the batch multiple)
     with pytest.raises(ValueError, match="token_budget"):
         _plan(index, batch_multiple=2)  # 8x16x24 fits 1 clip, not 2

@@ -2,7 +2,8 @@
 
 Sora trains on videos at their native durations, resolutions and aspect ratios. A batch must still be one
 array, so every clip is assigned to a *bucket* (T, H, W) -- the closest aspect ratio among the buckets its
-duration and resolution can fill -- and each batch is drawn from one bucket, with as many clips as the
+duration and resolution can fill, the larger on ties; a seeded ``image_fraction`` of the videos goes to the
+image buckets (T = 1) instead, as in joint image-video training -- and each batch is drawn from one bucket, with as many clips as the
 token budget allows (``batch = budget // tokens(T, H, W)``, rounded down to the batch multiple the mesh and
 the process count need). An image bucket (T = 1) takes single frames.
 
@@ -101,6 +102,7 @@ class BucketPlan:
         default_batch: int = 0,
         target_fps: float = 0.0,
         max_upscale: float = 1.0,
+        image_fraction: float = 0.0,
         seed: int = 0,
         check_batches: bool = True,
     ):
@@ -119,9 +121,16 @@ class BucketPlan:
                     f"clip; the batch must be a multiple of {batch_multiple}): raise the budget or drop the bucket"
                 )
             self.batch_sizes.append(n)
+        if not 0.0 <= image_fraction <= 1.0:
+            raise ValueError(f"data.image_fraction must be in [0, 1], got {image_fraction}")
+        # a fixed, seeded share of the videos trains as single frames in the image (T = 1) buckets
+        as_image = np.random.default_rng([self.seed, 4]).random(len(index)) < image_fraction
         self.assignment = np.full(len(index), -1, np.int64)
         for i, (t, h, w, fps) in enumerate(index):
-            self.assignment[i] = self._assign(int(t), int(h), int(w), float(fps), max_upscale)
+            k = self._assign(int(t), int(h), int(w), float(fps), max_upscale, images_only=bool(as_image[i]))
+            if k < 0 and as_image[i]:
+                k = self._assign(int(t), int(h), int(w), float(fps), max_upscale)
+            self.assignment[i] = k
         self.members = [np.flatnonzero(self.assignment == k) for k in range(len(self.buckets))]
         self.batches_per_bucket = [len(m) // n for m, n in zip(self.members, self.batch_sizes)]
         self.batches_per_epoch = sum(self.batches_per_bucket)
@@ -131,12 +140,16 @@ class BucketPlan:
                 f"{dict(zip(map(str, self.buckets), self.batch_sizes))}; lower data.token_budget or add buckets"
             )
 
-    def _assign(self, t: int, h: int, w: int, fps: float, max_upscale: float) -> int:
+    def _assign(
+        self, t: int, h: int, w: int, fps: float, max_upscale: float, images_only: bool = False
+    ) -> int:
         if t < 1 or h < 1 or w < 1:
             return -1
         stride = stride_for(fps, self.target_fps)
         best, best_key = -1, None
         for k, b in enumerate(self.buckets):
+            if images_only and b.frames != 1:
+                continue
             if (b.frames - 1) * stride + 1 > t:  # too short
                 continue
             if max(b.height / h, b.width / w) > max_upscale:  # would upscale too much to cover the bucket

@@ -101,6 +101,7 @@ def _bucket_plan(
         default_batch=d.batch_size,
         target_fps=float(d.get("fps", 0) or 0),
         max_upscale=float(d.get("max_upscale", 1.0)),
+        image_fraction=float(d.get("image_fraction", 0.0)),
         seed=d.shuffle_seed,
         check_batches=check_batches,
     )
