@@ -27,6 +27,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # folder with ArrayRecord shards + metadata.json; empty: <workdir>/data
     c.data.content = "video"  # video | latents (precomputed by data_pipelines/encode_latents.py)
+    # a prepared TFDS dataset instead of data.path (ArrayRecord; pip install 'sora_jax[tfds]'), e.g.
+    # name "moving_mnist" (caption "moving digits"), "captioned_video" (caption_key "caption"), ucf101 (label)
+    c.data.tfds = ml_collections.ConfigDict(
+        {
+            "name": "",
+            "data_dir": "",
+            "split": "train",
+            "video_key": "",
+            "caption_key": "",
+            "caption": "",
+            "fps": 0.0,
+        }
+    )
     c.data.num_frames = 8
     c.data.height = 32
     c.data.width = 32
@@ -97,7 +110,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.num_steps = 4000
     c.train.log_every = 100
     c.train.ckpt_every = 1000
-    c.train.keep_checkpoints = 2
+    c.train.keep_checkpoints = 2  # the last N checkpoints ...
+    c.train.keep_every = 0  # ... plus every K-th step (0: none)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

@@ -74,7 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     from data_pipelines.ingest import add_arguments as add_ingest_arguments
 
     add_ingest_arguments(p)
+
+    p = sub.add_parser("checkpoints", help="list a workdir's checkpoints: step, time, size, config summary")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def _list_checkpoints(workdir: str, as_json: bool) -> None:
+    import json
+
+    from sora_jax.train.checkpoint import describe
+
+    rows = describe(workdir)
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"{'step':>8}  {'saved':19}  {'size':>9}  config")
+    for r in rows:
+        step = str(r["step"]) if r["complete"] else r["name"]
+        print(f"{step:>8}  {r['time']:19}  {r['bytes'] / 2**20:7.2f} MB  {r['config']}")
 
 
 def _setup_logging() -> None:
@@ -129,6 +148,8 @@ def run(argv: list[str]) -> int:
         videos = pipe.generate(args.prompt, seed=args.seed, progress=True)
         paths = write_samples(args.out, videos, args.prompt, fps=pipe.config.data.fps)
         print(f"wrote {len(paths['mp4'])} videos and {paths['contact_sheet']}")
+    elif args.command == "checkpoints":
+        _list_checkpoints(args.workdir, args.json)
     elif args.command == "eval":
         from sora_jax.eval.evaluate import evaluate_workdir
         from sora_jax.train.checkpoint import restore_config

@@ -6,3 +6,15 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402  (after the XLA flags above)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """64 train / 16 test moving-digits clips of 4 x 16 x 16 (the smoke config's shape)."""
+    from data_pipelines import moving_digits
+
+    path = tmp_path_factory.mktemp("digits")
+    moving_digits.build(path, num_train=64, num_test=16, num_frames=4, height=16, width=16, fps=4, seed=0)
+    return path

@@ -95,13 +95,15 @@ def make_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     drop_remainder: bool = True,
+    source: Any | None = None,
 ) -> grain.IterDataset:
     """Per-process batches of a split as a grain IterDataset.
 
     Each element: video uint8 [b, T, H, W, 3], tokens int32 [b, L], text_mask bool [b, L], digits int32
     [b, 2], directions int32 [b, 2], caption str [b]; b = global_batch_size // process_count.
     With ``num_workers > 0`` decoding runs in worker processes (``tokenize`` must then be picklable);
-    restoring an iterator's state needs the same process count and ``num_workers``.
+    restoring an iterator's state needs the same process count and ``num_workers``. ``source``: read this
+    random-access source of records (e.g. ``tfds_source.open_tfds_source``) instead of ``path``.
     """
     process_index = jax.process_index() if process_index is None else int(process_index)
     process_count = jax.process_count() if process_count is None else int(process_count)
@@ -113,7 +115,7 @@ def make_dataset(
             f"{process_count}"
         )
     per_process = global_batch_size // process_count
-    ds = grain.MapDataset.source(open_source(path, split)).seed(seed)
+    ds = grain.MapDataset.source(open_source(path, split) if source is None else source).seed(seed)
     if shuffle:
         ds = ds.shuffle()
     if repeat:

@@ -2,11 +2,21 @@
 
 Layout: ``<workdir>/checkpoints/<step>/{state,data_iter,config}``. Orbax writes each step into a temporary
 folder and renames it when complete, so a crash mid-save never leaves a checkpoint that looks complete.
+Kept: the last ``keep`` plus every ``keep_every``-th step.
+
+Resuming (``restore_latest_good``) checks the newest checkpoint against the state the config builds (a
+different model is one line naming the config keys and parameters that differ), and when its files are
+unreadable (truncated, deleted, corrupted) moves it to ``<workdir>/checkpoints_corrupt/`` with a one-line
+warning and takes the previous one. ``describe`` lists a workdir's checkpoints (``sora-jax checkpoints``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +25,28 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+log = logging.getLogger("sora_jax.train")
+
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint where one was required."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint holds a different state (model, optimizer) than the config builds."""
 
 
 def checkpoint_dir(workdir: str | Path) -> Path:
     return Path(workdir).absolute() / "checkpoints"
 
 
-def manager(workdir: str | Path, *, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
+def manager(
+    workdir: str | Path, *, keep: int = 2, keep_every: int = 0, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """Orbax manager of ``<workdir>/checkpoints``: keeps the last ``keep`` and every ``keep_every``-th step."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, keep_period=keep_every or None, create=not read_only, read_only=read_only
+    )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
@@ -55,6 +76,21 @@ def save(
     mgr.save(step, args=ocp.args.Composite(**items), force=force)
 
 
+@contextlib.contextmanager
+def _quiet_io_errors():
+    """A broken checkpoint makes every pending TensorStore read log its own traceback (asyncio, absl); the
+    restore raises one CheckpointError instead, so those logs are muted while it runs."""
+    loggers = [logging.getLogger(n) for n in ("asyncio", "absl")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def restore(
     mgr: ocp.CheckpointManager,
     abstract_state: Any,
@@ -70,12 +106,188 @@ def restore(
     if data_iter is not None:
         items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
-        restored = mgr.restore(step, args=ocp.args.Composite(**items))
+        with _quiet_io_errors():
+            restored = mgr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # truncated or foreign files: one line for the user, details chained
         raise CheckpointError(
             f"checkpoint {mgr.directory}/{step} cannot be read: {type(e).__name__}: {e}"
         ) from e
     return step, restored["state"]
+
+
+# config groups that decide the shapes of the train state; a difference there explains a mismatch
+_STATE_KEYS = ("task", "model", "text", "vae", "autoencoder", "optim.ema_decay")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out |= _flat(v, f"{prefix}{k}.")
+        return out
+    return {prefix[:-1]: d}
+
+
+def _config_diff(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
+    a, b = _flat(saved), _flat(json.loads(current.to_json_best_effort()))
+    keys = sorted(k for k in a.keys() | b.keys() if k.split(".")[0] in _STATE_KEYS and a.get(k) != b.get(k))
+    return [f"{k}: {a.get(k, '(absent)')!r} in the checkpoint, {b.get(k, '(absent)')!r} now" for k in keys]
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple]:
+    """{"params/dit/x_embedder/kernel/value": shape} (NNX variables and orbax metadata spell paths alike)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key_name(k) for k in p): tuple(getattr(x, "shape", ())) for p, x in flat}
+
+
+def check_compatible(
+    mgr: ocp.CheckpointManager, step: int, abstract_state: Any, config: ml_collections.ConfigDict
+) -> None:
+    """Raises CheckpointMismatchError naming the differing config keys and state leaves when checkpoint
+    ``step`` does not hold the state ``abstract_state`` describes (unreadable metadata is left to restore)."""
+    try:
+        with _quiet_io_errors():  # (absl notes the optional _CHECKPOINT_METADATA file it does not find)
+            meta = ocp.StandardCheckpointer().metadata(Path(mgr.directory) / str(step) / "state")
+        saved = getattr(meta, "item_metadata", meta)
+    except Exception:  # missing/corrupt metadata: restore reports it (and falls back)
+        return
+    if saved is None:
+        return
+    want, have = _leaf_shapes(abstract_state), _leaf_shapes(saved)
+    if want == have:
+        return
+    leaves = [
+        f"{k}: {have.get(k, 'absent')} saved, {want.get(k, 'absent')} now"
+        for k in sorted(want.keys() | have.keys())
+        if want.get(k) != have.get(k)
+    ]
+    try:
+        saved_cfg = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        keys = _config_diff(saved_cfg, config)
+    except Exception:  # the mismatch is reported without the key list
+        keys = []
+    raise CheckpointMismatchError(
+        f"checkpoint {mgr.directory}/{step} was made by a different model: "
+        + (f"config {'; '.join(keys[:6])}" if keys else "no state-defining config key differs")
+        + f"; {len(leaves)} state leaves differ, e.g. {'; '.join(leaves[:3])}. Use a new --workdir, or the "
+        "config the checkpoint was made with"
+    )
+
+
+def quarantine(workdir: str | Path, step: int) -> Path:
+    """Moves checkpoint ``step`` out of the way (``<workdir>/checkpoints_corrupt/<step>-<time>``)."""
+    dest = Path(workdir).absolute() / "checkpoints_corrupt" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(checkpoint_dir(workdir) / str(step)), dest)
+    return dest
+
+
+def restore_latest_good(
+    workdir: str | Path,
+    mgr: ocp.CheckpointManager,
+    abstract_state: Any,
+    config: ml_collections.ConfigDict,
+    *,
+    data_iter: Any | None = None,
+) -> tuple[int, Any] | None:
+    """(step, state) of the newest readable checkpoint, or None when there is none.
+
+    Checkpoints whose files cannot be read are skipped; once an older one restores, they are moved aside
+    with a one-line warning each. When none restores, CheckpointError and nothing is moved. One that holds a
+    different model raises CheckpointMismatchError (nothing is moved).
+    """
+    steps = sorted(mgr.all_steps(), reverse=True)
+    failed: list[tuple[int, str]] = []
+    for step in steps:
+        check_compatible(mgr, step, abstract_state, config)
+        try:
+            restored = restore(mgr, abstract_state, step=step, data_iter=data_iter)
+        except CheckpointError as e:
+            failed.append((step, str(e).splitlines()[0].split(" See full TensorStore details")[0][:240]))
+            continue
+        # an older checkpoint of the same state reads: the newer ones are damaged; move them out of the way
+        for bad, reason in failed:
+            if jax.process_index() == 0:
+                dest = quarantine(workdir, bad)
+                log.warning(
+                    "checkpoint %d is unreadable (%s); moved to %s, resuming from %d", bad, reason, dest, step
+                )
+        if failed:
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("quarantined damaged checkpoints")
+            mgr.reload()
+        return restored
+    if failed:  # nothing reads: leave every file where it is, and say so
+        raise CheckpointError(
+            f"no checkpoint in {mgr.directory} can be restored (steps {steps}); the newest says: {failed[0][1]}"
+        )
+    return None
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def describe(workdir: str | Path) -> list[dict[str, Any]]:
+    """One dict per checkpoint folder of ``workdir``: step, time, bytes, complete, config summary."""
+    root = checkpoint_dir(workdir)
+    if not root.is_dir():
+        raise CheckpointError(f"no checkpoints in {workdir} (no folder {root})")
+    rows = []
+    with manager(workdir, read_only=True) as mgr:
+        complete = set(mgr.all_steps())
+        for entry in sorted(root.iterdir(), key=lambda p: (len(p.name), p.name)):
+            if not entry.is_dir():
+                continue
+            step = int(entry.name) if entry.name.isdigit() else None
+            row: dict[str, Any] = {
+                "step": step,
+                "name": entry.name,
+                "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.stat().st_mtime)),
+                "bytes": _dir_bytes(entry),
+                "complete": step in complete,
+            }
+            if row["complete"]:
+                try:
+                    c = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+                    d, m = c.get("data", {}), c.get("model", {})
+                    shape = f"{d.get('num_frames')}x{d.get('height')}x{d.get('width')}"
+                    if d.get("buckets"):
+                        shape = f"buckets {d['buckets']}"
+                    mesh = "x".join(
+                        f"{k}{v}" for k, v in c.get("mesh", {}).items() if not isinstance(v, dict)
+                    )
+                    task = c.get("task", "t2v")
+                    variant = c.get("vae", {}).get("variant") if task == "vae" else m.get("variant")
+                    row["config"] = f"{task} {variant}, {shape}, batch {d.get('batch_size')}, mesh {mesh}"
+                except Exception as e:  # listed, not fatal
+                    row["config"] = f"(config unreadable: {type(e).__name__})"
+            else:
+                row["config"] = "(incomplete: a save in progress or interrupted)"
+            rows.append(row)
+    corrupt = Path(workdir).absolute() / "checkpoints_corrupt"
+    if corrupt.is_dir():
+        for entry in sorted(corrupt.iterdir()):
+            rows.append(
+                {
+                    "step": None,
+                    "name": f"checkpoints_corrupt/{entry.name}",
+                    "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.stat().st_mtime)),
+                    "bytes": _dir_bytes(entry),
+                    "complete": False,
+                    "config": "(moved aside: unreadable)",
+                }
+            )
+    return rows
 
 
 def restore_config(workdir: str | Path, step: int | None = None) -> tuple[int, ml_collections.ConfigDict]:

@@ -23,6 +23,7 @@ from sora_jax.data import pipeline
 from sora_jax.parallel import sharding
 from sora_jax.parallel.mesh import make_mesh
 from sora_jax.train import checkpoint, metrics
+from sora_jax.train.preemption import PreemptionWatch
 from sora_jax.train.state import init_state, learning_rate, make_optimizer
 from sora_jax.train.step import make_step, make_train_step, make_vae_gan_step, make_vae_loss_fn
 
@@ -113,11 +114,33 @@ def bucket_batch_shapes(cfg: ml_collections.ConfigDict, mesh) -> dict[tuple[int,
     return {b.shape: n for b, n in zip(plan.buckets, plan.batch_sizes)}
 
 
-def make_bucketed_train_data(cfg: ml_collections.ConfigDict, path, mesh, tokenize):
-    """The bucketed train stream of ``path`` (index from metadata, else read from the record headers)."""
-    source = pipeline.open_source(path, "train")
-    entry = pipeline.read_metadata(path)["splits"]["train"]
-    index = np.load(Path(path) / entry["index"]) if entry.get("index") else buckets_lib.scan_index(source)
+def train_source(cfg: ml_collections.ConfigDict, workdir: str | Path) -> tuple:
+    """(random-access source of the train records, clip index [N, 4] or None): the TFDS dataset that
+    ``data.tfds.name`` names, else the ArrayRecord folder ``data.path`` (index from its metadata)."""
+    t = cfg.data.get("tfds")
+    if t is not None and t.name:
+        from sora_jax.data.tfds_source import open_tfds_source
+
+        source = open_tfds_source(
+            t.name,
+            t.split,
+            t.data_dir or None,
+            video_key=t.video_key or None,
+            caption_key=t.caption_key or None,
+            caption=t.caption,
+            fps=float(t.fps),
+        )
+        return source, None
+    path = data_path(cfg, workdir)
+    entry = pipeline.read_metadata(path)["splits"].get("train", {})
+    index = np.load(Path(path) / entry["index"]) if entry.get("index") else None
+    return pipeline.open_source(path, "train"), index
+
+
+def make_bucketed_train_data(cfg: ml_collections.ConfigDict, source, index, mesh, tokenize):
+    """The bucketed train stream of ``source`` (``index`` None: from the source or the record headers)."""
+    if index is None:
+        index = source.clip_index() if hasattr(source, "clip_index") else buckets_lib.scan_index(source)
     plan = _bucket_plan(cfg, mesh, index)
     log.info(
         "buckets (clips per bucket): %s; batches %s; %d batches per epoch",
@@ -293,12 +316,14 @@ def train_and_evaluate(
         return {"compiled": True, **memory}
 
     tokenizer = factory.make_tokenizer(cfg)
+    source, index = train_source(cfg, workdir)
     if cfg.data.get("buckets"):
-        dataset = make_bucketed_train_data(cfg, data_path(cfg, workdir), mesh, tokenizer.encode)
+        dataset = make_bucketed_train_data(cfg, source, index, mesh, tokenizer.encode)
     else:
         dataset = pipeline.make_dataset(
-            data_path(cfg, workdir),
+            None,
             "train",
+            source=source,
             global_batch_size=cfg.data.batch_size,
             tokenize=tokenizer.encode,
             seed=cfg.data.shuffle_seed,
@@ -306,9 +331,12 @@ def train_and_evaluate(
         )
     data_iter = iter(dataset)
 
-    mgr = checkpoint.manager(workdir, keep=cfg.train.keep_checkpoints)
-    if mgr.latest_step() is not None:
-        start, state = checkpoint.restore(mgr, abstract_sharded, data_iter=data_iter)
+    mgr = checkpoint.manager(
+        workdir, keep=cfg.train.keep_checkpoints, keep_every=cfg.train.get("keep_every", 0)
+    )
+    resumed = checkpoint.restore_latest_good(workdir, mgr, abstract_sharded, cfg, data_iter=data_iter)
+    if resumed is not None:
+        start, state = resumed
         log.info("resumed from step %d in %s", start, workdir)
     else:
         start, state = 0, init_jit()
@@ -320,34 +348,45 @@ def train_and_evaluate(
     last: dict = {}
     t0, steps_timed = time.perf_counter(), 0
     try:
-        for step in range(start, total):
-            batch = pipeline.to_global(
-                {k: v for k, v in next(data_iter).items() if k in batch_abstract}, mesh
-            )
-            key = _batch_key(batch)
-            if key not in executables:  # not expected: every shape is compiled above
-                log.warning("compiling the step for an unexpected batch shape %s", key)
-                executables[key] = step_jit.lower(state, batch).compile()
-            state, step_metrics = executables[key](state, batch)
-            pending.append((step + 1, step_metrics))
-            steps_timed += 1
-            bar.update(1)
-            done = step + 1
-            if done % cfg.train.log_every == 0 or done == total:
-                host = [(s, jax.device_get(m)) for s, m in pending]
-                metrics.check_finite([(s, float(m["loss"])) for s, m in host])
-                coll, collection = None, metrics.collection(host[0][1])
-                for _, m in host:
-                    one = collection.single_from_model_output(**m)
-                    coll = one if coll is None else coll.merge(one)
-                last = {k: float(v) for k, v in coll.compute().items()}
-                dt = time.perf_counter() - t0
-                last["steps_per_sec"] = steps_timed / dt
-                writer.write_scalars(done, last)
-                bar.set_postfix(loss=f"{last['loss']:.4f}")
-                pending, t0, steps_timed = [], time.perf_counter(), 0
-            if done % cfg.train.ckpt_every == 0 or done == total:
-                checkpoint.save(mgr, done, state, cfg, data_iter)
+        with PreemptionWatch() as preemption:
+            for step in range(start, total):
+                batch = pipeline.to_global(
+                    {k: v for k, v in next(data_iter).items() if k in batch_abstract}, mesh
+                )
+                key = _batch_key(batch)
+                if key not in executables:  # not expected: every shape is compiled above
+                    log.warning("compiling the step for an unexpected batch shape %s", key)
+                    executables[key] = step_jit.lower(state, batch).compile()
+                state, step_metrics = executables[key](state, batch)
+                pending.append((step + 1, step_metrics))
+                steps_timed += 1
+                bar.update(1)
+                done = step + 1
+                preempted = preemption.reached(done)
+                save_now = done % cfg.train.ckpt_every == 0 or done == total or preempted
+                if done % cfg.train.log_every == 0 or done == total:
+                    host = [(s, jax.device_get(m)) for s, m in pending]
+                    metrics.check_finite(host)
+                    coll, collection = None, metrics.collection(host[0][1])
+                    for _, m in host:
+                        one = collection.single_from_model_output(**m)
+                        coll = one if coll is None else coll.merge(one)
+                    last = {k: float(v) for k, v in coll.compute().items()}
+                    dt = time.perf_counter() - t0
+                    last["steps_per_sec"] = steps_timed / dt
+                    writer.write_scalars(done, last)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}")
+                    pending, t0, steps_timed = [], time.perf_counter(), 0
+                elif save_now:  # never save a state that a NaN/Inf step produced
+                    metrics.check_finite([(s, jax.device_get(m)) for s, m in pending])
+                if save_now:
+                    checkpoint.save(mgr, done, state, cfg, data_iter, force=preempted)
+                if preempted:
+                    mgr.wait_until_finished()
+                    log.warning("preempted: saved step %d in %s, exiting", done, workdir)
+                    last |= {"preempted": True}
+                    total = done
+                    break
     finally:
         bar.close()
         mgr.wait_until_finished()

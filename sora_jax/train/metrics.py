@@ -24,13 +24,17 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/Inf; the message names the step."""
 
 
-def check_finite(losses: list[tuple[int, float]]) -> None:
-    """Raises at the first step whose loss is NaN or Inf."""
-    for step, value in losses:
-        if not math.isfinite(value):
-            raise NonFiniteLossError(
-                f"loss is {value} at step {step}: lower config.optim.lr or check the data"
-            )
+def check_finite(steps: list[tuple[int, dict]]) -> None:
+    """Raises at the first step whose loss (or gradient norm: the update it made) is NaN or Inf.
+
+    steps: [(step, metrics on the host, with ``loss`` and maybe ``grad_norm``)]."""
+    for step, m in steps:
+        for name in ("loss", "grad_norm"):
+            if name in m and not math.isfinite(float(m[name])):
+                raise NonFiniteLossError(
+                    f"{name} is {float(m[name])} at step {step}: lower config.optim.lr or check the data "
+                    "(no checkpoint of this state was written)"
+                )
 
 
 class MetricWriter:
