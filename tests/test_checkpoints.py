@@ -180,3 +180,43 @@ def test_sigterm_saves_at_the_next_step_and_exits_0(data_dir, tmp_path):
     assert saved is not None and seen <= saved <= seen + 2  # the step running at the notice, or the next
     assert f"preempted: saved step {saved}" in stderr
     assert "Traceback" not in stderr
+
+
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(data_dir, tmp_path):
+    """jax.distributed on localhost, 2 processes x 1 device: SIGTERM to process 1 alone; JAX's preemption
+    service spreads the notice, both processes save the same step, and both exit 0."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["train", "--config", f"{quickstart.__file__}:smoke", "--workdir", str(tmp_path / "w"),
+            f"--config.data.path={data_dir}", "--config.mesh.data=2", "--config.train.num_steps=100000",
+            "--config.train.log_every=1", "--config.train.ckpt_every=100000"]  # fmt: skip
+    procs = []
+    for i in range(2):
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+        env |= {
+            "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": str(i),
+            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "sora_jax.cli", *args],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+        )
+    metrics = tmp_path / "w" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-1500:] + errs[1][-1500:]
+    saved = checkpoint.latest_step(tmp_path / "w")
+    assert all(f"preempted: saved step {saved}" in e for e in errs)
