@@ -79,10 +79,9 @@ def restore(
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
     )
-    with checkpoint.manager(workdir, read_only=True) as mgr:
-        step, state = checkpoint.restore(mgr, abstract, step=step)
     use_ema = cfg.sample.use_ema if use_ema is None else use_ema
-    params = state["ema"] if use_ema else state["params"]
+    key = "ema" if use_ema else "params"
+    step, params = checkpoint.restore_subtree(workdir, key, abstract[key], step=step)  # no optimizer state
     return cfg, step, graphdef, jax.device_get(params)
 
 

@@ -220,3 +220,24 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(data_dir, t
     assert [p.returncode for p in procs] == [0, 0], errs[0][-1500:] + errs[1][-1500:]
     saved = checkpoint.latest_step(tmp_path / "w")
     assert all(f"preempted: saved step {saved}" in e for e in errs)
+
+
+def test_params_only_restore_and_the_checkpoints_command(trained, data_dir, capsys):
+    from sora_jax import api
+
+    cfg = config(data_dir, **{"mesh.data": 1})
+    abstract = _abstract(cfg, jax.devices()[:1])
+    with checkpoint.manager(trained, read_only=True) as mgr:
+        _, full = checkpoint.restore(mgr, abstract)
+    for key, use_ema in (("ema", True), ("params", False)):
+        _, step, _, params = api.restore(trained, use_ema=use_ema)  # reads that subtree alone
+        assert step == 6
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full[key])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert cli_main(["checkpoints", "--workdir", str(trained)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["step", "saved"] and [ln.split()[0] for ln in lines[1:]] == ["3", "6"]
+    assert all("t2v smoke, 4x16x16, batch 8" in ln for ln in lines[1:])
+    assert cli_main(["checkpoints", "--workdir", str(trained / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no checkpoints" in err[0]

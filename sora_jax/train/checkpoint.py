@@ -290,6 +290,28 @@ def describe(workdir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def restore_subtree(
+    workdir: str | Path, key: str, abstract: Any, *, step: int | None = None
+) -> tuple[int, Any]:
+    """(step, ``state[key]``) read alone (e.g. ``"ema"`` or ``"params"`` for inference: no optimizer state is
+    read or held), onto the shardings ``abstract`` carries."""
+    item = {key: abstract}
+    args = ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+    )
+    with manager(workdir, read_only=True) as mgr:
+        step = mgr.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {mgr.directory}")
+        try:
+            with _quiet_io_errors():
+                restored = mgr.restore(step, args=ocp.args.Composite(state=args))
+        except Exception as e:
+            first = str(e).splitlines()[0].split(" See full TensorStore details")[0][:300]
+            raise CheckpointError(f"checkpoint {mgr.directory}/{step} cannot be read: {first}") from e
+    return step, restored["state"][key]
+
+
 def restore_config(workdir: str | Path, step: int | None = None) -> tuple[int, ml_collections.ConfigDict]:
     """The config a checkpoint was made with (for sampling/eval from a workdir alone)."""
     if not checkpoint_dir(workdir).is_dir():
