@@ -1,4 +1,5 @@
-"""Training: one-step end to end, the same loss curve on 1 and 8 devices, exact resume after a kill."""
+"""Training: the same loss curve on 1 and 8 devices, bitwise-exact resume after a kill (NaN handling:
+test_checkpoints.py)."""
 
 import json
 import os
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pytest
 
 from configs import quickstart
 from sora_jax.config import load_config
@@ -89,13 +89,3 @@ def test_kill_and_rerun_resumes_exactly(data_dir, tmp_path):
     a, b = losses(tmp_path / "killed"), losses(tmp_path / "ref")
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     assert [a[k] for k in sorted(a)] == [b[k] for k in sorted(b)]  # bitwise, data order included
-
-
-def test_nan_loss_raises_with_step(data_dir, tmp_path):
-    from sora_jax.train.metrics import NonFiniteLossError
-
-    cfg = smoke_config(
-        data_dir, **{"mesh.data": 1, "optim.lr": 1e30, "optim.grad_clip": 1e30, "optim.warmup_steps": 1}
-    )
-    with pytest.raises(NonFiniteLossError, match=r"at step \d+"):
-        train_and_evaluate(cfg, tmp_path, progress=False, devices=jax.devices()[:1])
