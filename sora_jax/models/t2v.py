@@ -13,18 +13,33 @@ from sora_jax.text.encoder import TextEncoderConfig, TrainableTextEncoder
 
 
 class TextToVideo(nnx.Module):
-    """``text_encoder`` (TrainableTextEncoder) + ``dit`` (DiT); ``dit_cfg.text_dim == text_cfg.width``."""
+    """``text_encoder`` + ``dit`` (DiT); ``dit_cfg.text_dim == text_cfg.width``.
 
-    def __init__(self, dit_cfg: DiTConfig, text_cfg: TextEncoderConfig, *, rngs: nnx.Rngs):
+    The text branch is the TrainableTextEncoder (input: token ids), or, with ``frozen_dim`` > 0, a
+    ``TextAdapter`` over the features of a frozen pretrained encoder (input: embeddings ``[B, L, frozen_dim]``,
+    computed outside the model: ``sora_jax/text/frozen.py``).
+    """
+
+    def __init__(
+        self, dit_cfg: DiTConfig, text_cfg: TextEncoderConfig, *, rngs: nnx.Rngs, frozen_dim: int = 0
+    ):
         if dit_cfg.text_dim != text_cfg.width:
             raise ValueError(
                 f"DiTConfig.text_dim={dit_cfg.text_dim} must equal the text encoder width {text_cfg.width}"
             )
-        self.text_encoder = TrainableTextEncoder(text_cfg, rngs=rngs)
+        if frozen_dim:
+            from sora_jax.text.frozen import TextAdapter
+
+            self.text_encoder = TextAdapter(
+                frozen_dim, text_cfg.width, dtype=text_cfg.dtype, param_dtype=text_cfg.param_dtype, rngs=rngs
+            )
+        else:
+            self.text_encoder = TrainableTextEncoder(text_cfg, rngs=rngs)
         self.dit = DiT(dit_cfg, rngs=rngs)
 
     def encode_text(self, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """ids int32 ``[B, L]``, mask bool ``[B, L]`` -> (ctx ``[B, L, D]``, mask ``[B, L]``)."""
+        """ids int32 ``[B, L]`` (or frozen features ``[B, L, F]``), mask bool ``[B, L]`` -> (ctx ``[B, L, D]``,
+        mask ``[B, L]``)."""
         return self.text_encoder(ids, mask), mask
 
     def denoise(self, x_t: jax.Array, t: jax.Array, ctx: jax.Array, mask: jax.Array) -> jax.Array:

@@ -74,8 +74,13 @@ def abstract_batch(
     else:
         t, h, w = video_shape[1:] if video_shape is not None else (d.num_frames, d.height, d.width)
         shapes = {"video": ((b, t, h, w, 3), jnp.uint8)}
-    if task(cfg) == "t2v":
+    if task(cfg) == "t2v" and cfg.text.encoder == "trainable":
         shapes |= {"tokens": ((b, length), jnp.int32), "text_mask": ((b, length), jnp.bool_)}
+    elif task(cfg) == "t2v":  # a frozen encoder's features, looked up in the dataset's embedding table
+        shapes |= {
+            "text_emb": ((b, length, factory.frozen_dim(cfg)), jnp.float32),
+            "text_mask": ((b, length), jnp.bool_),
+        }
     return {
         k: jax.ShapeDtypeStruct(s, dt, sharding=sharding.batch_sharding(mesh, len(s)))
         for k, (s, dt) in shapes.items()
@@ -135,6 +140,41 @@ def train_source(cfg: ml_collections.ConfigDict, workdir: str | Path) -> tuple:
     entry = pipeline.read_metadata(path)["splits"].get("train", {})
     index = np.load(Path(path) / entry["index"]) if entry.get("index") else None
     return pipeline.open_source(path, "train"), index
+
+
+def _captions(cfg: ml_collections.ConfigDict, workdir, source) -> list[str]:
+    """Every caption of the train split: from the metadata when it lists them, else from the records."""
+    t = cfg.data.get("tfds")
+    if not (t is not None and t.name):
+        captions = pipeline.read_metadata(data_path(cfg, workdir))["splits"]["train"].get("captions")
+        if captions is not None:
+            return list(captions)
+    from sora_jax.data.records import read_record
+
+    return [read_record(source[i])[0]["caption"] for i in range(len(source))]
+
+
+def train_text_input(cfg: ml_collections.ConfigDict, workdir, source):
+    """captions -> the model's text input for training: the tokenizer (trainable encoder), or a lookup in the
+    train split's caption-embedding table (frozen encoder): ``<data>/text_emb-*.npz`` written by
+    ``data_pipelines/encode_text.py``, else computed once here and kept in ``<workdir>/text_cache/``."""
+    tok = factory.make_tokenizer(cfg)
+    if cfg.text.encoder == "trainable":
+        return tok.encode
+    from sora_jax.text.frozen import EmbeddingTable, table_file
+
+    t = cfg.data.get("tfds")
+    places = [] if (t is not None and t.name) else [table_file(data_path(cfg, workdir), tok, "train")]
+    places.append(table_file(Path(workdir) / "text_cache", tok, "train"))
+    for f in places:
+        if f.is_file():
+            log.info("caption embeddings from %s", f)
+            return EmbeddingTable.load(f).encode
+    table = tok.table(_captions(cfg, workdir, source), progress=jax.process_index() == 0)
+    if jax.process_index() == 0:
+        table.save(places[-1])
+    log.info("embedded %d distinct captions with %s", len(table.captions), tok.name)
+    return table.encode
 
 
 def make_bucketed_train_data(cfg: ml_collections.ConfigDict, source, index, mesh, tokenize):
@@ -315,17 +355,19 @@ def train_and_evaluate(
     if compile_only:
         return {"compiled": True, **memory}
 
-    tokenizer = factory.make_tokenizer(cfg)
     source, index = train_source(cfg, workdir)
+    text_input = (
+        train_text_input(cfg, workdir, source) if task(cfg) == "t2v" else factory.make_tokenizer(cfg).encode
+    )
     if cfg.data.get("buckets"):
-        dataset = make_bucketed_train_data(cfg, source, index, mesh, tokenizer.encode)
+        dataset = make_bucketed_train_data(cfg, source, index, mesh, text_input)
     else:
         dataset = pipeline.make_dataset(
             None,
             "train",
             source=source,
             global_batch_size=cfg.data.batch_size,
-            tokenize=tokenizer.encode,
+            tokenize=text_input,
             seed=cfg.data.shuffle_seed,
             num_workers=cfg.data.num_workers,
         )

@@ -30,9 +30,11 @@ def make_loss_fn(
     def loss_fn(params, batch, key):
         model = nnx.merge(graphdef, params)
         k_drop, k_diff = jax.random.split(key)
-        ids, mask = batch["tokens"], batch["text_mask"]
+        # token ids [B, L], or a frozen encoder's features [B, L, F] (sora_jax/text/frozen.py)
+        ids = batch["tokens"] if "tokens" in batch else batch["text_emb"]
+        mask = batch["text_mask"]
         drop = jax.random.uniform(k_drop, (ids.shape[0], 1)) < caption_dropout
-        ids = jnp.where(drop, null_ids[None, :], ids)
+        ids = jnp.where(drop.reshape(-1, *[1] * (ids.ndim - 1)), null_ids[None], ids)
         mask = jnp.where(drop, null_mask[None, :], mask)
         if "latents" in batch:  # precomputed by data_pipelines/encode_latents.py
             x0 = batch["latents"]

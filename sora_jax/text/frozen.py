@@ -1,0 +1,231 @@
+"""Frozen pretrained text encoders (MiniLM, T5) as the DiT's conditioning, with embedding caches.
+
+A frozen encoder is used like a tokenizer whose "ids" are already features: ``encode(texts)`` returns
+(embeddings float32 ``[B, L, D]``, mask bool ``[B, L]``), so the data pipeline, the train step and the
+samplers take it where they take the trainable encoder's tokenizer, and the model's text branch is a small
+trainable adapter (``TextAdapter``: RMSNorm + linear to the DiT's text width) instead of a transformer.
+
+Owns:
+- ``FrozenTextEmbedder``: loads ``minilm`` (the bundled all-MiniLM-L6-v2) or ``t5`` (a T5 / UMT5 folder),
+  runs it jitted in padded batches, keeps an in-memory LRU of per-prompt embeddings (sampling asks for the
+  same prompts again and again) and warns once per prompt that is truncated to ``max_length``.
+  ``encode([""])`` is the classifier-free-guidance null embedding.
+- ``EmbeddingTable``: caption -> embedding rows computed once for a whole dataset (float16 + masks, saved
+  as ``.npz`` by ``data_pipelines/encode_text.py`` or the trainer), picklable and cheap, so grain worker
+  processes look embeddings up instead of running an encoder.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sora_jax.models.layers import RMSNorm, as_dtype
+
+log = logging.getLogger("sora_jax.text")
+
+FROZEN_ENCODERS = ("minilm", "t5")
+
+
+def _load(kind: str, path: str, dtype):
+    if kind == "minilm":
+        from sora_jax.text.minilm import load_minilm
+
+        return load_minilm(path or None, dtype=dtype)
+    if kind == "t5":
+        if not path:
+            raise ValueError(
+                "config.text.encoder = 't5' needs config.text.path (a Hugging Face T5/UMT5 folder)"
+            )
+        from sora_jax.text.t5 import load_t5_encoder
+
+        return load_t5_encoder(path, dtype=dtype)
+    raise ValueError(f"unknown frozen text encoder {kind!r}; known: {FROZEN_ENCODERS}")
+
+
+class FrozenTextEmbedder:
+    """texts -> (float32 ``[B, L, D]``, bool ``[B, L]``) from a frozen pretrained encoder, LRU-cached."""
+
+    def __init__(
+        self,
+        kind: str,
+        path: str = "",
+        *,
+        max_length: int,
+        dtype: str = "float32",
+        cache_size: int = 4096,
+        batch_size: int = 64,
+    ):
+        self.kind, self.path, self.max_length = kind, path, int(max_length)
+        module, self.tokenizer = _load(kind, path, as_dtype(dtype))
+        graphdef, state = nnx.split(module)
+        self._state = state
+        self._fn = jax.jit(lambda st, ids, mask: _features(nnx.merge(graphdef, st)(ids, mask)))
+        probe = jax.eval_shape(
+            self._fn,
+            state,
+            jax.ShapeDtypeStruct((1, self.max_length), jnp.int32),
+            jax.ShapeDtypeStruct((1, self.max_length), jnp.bool_),
+        )
+        self.output_dim = int(probe.shape[-1])
+        self.batch_size = int(batch_size)
+        self._cache: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+        self._cache_size = int(cache_size)
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        """Identifies the encoder and its settings (cache files carry it)."""
+        return f"{self.kind}:{os.path.abspath(self.path) if self.path else 'bundled'}:L{self.max_length}"
+
+    def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        out = self.tokenizer.encode(texts, self.max_length)
+        ids, mask = out[0], out[1]
+        for text, m in zip(texts, np.asarray(mask)):
+            if m.all() and text not in self._warned and self._is_truncated(text):
+                self._warned.add(text)
+                log.warning("prompt truncated to %d tokens: %.80r", self.max_length, text)
+        return np.asarray(ids, np.int32), np.asarray(mask, bool)
+
+    def _is_truncated(self, text: str) -> bool:
+        return int(self.tokenizer.encode([text], self.max_length)[2]) > 0  # (ids, mask, truncated count)
+
+    def _compute(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Runs the encoder in chunks of ``batch_size`` rows, each padded to a power of two (few compiles)."""
+        ids, mask = self._tokenize(texts)
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            ci, cm = ids[i : i + self.batch_size], mask[i : i + self.batch_size]
+            k = len(ci)
+            rows = min(self.batch_size, 1 << (k - 1).bit_length())
+            if rows > k:  # pad with copies of the first row (an all-padding row could make NaNs)
+                ci = np.concatenate([ci, np.repeat(ci[:1], rows - k, 0)])
+                cm = np.concatenate([cm, np.repeat(cm[:1], rows - k, 0)])
+            out.append(np.asarray(self._fn(self._state, ci, cm), np.float32)[:k])
+        return np.concatenate(out) * mask[:, :, None], mask
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """B strings -> embeddings float32 ``[B, L, D]`` (zero at padding), mask bool ``[B, L]``."""
+        texts = [str(t) for t in texts]
+        with self._lock:
+            missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+            if missing:
+                emb, mask = self._compute(missing)
+                for t, e, m in zip(missing, emb, mask):
+                    self._cache[t] = (e, m)
+                    if len(self._cache) > self._cache_size:
+                        self._cache.popitem(last=False)
+            rows = []
+            for t in texts:
+                if t in self._cache:
+                    self._cache.move_to_end(t)
+                    rows.append(self._cache[t])
+                else:  # evicted within this call (more distinct texts than the cache holds)
+                    e, m = self._compute([t])
+                    rows.append((e[0], m[0]))
+        return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+    def table(self, captions: Sequence[str], *, progress: bool = False) -> EmbeddingTable:
+        """The ``EmbeddingTable`` of the distinct ``captions`` (plus the empty prompt)."""
+        from tqdm.auto import tqdm
+
+        unique = sorted(set(map(str, captions)) | {""})
+        embs, masks = [], []
+        chunk = max(self.batch_size, 1) * 4
+        for i in tqdm(
+            range(0, len(unique), chunk), desc=f"embed captions ({self.kind})", disable=not progress
+        ):
+            e, m = self._compute(unique[i : i + chunk])
+            embs.append(e.astype(np.float16))
+            masks.append(m)
+        return EmbeddingTable(unique, np.concatenate(embs), np.concatenate(masks), name=self.name)
+
+
+def _features(out) -> jax.Array:
+    """Token states of an encoder's output (a bare array, a (states, pooled) pair, or a dict)."""
+    if isinstance(out, dict):
+        return out.get("last_hidden_state", out.get("token_states"))
+    if isinstance(out, tuple | list):
+        return out[0]
+    return out
+
+
+class EmbeddingTable:
+    """Precomputed caption embeddings: ``encode(texts)`` looks rows up (KeyError for an unknown caption)."""
+
+    def __init__(self, captions: Sequence[str], emb: np.ndarray, mask: np.ndarray, *, name: str):
+        if emb.ndim != 3 or mask.shape != emb.shape[:2] or len(captions) != len(emb):
+            raise ValueError(f"EmbeddingTable: {len(captions)} captions, emb {emb.shape}, mask {mask.shape}")
+        self.captions = list(captions)
+        self.index = {c: i for i, c in enumerate(self.captions)}
+        self.emb, self.mask, self.name = emb, mask.astype(bool), name
+        self.output_dim = int(emb.shape[-1])
+        self.max_length = int(emb.shape[1])
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """B captions -> float32 ``[B, L, D]``, bool ``[B, L]``."""
+        try:
+            rows = [self.index[str(t)] for t in texts]
+        except KeyError as e:
+            raise KeyError(
+                f"caption {e.args[0]!r} is not in the embedding table ({self.name}); rebuild it with "
+                "data_pipelines/encode_text.py"
+            ) from None
+        return self.emb[rows].astype(np.float32), self.mask[rows]
+
+    def save(self, path: str | Path) -> Path:
+        """Writes ``path`` (.npz) atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(
+            tmp,
+            captions=np.asarray(self.captions, dtype=object),
+            emb=self.emb,
+            mask=self.mask,
+            name=self.name,
+        )
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> EmbeddingTable:
+        with np.load(path, allow_pickle=True) as z:
+            return cls(list(z["captions"]), z["emb"], z["mask"], name=str(z["name"]))
+
+
+def table_file(folder: str | Path, embedder: FrozenTextEmbedder, split: str) -> Path:
+    """Where a dataset's table for ``embedder`` lives: ``<folder>/text_emb-<kind>-<hash>-<split>.npz``."""
+    digest = hashlib.sha1(embedder.name.encode()).hexdigest()[:10]
+    return Path(folder) / f"text_emb-{embedder.kind}-{digest}-{split}.npz"
+
+
+class TextAdapter(nnx.Module):
+    """Frozen features ``[B, L, in_dim]`` -> the DiT's text width: RMSNorm then a linear map (trainable)."""
+
+    def __init__(self, in_dim: int, width: int, *, dtype="float32", param_dtype="float32", rngs: nnx.Rngs):
+        self.output_dim = width
+        self.norm = RMSNorm(in_dim, param_dtype=param_dtype, rngs=rngs)
+        self.proj = nnx.Linear(
+            in_dim,
+            width,
+            kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "embed")),
+            dtype=as_dtype(dtype),
+            param_dtype=as_dtype(param_dtype),
+            rngs=rngs,
+        )
+
+    def __call__(self, emb: jax.Array, mask: jax.Array) -> jax.Array:
+        """emb ``[B, L, in_dim]``, mask ``[B, L]`` -> ``[B, L, width]`` (zero at padding)."""
+        return self.proj(self.norm(emb)) * mask[..., None].astype(emb.dtype)

