@@ -61,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_prompts", type=int, default=64)
     p.add_argument("--num_clips", type=int, default=256, help="VAE workdirs: clips to reconstruct")
     p.add_argument("--raw_params", action="store_true", help="score the raw parameters, not the EMA")
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "test", "paraphrase"],
+        help="paraphrase: prompts in wordings the captions never use (DiT only)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="report folder (default: <workdir>/eval)")
 

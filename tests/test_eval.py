@@ -171,3 +171,22 @@ def test_reader_training_chunks_mix_splits_and_speeds():
     b, _, _ = train_reader.make_chunk(40, 300, cfg, speeds=((1.0, 1.0),))
     move = lambda v: np.abs(np.diff(v.astype(np.float32), axis=1)).mean()
     assert move(b) < 0.75 * move(a)
+
+
+def test_paraphrase_prompts_use_unseen_words_and_parse_to_their_objects():
+    from data_pipelines import moving_digits
+    from sora_jax.eval.paraphrase import paraphrase_prompts
+    from sora_jax.text.tokenizer import HashWordTokenizer
+
+    prompts = paraphrase_prompts(200, seed=1)
+    assert len(prompts) == 200 and len(set(prompts)) > 150
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(3000):  # the caption generator's vocabulary
+        k = int(rng.integers(1, 3))
+        objs = [(int(d), int(rng.integers(8))) for d in rng.choice(10, k, replace=False)]
+        seen |= set(HashWordTokenizer.split(moving_digits.caption(rng, objs)))
+    for p in prompts:
+        assert moving_digits.parse_prompt(p)  # scored like a caption
+    unseen = {"handwritten", "numeral", "wanders", "heads", "scrolls", "floats", "frame", "corner"}
+    assert not unseen & seen and unseen <= {w for p in prompts for w in HashWordTokenizer.split(p)}

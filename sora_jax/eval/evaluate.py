@@ -28,12 +28,18 @@ def evaluate_workdir(
     out: str | Path | None = None,
     pipeline=None,
 ) -> dict:
-    """Samples ``num_prompts`` captions of ``split`` with the workdir's latest checkpoint, writes the report."""
+    """Samples ``num_prompts`` captions of ``split`` (or, for ``"paraphrase"``, paraphrased prompts) with the
+    workdir's latest checkpoint, writes the report."""
     from sora_jax import api
     from sora_jax.train.loop import data_path
 
     pipe = pipeline or api.load_pipeline(workdir)
-    prompts = split_prompts(data_path(pipe.config, workdir), split, num_prompts, seed)
+    if split == "paraphrase":  # unseen wordings of the same objects (sora_jax/eval/paraphrase.py)
+        from sora_jax.eval.paraphrase import paraphrase_prompts
+
+        prompts = paraphrase_prompts(num_prompts, seed)
+    else:
+        prompts = split_prompts(data_path(pipe.config, workdir), split, num_prompts, seed)
     videos = pipe.generate(prompts, seed=seed, progress=True)
     metrics, rows = evaluate_prompts(videos, prompts)
     metrics = {"split": split, "step": pipe.step, **metrics}
