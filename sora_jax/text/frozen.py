@@ -89,11 +89,11 @@ class FrozenTextEmbedder:
         """Identifies the encoder and its settings (cache files carry it)."""
         return f"{self.kind}:{os.path.abspath(self.path) if self.path else 'bundled'}:L{self.max_length}"
 
-    def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _tokenize(self, texts: list[str], warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
         out = self.tokenizer.encode(texts, self.max_length)
         ids, mask = out[0], out[1]
         for text, m in zip(texts, np.asarray(mask)):
-            if m.all() and text not in self._warned and self._is_truncated(text):
+            if warn and m.all() and text not in self._warned and self._is_truncated(text):
                 self._warned.add(text)
                 log.warning("prompt truncated to %d tokens: %.80r", self.max_length, text)
         return np.asarray(ids, np.int32), np.asarray(mask, bool)
@@ -101,9 +101,9 @@ class FrozenTextEmbedder:
     def _is_truncated(self, text: str) -> bool:
         return int(self.tokenizer.encode([text], self.max_length)[2]) > 0  # (ids, mask, truncated count)
 
-    def _compute(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _compute(self, texts: list[str], warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Runs the encoder in chunks of ``batch_size`` rows, each padded to a power of two (few compiles)."""
-        ids, mask = self._tokenize(texts)
+        ids, mask = self._tokenize(texts, warn)
         out = []
         for i in range(0, len(texts), self.batch_size):
             ci, cm = ids[i : i + self.batch_size], mask[i : i + self.batch_size]
@@ -141,14 +141,23 @@ class FrozenTextEmbedder:
         from tqdm.auto import tqdm
 
         unique = sorted(set(map(str, captions)) | {""})
-        embs, masks = [], []
+        embs, masks, truncated = [], [], 0
         chunk = max(self.batch_size, 1) * 4
         for i in tqdm(
             range(0, len(unique), chunk), desc=f"embed captions ({self.kind})", disable=not progress
         ):
-            e, m = self._compute(unique[i : i + chunk])
+            e, m = self._compute(unique[i : i + chunk], warn=False)
+            truncated += int(self.tokenizer.encode(unique[i : i + chunk], self.max_length)[2])
             embs.append(e.astype(np.float16))
             masks.append(m)
+        if truncated:  # one line for the whole table
+            log.warning(
+                "%d of %d distinct captions are longer than %d tokens and were truncated (raise "
+                "config.text.max_length)",
+                truncated,
+                len(unique),
+                self.max_length,
+            )
         return EmbeddingTable(unique, np.concatenate(embs), np.concatenate(masks), name=self.name)
 
 
