@@ -263,8 +263,8 @@ def describe(workdir: str | Path) -> list[dict[str, Any]]:
                     shape = f"{d.get('num_frames')}x{d.get('height')}x{d.get('width')}"
                     if d.get("buckets"):
                         shape = f"buckets {d['buckets']}"
-                    mesh = "x".join(
-                        f"{k}{v}" for k, v in c.get("mesh", {}).items() if not isinstance(v, dict)
+                    mesh = ",".join(
+                        f"{k}={v}" for k, v in c.get("mesh", {}).items() if not isinstance(v, dict)
                     )
                     task = c.get("task", "t2v")
                     variant = c.get("vae", {}).get("variant") if task == "vae" else m.get("variant")
