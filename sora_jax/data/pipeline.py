@@ -141,7 +141,7 @@ def to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
     return it
 
 
-def _no_tokens(captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def no_tokens(captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((len(captions), 1), np.int32), np.ones((len(captions), 1), bool)
 
 
@@ -152,7 +152,7 @@ def in_order(path: str | pathlib.Path, split: str, batch_size: int) -> grain.Ite
         path,
         split,
         global_batch_size=batch_size,
-        tokenize=_no_tokens,
+        tokenize=no_tokens,
         seed=0,
         shuffle=False,
         repeat=False,
@@ -177,4 +177,4 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     return out
 
 
-__all__ = ("in_order", "make_dataset", "open_source", "read_metadata", "to_global")
+__all__ = ("in_order", "make_dataset", "no_tokens", "open_source", "read_metadata", "to_global")

@@ -356,9 +356,7 @@ def train_and_evaluate(
         return {"compiled": True, **memory}
 
     source, index = train_source(cfg, workdir)
-    text_input = (
-        train_text_input(cfg, workdir, source) if task(cfg) == "t2v" else factory.make_tokenizer(cfg).encode
-    )
+    text_input = train_text_input(cfg, workdir, source) if task(cfg) == "t2v" else pipeline.no_tokens
     if cfg.data.get("buckets"):
         dataset = make_bucketed_train_data(cfg, source, index, mesh, text_input)
     else:
