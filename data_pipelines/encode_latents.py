@@ -91,10 +91,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="clip dataset folder (ArrayRecord shards + metadata.json)")
     p.add_argument("--out", required=True, help="new folder for the latent dataset")
     p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument(
+        "--text_encoder",
+        default="",
+        choices=["", "minilm", "t5"],
+        help="also precompute caption embeddings with this frozen encoder (data_pipelines/encode_text.py)",
+    )
+    p.add_argument("--text_path", default="", help="t5: the Hugging Face folder")
+    p.add_argument("--max_length", type=int, default=24, help="tokens per caption (config.text.max_length)")
     args = p.parse_args(argv)
     try:
         path = encode_dataset(args.vae, args.data, args.out, batch_size=args.batch_size)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        if args.text_encoder:
+            from data_pipelines.encode_text import encode_text
+
+            splits = list(json.loads((Path(path) / "metadata.json").read_text())["splits"])
+            encode_text(
+                path,
+                encoder=args.text_encoder,
+                path=args.text_path,
+                max_length=args.max_length,
+                splits=splits,
+            )
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, KeyError) as e:
         print(f"encode_latents: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

