@@ -3,10 +3,11 @@
     sora-jax ingest --videos raw/ --captions raw/captions.csv --out data/mine
     python -m data_pipelines.ingest --videos raw/ --captions raw/captions.jsonl --out data/mine --workers 8
 
-Owns reading the captions file (``read_captions``), cutting one video into clips (``video_clips``), the
+Owns the
 resumable, parallel work units that write shards (``run_unit``) and the merge into ``metadata.json``,
 ``<split>.index.npy`` and ``report.json`` (``ingest``). The record codec (``sora_jax.data.records``) and the
-H.264 codec (``sora_jax.data.video_codec``) are used, not defined, here.
+H.264 codec (``sora_jax.data.video_codec``), the captions reader (``data_pipelines.captions``) and the
+cutting of one video into clips (``data_pipelines.video_clips``) are used, not defined, here.
 
 Captions: CSV with a header, or JSONL (``.jsonl``); keys ``video`` (path relative to ``--videos``),
 ``caption``, optional ``start``/``end`` seconds and ``split`` (default "train"). A row with start/end
@@ -31,26 +32,32 @@ they are skipped and listed in ``report.json``. A malformed captions file is a u
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 import pathlib
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from data_pipelines.captions import Row, read_captions
+from data_pipelines.video_clips import (
+    ClipOptions,
+    SkipVideo,
+    av_reason,
+    encode_video,
+    output_size,
+    video_clips,
+)
+
 VERSION = 1
 RECORD_FORMAT = "sora_jax.data.records (SJC1, h264)"
-DEFAULT_SPLIT = "train"
-_SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
 _SHARD_RE = re.compile(r"^[A-Za-z0-9_]+-u\d{5,}-\d{3,}\.array_record$")  # <split>-u<unit>-<k>
 _MAX_SKIPS_PRINTED = 20
 
@@ -68,253 +75,6 @@ __all__ = [
     "run_unit",
     "video_clips",
 ]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Captions
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One captions-file row: a video (relative to the videos folder), its caption, an optional segment."""
-
-    video: str
-    caption: str
-    split: str = DEFAULT_SPLIT
-    start: float | None = None
-    end: float | None = None
-
-
-def _seconds(value: Any, key: str, where: str) -> float | None:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"{where}: {key} must be a number of seconds, got {value!r}")
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: {key} must be a number of seconds, got {value!r}") from None
-    if not math.isfinite(x) or x < 0:
-        raise ValueError(f"{where}: {key} must be a finite number of seconds >= 0, got {value!r}")
-    return x
-
-
-def _row(d: dict[str, Any], where: str) -> Row:
-    video, caption = d.get("video"), d.get("caption")
-    if not isinstance(video, str) or not video.strip():
-        raise ValueError(f"{where}: 'video' must be a non-empty path, got {video!r}")
-    if not isinstance(caption, str):
-        raise ValueError(f"{where}: 'caption' must be a string, got {caption!r}")
-    split = d.get("split")
-    split = DEFAULT_SPLIT if split is None or (isinstance(split, str) and not split.strip()) else split
-    if not isinstance(split, str) or not _SPLIT_RE.match(split.strip()):
-        raise ValueError(f"{where}: split must be letters, digits or '_', got {split!r}")
-    start, end = _seconds(d.get("start"), "start", where), _seconds(d.get("end"), "end", where)
-    if start is not None and end is not None and end <= start:
-        raise ValueError(f"{where}: end ({end}) must be after start ({start})")
-    return Row(video=video.strip(), caption=caption, split=split.strip(), start=start, end=end)
-
-
-def read_captions(path: str | os.PathLike) -> list[Row]:
-    """The rows of a captions file (CSV with a header, or ``.jsonl``), in file order.
-
-    Raises ValueError (one line naming the file and line) when the file is missing or malformed.
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ValueError(f"captions file not found: {path}")
-    rows: list[Row] = []
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            if path.suffix.lower() == ".jsonl":
-                for n, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        d = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                    if not isinstance(d, dict):
-                        raise ValueError(f"{path}:{n}: expected a JSON object, got {type(d).__name__}")
-                    for key in ("video", "caption"):
-                        if key not in d:
-                            raise ValueError(f"{path}:{n}: missing key {key!r}")
-                    rows.append(_row(d, f"{path}:{n}"))
-            else:
-                reader = csv.DictReader(f)
-                header = [h.strip() for h in reader.fieldnames or []]
-                missing = [k for k in ("video", "caption") if k not in header]
-                if missing:
-                    raise ValueError(
-                        f"{path}: the CSV header must name the columns 'video' and 'caption' "
-                        f"(missing {', '.join(missing)}; header: {','.join(header) or '(empty)'})"
-                    )
-                reader.fieldnames = header
-                for d in reader:
-                    where = f"{path}:{reader.line_num}"
-                    if None in d:
-                        raise ValueError(f"{where}: more fields than the header has columns")
-                    rows.append(_row(d, where))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except csv.Error as e:
-        raise ValueError(f"{path}: malformed CSV ({e})") from None
-    if not rows:
-        raise ValueError(f"{path}: no rows; expected a header and one row per video")
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------------------
-# One video -> clips
-
-
-@dataclasses.dataclass(frozen=True)
-class ClipOptions:
-    clip_seconds: float = 4.0
-    min_frames: int = 8
-    max_short_side: int = 720
-    crf: int = 20
-
-    def check(self) -> None:
-        if not (math.isfinite(self.clip_seconds) and self.clip_seconds > 0):
-            raise ValueError(f"--clip_seconds must be > 0, got {self.clip_seconds}")
-        if self.min_frames < 1:
-            raise ValueError(f"--min_frames must be >= 1, got {self.min_frames}")
-        if self.max_short_side < 2:
-            raise ValueError(f"--max_short_side must be >= 2, got {self.max_short_side}")
-        if not 0 <= self.crf <= 51:
-            raise ValueError(f"--crf must be in [0, 51] (H.264), got {self.crf}")
-
-
-class SkipVideo(Exception):
-    """A video that cannot give clips; the message is the reason recorded in report.json."""
-
-
-def output_size(height: int, width: int, max_short_side: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((resize H, W), (stored H, W)) of a source frame: downscaled (aspect kept) only when the short side
-    exceeds ``max_short_side``, then cropped to even sizes."""
-    short = min(height, width)
-    if short > max_short_side:
-        s = max_short_side / short
-        rh = max_short_side if height <= width else round(height * s)
-        rw = max_short_side if width < height else round(width * s)
-    else:
-        rh, rw = height, width
-    return (rh, rw), (rh - rh % 2, rw - rw % 2)
-
-
-def _av_reason(e: BaseException) -> str:
-    msg = getattr(e, "strerror", None) or str(e) or type(e).__name__
-    return str(msg).splitlines()[0]
-
-
-def video_clips(
-    path: str | os.PathLike, row: Row, opts: ClipOptions
-) -> Iterator[tuple[np.ndarray, float, float]]:
-    """Decodes ``path`` (the row's segment, or all of it) -> (frames uint8 [T, H, W, 3], fps, start seconds)
-    per clip, in time order. The frames array is a reused buffer: copy or consume it before the next clip.
-
-    Raises SkipVideo (the reason) when the file is missing, unreadable or too short.
-    """
-    import av
-
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise SkipVideo("file not found")
-    try:
-        container = av.open(str(path), mode="r")
-    except (av.FFmpegError, OSError) as e:
-        raise SkipVideo(f"cannot open as a video: {_av_reason(e)}") from None
-    with container:
-        if not container.streams.video:
-            raise SkipVideo("no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        fps = float(rate) if rate else 0.0
-        if not (math.isfinite(fps) and fps > 0):
-            raise SkipVideo("unknown frame rate")
-        clip_len = max(1, round(opts.clip_seconds * fps))
-        if clip_len < opts.min_frames:
-            raise SkipVideo(
-                f"--clip_seconds {opts.clip_seconds:g} at {fps:g} fps is {clip_len} frames < "
-                f"--min_frames {opts.min_frames}"
-            )
-        # default (slice) threading: frame threading hides decode errors of truncated files; processes
-        # (--workers) give the parallelism
-        tb = stream.time_base
-        t0 = float(stream.start_time * tb) if stream.start_time is not None and tb else 0.0
-        start = row.start or 0.0
-        end = math.inf if row.end is None else row.end
-        half = 0.5 / fps
-        if start > 0 and tb:
-            try:
-                container.seek(int((start + t0) / tb), stream=stream, backward=True, any_frame=False)
-            except av.FFmpegError:
-                container.seek(0, stream=stream)  # unseekable: decode from the start
-        buf: np.ndarray | None = None
-        sizes: tuple[tuple[int, int], tuple[int, int]] | None = None
-        n = total = 0
-        clip_start = 0.0
-        t = start if start > 0 else 0.0
-        try:
-            for frame in container.decode(stream):
-                t = frame.time - t0 if frame.time is not None else t + 1.0 / fps
-                if t < start - half:
-                    continue
-                if t >= end - half:
-                    break
-                if sizes is None:
-                    if min(frame.height, frame.width) < 2:
-                        raise SkipVideo(f"frames are {frame.height}x{frame.width}, too small")
-                    sizes = output_size(frame.height, frame.width, opts.max_short_side)
-                    buf = np.empty((clip_len, *sizes[1], 3), np.uint8)
-                (rh, rw), (h, w) = sizes
-                if (rh, rw) == (frame.height, frame.width):
-                    image = frame.to_ndarray(format="rgb24")
-                else:
-                    image = frame.to_ndarray(format="rgb24", width=rw, height=rh, interpolation="AREA")
-                if n == 0:
-                    clip_start = t
-                buf[n] = image[:h, :w]
-                n += 1
-                total += 1
-                if n == clip_len:
-                    yield buf, fps, clip_start
-                    n = 0
-        except av.FFmpegError as e:
-            raise SkipVideo(f"decode error after {total} frames: {_av_reason(e)}") from None
-        if total < opts.min_frames:
-            if total == 0 and row.start is not None:
-                if stream.duration and tb:
-                    length = f"{float(stream.duration * tb):.3g} s long"
-                elif container.duration:
-                    length = f"{container.duration / 1e6:.3g} s long"
-                else:
-                    length = "of unknown length"
-                raise SkipVideo(f"no frames in the segment from {start:g} s (the video is {length})")
-            if total == 0:
-                raise SkipVideo("no frames decoded")
-            raise SkipVideo(f"too short: {total} frames < --min_frames {opts.min_frames}")
-        if n >= opts.min_frames:
-            yield buf[:n], fps, clip_start
-
-
-def encode_video(path: str | os.PathLike, row: Row, opts: ClipOptions) -> list[tuple[bytes, list[float]]]:
-    """All clips of one row as (record bytes, index row [frames, height, width, fps]); SkipVideo if none.
-
-    A video is all or nothing: a decode error half-way skips it (its earlier clips are dropped)."""
-    from sora_jax.data.records import encode_encoded_clip
-    from sora_jax.data.video_codec import encode_mp4
-
-    out = []
-    for frames, fps, start in video_clips(path, row, opts):
-        t, h, w = frames.shape[:3]
-        payload = encode_mp4(frames, fps, crf=opts.crf)
-        record = encode_encoded_clip(
-            payload, shape=(t, h, w), fps=fps, caption=row.caption, source=row.video, start=round(start, 6)
-        )
-        out.append((record, [float(t), float(h), float(w), float(fps)]))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -415,7 +175,7 @@ def run_unit(unit: Unit, progress: Progress | None = None) -> dict[str, Any]:
         except SkipVideo as e:
             skipped.append({"video": row.video, "reason": str(e)})
         except Exception as e:  # a bad input must not stop the job; the reason says what happened
-            skipped.append({"video": row.video, "reason": f"{type(e).__name__}: {_av_reason(e)}"})
+            skipped.append({"video": row.video, "reason": f"{type(e).__name__}: {av_reason(e)}"})
         else:
             for record, idx in clips:
                 if writer is None or (size and size + len(record) > unit.shard_bytes):

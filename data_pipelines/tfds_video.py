@@ -24,15 +24,15 @@ Without ``videos=``/``captions=`` the builder reads them from the download confi
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import pathlib
-import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+from data_pipelines.captions import Row, read_captions
 
 try:
     import tensorflow_datasets as tfds
@@ -43,8 +43,6 @@ except ImportError as e:  # pragma: no cover - depends on the extras installed
 
 NAME = "captioned_video"
 CAPTIONS_FILE = "captions.csv"  # the default captions file inside manual_dir
-DEFAULT_SPLIT = "train"
-_SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
 
 log = logging.getLogger(__name__)
 
@@ -98,33 +96,6 @@ def read_video(
     if not out_fps > 0:
         raise ValueError(f"video {path} does not state its frame rate; pass fps= (--fps) to set one")
     return np.ascontiguousarray(video), out_fps
-
-
-def read_captions(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Rows {video, caption, split} of a captions CSV (header: video, caption[, split]); split defaults to
-    ``train``. Raises ValueError naming the file and line for a missing column or a bad split name."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such captions file: {path}")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"video", "caption"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(
-                f"{path}: header must name 'video' and 'caption' (optional 'split'), got {reader.fieldnames}"
-            )
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            split = (row.get("split") or "").strip() or DEFAULT_SPLIT
-            if not _SPLIT_RE.match(split):
-                raise ValueError(f"{path}:{line}: split {split!r} must be letters, digits or '_'")
-            video = (row["video"] or "").strip()
-            if not video:
-                raise ValueError(f"{path}:{line}: empty 'video'")
-            rows.append({"video": video, "caption": row["caption"] or "", "split": split})
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
 
 
 class CaptionedVideo(tfds.core.GeneratorBasedBuilder):
@@ -198,36 +169,36 @@ class CaptionedVideo(tfds.core.GeneratorBasedBuilder):
         videos, captions = self._inputs(dl_manager)
         if not videos.is_dir():
             raise FileNotFoundError(f"videos folder {videos} does not exist")
-        by_split: dict[str, list[tuple[int, dict[str, str]]]] = {}
-        for i, row in enumerate(read_captions(captions)):
-            by_split.setdefault(row["split"], []).append((i, row))
+        by_split: dict[str, list[tuple[int, Row]]] = {}
+        for i, row in enumerate(read_captions(captions)):  # whole videos: start/end are not used here
+            by_split.setdefault(row.split, []).append((i, row))
         return {split: self._generate_examples(videos, rows) for split, rows in sorted(by_split.items())}
 
     def _generate_examples(
-        self, videos: pathlib.Path, rows: Sequence[tuple[int, dict[str, str]]]
+        self, videos: pathlib.Path, rows: Sequence[tuple[int, Row]]
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         from sora_jax.data.video_codec import encode_mp4
 
         for i, row in rows:
-            path = videos / row["video"]
+            path = videos / row.video
             try:
                 frames, fps = read_video(path, max_frames=self._max_frames, size=self._size, fps=self._fps)
             except (FileNotFoundError, ValueError) as e:
                 if not self._skip_unreadable:
                     raise
-                log.warning("skipping %s: %s", row["video"], e)
+                log.warning("skipping %s: %s", row.video, e)
                 continue
             t, h, w, _ = frames.shape
             yield (
                 f"{i:09d}",
                 {
                     "video": encode_mp4(frames, fps, crf=self._crf),
-                    "caption": row["caption"],
+                    "caption": row.caption,
                     "fps": np.float32(fps),
                     "num_frames": np.int32(t),
                     "height": np.int32(h),
                     "width": np.int32(w),
-                    "source": row["video"],
+                    "source": row.video,
                 },
             )
 

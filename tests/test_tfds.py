@@ -232,16 +232,16 @@ def test_missing_tfds_says_how_to_install(monkeypatch):
 
 def test_captions_csv_and_unreadable_videos(tmp_path):
     (tmp_path / "bad.csv").write_text("file,caption\nx.mp4,hi\n")
-    with pytest.raises(ValueError, match="header must name 'video' and 'caption'"):
+    with pytest.raises(ValueError, match="header must name the columns 'video' and 'caption'"):
         tfds_video.read_captions(tmp_path / "bad.csv")
     (tmp_path / "split.csv").write_text("video,caption,split\nx.mp4,hi,no-dash\n")
-    with pytest.raises(ValueError, match=r"split.csv:2: split 'no-dash'"):
+    with pytest.raises(ValueError, match=r"split.csv:2: split must be letters, digits or '_', got 'no-dash'"):
         tfds_video.read_captions(tmp_path / "split.csv")
 
     _write_mp4(tmp_path / "v" / "ok.mp4", _frames(0, 6), 8)
     (tmp_path / "v" / "junk.mp4").write_bytes(b"not a video")
     (tmp_path / "c.csv").write_text("video,caption\nok.mp4,fine\njunk.mp4,junk\n")
-    assert [r["split"] for r in tfds_video.read_captions(tmp_path / "c.csv")] == ["train", "train"]
+    assert [r.split for r in tfds_video.read_captions(tmp_path / "c.csv")] == ["train", "train"]
     with pytest.raises(ValueError, match="cannot decode video .*junk.mp4"):
         tfds_video.build(tmp_path / "v", tmp_path / "c.csv", tmp_path / "d1")
     builder = tfds_video.build(

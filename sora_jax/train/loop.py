@@ -143,12 +143,12 @@ def train_source(cfg: ml_collections.ConfigDict, workdir: str | Path) -> tuple:
 
 
 def _captions(cfg: ml_collections.ConfigDict, workdir, source) -> list[str]:
-    """Every caption of the train split: from the metadata when it lists them, else from the records."""
+    """Every caption of the train split (from the metadata when it lists them, else from the records)."""
     t = cfg.data.get("tfds")
     if not (t is not None and t.name):
-        captions = pipeline.read_metadata(data_path(cfg, workdir))["splits"]["train"].get("captions")
-        if captions is not None:
-            return list(captions)
+        from data_pipelines.encode_text import split_captions
+
+        return split_captions(data_path(cfg, workdir), "train")
     from sora_jax.data.records import read_record
 
     return [read_record(source[i])[0]["caption"] for i in range(len(source))]
