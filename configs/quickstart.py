@@ -101,6 +101,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.diffusion.sample_steps = 32
     c.diffusion.cfg_scale = 6.0  # demo checkpoint, test digit accuracy: 0.115 at 6, 0.083 at 3
 
+    # Frame conditioning (sora_jax/diffusion/masks.py): per clip, the latent frames given clean, so one model
+    # also animates images, extends, connects and loops (`sora-jax sample --mode ...`)
+    c.conditioning = ml_collections.ConfigDict()
+    c.conditioning.probs = ml_collections.ConfigDict(
+        {"none": 0.5, "first": 0.25, "last": 0.1, "both": 0.1, "random": 0.05}
+    )
+    c.conditioning.max_frames = 2  # k given frames ~ U{1..max_frames} in first / last / both
+
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100
@@ -116,6 +124,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.ckpt_every = 1000
     c.train.keep_checkpoints = 2  # the last N checkpoints ...
     c.train.keep_every = 0  # ... plus every K-th step (0: none)
+    c.train.time_limit_s = 0.0  # > 0: save and stop after this many seconds of training (0: num_steps)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

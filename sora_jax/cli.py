@@ -45,10 +45,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_multiprocess_flags(p)
 
-    p = sub.add_parser("sample", help="generate videos from the latest checkpoint in a workdir")
+    p = sub.add_parser(
+        "sample",
+        help="generate videos from the latest checkpoint in a workdir (t2v, i2v, extend, connect, edit, loop, long)",
+        description="Modes: t2v (default); i2v --image F; extend --video F [--direction forward|backward]; "
+        "connect --video A --video B; edit --video F --strength s; loop; long --seconds N. "
+        "Inputs are resized and centre-cropped to the model's frame.",
+    )
     p.add_argument("--workdir", required=True)
-    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several in t2v)")
     p.add_argument("--out", required=True, help="folder for the MP4/GIF files and the contact sheet")
+    p.add_argument(
+        "--mode", default="t2v", choices=["t2v", "i2v", "extend", "connect", "edit", "loop", "long"]
+    )
+    p.add_argument("--image", default=None, help="i2v: the image to animate")
+    p.add_argument("--video", action="append", default=None, help="extend/edit: a video; connect: two")
+    p.add_argument("--direction", default="forward", choices=["forward", "backward"], help="extend")
+    p.add_argument("--strength", type=float, default=0.6, help="edit: noise level to start from, (0, 1]")
+    p.add_argument("--seconds", type=float, default=60.0, help="long: length at the model's fps")
+    p.add_argument("--overlap", type=int, default=1, help="latent frames given at each seam")
+    p.add_argument("--negative_prompt", default=None, help="the unconditional branch of guidance")
+    p.add_argument("--guidance_rescale", type=float, default=0.0, help="phi of guidance rescale (e.g. 0.7)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's)")
     p.add_argument("--cfg_scale", type=float, default=None, help="classifier-free guidance scale")
@@ -69,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="report folder (default: <workdir>/eval)")
+    p.add_argument(
+        "--prompting",
+        action="store_true",
+        help="DiT: score i2v, extend, connect and --seconds long videos instead (sora_jax/eval/prompting.py)",
+    )
+    p.add_argument("--seconds", type=float, default=60.0, help="--prompting: length of the long videos")
+    p.add_argument("--num_long", type=int, default=8, help="--prompting: number of long videos")
 
     p = sub.add_parser(
         "ingest",
@@ -149,10 +173,15 @@ def run(argv: list[str]) -> int:
         from sora_jax.sample.outputs import write_samples
 
         api.check_prompts(args.prompt)
-        pipe = api.load_pipeline(args.workdir, sample_steps=args.steps, cfg_scale=args.cfg_scale)
-        videos = pipe.generate(args.prompt, seed=args.seed, progress=True)
-        paths = write_samples(args.out, videos, args.prompt, fps=pipe.config.data.fps)
-        print(f"wrote {len(paths['mp4'])} videos and {paths['contact_sheet']}")
+        if args.mode == "t2v" and args.negative_prompt is None and not args.guidance_rescale:
+            pipe = api.load_pipeline(args.workdir, sample_steps=args.steps, cfg_scale=args.cfg_scale)
+            videos = pipe.generate(args.prompt, seed=args.seed, progress=True)
+            paths = write_samples(args.out, videos, args.prompt, fps=pipe.config.data.fps)
+            print(f"wrote {len(paths['mp4'])} videos and {paths['contact_sheet']}")
+        else:
+            from sora_jax.sample.prompting import run_mode
+
+            print(run_mode(args))
     elif args.command == "checkpoints":
         _list_checkpoints(args.workdir, args.json)
     elif args.command == "eval":
@@ -170,6 +199,19 @@ def run(argv: list[str]) -> int:
                 use_ema=False if args.raw_params else None,
             )
             print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            return 0
+        if args.prompting:
+            from sora_jax.eval.prompting import evaluate_prompting
+
+            m = evaluate_prompting(
+                args.workdir,
+                num=args.num_prompts,
+                seconds=args.seconds,
+                num_long=args.num_long,
+                seed=args.seed,
+                out=args.out,
+            )
+            print(" ".join(f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, float)))
             return 0
         report = evaluate_workdir(
             args.workdir, num_prompts=args.num_prompts, split=args.split, seed=args.seed, out=args.out

@@ -172,6 +172,8 @@ def upgrade(config: dict) -> dict:
     model = config.get("model", {})
     if isinstance(model.get("remat"), bool):
         model["remat"] = "full" if model["remat"] else "none"
+    if config.get("task", "t2v") == "t2v" and "conditioning" not in config:  # before frame conditioning
+        config["conditioning"] = {"probs": {"none": 1.0}, "max_frames": 1}
     return config
 
 
@@ -216,6 +218,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         if size % p:
             raise ConfigError(
                 f"config.data.{name} = {size} is not divisible by the patch size {p} (config.model.patch_size)"
+            )
+    if cfg.get("conditioning") is not None:
+        from sora_jax.diffusion.masks import check_probs
+
+        try:
+            check_probs(dict(cfg.conditioning.probs))
+        except ValueError as e:
+            raise ConfigError(f"config.conditioning.probs: {e}") from None
+        if cfg.conditioning.max_frames < 1:
+            raise ConfigError(
+                f"config.conditioning.max_frames must be >= 1, got {cfg.conditioning.max_frames}"
             )
     if not 0.0 <= cfg.text.caption_dropout < 1.0:
         raise ConfigError(f"config.text.caption_dropout must be in [0, 1), got {cfg.text.caption_dropout}")

@@ -177,3 +177,9 @@ def tokens_per_clip(cfg: ml_collections.ConfigDict, frames: int, height: int, wi
 def latent_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
     """(T', H', W', C) of the latent video the DiT works on."""
     return tuple(make_autoencoder(cfg).latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width))
+
+
+def mask_probs(cfg: ml_collections.ConfigDict) -> dict[str, float] | None:
+    """The frame-conditioning strategy probabilities (``config.conditioning.probs``), None when absent."""
+    c = cfg.get("conditioning")
+    return None if c is None else {k: float(v) for k, v in c.probs.items()}

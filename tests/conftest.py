@@ -27,3 +27,24 @@ def data_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("digits")
     moving_digits.build(path, num_train=64, num_test=16, num_frames=4, height=16, width=16, fps=4, seed=0)
     return path
+
+
+@pytest.fixture(scope="module")
+def smoke_t2v():
+    """(config, graphdef, params) of the quickstart smoke model with every parameter perturbed: adaLN-Zero
+    makes a fresh DiT output zeros, and samples should depend on text and noise."""
+    import jax
+    from flax import nnx
+
+    from configs import quickstart
+    from sora_jax import factory
+    from sora_jax.config import load_config
+
+    cfg = load_config(f"{quickstart.__file__}:smoke")
+    graphdef, params = nnx.split(factory.make_model(cfg, seed=0), nnx.Param)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(
+        tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+    )
+    return cfg, graphdef, params

@@ -3,28 +3,16 @@
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
-from configs import quickstart
 from sora_jax import factory
-from sora_jax.config import load_config
 from sora_jax.sample.outputs import write_samples
 from sora_jax.sample.sampler import PmapSampler
 from sora_jax.sample.video_io import read_video
 
 
 @pytest.fixture(scope="module")
-def parts():
-    cfg = load_config(f"{quickstart.__file__}:smoke")
-    model = factory.make_model(cfg, seed=0)
-    graphdef, params = nnx.split(model, nnx.Param)
-    # adaLN-Zero makes a fresh DiT output zeros: perturb every parameter so samples depend on text and noise
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(
-        tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
-    )
-    return cfg, graphdef, params
+def parts(smoke_t2v):
+    return smoke_t2v
 
 
 def make_sampler(cfg, graphdef, devices, scale=3.0, sampler="euler"):

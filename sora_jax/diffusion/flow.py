@@ -109,9 +109,13 @@ def sampling_times(num_steps: int, shift: float = 1.0) -> jax.Array:
     return shift_time(jnp.linspace(1.0, 0.0, num_steps + 1, dtype=jnp.float32), shift)
 
 
-def euler_sample(apply_fn, noise: jax.Array, num_steps: int, shift: float = 1.0) -> jax.Array:
-    """Integrates dx/dt = apply_fn(x, 1000 t) from t=1 (x = noise [B, ...]) to t=0 with Euler steps."""
-    ts = sampling_times(num_steps, shift)
+def euler_sample(
+    apply_fn, noise: jax.Array, num_steps: int, shift: float = 1.0, *, start: int = 0
+) -> jax.Array:
+    """Integrates dx/dt = apply_fn(x, 1000 t) from t=1 (x = noise [B, ...]) to t=0 with Euler steps.
+
+    ``start`` > 0 skips the first steps: ``noise`` is then x at ``sampling_times(...)[start]`` (SDEdit)."""
+    ts = sampling_times(num_steps, shift)[start:]
     batch = noise.shape[0]
 
     def step(x, t_pair):
@@ -123,10 +127,12 @@ def euler_sample(apply_fn, noise: jax.Array, num_steps: int, shift: float = 1.0)
     return x
 
 
-def heun_sample(apply_fn, noise: jax.Array, num_steps: int, shift: float = 1.0) -> jax.Array:
+def heun_sample(
+    apply_fn, noise: jax.Array, num_steps: int, shift: float = 1.0, *, start: int = 0
+) -> jax.Array:
     """Heun (2nd order) from t=1 to t=0; the final step to t=0 is plain Euler (as in EDM), so the model
-    is never evaluated at t=0. Costs 2 * num_steps - 1 model calls."""
-    ts = sampling_times(num_steps, shift)
+    is never evaluated at t=0. Costs 2 * num_steps - 1 model calls (fewer from ``start``, as in Euler)."""
+    ts = sampling_times(num_steps, shift)[start:]
     batch = noise.shape[0]
 
     def vel(x, t):

@@ -17,12 +17,27 @@ import jax.numpy as jnp
 CondApplyFn = Callable[[jax.Array, jax.Array, Any], Any]
 
 
-def cfg_apply(apply_fn_cond: CondApplyFn, cond: Any, scale: float | jax.Array) -> Callable:
-    """Returns ``apply_fn(x_t [B, ...], model_time [B]) -> out [B, ...]`` guided with ``scale``.
+def rescale_guidance(guided: jax.Array, cond_out: jax.Array, phi: float) -> jax.Array:
+    """Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+    eq. 15-16): ``phi * guided * std(cond_out) / std(guided) + (1 - phi) * guided``, the standard deviations
+    taken per sample over all non-batch dims. Counters the over-exposure of large guidance scales."""
+    axes = tuple(range(1, guided.ndim))
+    g32, c32 = guided.astype(jnp.float32), cond_out.astype(jnp.float32)
+    std_g = jnp.std(g32, axis=axes, keepdims=True)
+    std_c = jnp.std(c32, axis=axes, keepdims=True)
+    rescaled = g32 * (std_c / jnp.maximum(std_g, 1e-12))
+    return (phi * rescaled + (1.0 - phi) * g32).astype(guided.dtype)
 
-    apply_fn_cond(x_t [2B, ...], model_time [2B], cond) -> out [2B, ...] (out may be a pytree).
+
+def cfg_apply(
+    apply_fn_cond: CondApplyFn, cond: Any, scale: float | jax.Array, *, rescale: float = 0.0
+) -> Callable:
+    """Returns ``apply_fn(x_t [B, ...], model_time [B] or [B, T]) -> out [B, ...]`` guided with ``scale``.
+
+    apply_fn_cond(x_t [2B, ...], model_time [2B, ...], cond) -> out [2B, ...] (out may be a pytree).
     cond: a pytree whose leaves have leading dim 2B, the conditional half first, e.g. text embeddings
-    [2B, L, D] and masks [2B, L] where rows B..2B-1 hold the null caption.
+    [2B, L, D] and masks [2B, L] where rows B..2B-1 hold the null caption, or a negative prompt.
+    ``rescale`` > 0 applies guidance rescale (``rescale_guidance``) with that phi (0.7 in the paper).
 
     When ``scale`` is a Python number equal to 1 (0), only the conditional (unconditional) half runs, at half
     the cost; a traced ``scale`` always runs both halves.
@@ -48,6 +63,9 @@ def cfg_apply(apply_fn_cond: CondApplyFn, cond: Any, scale: float | jax.Array) -
             jnp.concatenate([x_t, x_t], axis=0), jnp.concatenate([model_time, model_time], axis=0), cond
         )
         out_c, out_u = half(out, 0, batch), half(out, 1, batch)
-        return jax.tree.map(lambda c, u: u + scale * (c - u), out_c, out_u)
+        guided = jax.tree.map(lambda c, u: u + scale * (c - u), out_c, out_u)
+        if rescale:
+            guided = jax.tree.map(lambda g, c: rescale_guidance(g, c, rescale), guided, out_c)
+        return guided
 
     return apply_fn

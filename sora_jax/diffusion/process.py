@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sora_jax.diffusion import ddpm, flow
 from sora_jax.diffusion.ddpm import Prediction
@@ -126,12 +127,15 @@ class Process:
         key: jax.Array,
         *,
         loss_mask: jax.Array | None = None,
+        cond_mask: jax.Array | None = None,
     ) -> jax.Array:
-        """Per-example MSE [B] between apply_fn(x_t, model_time) and the target, for x0 [B, ...].
+        """Per-example MSE [B] between apply_fn(x_t, model_time) and the target, for x0 [B, T, ...].
 
         DDPM: t ~ U{0..N-1}, target eps or v. Flow: t from the configured sampling, target noise - x0, or
         for x0-prediction the v-loss ``((out - x0) / max(t, 0.05))^2``.
         ``loss_mask`` ([B, T] or broadcastable to x0) restricts the average to where it is 1.
+        ``cond_mask`` (bool [B, T], frames given as conditioning): those frames enter clean (x_t = x0), the
+        model gets a time per frame ``[B, T]`` that is 0 on them, and they are left out of the loss.
         """
         batch = x0.shape[0]
         key_t, key_noise = jax.random.split(key)
@@ -139,16 +143,25 @@ class Process:
         if self.is_flow:
             t = flow.sample_time(key_t, batch, self.flow_timestep_sampling, self.flow_shift)
             x_t = flow.interpolate(x0, noise, t).astype(x0.dtype)
-            if self.flow_prediction is FlowPrediction.X0:
-                return _masked_mean(flow.x0_loss(apply_fn(x_t, self.model_time(t)), x0, t), loss_mask)
-            target = flow.velocity_target(x0, noise)
         else:
             t = jax.random.randint(key_t, (batch,), 0, self.num_timesteps)
             x_t = ddpm.q_sample(self.schedule, x0, t, noise).astype(x0.dtype)
-            target = (
-                noise if self.prediction is Prediction.EPS else ddpm.v_target(self.schedule, x0, t, noise)
-            )
-        out = apply_fn(x_t, self.model_time(t))
+        model_time = self.model_time(t)
+        if cond_mask is not None:
+            cond_mask = jnp.asarray(cond_mask, jnp.bool_)
+            x_t = jnp.where(_frames(cond_mask, x0), x0, x_t)
+            model_time = frame_times(model_time, cond_mask)
+            keep = (~cond_mask).astype(jnp.float32)
+            loss_mask = keep if loss_mask is None else jnp.asarray(loss_mask, jnp.float32) * keep
+        out = apply_fn(x_t, model_time)
+        if self.is_flow and self.flow_prediction is FlowPrediction.X0:
+            return _masked_mean(flow.x0_loss(out, x0, t), loss_mask)
+        if self.is_flow:
+            target = flow.velocity_target(x0, noise)
+        elif self.prediction is Prediction.EPS:
+            target = noise
+        else:
+            target = ddpm.v_target(self.schedule, x0, t, noise)
         sq = jnp.square(out.astype(jnp.float32) - target.astype(jnp.float32))
         return _masked_mean(sq, loss_mask)
 
@@ -165,28 +178,79 @@ class Process:
         eta: float = 0.0,
         clip_denoised: bool = True,
         shift: float | None = None,
+        cond: jax.Array | None = None,
+        cond_mask: jax.Array | None = None,
+        init: jax.Array | None = None,
+        strength: float = 1.0,
     ) -> jax.Array:
-        """Generates x0 [B, ...] from noise [B, ...].
+        """Generates x0 [B, T, ...] from noise [B, T, ...].
 
         DDPM: "ddpm" (ancestral, fixed-small variance) or "ddim" (``eta``; 0 is deterministic), both over
         ``num_steps`` evenly respaced timesteps, predicting x0 and clipping it to [-1, 1] when
         ``clip_denoised``. Flow: "euler" or "heun" over ``num_steps`` uniform steps from t=1 to 0, shifted by
         ``shift`` (default: the process's ``flow_shift``); ``key``, ``eta`` and ``clip_denoised`` are unused.
+
+        Conditioning on frames: ``cond`` (clean latents like ``noise``) on the frames where ``cond_mask``
+        (bool [B, T]) is set; those frames are held clean at time 0 in every model call (as trained with
+        mask strategies) and returned exactly. Editing (SDEdit, Meng et al. 2022): with ``init`` (clean
+        latents) and ``strength`` s in (0, 1], sampling starts from ``init`` noised to the level of the first
+        step whose noise level is <= s (t <= s for flow, timestep <= s N for DDPM) and runs the remaining
+        steps; s = 1 is plain generation.
         """
         s = self.check_sampler(sampler)
+        if not 0.0 < float(strength) <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+        if cond_mask is not None:
+            if cond is None:
+                raise ValueError("cond_mask needs cond (the clean latents of the conditioning frames)")
+            apply_fn = self._conditioned(apply_fn, cond, jnp.asarray(cond_mask, jnp.bool_))
         if self.is_flow:
             shift = self.flow_shift if shift is None else shift
-            apply_fn = self.velocity_fn(apply_fn)
+            if cond_mask is None:
+                apply_fn = self.velocity_fn(apply_fn)
+            ts = flow.shift_time(
+                np.linspace(1.0, 0.0, num_steps + 1), float(shift)
+            )  # static, as the solvers'
+            start = _first_at_or_below(ts[:-1], strength) if init is not None else 0
+            x = (
+                noise
+                if init is None
+                else flow.interpolate(init, noise, jnp.full((noise.shape[0],), ts[start]))
+            )
             if s is Sampler.EULER:
-                return flow.euler_sample(apply_fn, noise, num_steps, shift)
-            return flow.heun_sample(apply_fn, noise, num_steps, shift)
-        return self._ddpm_sample(apply_fn, noise, key, s, num_steps, eta, clip_denoised)
+                out = flow.euler_sample(apply_fn, x.astype(noise.dtype), num_steps, shift, start=start)
+            else:
+                out = flow.heun_sample(apply_fn, x.astype(noise.dtype), num_steps, shift, start=start)
+        else:
+            out = self._ddpm_sample(apply_fn, noise, key, s, num_steps, eta, clip_denoised, init, strength)
+        if cond_mask is not None:
+            out = jnp.where(_frames(cond_mask, out), cond.astype(out.dtype), out)
+        return out
 
-    def _ddpm_sample(self, apply_fn, noise, key, sampler, num_steps, eta, clip_denoised):
+    def _conditioned(self, apply_fn: ApplyFn, cond: jax.Array, cond_mask: jax.Array) -> ApplyFn:
+        """apply_fn with the conditioning frames clean at time 0; for flow a velocity model whose velocity is
+        zero on them (x0-predictions converted per frame)."""
+        where = _frames(cond_mask, cond)
+        inner = self.velocity_fn(apply_fn) if self.is_flow else apply_fn
+
+        def apply(x: jax.Array, model_time: jax.Array) -> jax.Array:
+            x = jnp.where(where, cond.astype(x.dtype), x)
+            out = inner(x, frame_times(model_time, cond_mask))
+            return jnp.where(where, jnp.zeros_like(out), out) if self.is_flow else out
+
+        return apply
+
+    def _ddpm_sample(self, apply_fn, noise, key, sampler, num_steps, eta, clip_denoised, init, strength):
         kept = space_timesteps(self.num_timesteps, num_steps)
         sched = respace(self.schedule, kept).to_jax()
         timestep_map = jnp.asarray(kept, jnp.float32)
         batch = noise.shape[0]
+        start = 0
+        if init is not None:  # the first respaced step (from the noisy end) at or below strength * N
+            levels = np.asarray(kept[::-1], np.float64) / (self.num_timesteps - 1)
+            start = _first_at_or_below(levels, strength)
+            t0 = jnp.full((batch,), kept[num_steps - 1 - start], jnp.int32)
+            noise = ddpm.q_sample(self.schedule, init, t0, noise).astype(noise.dtype)
 
         def body(j, x):
             i = num_steps - 1 - j  # respaced index, from num_steps - 1 down to 0
@@ -207,8 +271,26 @@ class Process:
             mean = x0 * jnp.sqrt(a_prev) + jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma**2, 0.0)) * eps
             return mean + nonzero * sigma * z
 
-        x = jax.lax.fori_loop(0, num_steps, body, noise.astype(jnp.float32))
+        x = jax.lax.fori_loop(start, num_steps, body, noise.astype(jnp.float32))
         return x.astype(noise.dtype)
+
+
+def _first_at_or_below(levels, strength: float) -> int:
+    """Index of the first of the decreasing noise ``levels`` that is <= strength (a static Python int)."""
+    levels = np.asarray(levels, np.float64)
+    below = np.nonzero(levels <= float(strength) + 1e-9)[0]
+    return int(below[0]) if below.size else len(levels) - 1
+
+
+def _frames(cond_mask: jax.Array, like: jax.Array) -> jax.Array:
+    """A per-frame mask [B, T] broadcast over the trailing dims of ``like`` [B, T, ...]."""
+    return cond_mask.reshape(cond_mask.shape + (1,) * (like.ndim - cond_mask.ndim))
+
+
+def frame_times(model_time: jax.Array, cond_mask: jax.Array) -> jax.Array:
+    """Per-frame model time [B, T]: ``model_time`` [B] (or already [B, T]) on free frames, 0 on conditioned."""
+    mt = model_time if model_time.ndim == 2 else jnp.broadcast_to(model_time[:, None], cond_mask.shape)
+    return jnp.where(cond_mask, 0.0, mt).astype(jnp.float32)
 
 
 def make_process(

@@ -36,6 +36,7 @@ from sora_jax.models.layers import (
     Mlp,
     RMSNorm,
     as_dtype,
+    gate,
     layer_norm,
     linear,
     modulate,
@@ -175,7 +176,8 @@ def dit_config(variant: str, **overrides) -> DiTConfig:
 
 
 class TimestepEmbedder(nnx.Module):
-    """t ``[B]`` -> sinusoidal ``[B, 256]`` -> Linear -> SiLU -> Linear -> ``[B, D]``."""
+    """t ``[B]`` (or per frame group ``[B, G]``) -> sinusoidal ``[..., 256]`` -> Linear -> SiLU -> Linear ->
+    ``[B, D]`` (``[B, G, D]``)."""
 
     def __init__(self, width: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -209,15 +211,16 @@ class DiTBlock(nnx.Module):
         text_mask: jax.Array,
         rope: tuple[jax.Array, jax.Array],
     ) -> jax.Array:
-        """x ``[B, N, D]``, c ``[B, D]``, text ``[B, L, Dt]``, text_mask ``[B, L]`` -> ``[B, N, D]``."""
-        mod = self.adaLN_modulation(jax.nn.silu(c))  # [B, 6D]
+        """x ``[B, N, D]``, c ``[B, D]`` (or per frame group ``[B, G, D]``), text ``[B, L, Dt]``, text_mask
+        ``[B, L]`` -> ``[B, N, D]``."""
+        mod = self.adaLN_modulation(jax.nn.silu(c))  # [B, 6D] or [B, G, 6D]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         h = self.attn(modulate(layer_norm(x), shift_msa, scale_msa), rope=rope)
-        x = x + gate_msa[:, None] * h
+        x = x + gate(gate_msa, h)
         x = constrain(x, ("act_batch", "act_seq", "act_embed"))
         x = x + self.cross_attn(self.cross_norm(x), text, mask=text_mask)
         x = constrain(x, ("act_batch", "act_seq", "act_embed"))
-        x = x + gate_mlp[:, None] * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        x = x + gate(gate_mlp, self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp)))
         return constrain(x, ("act_batch", "act_seq", "act_embed"))
 
 
@@ -230,15 +233,18 @@ class FinalLayer(nnx.Module):
         self.linear = linear(cfg.width, cfg.patch_dim, ("embed", "patch"), zero=True, **kw)
 
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-        """x ``[B, N, D]``, c ``[B, D]`` -> ``[B, N, P]``."""
+        """x ``[B, N, D]``, c ``[B, D]`` or ``[B, G, D]`` -> ``[B, N, P]``."""
         shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(c)), 2, axis=-1)
         return self.linear(modulate(layer_norm(x), shift, scale))
 
 
 class DiT(nnx.Module):
-    """Spacetime DiT: ``(x [B,T,H,W,C], t [B], text [B,L,Dt], text_mask [B,L]) -> [B,T,H,W,C]``.
+    """Spacetime DiT: ``(x [B,T,H,W,C], t [B] or [B,T], text [B,L,Dt], text_mask [B,L]) -> [B,T,H,W,C]``.
 
-    ``t`` is model time in [0, 1000] (float). Blocks are stored stacked (leading axis ``"layers"``) and run
+    ``t`` is model time in [0, 1000] (float), one per sample, or one per frame ``[B, T]`` for conditioning on
+    frames (clean conditioning frames at t = 0, Open-Sora's mask strategies): the adaLN modulation is then
+    computed per temporal patch group from the largest time among the group's ``pt`` frames and applied to
+    that group's tokens. Equal times in every frame give exactly the per-sample result. Blocks are stored stacked (leading axis ``"layers"``) and run
     with ``jax.lax.scan`` so compile time does not grow with depth.
     """
 
@@ -274,9 +280,13 @@ class DiT(nnx.Module):
             raise ValueError(f"DiT wants text [{B}, L, {cfg.text_dim}], got {text.shape}")
         if text_mask.shape != text.shape[:2]:
             raise ValueError(f"DiT: text_mask {text_mask.shape} != text [B, L] {text.shape[:2]}")
-        if jnp.shape(t) != (B,):
-            raise ValueError(f"DiT wants t [{B}], got shape {jnp.shape(t)}")
+        if jnp.shape(t) not in ((B,), (B, T)):
+            raise ValueError(f"DiT wants t [{B}] or per frame [{B}, {T}], got shape {jnp.shape(t)}")
         grid = (T // pt, H // ph, W // pw)
+        if (
+            jnp.ndim(t) == 2
+        ):  # per frame -> per temporal patch group [B, gt]: a group is clean only if all are
+            t = jnp.max(jnp.reshape(t, (B, grid[0], pt)), axis=-1)
         text_mask = text_mask.astype(jnp.bool_)
         text = constrain(text.astype(dt), ("act_batch", "act_text", "act_embed"))
 
@@ -286,7 +296,8 @@ class DiT(nnx.Module):
         if self.y_embedder is not None:
             m = text_mask[..., None].astype(jnp.float32)
             pooled = jnp.sum(text.astype(jnp.float32) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-            c = c + self.y_embedder(pooled.astype(dt))
+            y = self.y_embedder(pooled.astype(dt))
+            c = c + (y[:, None] if c.ndim == 3 else y)
         rope = rope_3d_angles(*grid, cfg.head_dim, cfg.rope_theta)
 
         graphdef, state = nnx.split(self.blocks)

@@ -359,19 +359,39 @@ def unpatchify(x: jax.Array, patch_size: tuple[int, int, int], grid: tuple[int, 
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
-    """DiT's sinusoidal embedding: t ``[B]`` float -> ``[B, dim]`` float32, ``[cos(t f), sin(t f)]``.
+    """DiT's sinusoidal embedding: t ``[...]`` float -> ``[..., dim]`` float32, ``[cos(t f), sin(t f)]``.
 
     ``f_i = max_period^(-i / (dim/2))``; an odd ``dim`` gets one zero column at the end.
     """
     half = dim // 2
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+    args = jnp.asarray(t, jnp.float32)[..., None] * freqs
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:
-        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[..., :1])], axis=-1)
     return emb
 
 
+def _per_group(x: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x ``[B, N, D]`` and a per-sample ``[B, D]`` or per-frame-group ``[B, G, D]`` value -> (x viewed as
+    ``[B, N, D]`` or ``[B, G, N/G, D]``, v broadcastable to it). Tokens are in (t, h, w) order, so frame group
+    g owns the contiguous tokens ``g*N/G .. (g+1)*N/G - 1``."""
+    if v.ndim == 2:
+        return x, v[:, None]
+    B, N, D = x.shape
+    G = v.shape[1]
+    return x.reshape(B, G, N // G, D), v[:, :, None]
+
+
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-    """adaLN modulation: x ``[B, N, D]``, shift/scale ``[B, D]`` -> ``x * (1 + scale) + shift``."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """adaLN modulation ``x * (1 + scale) + shift``: x ``[B, N, D]``; shift/scale ``[B, D]`` (one timestep per
+    sample) or ``[B, G, D]`` (one per temporal patch group: per-frame conditioning) -> ``[B, N, D]``."""
+    xg, sc = _per_group(x, scale)
+    _, sh = _per_group(x, shift)
+    return (xg * (1 + sc) + sh).reshape(x.shape)
+
+
+def gate(g: jax.Array, h: jax.Array) -> jax.Array:
+    """adaLN-Zero gate ``g * h``: h ``[B, N, D]``, g ``[B, D]`` or ``[B, G, D]`` (as in ``modulate``)."""
+    hg, gg = _per_group(h, g)
+    return (gg * hg).reshape(h.shape)

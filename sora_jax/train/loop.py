@@ -261,6 +261,8 @@ def build_train_fns(cfg: ml_collections.ConfigDict, mesh):
             caption_dropout=cfg.text.caption_dropout,
             ema_decay=cfg.optim.ema_decay,
             lr_fn=lr_fn,
+            mask_probs=factory.mask_probs(cfg),
+            mask_max_frames=cfg.get("conditioning", {}).get("max_frames", 1),
         )
 
     def sharded_step(state, batch):
@@ -276,6 +278,15 @@ def build_train_fns(cfg: ml_collections.ConfigDict, mesh):
         donate_argnums=0,
     )
     return init_jit, step_jit, state_sharding, abstract_state, graphdef
+
+
+def _agree(flag: bool) -> bool:
+    """True when any process says so (processes stop at the same step); a no-op with one process."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
 
 
 def _log_state_bytes(abstract_state, mesh) -> None:
@@ -387,6 +398,7 @@ def train_and_evaluate(
     pending: list[tuple[int, dict]] = []
     last: dict = {}
     t0, steps_timed = time.perf_counter(), 0
+    started, time_limit = t0, float(cfg.train.get("time_limit_s", 0.0))
     try:
         with PreemptionWatch() as preemption:
             for step in range(start, total):
@@ -403,6 +415,10 @@ def train_and_evaluate(
                 bar.update(1)
                 done = step + 1
                 preempted = preemption.reached(done)
+                out_of_time = False  # every process decides at the same steps (every step when alone)
+                if time_limit > 0 and (jax.process_count() == 1 or done % cfg.train.log_every == 0):
+                    out_of_time = _agree(time.perf_counter() - started >= time_limit)
+                preempted = preempted or out_of_time
                 save_now = done % cfg.train.ckpt_every == 0 or done == total or preempted
                 if done % cfg.train.log_every == 0 or done == total:
                     host = [(s, jax.device_get(m)) for s, m in pending]
@@ -423,8 +439,9 @@ def train_and_evaluate(
                     checkpoint.save(mgr, done, state, cfg, data_iter, force=preempted)
                 if preempted:
                     mgr.wait_until_finished()
-                    log.warning("preempted: saved step %d in %s, exiting", done, workdir)
-                    last |= {"preempted": True}
+                    why = f"time limit of {time_limit:g} s reached" if out_of_time else "preempted"
+                    log.warning("%s: saved step %d in %s, exiting", why, done, workdir)
+                    last |= {"time_limit_reached": True} if out_of_time else {"preempted": True}
                     total = done
                     break
     finally:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from sora_jax.diffusion import masks
 from sora_jax.models.autoencoder import Autoencoder, video_to_float
 from sora_jax.models.discriminator import adaptive_weight, hinge_d_loss, hinge_g_loss
 from sora_jax.models.vae import kl_divergence
@@ -24,12 +25,19 @@ def make_loss_fn(
     null_ids: jax.Array,
     null_mask: jax.Array,
     caption_dropout: float,
+    mask_probs: dict[str, float] | None = None,
+    mask_max_frames: int = 1,
 ) -> Callable[[nnx.State, dict, jax.Array], jax.Array]:
-    """``loss_fn(params, batch, key) -> scalar``: caption dropout, encode, mean diffusion loss over the batch."""
+    """``loss_fn(params, batch, key) -> scalar``: caption dropout, encode, mean diffusion loss over the batch.
+
+    With ``mask_probs`` giving a frame-conditioning strategy other than "none" a positive probability
+    (``sora_jax/diffusion/masks.py``), each clip draws a mask of given latent frames: clean, at time 0, out of
+    the loss."""
+    use_masks = mask_probs is not None and masks.conditions_frames(mask_probs)
 
     def loss_fn(params, batch, key):
         model = nnx.merge(graphdef, params)
-        k_drop, k_diff = jax.random.split(key)
+        k_drop, k_diff, k_mask = jax.random.split(key, 3)
         # token ids [B, L], or a frozen encoder's features [B, L, F] (sora_jax/text/frozen.py)
         ids = batch["tokens"] if "tokens" in batch else batch["text_emb"]
         mask = batch["text_mask"]
@@ -41,7 +49,12 @@ def make_loss_fn(
         else:
             x0 = autoencoder.encode(video_to_float(batch["video"]))
         ctx, ctx_mask = model.encode_text(ids, mask)
-        per_example = process.training_loss(lambda xt, t: model.denoise(xt, t, ctx, ctx_mask), x0, k_diff)
+        cond_mask = None
+        if use_masks:
+            cond_mask = masks.sample_masks(k_mask, x0.shape[0], x0.shape[1], mask_probs, mask_max_frames)
+        per_example = process.training_loss(
+            lambda xt, t: model.denoise(xt, t, ctx, ctx_mask), x0, k_diff, cond_mask=cond_mask
+        )
         return per_example.mean()
 
     return loss_fn
@@ -58,6 +71,8 @@ def make_train_step(
     caption_dropout: float,
     ema_decay: float,
     lr_fn: Callable[[jax.Array], jax.Array],
+    mask_probs: dict[str, float] | None = None,
+    mask_max_frames: int = 1,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Returns ``step(state, batch) -> (state, metrics)``; batch: video u8 [B,T,H,W,3], tokens, text_mask [B,L]."""
     loss_fn = make_loss_fn(
@@ -67,6 +82,8 @@ def make_train_step(
         null_ids=null_ids,
         null_mask=null_mask,
         caption_dropout=caption_dropout,
+        mask_probs=mask_probs,
+        mask_max_frames=mask_max_frames,
     )
 
     def loss_with_aux(params, batch, key):

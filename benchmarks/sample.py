@@ -1,0 +1,131 @@
+"""Sampling speed: seconds per video and videos per hour per device, for a config, step count and length.
+
+    python benchmarks/sample.py --config configs/digits_small.py --steps 32 --batch 16
+    python benchmarks/sample.py --config configs/quickstart.py --steps 32 8 --batch 1 8 --frames 8 32
+
+The model is the config's, with freshly initialised parameters (speed does not depend on the weights), run
+through the ``JitSampler`` that ``sora-jax sample`` uses (classifier-free guidance doubles each model call
+unless the config's cfg_scale is 1). For each (frames, steps, batch) it times ``--repeats`` calls after one
+warm-up (compile) call, and reports seconds per video, videos per hour per device, the analytic model FLOPs
+per video (``sora_jax.models.dit.flops_per_token``) and the achieved TFLOP/s. Prints a table and writes
+``benchmarks/results/sample.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+
+def measure(cfg, *, frames: int, steps: int, batch: int, repeats: int) -> dict:
+    from flax import nnx
+
+    from sora_jax import factory
+    from sora_jax.models.dit import flops_per_token
+    from sora_jax.sample.sampler import JitSampler
+
+    cfg = cfg.copy_and_resolve_references()
+    cfg.data.num_frames = frames
+    model = factory.make_model(cfg, cfg.seed)
+    graphdef, params = nnx.split(model, nnx.Param)
+    shape = factory.latent_shape(cfg)
+    sampler = JitSampler(
+        graphdef,
+        params,
+        factory.make_tokenizer(cfg),
+        factory.make_process(cfg),
+        shape,
+        sampler=cfg.diffusion.sampler,
+        num_steps=steps,
+        cfg_scale=cfg.diffusion.cfg_scale,
+    )
+    prompts = [f"a {i % 10} moving left" for i in range(batch)]
+    t0 = time.perf_counter()
+    sampler.sample(prompts, seed=0)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        sampler.sample(prompts, seed=r + 1)
+        times.append(time.perf_counter() - t0)
+    sec = float(np.median(times))
+    dit = factory.model_config(cfg)
+    pt, ph, pw = dit.patch_size
+    tokens = shape[0] // pt * (shape[1] // ph) * (shape[2] // pw)
+    calls = steps * (1 if cfg.diffusion.cfg_scale == 1 else 2)
+    if cfg.diffusion.sampler == "heun":
+        calls = (2 * steps - 1) * calls // steps
+    flops = flops_per_token(dit, tokens, cfg.text.max_length) * tokens * calls
+    devices = 1  # JitSampler without a mesh runs on one device
+    return {
+        "frames": frames,
+        "latent_shape": list(shape),
+        "tokens": tokens,
+        "steps": steps,
+        "batch": batch,
+        "compile_s": round(compile_s, 3),
+        "seconds_per_batch": sec,
+        "seconds_per_video": sec / batch,
+        "videos_per_hour_per_device": 3600.0 * batch / sec / devices,
+        "model_gflop_per_video": flops / 1e9,
+        "achieved_tflops": flops * batch / sec / 1e12,
+    }
+
+
+def main(argv=None) -> None:
+    from sora_jax.config import load_config
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/quickstart.py")
+    p.add_argument("--frames", type=int, nargs="+", default=[0], help="clip frames (0: the config's)")
+    p.add_argument("--steps", type=int, nargs="+", default=[32])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--override", nargs="*", default=[], help="config overrides key=value")
+    p.add_argument("--out", default="benchmarks/results/sample.json")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.override)
+    rows = []
+    for frames in args.frames:
+        for steps in args.steps:
+            for batch in args.batch:
+                rows.append(
+                    measure(
+                        cfg,
+                        frames=frames or cfg.data.num_frames,
+                        steps=steps,
+                        batch=batch,
+                        repeats=args.repeats,
+                    )
+                )
+                r = rows[-1]
+                print(
+                    f"frames {r['frames']:4d}  steps {steps:3d}  batch {batch:3d}  "
+                    f"{r['seconds_per_video']:8.4f} s/video  {r['videos_per_hour_per_device']:10.0f} videos/h/device  "
+                    f"{r['achieved_tflops']:7.3f} TFLOP/s  (compile {r['compile_s']:.1f} s)",
+                    flush=True,
+                )
+    result = {
+        "config": args.config,
+        "overrides": args.override,
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "host": platform.node(),
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Video prompting (issue 8): the jit sampler (one device, and params sharded over 8 devices) against the pmap
+sampler, the modes' frame bookkeeping (i2v, extend, connect, edit, loop, long videos), input fitting and the
+command line's one-line errors."""
+
+import jax
+import numpy as np
+import pytest
+
+from sora_jax import cli, factory
+from sora_jax.parallel.mesh import make_mesh
+from sora_jax.sample.prompting import Prompter, fit_frames, latent_frame_mask, pixel_frames
+from sora_jax.sample.sampler import JitSampler, PmapSampler
+from sora_jax.train.loop import build_train_fns
+
+
+@pytest.fixture(scope="module")
+def parts(smoke_t2v):
+    return smoke_t2v
+
+
+def _jit(cfg, graphdef, params, **kw):
+    return JitSampler(
+        graphdef,
+        params,
+        factory.make_tokenizer(cfg),
+        factory.make_process(cfg),
+        factory.latent_shape(cfg),
+        sampler="euler",
+        num_steps=3,
+        cfg_scale=3.0,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def prompter(parts):
+    cfg, graphdef, params = parts
+    d = cfg.data
+    return Prompter(
+        _jit(cfg, graphdef, params), factory.make_autoencoder(cfg), d.num_frames, d.height, d.width, 8.0
+    )
+
+
+PROMPTS = ["a 3 moving left", "a 7 falls", "a 0 moves right while a 5 moves up"]
+
+
+def test_jit_sampler_matches_pmap_sampler_on_one_and_eight_devices(parts):
+    cfg, graphdef, params = parts
+    ae = factory.make_autoencoder(cfg)
+    pm = PmapSampler(
+        graphdef,
+        factory.make_tokenizer(cfg),
+        factory.make_process(cfg),
+        ae,
+        factory.latent_shape(cfg),
+        sampler="euler",
+        num_steps=3,
+        cfg_scale=3.0,
+        devices=jax.local_devices()[:1],
+    ).generate(params, PROMPTS, seed=0)
+    from sora_jax.models.autoencoder import float_to_video
+
+    one = np.asarray(float_to_video(ae.decode(_jit(cfg, graphdef, params).sample(PROMPTS, seed=0))))
+    np.testing.assert_allclose(one.astype(int), pm.astype(int), atol=1)
+    # params sharded over an fsdp=8 mesh by the training rules, prompts padded to the batch multiple
+    mcfg = cfg.copy_and_resolve_references()
+    mcfg.unlock()
+    mcfg.mesh.data, mcfg.mesh.fsdp = 1, 8
+    mesh = make_mesh(mcfg.mesh, jax.local_devices()[:8])
+    shardings = build_train_fns(mcfg, mesh)[2]["params"]
+    sharded = _jit(cfg, graphdef, params, mesh=mesh, param_sharding=shardings)
+    assert sharded.batch_multiple == 8
+    leaf = jax.tree.leaves(sharded.params)[0]
+    assert len(leaf.sharding.device_set) == 8
+    big = [leaf for leaf in jax.tree.leaves(sharded.params) if leaf.ndim == 2 and leaf.shape[0] % 8 == 0]
+    assert any(not leaf.sharding.is_fully_replicated for leaf in big)  # really sharded, not copied
+    eight = np.asarray(float_to_video(ae.decode(sharded.sample(PROMPTS, seed=0))))
+    np.testing.assert_allclose(eight.astype(int), one.astype(int), atol=1)
+
+
+def test_negative_prompt_changes_only_the_unconditional_branch(parts):
+    cfg, graphdef, params = parts
+    s = _jit(cfg, graphdef, params)
+    base = s.sample(PROMPTS[:1], seed=0)
+    same = s.sample(PROMPTS[:1], seed=0, negative_prompts=[""])
+    neg = s.sample(PROMPTS[:1], seed=0, negative_prompts=["a 9 moving up"])
+    np.testing.assert_allclose(base, same, atol=1e-6)
+    assert np.abs(neg - base).max() > 1e-3
+    with pytest.raises(ValueError, match="negative prompts"):
+        s.sample(PROMPTS[:2], negative_prompts=["x"])
+
+
+def _grey(T, H, W, seed):
+    g = np.random.default_rng(seed).integers(0, 256, (T, H, W, 1), dtype=np.uint8)
+    return np.repeat(g, 3, axis=-1)
+
+
+def test_i2v_extend_connect_edit_loop_frames(prompter):
+    p = prompter
+    T, H, W = p.frames, p.height, p.width
+    img = _grey(1, H, W, 0)[0]
+    clip = p.i2v("a 3 moving left", img)
+    assert clip.shape == (T, H, W, 3)
+    np.testing.assert_array_equal(clip[0], img)  # luma of a grey image is exact
+    v = _grey(6, H, W, 1)
+    fwd = p.extend("a 3", v, direction="forward")
+    assert fwd.shape[0] == 6 + T - 1
+    np.testing.assert_array_equal(fwd[:6], v)
+    bwd = p.extend("a 3", v, direction="backward", overlap=2)
+    assert bwd.shape[0] == 6 + T - 2
+    np.testing.assert_array_equal(bwd[T - 2 :], v)
+    a, b = _grey(5, H, W, 2), _grey(5, H, W, 3)
+    whole, transition = p.connect("a 3", a, b)
+    np.testing.assert_array_equal(transition[0], a[-1])
+    np.testing.assert_array_equal(transition[-1], b[0])
+    assert whole.shape[0] == 5 + (T - 2) + 5
+    np.testing.assert_array_equal(whole[:5], a)
+    np.testing.assert_array_equal(whole[-5:], b)
+    # SDEdit at strength 1 is text-to-video from the same noise (the input is drowned); below 1 it is not
+    np.testing.assert_array_equal(
+        p.edit("a 3", _grey(T, H, W, 4), strength=1.0, seed=5), p.t2v("a 3", seed=5)
+    )
+    e1 = p.edit("a 3", _grey(T, H, W, 4), strength=0.8, seed=5)
+    e2 = p.edit("a 3", _grey(T, H, W, 6), strength=0.8, seed=5)
+    assert np.abs(e1.astype(int) - e2).max() > 0
+    loop = p.loop("a 3")
+    assert loop.shape[0] == T + T - 2
+    with pytest.raises(ValueError, match="direction must be"):
+        p.extend("a 3", v, direction="sideways")
+    with pytest.raises(ValueError, match="overlap must be 1"):
+        p.extend("a 3", v, overlap=T)
+
+
+def test_long_video_segments_and_streaming(prompter):
+    p = prompter
+    T = p.frames
+    videos, segments = p.long_video(["a 3 moving left", "a 7 falls"], num_frames=3 * T + 1, overlap=1, seed=2)
+    assert videos.shape == (2, 3 * T + 1, p.height, p.width, 3)
+    assert segments[0] == (0, T) and segments[-1][1] == 3 * T + 1
+    assert all(b[0] == a[1] for a, b in zip(segments, segments[1:]))
+    # every extension starts from the previous segment's last frame: the seam frame repeats in the clip
+    got = []
+    none, seg2 = p.long_video(["a 3 moving left", "a 7 falls"], num_frames=3 * T + 1, seed=2, sink=got.append)
+    assert none is None and seg2 == segments
+    np.testing.assert_array_equal(np.concatenate(got, axis=1), videos)
+    one, _ = p.long_video("a 3 moving left", seconds=(2 * T) / p.fps, seed=2)
+    assert one.shape[1] == 2 * T
+
+
+def test_fit_frames_and_frame_maps():
+    v = np.arange(2 * 20 * 40 * 3, dtype=np.uint8).reshape(2, 20, 40, 3)
+    out = fit_frames(v, 16, 16)
+    assert out.shape == (2, 16, 16, 3)
+    assert fit_frames(np.zeros((20, 30), np.uint8), 8, 8).shape == (1, 8, 8, 3)
+    assert fit_frames(np.zeros((20, 30, 4), np.uint8), 8, 8).shape == (1, 8, 8, 3)
+    same = np.random.default_rng(0).integers(0, 255, (3, 16, 16, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(fit_frames(same, 16, 16), same)  # already the model's size: untouched
+    with pytest.raises(ValueError, match="no pixels"):
+        fit_frames(np.zeros((0, 8, 8, 3), np.uint8), 8, 8)
+    with pytest.raises(ValueError, match="expected frames"):
+        fit_frames(np.zeros((2, 8, 8, 5), np.uint8), 8, 8)
+    # causal VAE, 4x: latent 0 <- frame 0, latent 1 <- frames 1..4, latent 2 <- frames 5..8
+    m = np.array([1, 1, 1, 1, 1, 0, 0, 0, 1], bool)
+    np.testing.assert_array_equal(latent_frame_mask(m, 4), [True, True, False])
+    np.testing.assert_array_equal(latent_frame_mask(m, 1), m)
+    assert pixel_frames(2, 4) == 5 and pixel_frames(3, 1) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mode", "i2v"], "--mode i2v needs --image FILE"),
+        (["--mode", "i2v", "--image", "{tmp}/missing.png"], "no such image file"),
+        (["--mode", "i2v", "--image", "{tmp}/bad.png"], "cannot read image"),
+        (["--mode", "extend", "--video", "{tmp}/empty.mp4"], "cannot decode video"),
+        (["--mode", "connect", "--video", "{tmp}/empty.mp4"], "takes two --video files"),
+        (["--mode", "edit", "--video", "{tmp}/empty.mp4", "--strength", "0"], "cannot decode video"),
+        (["--mode", "loop", "--prompt", "b"], "takes one --prompt"),
+        (["--mode", "t2v", "--prompt", " "], "empty prompt"),
+    ],
+)
+def test_sample_modes_bad_input_is_one_line(tmp_path, capsys, args, message):
+    (tmp_path / "bad.png").write_text("not an image")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    argv = ["sample", "--workdir", str(tmp_path / "none"), "--prompt", "a 3", "--out", str(tmp_path / "o")]
+    rc = cli.main(argv + [a.replace("{tmp}", str(tmp_path)) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()
