@@ -7,7 +7,10 @@ The model is the config's, with freshly initialised parameters (speed does not d
 through the ``JitSampler`` that ``sora-jax sample`` uses (classifier-free guidance doubles each model call
 unless the config's cfg_scale is 1). For each (frames, steps, batch) it times ``--repeats`` calls after one
 warm-up (compile) call, and reports seconds per video, videos per hour per device, the analytic model FLOPs
-per video (``sora_jax.models.dit.flops_per_token``) and the achieved TFLOP/s. Prints a table and writes
+per video (``sora_jax.models.dit.flops_per_token``) and the achieved TFLOP/s. ``--long_seconds 2 10 60``
+also generates one long video of each length by autoregressive extension (``Prompter.long_video``, frames
+streamed to a sink that drops them), each in a fresh process, and reports its time and the process's peak
+resident memory, which should stay flat with length. Prints a table and writes
 ``benchmarks/results/sample.json`` (or ``--out``).
 """
 
@@ -78,6 +81,46 @@ def measure(cfg, *, frames: int, steps: int, batch: int, repeats: int) -> dict:
     }
 
 
+def measure_long(cfg, seconds: float, steps: int, overlap: int) -> dict:
+    """One long video in this process: seconds of generation and peak RSS (this process is fresh)."""
+    import resource
+
+    from flax import nnx
+
+    from sora_jax import factory
+    from sora_jax.sample.prompting import Prompter
+    from sora_jax.sample.sampler import JitSampler
+
+    model = factory.make_model(cfg, cfg.seed)
+    graphdef, params = nnx.split(model, nnx.Param)
+    sampler = JitSampler(
+        graphdef,
+        params,
+        factory.make_tokenizer(cfg),
+        factory.make_process(cfg),
+        factory.latent_shape(cfg),
+        sampler=cfg.diffusion.sampler,
+        num_steps=steps,
+        cfg_scale=cfg.diffusion.cfg_scale,
+    )
+    d = cfg.data
+    p = Prompter(sampler, factory.make_autoencoder(cfg), d.num_frames, d.height, d.width, float(d.fps))
+    frames = []
+    t0 = time.perf_counter()
+    _, segments = p.long_video(
+        ["a 3 moving left"], seconds=seconds, overlap=overlap, sink=lambda f: frames.append(f.shape[1])
+    )
+    sec = time.perf_counter() - t0
+    return {
+        "long_seconds": seconds,
+        "frames": int(sum(frames)),
+        "segments": len(segments),
+        "steps": steps,
+        "seconds": sec,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
 def main(argv=None) -> None:
     from sora_jax.config import load_config
 
@@ -89,8 +132,14 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--override", nargs="*", default=[], help="config overrides key=value")
     p.add_argument("--out", default="benchmarks/results/sample.json")
+    p.add_argument("--long_seconds", type=float, nargs="*", default=[], help="also time long videos")
+    p.add_argument("--overlap", type=int, default=1)
+    p.add_argument("--_long_child", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.override)
+    if args._long_child is not None:  # one long video in a fresh process: its peak memory is its own
+        print(json.dumps(measure_long(cfg, args._long_child, args.steps[0], args.overlap)))
+        return
     rows = []
     for frames in args.frames:
         for steps in args.steps:
@@ -111,6 +160,22 @@ def main(argv=None) -> None:
                     f"{r['achieved_tflops']:7.3f} TFLOP/s  (compile {r['compile_s']:.1f} s)",
                     flush=True,
                 )
+    long_rows = []
+    for sec in args.long_seconds:
+        import subprocess
+        import sys
+
+        cmd = [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps[0])]
+        cmd += ["--overlap", str(args.overlap), "--_long_child", str(sec)]
+        cmd += ["--override", *args.override] if args.override else []
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        long_rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        r = long_rows[-1]
+        print(
+            f"long video {sec:6.1f} s: {r['frames']:5d} frames in {r['segments']:4d} segments, "
+            f"{r['seconds']:8.2f} s, peak RSS {r['peak_rss_mb']:8.1f} MB",
+            flush=True,
+        )
     result = {
         "config": args.config,
         "overrides": args.override,
@@ -118,6 +183,7 @@ def main(argv=None) -> None:
         "backend": jax.default_backend(),
         "host": platform.node(),
         "rows": rows,
+        "long_videos": long_rows,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

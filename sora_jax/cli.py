@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seconds", type=float, default=60.0, help="--prompting: length of the long videos")
     p.add_argument("--num_long", type=int, default=8, help="--prompting: number of long videos")
+    p.add_argument("--overlap", type=int, default=1, help="--prompting: latent frames given at each seam")
 
     p = sub.add_parser(
         "ingest",
@@ -208,6 +209,7 @@ def run(argv: list[str]) -> int:
                 num=args.num_prompts,
                 seconds=args.seconds,
                 num_long=args.num_long,
+                overlap=args.overlap,
                 seed=args.seed,
                 out=args.out,
             )

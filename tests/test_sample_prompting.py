@@ -5,6 +5,7 @@ command line's one-line errors."""
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from sora_jax import cli, factory
 from sora_jax.parallel.mesh import make_mesh
@@ -187,3 +188,43 @@ def test_sample_modes_bad_input_is_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+class _RecordingSampler:
+    """Stands in for JitSampler: records the conditioning and returns the given latents (zeros elsewhere)."""
+
+    def __init__(self, latent_shape):
+        self.latent_shape = latent_shape
+        self.calls = []
+
+    def sample(
+        self, prompts, *, seed=0, cond=None, cond_mask=None, init=None, strength=1.0, negative_prompts=None
+    ):
+        self.calls.append((cond, cond_mask))
+        out = np.zeros((len(prompts), *self.latent_shape), np.float32)
+        if cond_mask is not None:
+            out[cond_mask] = cond[cond_mask]
+        return out
+
+
+def test_prompting_through_a_causal_vae_gives_whole_latent_frames():
+    from sora_jax.models import vae as vae_lib
+
+    model = vae_lib.VideoVAE(vae_lib.vae_config("smoke"), rngs=nnx.Rngs(0))
+    codec = vae_lib.VAECodec(*nnx.split(model, nnx.Param), model.cfg, shift=0.1, scale=0.5)
+    shape = codec.latent_shape(9, 16, 16)
+    rec = _RecordingSampler(shape)
+    p = Prompter(rec, codec, 9, 16, 16, 8.0)
+    img = _grey(1, 16, 16, 0)[0]
+    assert p.i2v("a 3", img).shape == (9, 16, 16, 3)
+    cond, mask = rec.calls[-1]
+    np.testing.assert_array_equal(mask, [[True, False, False]])
+    # causal coding: the image's latent inside the template equals the image coded alone
+    alone = p.encode(img[None, None])
+    np.testing.assert_allclose(cond[:, :1], alone, atol=1e-5)
+    v = _grey(7, 16, 16, 1)
+    out = p.extend("a 3", v, overlap=2)  # 2 latent frames cover 1 + 4 pixel frames
+    assert p.pixel_overlap(2) == 5 and out.shape[0] == 7 + 9 - 5
+    np.testing.assert_array_equal(rec.calls[-1][1], [[True, True, False]])
+    videos, segments = p.long_video(["a 3"], num_frames=30, overlap=1)
+    assert videos.shape[1] == 30 and [b - a for a, b in segments] == [9, 8, 8, 5]
