@@ -1,7 +1,8 @@
 """``sora-jax demo``: the embedded default, end to end on a CPU in minutes.
 
 Builds the bundled moving-digits data (if missing), trains ``configs/quickstart.py``, samples its prompts to
-MP4/GIF with a contact sheet, scores prompt adherence on test-split captions, and writes ``report.md``.
+MP4/GIF with a contact sheet, scores prompt adherence on test-split captions, shows video prompting (a test
+clip's first frame animated, a test clip extended, a 20-second video) and writes ``report.md``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def run_demo(workdir: str | Path, *, config_arg: str = "", num_eval_prompts: int
     para = evaluate_workdir(workdir, num_prompts=num_eval_prompts, split="paraphrase", pipeline=pipe)
     timings["eval_s"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
+    prompting = _prompting_samples(workdir, pipe)
+    timings["prompting_s"] = time.perf_counter() - t0
+
     summary = {
         "step": pipe.step,
         "train": train_metrics,
@@ -57,9 +62,47 @@ def run_demo(workdir: str | Path, *, config_arg: str = "", num_eval_prompts: int
         "text_encoder": cfg.text.encoder,
         "timings": timings,
         "contact_sheet": str(paths["contact_sheet"]),
+        "prompting": prompting,
     }
     _write_report(workdir, summary, demo_rows)
     return summary
+
+
+def _prompting_samples(workdir: Path, pipe, long_seconds: float = 20.0) -> list[dict]:
+    """i2v of a test clip's first frame, a test clip extended forward, a ``long_seconds`` video: MP4 + GIF in
+    ``samples/prompting/`` and what the reader sees in each (the long video: per segment)."""
+    import numpy as np
+
+    from sora_jax.eval.prompting import split_clips
+    from sora_jax.sample.prompting import Prompter
+    from sora_jax.sample.video_io import save_video
+    from sora_jax.train.loop import data_path
+
+    cfg = pipe.config
+    p = Prompter.from_pipeline(pipe)
+    clips, captions = split_clips(data_path(cfg, workdir), "test", 2, seed=0)
+    long_prompt = cfg.sample.prompts[0]
+    long, segments = p.long_video([long_prompt], seconds=long_seconds, seed=cfg.sample.seed)
+    made = [
+        ("i2v", captions[0], p.i2v(captions[0], clips[0][0], seed=cfg.sample.seed)),
+        ("extend", captions[1], p.extend(captions[1], clips[1], seed=cfg.sample.seed)),
+        (f"long_{long_seconds:g}s", long_prompt, long[0]),
+    ]
+    out, rows = workdir / "samples" / "prompting", []
+    T = p.frames
+    for name, prompt, video in made:
+        for suffix in (".mp4", ".gif"):
+            save_video(out / f"{name}{suffix}", video, fps=cfg.data.fps)
+        windows = (
+            [video[max(0, end - T) : max(0, end - T) + T] for _, end in segments]
+            if name.startswith("long")
+            else [video[-T:]]
+        )
+        read = api.read_videos(np.stack(windows))
+        rows.append(
+            {"mode": name, "prompt": prompt, "frames": len(video), "read": read if len(read) > 1 else read[0]}
+        )
+    return rows
 
 
 def _write_report(workdir: Path, summary: dict, rows: list[dict]) -> None:
@@ -89,6 +132,14 @@ def _write_report(workdir: Path, summary: dict, rows: list[dict]) -> None:
         "|---|---|",
     ]
     lines += [f"| {r['prompt']} | {r['read']} |" for r in rows]
+    lines += [
+        "",
+        "## Video prompting (`samples/prompting/`)",
+        "",
+        "| mode | prompt | frames | read by the evaluator (the last clip-length window; long: per segment) |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {r['mode']} | {r['prompt']} | {r['frames']} | {r['read']} |" for r in summary["prompting"]]
     text = "\n".join(lines) + "\n"
     for name, content in (("report.md", text), ("report.json", json.dumps(summary, indent=2, default=str))):
         tmp = workdir / (name + ".tmp")

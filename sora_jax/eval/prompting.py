@@ -29,7 +29,7 @@ from sora_jax.eval.adherence import evaluate_prompts
 from sora_jax.eval.reconstruction import psnr
 
 
-def _test_clips(data_dir: Path, split: str, num: int, seed: int) -> tuple[np.ndarray, list[str]]:
+def split_clips(data_dir: Path, split: str, num: int, seed: int) -> tuple[np.ndarray, list[str]]:
     from sora_jax.data import pipeline
 
     videos, captions = [], []
@@ -81,7 +81,7 @@ def evaluate_prompting(
     p = Prompter.from_pipeline(pipe)
     out = Path(out) if out else Path(workdir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    clips, captions = _test_clips(data_path(pipe.config, workdir), split, num, seed)
+    clips, captions = split_clips(data_path(pipe.config, workdir), split, num, seed)
     T, P = p.frames, p.pixel_overlap(overlap)
     n = len(clips)
     m: dict = {
