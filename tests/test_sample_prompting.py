@@ -8,10 +8,8 @@ import pytest
 from flax import nnx
 
 from sora_jax import cli, factory
-from sora_jax.parallel.mesh import make_mesh
-from sora_jax.sample.prompting import Prompter, fit_frames, latent_frame_mask, pixel_frames
+from sora_jax.sample.prompting import Prompter, fit_frames, fsdp_placement, latent_frame_mask, pixel_frames
 from sora_jax.sample.sampler import JitSampler, PmapSampler
-from sora_jax.train.loop import build_train_fns
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +62,7 @@ def test_jit_sampler_matches_pmap_sampler_on_one_and_eight_devices(parts):
     one = np.asarray(float_to_video(ae.decode(_jit(cfg, graphdef, params).sample(PROMPTS, seed=0))))
     np.testing.assert_allclose(one.astype(int), pm.astype(int), atol=1)
     # params sharded over an fsdp=8 mesh by the training rules, prompts padded to the batch multiple
-    mcfg = cfg.copy_and_resolve_references()
-    mcfg.unlock()
-    mcfg.mesh.data, mcfg.mesh.fsdp = 1, 8
-    mesh = make_mesh(mcfg.mesh, jax.local_devices()[:8])
-    shardings = build_train_fns(mcfg, mesh)[2]["params"]
+    mesh, shardings = fsdp_placement(cfg, 8)
     sharded = _jit(cfg, graphdef, params, mesh=mesh, param_sharding=shardings)
     assert sharded.batch_multiple == 8
     leaf = jax.tree.leaves(sharded.params)[0]

@@ -93,6 +93,22 @@ def pixel_frames(latent_frames: int, temporal_downsample: int) -> int:
     return latent_frames if f == 1 else 1 + f * (latent_frames - 1)
 
 
+def fsdp_placement(cfg, fsdp: int):
+    """(mesh, param shardings) to sample a model of ``cfg`` with its parameters sharded over ``fsdp`` local
+    devices by the training rules (mesh data=1, fsdp=N): for models larger than one device."""
+    from sora_jax.parallel.mesh import make_mesh
+    from sora_jax.train.loop import build_train_fns
+
+    devices = jax.local_devices()
+    if not 1 <= fsdp <= len(devices):
+        raise ValueError(f"--fsdp {fsdp}: this process has {len(devices)} local device(s)")
+    mcfg = cfg.copy_and_resolve_references()
+    mcfg.unlock()
+    mcfg.mesh.data, mcfg.mesh.fsdp, mcfg.mesh.tensor, mcfg.mesh.seq = 1, fsdp, 1, 1
+    mesh = make_mesh(mcfg.mesh, devices[:fsdp])
+    return mesh, build_train_fns(mcfg, mesh)[2]["params"]
+
+
 @dataclasses.dataclass
 class Prompter:
     """A ``JitSampler`` + autoencoder at the model's clip shape ``frames x height x width``."""
@@ -106,12 +122,15 @@ class Prompter:
 
     @classmethod
     def from_pipeline(
-        cls, pipe, *, mesh=None, param_sharding=None, guidance_rescale: float = 0.0
+        cls, pipe, *, fsdp: int = 0, mesh=None, param_sharding=None, guidance_rescale: float = 0.0
     ) -> Prompter:
-        """From ``api.load_pipeline``'s Pipeline (its config, process, text input and params)."""
+        """From ``api.load_pipeline``'s Pipeline (its config, process, text input and params); ``fsdp`` > 0
+        shards the parameters over that many local devices (``fsdp_placement``)."""
         from sora_jax import factory
 
         cfg = pipe.config
+        if fsdp:
+            mesh, param_sharding = fsdp_placement(cfg, fsdp)
         sampler = JitSampler(
             pipe.graphdef,
             pipe.params,
@@ -328,7 +347,7 @@ def run_mode(args) -> str:
     if mode == "edit" and not 0.0 < args.strength <= 1.0:
         raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
     pipe = api.load_pipeline(args.workdir, sample_steps=args.steps, cfg_scale=args.cfg_scale)
-    p = Prompter.from_pipeline(pipe, guidance_rescale=args.guidance_rescale)
+    p = Prompter.from_pipeline(pipe, fsdp=args.fsdp, guidance_rescale=args.guidance_rescale)
     kw = {"seed": args.seed}
     if args.negative_prompt:
         kw["negative_prompts"] = [args.negative_prompt] * (len(args.prompt) if mode == "t2v" else 1)
