@@ -51,6 +51,15 @@ def test_train_one_device_then_sharded_same_loss_curve(data_dir, tmp_path):
     assert list((tmp_path / "one" / "tensorboard").iterdir())
 
 
+def test_time_limit_saves_and_stops_then_resumes(data_dir, tmp_path):
+    cfg = smoke_config(data_dir, **{"train.num_steps": 400, "train.time_limit_s": 1e-9, "mesh.data": 1})
+    out = train_and_evaluate(cfg, tmp_path / "w", progress=False, devices=jax.devices()[:1])
+    assert out["time_limit_reached"] and out["step"] == 1  # the budget is spent after the first step
+    assert checkpoint.latest_step(tmp_path / "w") == 1
+    again = train_and_evaluate(cfg, tmp_path / "w", progress=False, devices=jax.devices()[:1])
+    assert again["step"] == 2 and checkpoint.latest_step(tmp_path / "w") == 2  # a rerun resumes, one more step
+
+
 def test_kill_and_rerun_resumes_exactly(data_dir, tmp_path):
     steps = 60
     args = [
