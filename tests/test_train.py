@@ -57,7 +57,9 @@ def test_time_limit_saves_and_stops_then_resumes(data_dir, tmp_path):
     assert out["time_limit_reached"] and out["step"] == 1  # the budget is spent after the first step
     assert checkpoint.latest_step(tmp_path / "w") == 1
     again = train_and_evaluate(cfg, tmp_path / "w", progress=False, devices=jax.devices()[:1])
-    assert again["step"] == 2 and checkpoint.latest_step(tmp_path / "w") == 2  # a rerun resumes, one more step
+    assert (
+        again["step"] == 2 and checkpoint.latest_step(tmp_path / "w") == 2
+    )  # a rerun resumes, one more step
 
 
 def test_kill_and_rerun_resumes_exactly(data_dir, tmp_path):
