@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative_prompt", default=None, help="the unconditional branch of guidance")
     p.add_argument("--guidance_rescale", type=float, default=0.0, help="phi of guidance rescale (e.g. 0.7)")
     p.add_argument("--fsdp", type=int, default=0, help="shard the parameters over N local devices")
+    p.add_argument("--bucket", default="", help="clip shape TxHxW (default: the config's first bucket)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's)")
     p.add_argument("--cfg_scale", type=float, default=None, help="classifier-free guidance scale")
@@ -175,7 +176,9 @@ def run(argv: list[str]) -> int:
         from sora_jax.sample.outputs import write_samples
 
         api.check_prompts(args.prompt)
-        plain = args.negative_prompt is None and not args.guidance_rescale and not args.fsdp
+        plain = (
+            args.negative_prompt is None and not args.guidance_rescale and not args.fsdp and not args.bucket
+        )
         if args.mode == "t2v" and plain:
             pipe = api.load_pipeline(args.workdir, sample_steps=args.steps, cfg_scale=args.cfg_scale)
             videos = pipe.generate(args.prompt, seed=args.seed, progress=True)

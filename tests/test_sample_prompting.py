@@ -222,3 +222,25 @@ def test_prompting_through_a_causal_vae_gives_whole_latent_frames():
     np.testing.assert_array_equal(rec.calls[-1][1], [[True, True, False]])
     videos, segments = p.long_video(["a 3"], num_frames=30, overlap=1)
     assert videos.shape[1] == 30 and [b - a for a, b in segments] == [9, 8, 8, 5]
+
+
+def test_from_pipeline_picks_the_bucket(parts):
+    from types import SimpleNamespace
+
+    cfg, graphdef, params = parts
+    pipe = SimpleNamespace(
+        config=cfg,
+        graphdef=graphdef,
+        params=params,
+        tokenizer=factory.make_tokenizer(cfg),
+        vae=factory.make_autoencoder(cfg),
+    )
+    default = Prompter.from_pipeline(pipe)
+    assert (default.frames, default.height, default.width) == (
+        cfg.data.num_frames,
+        cfg.data.height,
+        cfg.data.width,
+    )
+    wide = Prompter.from_pipeline(pipe, bucket="8x16x32")
+    assert wide.sampler.latent_shape == (8, 16, 32, 1)
+    assert wide.i2v("a 3", _grey(1, 40, 40, 0)[0]).shape == (8, 16, 32, 3)

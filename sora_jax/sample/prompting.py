@@ -122,13 +122,28 @@ class Prompter:
 
     @classmethod
     def from_pipeline(
-        cls, pipe, *, fsdp: int = 0, mesh=None, param_sharding=None, guidance_rescale: float = 0.0
+        cls,
+        pipe,
+        *,
+        bucket: str = "",
+        fsdp: int = 0,
+        mesh=None,
+        param_sharding=None,
+        guidance_rescale: float = 0.0,
     ) -> Prompter:
-        """From ``api.load_pipeline``'s Pipeline (its config, process, text input and params); ``fsdp`` > 0
-        shards the parameters over that many local devices (``fsdp_placement``)."""
+        """From ``api.load_pipeline``'s Pipeline (its config, process, text input and params).
+
+        ``bucket`` "TxHxW" picks the clip shape (default: the config's first ``data.buckets`` entry, else
+        ``data.num_frames`` x ``height`` x ``width``); ``fsdp`` > 0 shards the parameters over that many local
+        devices (``fsdp_placement``)."""
         from sora_jax import factory
+        from sora_jax.data.buckets import parse_buckets
 
         cfg = pipe.config
+        spec = bucket or cfg.data.get("buckets", "")
+        d = cfg.data
+        T, H, W = parse_buckets(spec)[0].shape if spec else (d.num_frames, d.height, d.width)
+        latent = tuple(pipe.vae.latent_shape(T, H, W))
         if fsdp:
             mesh, param_sharding = fsdp_placement(cfg, fsdp)
         sampler = JitSampler(
@@ -136,7 +151,7 @@ class Prompter:
             pipe.params,
             pipe.tokenizer,
             factory.make_process(cfg),
-            factory.latent_shape(cfg),
+            latent,
             sampler=cfg.diffusion.sampler,
             num_steps=cfg.diffusion.sample_steps,
             cfg_scale=cfg.diffusion.cfg_scale,
@@ -144,8 +159,7 @@ class Prompter:
             mesh=mesh,
             param_sharding=param_sharding,
         )
-        d = cfg.data
-        return cls(sampler, pipe.vae, d.num_frames, d.height, d.width, float(d.fps))
+        return cls(sampler, pipe.vae, T, H, W, float(d.fps))
 
     def __post_init__(self):
         self._encode = jax.jit(self.autoencoder.encode)
@@ -347,7 +361,9 @@ def run_mode(args) -> str:
     if mode == "edit" and not 0.0 < args.strength <= 1.0:
         raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
     pipe = api.load_pipeline(args.workdir, sample_steps=args.steps, cfg_scale=args.cfg_scale)
-    p = Prompter.from_pipeline(pipe, fsdp=args.fsdp, guidance_rescale=args.guidance_rescale)
+    p = Prompter.from_pipeline(
+        pipe, bucket=args.bucket, fsdp=args.fsdp, guidance_rescale=args.guidance_rescale
+    )
     kw = {"seed": args.seed}
     if args.negative_prompt:
         kw["negative_prompts"] = [args.negative_prompt] * (len(args.prompt) if mode == "t2v" else 1)
