@@ -226,24 +226,42 @@ def test_sdedit_strength_one_is_plain_sampling_and_start_step_matches_reference(
 
 
 def test_ddpm_sdedit_starts_at_the_respaced_step_at_or_below_strength():
+    """DDIM from init noised to the largest kept timestep <= strength * (N - 1), against a float64 reference."""
     process = D.make_process("ddpm", schedule="linear", num_timesteps=100)
-    x_star = jnp.full((3, 4), 0.2)
-    fn = _gauss_eps(process, 0.2, 1e-3)
-    init = jnp.full((3, 4), -0.7)
+    mu, s, steps = 0.2, 0.3, 10
+    ac = process.schedule.alphas_cumprod
+    init = jnp.linspace(-0.9, 0.9, 12).reshape(3, 4)
     noise = jax.random.normal(jax.random.key(1), (3, 4))
-    times = []
-
-    def rec(x, mt):
-        times.append(mt)
-        return fn(x, mt)
-
     out = process.sample(
-        rec, noise, jax.random.key(2), sampler="ddim", num_steps=10, init=init, strength=0.45
+        _gauss_eps(process, mu, s),
+        noise,
+        jax.random.key(2),
+        sampler="ddim",
+        num_steps=steps,
+        init=init,
+        strength=0.45,
+        clip_denoised=False,
     )
-    np.testing.assert_allclose(out, np.broadcast_to(x_star, out.shape), atol=2e-3)
-    kept = D.space_timesteps(100, 10)
-    first = max(k for k in kept if k / 99 <= 0.45 + 1e-9)
-    assert first <= 0.45 * 99
+    kept = [int(k) for k in D.space_timesteps(100, steps)]
+    start_t = max(k for k in kept if k / 99 <= 0.45)
+    i0 = kept.index(start_t)
+    x = np.sqrt(ac[start_t]) * np.asarray(init, np.float64) + np.sqrt(1 - ac[start_t]) * np.asarray(noise)
+    for i in range(i0, -1, -1):  # DDIM (eta 0) over the remaining kept timesteps
+        a, ap = ac[kept[i]], (ac[kept[i - 1]] if i > 0 else 1.0)
+        eps = np.sqrt(1 - a) * (x - np.sqrt(a) * mu) / (a * s**2 + 1 - a)
+        x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
+        x = np.sqrt(ap) * x0 + np.sqrt(1 - ap) * eps
+    np.testing.assert_allclose(out, x, atol=2e-4)
+    assert i0 < steps - 1  # some steps were skipped
+    full = process.sample(
+        _gauss_eps(process, mu, s),
+        noise,
+        jax.random.key(2),
+        sampler="ddim",
+        num_steps=steps,
+        clip_denoised=False,
+    )
+    assert np.abs(np.asarray(full) - x).max() > 1e-2  # and it is not plain sampling
 
 
 # ------------------------------------------------------------------------------------------------ guidance
