@@ -222,6 +222,9 @@ def test_prompting_through_a_causal_vae_gives_whole_latent_frames():
     np.testing.assert_array_equal(rec.calls[-1][1], [[True, True, False]])
     videos, segments = p.long_video(["a 3"], num_frames=30, overlap=1)
     assert videos.shape[1] == 30 and [b - a for a, b in segments] == [9, 8, 8, 5]
+    # segments decode in causal chunks: equal to the full decode
+    z = np.random.default_rng(0).standard_normal((1, 3, 4, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(codec.decode_chunked(z, 1), np.asarray(codec.decode(z)), atol=1e-5)
 
 
 def test_from_pipeline_picks_the_bucket(parts):

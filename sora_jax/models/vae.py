@@ -584,6 +584,12 @@ class VAECodec:
         """normalised latents ``[B, T', H', W', Z]`` -> video ``[B, T, H, W, 3]`` in [-1, 1]."""
         return jnp.clip(self._model().decode(latents * self.scale + self.shift), -1.0, 1.0)
 
+    def decode_chunked(self, latents: np.ndarray, chunk_latents: int = 4) -> np.ndarray:
+        """``decode`` one latent chunk at a time with the causal caches (``decode_chunked``): equal to it, in
+        memory bounded by the chunk. Host float32 ``[B, T, H, W, 3]`` in [-1, 1]."""
+        z = jnp.asarray(latents) * self.scale + self.shift
+        return np.clip(decode_chunked(self._model(), z, chunk_latents), -1.0, 1.0)
+
 
 def latent_statistics(means: np.ndarray) -> dict[str, float]:
     """Scalar shift / scale (as SD3 and Flux) that make the posterior means zero-mean, unit-variance."""

@@ -183,7 +183,10 @@ class Prompter:
         return np.asarray(self._encode(video_to_float(np.asarray(videos))))
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """latents ``[B, T', H', W', C]`` -> uint8 ``[B, T, H, W, 3]``."""
+        """latents ``[B, T', H', W', C]`` -> uint8 ``[B, T, H, W, 3]``; a VAE decodes in causal chunks
+        (``VAECodec.decode_chunked``: equal to the full decode, memory bounded by a chunk)."""
+        if hasattr(self.autoencoder, "decode_chunked"):
+            return float_to_video(np.asarray(self.autoencoder.decode_chunked(latents), np.float32))
         return np.asarray(float_to_video(self._decode(latents)))
 
     def generate(
