@@ -190,6 +190,7 @@ class Process:
         ``clip_denoised``. Flow: "euler" or "heun" over ``num_steps`` uniform steps from t=1 to 0, shifted by
         ``shift`` (default: the process's ``flow_shift``); ``key``, ``eta`` and ``clip_denoised`` are unused.
 
+        ``key``: one key, or typed keys ``[B]`` (one per sample) for the stochastic samplers.
         Conditioning on frames: ``cond`` (clean latents like ``noise``) on the frames where ``cond_mask``
         (bool [B, T]) is set; those frames are held clean at time 0 in every model call (as trained with
         mask strategies) and returned exactly. Editing (SDEdit, Meng et al. 2022): with ``init`` (clean
@@ -259,7 +260,7 @@ class Process:
             x0 = ddpm.predict_x0(sched, x, ti, out, self.prediction)
             if clip_denoised:
                 x0 = jnp.clip(x0, -1.0, 1.0)
-            z = jax.random.normal(jax.random.fold_in(key, j), x.shape, jnp.float32)
+            z = _step_noise(key, j, x.shape)
             nonzero = (i > 0).astype(jnp.float32)
             if sampler is Sampler.DDPM:
                 mean, _, log_var = ddpm.q_posterior_mean_variance(sched, x0, x, ti)
@@ -273,6 +274,14 @@ class Process:
 
         x = jax.lax.fori_loop(start, num_steps, body, noise.astype(jnp.float32))
         return x.astype(noise.dtype)
+
+
+def _step_noise(key: jax.Array, j, shape: tuple[int, ...]) -> jax.Array:
+    """The stochastic samplers' noise of step j: from ``fold_in(key, j)``, or with a batch of typed keys
+    ``[B]`` one draw per sample (so a sample's video does not depend on the rest of its batch)."""
+    if key.shape == (shape[0],) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, j), shape[1:], jnp.float32))(key)
+    return jax.random.normal(jax.random.fold_in(key, j), shape, jnp.float32)
 
 
 def _first_at_or_below(levels, strength: float) -> int:

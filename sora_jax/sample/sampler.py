@@ -164,7 +164,7 @@ class JitSampler:
             return self.process.sample(
                 guided,
                 noise,
-                pairs[0, 1],
+                pairs[:, 1],  # per-sample keys: a prompt's video does not depend on its batch
                 sampler=self.sampler,
                 num_steps=self.num_steps,
                 cond=cond if conditioned else None,
