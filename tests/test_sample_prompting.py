@@ -17,15 +17,15 @@ def parts(smoke_t2v):
     return smoke_t2v
 
 
-def _jit(cfg, graphdef, params, **kw):
+def _jit(cfg, graphdef, params, process=None, sampler="euler", num_steps=3, **kw):
     return JitSampler(
         graphdef,
         params,
         factory.make_tokenizer(cfg),
-        factory.make_process(cfg),
+        process or factory.make_process(cfg),
         factory.latent_shape(cfg),
-        sampler="euler",
-        num_steps=3,
+        sampler=sampler,
+        num_steps=num_steps,
         cfg_scale=3.0,
         **kw,
     )
@@ -75,28 +75,10 @@ def test_jit_sampler_matches_pmap_sampler_on_one_and_eight_devices(parts):
 
 def test_jit_sampler_videos_do_not_depend_on_the_batch(parts):
     cfg, graphdef, params = parts
-    s = JitSampler(
-        graphdef,
-        params,
-        factory.make_tokenizer(cfg),
-        factory.make_process(cfg),
-        factory.latent_shape(cfg),
-        sampler="euler",
-        num_steps=3,
-        cfg_scale=3.0,
-    )
     from sora_jax.diffusion import make_process
 
-    ddpm = JitSampler(
-        graphdef,
-        params,
-        factory.make_tokenizer(cfg),
-        make_process("ddpm"),
-        factory.latent_shape(cfg),
-        sampler="ddpm",
-        num_steps=4,
-        cfg_scale=3.0,
-    )
+    s = _jit(cfg, graphdef, params)
+    ddpm = _jit(cfg, graphdef, params, process=make_process("ddpm"), sampler="ddpm", num_steps=4)
     for sampler in (s, ddpm):
         both = sampler.sample(PROMPTS[:2], seed=3)
         alone = sampler.sample(PROMPTS[:1], seed=3)
