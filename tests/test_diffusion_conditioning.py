@@ -163,6 +163,33 @@ def _gauss_eps(process, mu, s):
     return apply_fn
 
 
+def _gauss_eps_np(process, mu, s):
+    """``_gauss_eps`` in float64 numpy, at an integer timestep."""
+    ac = process.schedule.alphas_cumprod
+
+    def eps(x, t):
+        a = ac[t]
+        return np.sqrt(1 - a) * (x - np.sqrt(a) * mu) / (a * s**2 + 1 - a)
+
+    return eps
+
+
+def _np_ddim(process, eps_fn, x, steps, eta, zs, start=0):
+    """guided-diffusion's DDIM / ancestral update over respaced steps, float64, from step ``start`` on (x is
+    then the sample at the kept timestep ``steps - 1 - start``)."""
+    kept = D.space_timesteps(process.num_timesteps, steps)
+    ac = process.schedule.alphas_cumprod[kept]
+    x = np.asarray(x, np.float64)
+    for j in range(start, steps):
+        i = steps - 1 - j
+        a, ap = ac[i], (ac[i - 1] if i > 0 else 1.0)
+        eps = eps_fn(x, kept[i])
+        x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
+        sigma = eta * np.sqrt((1 - ap) / (1 - a)) * np.sqrt(1 - a / ap)
+        x = np.sqrt(ap) * x0 + np.sqrt(1 - ap - sigma**2) * eps + (sigma * zs[j] if i > 0 else 0)
+    return x
+
+
 @pytest.mark.parametrize(
     ("objective", "sampler"), [("ddpm", "ddim"), ("ddpm", "ddpm"), ("rectified_flow", "euler")]
 )
@@ -246,11 +273,8 @@ def test_ddpm_sdedit_starts_at_the_respaced_step_at_or_below_strength():
     start_t = max(k for k in kept if k / 99 <= 0.45)
     i0 = kept.index(start_t)
     x = np.sqrt(ac[start_t]) * np.asarray(init, np.float64) + np.sqrt(1 - ac[start_t]) * np.asarray(noise)
-    for i in range(i0, -1, -1):  # DDIM (eta 0) over the remaining kept timesteps
-        a, ap = ac[kept[i]], (ac[kept[i - 1]] if i > 0 else 1.0)
-        eps = np.sqrt(1 - a) * (x - np.sqrt(a) * mu) / (a * s**2 + 1 - a)
-        x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
-        x = np.sqrt(ap) * x0 + np.sqrt(1 - ap) * eps
+    zeros = np.zeros((steps, 3, 4))
+    x = _np_ddim(process, _gauss_eps_np(process, mu, s), x, steps, 0.0, zeros, start=steps - 1 - i0)
     np.testing.assert_allclose(out, x, atol=2e-4)
     assert i0 < steps - 1  # some steps were skipped
     full = process.sample(
@@ -290,37 +314,16 @@ def test_guidance_rescale_formula_and_negative_branch():
 # --------------------------------------------------------------------------- samplers vs numpy references
 
 
-def _np_ddim(process, eps_fn, noise, steps, eta, zs):
-    """guided-diffusion's DDIM / ancestral update over respaced steps, float64."""
-    kept = D.space_timesteps(process.num_timesteps, steps)
-    ac = process.schedule.alphas_cumprod[kept]
-    x = np.asarray(noise, np.float64)
-    for j in range(steps):
-        i = steps - 1 - j
-        a, ap = ac[i], (ac[i - 1] if i > 0 else 1.0)
-        eps = eps_fn(x, kept[i])
-        x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
-        sigma = eta * np.sqrt((1 - ap) / (1 - a)) * np.sqrt(1 - a / ap)
-        x = np.sqrt(ap) * x0 + np.sqrt(1 - ap - sigma**2) * eps + (sigma * zs[j] if i > 0 else 0)
-    return x
-
-
 def test_ddim_eta0_deterministic_and_matches_reference_update():
     process = D.make_process("ddpm", schedule="cosine", num_timesteps=1000)
     mu, s = 0.3, 0.5
-    ac = process.schedule.alphas_cumprod
-
-    def eps_np(x, t):
-        a = ac[t]
-        return np.sqrt(1 - a) * (x - np.sqrt(a) * mu) / (a * s**2 + 1 - a)
-
     noise = jax.random.normal(jax.random.key(0), (64,))
     run = lambda k: process.sample(  # noqa: E731
         _gauss_eps(process, mu, s), noise, k, sampler="ddim", num_steps=20, eta=0.0, clip_denoised=False
     )
     a, b = run(jax.random.key(1)), run(jax.random.key(2))
     np.testing.assert_array_equal(a, b)
-    ref = _np_ddim(process, eps_np, noise, 20, 0.0, np.zeros((20, 64)))
+    ref = _np_ddim(process, _gauss_eps_np(process, mu, s), noise, 20, 0.0, np.zeros((20, 64)))
     np.testing.assert_allclose(a, ref, atol=2e-4)
 
 
@@ -328,20 +331,14 @@ def test_ddpm_ancestral_step_matches_posterior_reference():
     """The ancestral sampler with the noise it draws equals the numpy posterior-mean + sigma z update."""
     process = D.make_process("ddpm", schedule="linear", num_timesteps=50)
     mu, s = -0.2, 0.3
-    ac = process.schedule.alphas_cumprod
     key, steps = jax.random.key(9), 5
     noise = jax.random.normal(jax.random.key(8), (16,))
     out = process.sample(
         _gauss_eps(process, mu, s), noise, key, sampler="ddpm", num_steps=steps, clip_denoised=False
     )
     zs = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, j), (16,))) for j in range(steps)])
-
-    def eps_np(x, t):
-        a = ac[t]
-        return np.sqrt(1 - a) * (x - np.sqrt(a) * mu) / (a * s**2 + 1 - a)
-
     # fixed-small ancestral = DDIM with eta 1 on the respaced schedule (same mean and variance)
-    ref = _np_ddim(process, eps_np, noise, steps, 1.0, zs)
+    ref = _np_ddim(process, _gauss_eps_np(process, mu, s), noise, steps, 1.0, zs)
     np.testing.assert_allclose(out, ref, atol=3e-4)
 
 

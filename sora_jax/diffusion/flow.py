@@ -19,6 +19,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 TIME_SCALE = 1000.0
 X0_MIN_T = 0.05  # JiT's clip of t in the v-loss denominator for x0-prediction
@@ -102,11 +103,12 @@ def sample_time(
     return shift_time(t, shift)
 
 
-def sampling_times(num_steps: int, shift: float = 1.0) -> jax.Array:
-    """The [num_steps + 1] times 1 = t_0 > ... > t_num_steps = 0 of the ODE solver (uniform, then shifted)."""
+def sampling_times(num_steps: int, shift: float = 1.0) -> np.ndarray:
+    """The [num_steps + 1] times 1 = t_0 > ... > t_num_steps = 0 of the ODE solver (uniform, then shifted);
+    a static float32 numpy array, so callers can pick steps from it at trace time (SDEdit's start)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    return shift_time(jnp.linspace(1.0, 0.0, num_steps + 1, dtype=jnp.float32), shift)
+    return shift_time(np.linspace(1.0, 0.0, num_steps + 1), float(shift)).astype(np.float32)
 
 
 def euler_sample(

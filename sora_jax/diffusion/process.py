@@ -209,9 +209,7 @@ class Process:
             shift = self.flow_shift if shift is None else shift
             if cond_mask is None:
                 apply_fn = self.velocity_fn(apply_fn)
-            ts = flow.shift_time(
-                np.linspace(1.0, 0.0, num_steps + 1), float(shift)
-            )  # static, as the solvers'
+            ts = flow.sampling_times(num_steps, shift)
             start = _first_at_or_below(ts[:-1], strength) if init is not None else 0
             x = (
                 noise

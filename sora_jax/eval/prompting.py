@@ -127,20 +127,10 @@ def evaluate_prompting(
     ]
     con = p.generate(captions, given=given, seed=seed + 3)
     timings["connect"] = time.perf_counter() - t0
-    m["connect_start_psnr"] = float(
-        np.mean(psnr(con[:, 0], clips[:, -1]) if P == 1 else psnr(con[:, :P], clips[:, -P:]))
-    )
-    m["connect_end_psnr"] = float(
-        np.mean(psnr(con[:, -1], b[:, 0]) if P == 1 else psnr(con[:, -P:], b[:, :P]))
-    )
-    jumps = [
-        (
-            _seam_jump(np.concatenate([a, g[P : T - P], bb]), T)
-            + _seam_jump(np.concatenate([a, g[P : T - P], bb]), 2 * T - 2 * P)
-        )
-        / 2
-        for a, g, bb in zip(clips, con, b)
-    ]
+    m["connect_start_psnr"] = float(np.mean(psnr(con[:, :P], clips[:, -P:])))
+    m["connect_end_psnr"] = float(np.mean(psnr(con[:, -P:], b[:, :P])))
+    joined = [np.concatenate([a, g[P : T - P], bb]) for a, g, bb in zip(clips, con, b)]
+    jumps = [(_seam_jump(v, T) + _seam_jump(v, 2 * T - 2 * P)) / 2 for v in joined]
     m["connect_seam_jump_ratio"] = float(np.mean(jumps) / real_step)
 
     # long videos

@@ -80,8 +80,7 @@ class PmapSampler:
     ) -> np.ndarray:
         """uint8 [len(prompts), T, H, W, 3]; prompts are padded up to a multiple of the device count."""
         ids, mask = self.tokenizer.encode(list(prompts))
-        base = jax.random.key(seed)
-        keys = np.stack([jax.random.key_data(jax.random.fold_in(base, i)) for i in range(len(prompts))])
+        keys = prompt_keys(seed, len(prompts))
         d = len(self.devices)
         chunk = d * batch_per_device
         out = []
