@@ -56,6 +56,17 @@ def test_attention_key_mask(impl):
     np.testing.assert_allclose(np.asarray(out3), np.asarray(out), atol=1e-6)
 
 
+def test_prefix_key_attention_lengths_match_masked_numpy():
+    """The length form that the cuDNN path takes for a key mask, run through XLA, against numpy."""
+    q, k, v = _qkv(3, M=9)
+    mask = np.zeros((2, 9), bool)
+    mask[0, :4] = True
+    mask[1, :1] = True  # one key: the empty prompt's BOS
+    args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
+    out = layers.prefix_key_attention(*args, jnp.asarray(mask), implementation="xla")
+    np.testing.assert_allclose(np.asarray(out), _np_attention(q, k, v, mask), atol=1e-5)
+
+
 def test_attention_rejects_bad_inputs():
     q, k, v = (jnp.asarray(a, jnp.float32) for a in _qkv())
     with pytest.raises(ValueError, match="implementation"):

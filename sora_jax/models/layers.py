@@ -78,6 +78,10 @@ def dot_product_attention(
     ``implementation``: ``None``/``"xla"`` -> ``jax.nn.dot_product_attention`` XLA path; ``"cudnn"`` -> the
     cuDNN flash kernel (needs bf16/fp16 inputs; raises otherwise rather than silently falling back);
     ``"reference"`` -> a naive einsum path used by the tests.
+
+    On cuDNN a key mask ``[B, M]`` goes in as per-sample key lengths (``mask.sum(-1)``), never as a dense
+    mask (cuDNN is slow with an explicit one): key masks must then be prefixes (padding at the end, as every
+    tokenizer here writes them) and keep at least one key. Other masks stay dense.
     """
     impl = implementation or "xla"
     if impl not in ATTENTION_IMPLEMENTATIONS:
@@ -93,9 +97,28 @@ def dot_product_attention(
                 f"cudnn attention needs equal bf16/fp16 q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}"
                 " (set the model dtype to bfloat16 or use attention_impl='xla')"
             )
+        if mask4 is not None and jnp.ndim(mask) == 2:
+            return prefix_key_attention(q, k, v, mask, implementation=impl)
         if mask4 is not None:
             mask4 = jnp.broadcast_to(mask4, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
     return jax.nn.dot_product_attention(q, k, v, mask=mask4, implementation=impl)
+
+
+def prefix_key_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, *, implementation: str
+) -> jax.Array:
+    """Attention over the first ``key_mask.sum(-1)`` keys of each sample: q ``[B, N, K, H]``, k/v
+    ``[B, M, K, H]``, ``key_mask`` bool ``[B, M]`` (a prefix) -> ``[B, N, K, H]``.
+
+    The length form of a key mask (``key_value_seq_lengths``), which cuDNN's flash kernel runs without
+    materialising a mask; ``implementation="xla"`` runs the same call on any backend (the tests compare it
+    with the dense-mask reference).
+    """
+    lengths = jnp.sum(key_mask.astype(jnp.int32), axis=-1)
+    q_lengths = jnp.full((q.shape[0],), q.shape[1], jnp.int32)
+    return jax.nn.dot_product_attention(
+        q, k, v, query_seq_lengths=q_lengths, key_value_seq_lengths=lengths, implementation=implementation
+    )
 
 
 # ---------------------------------------------------------------------------------------------- norms, MLP

@@ -353,6 +353,7 @@ def train_and_evaluate(
     _log_state_bytes(abstract_sharded, mesh)
     # one executable per batch shape: the config's, or every bucket's (memory checked before training)
     executables, memory = {}, {}
+    compile_start = time.perf_counter()
     if cfg.data.get("buckets"):
         shapes = [(b, *shape) for shape, b in bucket_batch_shapes(cfg, mesh).items()]
     else:
@@ -363,8 +364,9 @@ def train_and_evaluate(
             log.info("bucket %s: global batch %d", "x".join(map(str, shape[1:])), shape[0])
         executables[_batch_key(abstract)] = compiled = step_jit.lower(abstract_sharded, abstract).compile()
         memory = _log_memory(compiled)
+    compile_seconds = time.perf_counter() - compile_start
     if compile_only:
-        return {"compiled": True, **memory}
+        return {"compiled": True, "compile_seconds": compile_seconds, **memory}
 
     source, index = train_source(cfg, workdir)
     text_input = train_text_input(cfg, workdir, source) if task(cfg) == "t2v" else pipeline.no_tokens
@@ -399,12 +401,16 @@ def train_and_evaluate(
     last: dict = {}
     t0, steps_timed = time.perf_counter(), 0
     started, time_limit = t0, float(cfg.train.get("time_limit_s", 0.0))
+    input_seconds = 0.0  # host time spent waiting for the next batch (the input pipeline's share)
+    trained_until = started
     try:
         with PreemptionWatch() as preemption:
             for step in range(start, total):
+                t_in = time.perf_counter()
                 batch = pipeline.to_global(
                     {k: v for k, v in next(data_iter).items() if k in batch_abstract}, mesh
                 )
+                input_seconds += time.perf_counter() - t_in
                 key = _batch_key(batch)
                 if key not in executables:  # not expected: every shape is compiled above
                     log.warning("compiling the step for an unexpected batch shape %s", key)
@@ -416,9 +422,16 @@ def train_and_evaluate(
                 done = step + 1
                 preempted = preemption.reached(done)
                 out_of_time = False  # every process decides at the same steps (every step when alone)
+                if (
+                    time_limit > 0 and len(pending) > 1
+                ):  # at most two steps in flight: the clock is the device's
+                    jax.block_until_ready(pending[-2][1])
                 if time_limit > 0 and (jax.process_count() == 1 or done % cfg.train.log_every == 0):
                     out_of_time = _agree(time.perf_counter() - started >= time_limit)
                 preempted = preempted or out_of_time
+                if preempted or done == total:  # training ends here: the clock stops before the last save
+                    jax.block_until_ready(state)
+                    trained_until = time.perf_counter()
                 save_now = done % cfg.train.ckpt_every == 0 or done == total or preempted
                 if done % cfg.train.log_every == 0 or done == total:
                     host = [(s, jax.device_get(m)) for s, m in pending]
@@ -451,4 +464,12 @@ def train_and_evaluate(
         writer.close()
     last["step"] = total
     last["compiled_steps"] = len(executables)
+    # wall-clock of the loop up to its last step (the final save excluded), the compile before it, and the
+    # input wait inside it
+    last |= {
+        "steps_run": total - start,
+        "train_seconds": trained_until - started,
+        "compile_seconds": compile_seconds,
+        "input_seconds": input_seconds,
+    }
     return last

@@ -1,0 +1,200 @@
+"""Speedrun: quality per compute. Train a config for exactly ``--budget_s`` seconds of training, then score it.
+
+    python benchmarks/speedrun.py --config configs/quickstart.py --budget_s 600
+    python benchmarks/speedrun.py --config configs/digits_small.py --budget_s 300 --num_prompts 256 \\
+        --override model.attention_impl=cudnn --out /tmp/record.json
+
+Training runs through the project's trainer (``train_and_evaluate`` with ``train.time_limit_s``), so the
+budget counts training steps only: compiling the step and building the data are timed and reported apart.
+Then ``--num_prompts`` test-split captions (digit/direction combinations never seen in training) are sampled
+with the config's sampler and read by the bundled digit reader (``sora-jax eval``'s adherence table);
+``--num_prompts 0`` skips that (a throughput run).
+
+Throughput: model FLOPs per step are counted analytically (``sora_jax.models.dit.flops_per_token`` for the
+DiT, the same count for a trainable text encoder; x3 for forward + backward; rematerialised recompute is not
+model FLOPs), and MFU is taken against the device's matmul peak measured in this run with a large matmul in
+the model's compute dtype. Prints a table and writes the JSON (``--out``, default
+``benchmarks/results/speedrun.json``). The records and every ablation live in ``benchmarks/SPEEDRUN.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+
+def matmul_peak(dtype: str, n: int | None = None, repeats: int = 10) -> dict:
+    """Measured matmul throughput (TFLOP/s) of one ``[n, n] @ [n, n]`` in ``dtype`` on the default device."""
+    if n is None:
+        n = 8192 if jax.default_backend() == "gpu" else 1024
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), dtype)
+    b = jax.random.normal(kb, (n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    sec = float(np.median(times))
+    return {"dtype": dtype, "n": n, "seconds": sec, "tflops": 2.0 * n**3 / sec / 1e12}
+
+
+def text_flops_per_step(cfg) -> float:
+    """Forward FLOPs per batch of a trainable text encoder (frozen encoders are not trained: 0)."""
+    if cfg.text.encoder != "trainable":
+        return 0.0
+    W, L, d = cfg.text.width, cfg.text.max_length, cfg.text.depth
+    per_token = d * (2 * 4 * W * W + 2 * 2 * L * W + 2 * 2 * W * 4 * W)
+    return float(per_token * L * cfg.data.batch_size)
+
+
+def model_flops_per_step(cfg) -> dict:
+    """Analytic training FLOPs of one step (forward x3) for the config's batch and clip shape."""
+    from sora_jax import factory
+    from sora_jax.models.dit import flops_per_token
+
+    dit = factory.model_config(cfg)
+    shape = factory.latent_shape(cfg)  # [T, H, W, C] of what the DiT sees
+    pt, ph, pw = dit.patch_size
+    tokens = shape[0] // pt * (shape[1] // ph) * (shape[2] // pw)
+    dit_fwd = flops_per_token(dit, tokens, cfg.text.max_length) * tokens * cfg.data.batch_size
+    text_fwd = text_flops_per_step(cfg)
+    return {
+        "tokens_per_clip": tokens,
+        "batch": int(cfg.data.batch_size),
+        "dit_forward_gflop": dit_fwd / 1e9,
+        "text_forward_gflop": text_fwd / 1e9,
+        "train_gflop_per_step": 3.0 * (dit_fwd + text_fwd) / 1e9,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    from sora_jax.config import load_config
+    from sora_jax.train.loop import train_and_evaluate
+
+    cfg = load_config(args.config, args.override)
+    cfg.train.time_limit_s = float(args.budget_s)
+    cfg.train.num_steps = 10_000_000  # the budget ends the run
+    cfg.train.ckpt_every = 10_000_000  # one checkpoint, at the end
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="speedrun_"))
+    device = jax.devices()[0]
+    dtype = cfg.model.dtype
+    peak = matmul_peak(dtype)
+    flops = model_flops_per_step(cfg)
+
+    t0 = time.perf_counter()
+    out = train_and_evaluate(cfg, workdir, progress=args.progress, devices=jax.devices()[:1])
+    total_train_call = time.perf_counter() - t0
+    steps, train_s = int(out["steps_run"]), float(out["train_seconds"])
+    steps_per_s = steps / train_s
+    tflops = flops["train_gflop_per_step"] * steps_per_s / 1e3
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "config": args.config,
+        "overrides": list(args.override),
+        "device": f"{device.platform}: {device.device_kind}",
+        "jax": jax.__version__,
+        "host": platform.node(),
+        "budget_s": float(args.budget_s),
+        "steps": steps,
+        "steps_per_s": steps_per_s,
+        "tokens_per_s": steps_per_s * flops["tokens_per_clip"] * flops["batch"],
+        "final_loss": out.get("loss"),
+        **flops,
+        "model_tflops": tflops,
+        "peak_matmul": peak,
+        "mfu": tflops / peak["tflops"],
+        "seconds": {
+            "compile": float(out["compile_seconds"]),
+            "train": train_s,
+            "input_wait": float(out["input_seconds"]),
+            "data_and_setup": total_train_call - train_s - float(out["compile_seconds"]),
+        },
+        "workdir": str(workdir),
+    }
+    if args.num_prompts:
+        from sora_jax.eval.evaluate import evaluate_workdir
+
+        t0 = time.perf_counter()
+        ev = evaluate_workdir(workdir, num_prompts=args.num_prompts, split="test")
+        result["seconds"]["eval"] = time.perf_counter() - t0
+        result["adherence_test"] = ev["metrics"]
+    return result
+
+
+def table(r: dict) -> str:
+    s = r["seconds"]
+    rows = [
+        ("config", f"{r['config']} {' '.join(r['overrides'])}".strip()),
+        ("device", r["device"]),
+        (
+            "steps in budget",
+            f"{r['steps']} in {s['train']:.1f} s ({r['steps_per_s']:.2f} steps/s, batch {r['batch']})",
+        ),
+        ("tokens/s", f"{r['tokens_per_s']:.0f}"),
+        ("model TFLOP/s", f"{r['model_tflops']:.2f} ({r['train_gflop_per_step']:.1f} GFLOP/step)"),
+        (
+            "matmul peak",
+            f"{r['peak_matmul']['tflops']:.2f} TFLOP/s ({r['peak_matmul']['dtype']}, n={r['peak_matmul']['n']})",
+        ),
+        ("MFU", f"{100 * r['mfu']:.1f}%"),
+        (
+            "compile / setup / input wait",
+            f"{s['compile']:.1f} / {s['data_and_setup']:.1f} / {s['input_wait']:.1f} s",
+        ),
+    ]
+    if "adherence_test" in r:
+        a = r["adherence_test"]
+        rows.append(
+            (
+                f"test adherence ({a['count']} prompts)",
+                f"digits {a['digit_accuracy']:.3f}  directions {a['direction_accuracy']:.3f}  "
+                f"both {a['both_accuracy']:.3f}  (eval {s['eval']:.1f} s)",
+            )
+        )
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="config file[:arg]")
+    p.add_argument("--budget_s", type=float, required=True, help="seconds of training (compile excluded)")
+    p.add_argument("--num_prompts", type=int, default=256, help="test prompts to score (0: none)")
+    p.add_argument("--override", nargs="*", default=[], help="config overrides key=value")
+    p.add_argument("--workdir", default="", help="run folder (default: a fresh temporary one)")
+    p.add_argument("--out", default="benchmarks/results/speedrun.json")
+    p.add_argument("--progress", action="store_true", help="show the training progress bar")
+    args = p.parse_args(argv)
+    if args.budget_s <= 0:
+        print(f"speedrun: --budget_s must be positive, got {args.budget_s}", file=sys.stderr)
+        return 2
+    if args.workdir and Path(args.workdir).exists() and any(Path(args.workdir).iterdir()):
+        print(
+            f"speedrun: --workdir {args.workdir} is not empty (a speedrun starts from scratch)",
+            file=sys.stderr,
+        )
+        return 2
+    result = run(args)
+    print(table(result))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
