@@ -35,14 +35,14 @@ def encode_dataset(
 
     from sora_jax.data import pipeline
     from sora_jax.data.records import encode_clip
+    from sora_jax.loading import load_vae_codec
     from sora_jax.models.autoencoder import video_to_float
-    from sora_jax.models.vae import VAECodec
 
     data, out = Path(data), Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new --out (latents are never overwritten)")
     meta = pipeline.read_metadata(data)
-    codec = VAECodec.from_workdir(vae)
+    codec = load_vae_codec(vae)
     encode = jax.jit(lambda v: codec.encode(video_to_float(v)))
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

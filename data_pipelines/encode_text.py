@@ -16,19 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sora_jax.data import pipeline
-from sora_jax.data.records import read_record
-
-
-def split_captions(data: str | Path, split: str) -> list[str]:
-    """Every caption of a split: from metadata.json when listed, else from the records' headers."""
-    entry = pipeline.read_metadata(data)["splits"].get(split)
-    if entry is None:
-        raise ValueError(f"dataset {data} has no split {split!r}")
-    if entry.get("captions") is not None:
-        return list(entry["captions"])
-    source = pipeline.open_source(data, split)
-    return [read_record(source[i])[0]["caption"] for i in range(len(source))]
+from sora_jax.data.pipeline import split_captions
 
 
 def encode_text(

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines.captions import Row, read_captions
+from sora_jax.data.captions import Row, read_captions
 
 try:
     import tensorflow_datasets as tfds

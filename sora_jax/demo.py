@@ -16,6 +16,7 @@ from pathlib import Path
 from configs import quickstart
 from sora_jax import api
 from sora_jax.config import load_config
+from sora_jax.data.pipeline import dataset_dir
 from sora_jax.eval.adherence import evaluate_prompts, write_report
 from sora_jax.eval.evaluate import evaluate_workdir
 from sora_jax.sample.outputs import write_samples
@@ -76,11 +77,10 @@ def _prompting_samples(workdir: Path, pipe, long_seconds: float = 20.0) -> list[
     from sora_jax.eval.prompting import split_clips
     from sora_jax.sample.prompting import Prompter
     from sora_jax.sample.video_io import save_video
-    from sora_jax.train.loop import data_path
 
     cfg = pipe.config
     p = Prompter.from_pipeline(pipe)
-    clips, captions = split_clips(data_path(cfg, workdir), "test", 2, seed=0)
+    clips, captions = split_clips(dataset_dir(cfg, workdir), "test", 2, seed=0)
     long_prompt = cfg.sample.prompts[0]
     long, segments = p.long_video([long_prompt], seconds=long_seconds, seed=cfg.sample.seed)
     made = [

@@ -6,19 +6,24 @@ models' own config dataclasses, so models never see the global config.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from sora_jax import diffusion
+from sora_jax.choices import AutoencoderKind, Task
+from sora_jax.config import task
 from sora_jax.models import vae as vae_lib
 from sora_jax.models.autoencoder import Autoencoder, IdentityAutoencoder, LumaAutoencoder
 from sora_jax.models.discriminator import PatchDiscriminator3D
 from sora_jax.models.dit import DiTConfig, dit_config
 from sora_jax.models.t2v import TextToVideo
 from sora_jax.models.vae import VAEConfig, VideoVAE
+from sora_jax.parallel import sharding
 from sora_jax.text.encoder import TextEncoderConfig
 from sora_jax.text.tokenizer import HashWordTokenizer
 
@@ -26,20 +31,30 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def make_autoencoder(cfg: ml_collections.ConfigDict) -> Autoencoder:
-    if cfg.autoencoder.kind == "identity":
+    """The config's autoencoder. A trained VAE comes without weights (shapes only) and only from a resolved
+    config (``sora_jax.loading.resolve_autoencoder``); ``sora_jax.loading.load_autoencoder`` adds them."""
+    kind = AutoencoderKind(cfg.autoencoder.kind)
+    if kind is AutoencoderKind.IDENTITY:
         return IdentityAutoencoder()
-    if cfg.autoencoder.kind == "luma":
+    if kind is AutoencoderKind.LUMA:
         return LumaAutoencoder()
-    if cfg.autoencoder.kind == "vae":
-        if not cfg.autoencoder.get("path"):
-            raise ValueError("config.autoencoder.kind = 'vae' needs config.autoencoder.path (a VAE workdir)")
-        return _vae_codec(cfg.autoencoder.path)
-    raise ValueError(f"config.autoencoder.kind = {cfg.autoencoder.kind!r} is not supported")
+    a = cfg.autoencoder
+    if not a.get("vae"):
+        raise ValueError(
+            f"config.autoencoder: the VAE of {a.get('path')!r} is not resolved into the config; "
+            "load it with sora_jax.loading.resolve_autoencoder(cfg)"
+        )
+    return vae_codec(vae_lib.VAEConfig(**a.vae.to_dict()), a.shift, a.scale, a.vae_step)
 
 
-@functools.lru_cache(maxsize=4)
-def _vae_codec(path: str) -> vae_lib.VAECodec:
-    return vae_lib.VAECodec.from_workdir(path)
+def vae_codec(vcfg: VAEConfig, shift: float, scale: float, step: int = 0) -> vae_lib.VAECodec:
+    """A VAE as an ``Autoencoder`` over normalised latents, without weights (``VAECodec.with_params``)."""
+    return vae_lib.VAECodec(_vae_graphdef(vcfg), None, vcfg, shift, scale, step)
+
+
+@functools.lru_cache(maxsize=8)
+def _vae_graphdef(vcfg: VAEConfig) -> nnx.GraphDef:
+    return nnx.split(nnx.eval_shape(lambda: VideoVAE(vcfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
 
 
 def make_tokenizer(cfg: ml_collections.ConfigDict):
@@ -98,17 +113,7 @@ def text_config(cfg: ml_collections.ConfigDict) -> TextEncoderConfig:
 
 
 def latent_channels(cfg: ml_collections.ConfigDict) -> int:
-    """Channels of the latents the DiT sees (a VAE's from its stored config: no weights are loaded, so this
-    is safe inside traced code such as ``jax.eval_shape``)."""
-    if cfg.autoencoder.kind == "vae":
-        from sora_jax.train.checkpoint import restore_config
-
-        vcfg = restore_config(cfg.autoencoder.path)[1] if cfg.autoencoder.get("path") else None
-        if vcfg is None or vcfg.get("task", "t2v") != "vae":
-            raise ValueError(
-                f"config.autoencoder.path = {cfg.autoencoder.get('path')!r} is not a VAE workdir"
-            )
-        return vae_config(vcfg).latent_channels
+    """Channels of the latents the DiT sees, from the config alone (a VAE's once resolved into it)."""
     return make_autoencoder(cfg).latent_channels
 
 
@@ -155,6 +160,33 @@ def make_discriminator(cfg: ml_collections.ConfigDict, seed: int = 0) -> PatchDi
     return PatchDiscriminator3D(3, v.get("disc_width", 64), v.get("disc_layers", 3), rngs=nnx.Rngs(seed))
 
 
+@dataclasses.dataclass(frozen=True)
+class AbstractState:
+    """A config's model without memory: its graph and its parameters as ``ShapeDtypeStruct``s carrying the
+    ``NamedSharding`` the rules table gives them on a mesh. The trainer, the loaders and the samplers all
+    start from it (the trainer adds its optimizer state on top)."""
+
+    graphdef: nnx.GraphDef
+    params: nnx.State
+
+    @property
+    def shardings(self) -> nnx.State:
+        return jax.tree.map(lambda a: a.sharding, self.params)
+
+
+def make_module(cfg: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
+    """What the config trains: the text-to-video model, or the VAE (``task = vae``)."""
+    return make_vae(cfg, seed) if task(cfg) is Task.VAE else make_model(cfg, seed)
+
+
+def abstract_state(cfg: ml_collections.ConfigDict, mesh) -> AbstractState:
+    """The config's model (``make_module``) as shapes and shardings on ``mesh``: nothing is allocated."""
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: make_module(cfg, cfg.seed)), nnx.Param)
+    shardings = sharding.state_shardings(params, mesh)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
+    return AbstractState(graphdef, params)
+
+
 def make_process(cfg: ml_collections.ConfigDict):
     return diffusion.process_from_config(cfg.diffusion)
 
@@ -162,7 +194,7 @@ def make_process(cfg: ml_collections.ConfigDict):
 def tokens_per_clip(cfg: ml_collections.ConfigDict, frames: int, height: int, width: int) -> int:
     """Spacetime patches (DiT tokens) of one clip of (frames, height, width) pixels under ``cfg``; for the
     VAE task, pixels. ValueError when the sizes do not divide."""
-    if cfg.get("task", "t2v") == "vae":
+    if task(cfg) is Task.VAE:
         return frames * height * width
     t, h, w, _ = make_autoencoder(cfg).latent_shape(frames, height, width)
     pt, ph, pw = cfg.model.patch_size

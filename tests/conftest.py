@@ -22,7 +22,7 @@ import pytest  # noqa: E402  (after the XLA flags above)
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """64 train / 16 test moving-digits clips of 4 x 16 x 16 (the smoke config's shape)."""
-    from data_pipelines import moving_digits
+    from sora_jax.data import moving_digits
 
     path = tmp_path_factory.mktemp("digits")
     moving_digits.build(path, num_train=64, num_test=16, num_frames=4, height=16, width=16, fps=4, seed=0)

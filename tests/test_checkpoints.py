@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
+from sora_jax import loading
 from sora_jax.cli import main as cli_main
 from sora_jax.config import load_config
 from sora_jax.parallel.mesh import make_mesh
@@ -223,14 +224,13 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(data_dir, t
 
 
 def test_params_only_restore_and_the_checkpoints_command(trained, data_dir, capsys):
-    from sora_jax import api
 
     cfg = config(data_dir, **{"mesh.data": 1})
     abstract = _abstract(cfg, jax.devices()[:1])
     with checkpoint.manager(trained, read_only=True) as mgr:
         _, full = checkpoint.restore(mgr, abstract)
     for key, use_ema in (("ema", True), ("params", False)):
-        _, step, _, params = api.restore(trained, use_ema=use_ema)  # reads that subtree alone
+        _, step, _, params = loading.restore(trained, use_ema=use_ema)  # reads that subtree alone
         assert step == 6
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full[key])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

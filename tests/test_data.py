@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from data_pipelines import moving_digits as md
+from sora_jax.data import moving_digits as md
 from sora_jax.data import pipeline
 from sora_jax.data.records import decode_clip, encode_clip
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data_pipelines import moving_digits
+from sora_jax.data import moving_digits
 from sora_jax.eval import adherence, digit_reader
 from sora_jax.eval.digit_reader import DigitReader, ReaderConfig
 
@@ -174,7 +174,7 @@ def test_reader_training_chunks_mix_splits_and_speeds():
 
 
 def test_paraphrase_prompts_use_unseen_words_and_parse_to_their_objects():
-    from data_pipelines import moving_digits
+    from sora_jax.data import moving_digits
     from sora_jax.eval.paraphrase import paraphrase_prompts
     from sora_jax.text.tokenizer import HashWordTokenizer
 

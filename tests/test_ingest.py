@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import ingest
 from sora_jax.cli import main
+from sora_jax.data import ingest
 from sora_jax.data.pipeline import open_source
 from sora_jax.data.records import decode_clip, read_record
 

@@ -212,8 +212,7 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
     read disjoint halves of each global batch."""
     from test_train import losses
 
-    from data_pipelines import moving_digits
-    from sora_jax.data import pipeline
+    from sora_jax.data import moving_digits, pipeline
     from sora_jax.train.loop import train_and_evaluate
 
     data = tmp_path / "data"

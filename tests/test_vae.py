@@ -221,7 +221,9 @@ def test_vae_trains_and_evaluates_from_the_command_line(tmp_path):
 
     stats = json.loads((tmp_path / "v" / vae_lib.LATENT_STATS).read_text())
     assert stats["step"] == 4 and stats["split"] == "train" and stats["clips"] == 8
-    codec = vae_lib.VAECodec.from_workdir(tmp_path / "v")
+    from sora_jax.loading import load_vae_codec
+
+    codec = load_vae_codec(tmp_path / "v")
     data = tmp_path / "v" / "data"
     ds = pipeline.in_order(data, "train", 8)
     x = video_to_float(next(iter(ds))["video"])

@@ -12,7 +12,7 @@ from sora_jax.sample import video_io
 def clip() -> np.ndarray:
     """One moving-digits clip, uint8 [8, 32, 32, 3] (a synthetic fallback keeps the tests independent)."""
     try:
-        from data_pipelines.moving_digits import generate
+        from sora_jax.data.moving_digits import generate
 
         return generate("train", 1, seed=7)["video"][0]
     except ImportError:  # pragma: no cover

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sora_jax.data.records import decode_clip
+from sora_jax.data.records import decode_clip, read_record
 from sora_jax.parallel.sharding import BATCH_AXES
 
 Tokenizer = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
@@ -177,4 +177,57 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     return out
 
 
-__all__ = ("in_order", "make_dataset", "no_tokens", "open_source", "read_metadata", "to_global")
+def dataset_dir(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
+    """Where a config's ArrayRecord dataset lives: ``config.data.path``, else ``<workdir>/data`` (the bundled
+    moving digits, built there by ``ensure_dataset``). Only a path: nothing is read or built."""
+    return pathlib.Path(cfg.data.path) if cfg.data.path else pathlib.Path(workdir) / "data"
+
+
+def ensure_dataset(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
+    """``dataset_dir``, with the bundled moving digits built there first when ``config.data.path`` is empty and
+    nothing is there yet (process 0 builds; every process waits for it). Returns the folder."""
+    path = dataset_dir(cfg, workdir)
+    if not cfg.data.path and not (path / "metadata.json").is_file() and jax.process_index() == 0:
+        from sora_jax.data import moving_digits
+
+        d = cfg.data
+        moving_digits.build(
+            path,
+            num_train=d.num_train,
+            num_test=d.num_test,
+            num_frames=d.num_frames,
+            height=d.height,
+            width=d.width,
+            fps=d.fps,
+            seed=cfg.seed,
+            speed=tuple(d.speed) if d.get("speed") else None,
+        )
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("sora_jax_data_built")
+    return path
+
+
+def split_captions(data: str | pathlib.Path, split: str) -> list[str]:
+    """Every caption of a split: from metadata.json when listed, else from the records' headers."""
+    entry = read_metadata(data)["splits"].get(split)
+    if entry is None:
+        raise ValueError(f"dataset {data} has no split {split!r}")
+    if entry.get("captions") is not None:
+        return list(entry["captions"])
+    source = open_source(data, split)
+    return [read_record(source[i])[0]["caption"] for i in range(len(source))]
+
+
+__all__ = (
+    "in_order",
+    "dataset_dir",
+    "ensure_dataset",
+    "make_dataset",
+    "no_tokens",
+    "open_source",
+    "read_metadata",
+    "split_captions",
+    "to_global",
+)

@@ -3,8 +3,16 @@
 Start from ``make_process`` (or ``process_from_config``); see ``process.py`` for the model-time convention.
 """
 
-from sora_jax.diffusion.ddpm import (
+from sora_jax.choices import (
+    SAMPLERS,
+    FlowPrediction,
+    Objective,
     Prediction,
+    Sampler,
+    ScheduleKind,
+    TimestepSampling,
+)
+from sora_jax.diffusion.ddpm import (
     eps_from_x0,
     predict_eps,
     predict_x0,
@@ -13,8 +21,6 @@ from sora_jax.diffusion.ddpm import (
     v_target,
 )
 from sora_jax.diffusion.flow import (
-    FlowPrediction,
-    TimestepSampling,
     interpolate,
     resolution_shift,
     sample_time,
@@ -26,16 +32,12 @@ from sora_jax.diffusion.flow import (
 )
 from sora_jax.diffusion.guidance import cfg_apply
 from sora_jax.diffusion.process import (
-    SAMPLERS,
-    Objective,
     Process,
-    Sampler,
     make_process,
     process_from_config,
 )
 from sora_jax.diffusion.schedules import (
     DDPMSchedule,
-    ScheduleKind,
     cosine_betas,
     linear_betas,
     make_schedule,

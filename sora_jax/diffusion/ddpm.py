@@ -8,19 +8,11 @@ arithmetic is done in float32 either way.
 
 from __future__ import annotations
 
-import enum
-
 import jax
 import jax.numpy as jnp
 
+from sora_jax.choices import Prediction
 from sora_jax.diffusion.schedules import DDPMSchedule
-
-
-class Prediction(enum.StrEnum):
-    """What a DDPM network outputs: the noise ``eps`` or the velocity ``v``."""
-
-    EPS = "eps"
-    V = "v"
 
 
 def _gather(table, t: jax.Array, like: jax.Array) -> jax.Array:

@@ -14,29 +14,16 @@ more tokens, see ``resolution_shift``). Sampling integrates the ODE from t=1 to 
 
 from __future__ import annotations
 
-import enum
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax.choices import TimestepSampling
+
 TIME_SCALE = 1000.0
 X0_MIN_T = 0.05  # JiT's clip of t in the v-loss denominator for x0-prediction
-
-
-class FlowPrediction(enum.StrEnum):
-    """What a flow network outputs: the velocity ``v`` (noise - x0) or the clean sample ``x0``."""
-
-    V = "v"
-    X0 = "x0"
-
-
-class TimestepSampling(enum.StrEnum):
-    """How training times t in (0, 1) are drawn."""
-
-    UNIFORM = "uniform"
-    LOGIT_NORMAL = "logit_normal"
 
 
 def model_time(t: jax.Array) -> jax.Array:

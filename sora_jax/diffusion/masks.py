@@ -23,18 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-STRATEGIES = ("none", "first", "last", "both", "random")
+from sora_jax.choices import MASK_STRATEGIES as STRATEGIES
+from sora_jax.choices import check_probs
 
-
-def check_probs(probs: dict[str, float]) -> np.ndarray:
-    """Strategy probabilities as an array in ``STRATEGIES`` order; ValueError names a bad key or value."""
-    unknown = sorted(set(probs) - set(STRATEGIES))
-    if unknown:
-        raise ValueError(f"unknown mask strategy {unknown[0]!r}; allowed: {', '.join(STRATEGIES)}")
-    p = np.asarray([float(probs.get(s, 0.0)) for s in STRATEGIES], np.float64)
-    if (p < 0).any() or p.sum() <= 0:
-        raise ValueError(f"mask strategy probabilities must be >= 0 with a positive sum, got {dict(probs)}")
-    return p / p.sum()
+__all__ = ("STRATEGIES", "check_probs", "conditions_frames", "head_tail_mask", "sample_masks")
 
 
 def conditions_frames(probs: dict[str, float]) -> bool:

@@ -26,30 +26,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax.choices import (
+    SAMPLERS,
+    FlowPrediction,
+    Objective,
+    Prediction,
+    Sampler,
+    ScheduleKind,
+    TimestepSampling,
+)
 from sora_jax.diffusion import ddpm, flow
-from sora_jax.diffusion.ddpm import Prediction
-from sora_jax.diffusion.flow import FlowPrediction, TimestepSampling
-from sora_jax.diffusion.schedules import DDPMSchedule, ScheduleKind, make_schedule, respace, space_timesteps
+from sora_jax.diffusion.schedules import DDPMSchedule, make_schedule, respace, space_timesteps
 
 ApplyFn = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-class Objective(enum.StrEnum):
-    DDPM = "ddpm"
-    RECTIFIED_FLOW = "rectified_flow"
-
-
-class Sampler(enum.StrEnum):
-    DDPM = "ddpm"  # ancestral
-    DDIM = "ddim"
-    EULER = "euler"
-    HEUN = "heun"
-
-
-SAMPLERS: dict[Objective, tuple[Sampler, ...]] = {
-    Objective.DDPM: (Sampler.DDPM, Sampler.DDIM),
-    Objective.RECTIFIED_FLOW: (Sampler.EULER, Sampler.HEUN),
-}
 
 
 def _parse(enum_cls: type[enum.StrEnum], value, name: str, allowed=None):

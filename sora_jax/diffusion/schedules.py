@@ -11,7 +11,6 @@ Notation: N timesteps ``t = 0 .. N-1``; ``alphas_cumprod[t]`` is ``abar_t``, wit
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -20,12 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-class ScheduleKind(enum.StrEnum):
-    """Beta schedules: ``linear`` (Ho et al. 2020), ``cosine`` (Nichol & Dhariwal 2021)."""
-
-    LINEAR = "linear"
-    COSINE = "cosine"
+from sora_jax.choices import ScheduleKind
 
 
 def linear_betas(n: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:

@@ -93,7 +93,7 @@ def evaluate_prompts(
     Returns (metrics of ``score``, per-video rows {prompt, intended, read, digits_ok, both_ok} with
     directions by name), the two arguments of ``write_report``.
     """
-    from data_pipelines.moving_digits import parse_prompt
+    from sora_jax.data.moving_digits import parse_prompt
 
     if len(videos) != len(prompts):
         raise ValueError(f"got {len(videos)} videos for {len(prompts)} prompts")

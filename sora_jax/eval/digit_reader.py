@@ -40,7 +40,7 @@ __all__ = [
     "save_reader",
 ]
 
-# Direction names by id, the order of ``data_pipelines.moving_digits.DIRECTIONS`` (checked by the tests and
+# Direction names by id, the order of ``sora_jax.data.moving_digits.DIRECTIONS`` (checked by the tests and
 # stored with the weights, which win when loaded).
 DIRECTIONS: tuple[str, ...] = (
     "left",

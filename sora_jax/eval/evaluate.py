@@ -30,16 +30,16 @@ def evaluate_workdir(
 ) -> dict:
     """Samples ``num_prompts`` captions of ``split`` (or, for ``"paraphrase"``, paraphrased prompts) with the
     workdir's latest checkpoint, writes the report."""
-    from sora_jax import api
-    from sora_jax.train.loop import data_path
+    from sora_jax.data.pipeline import dataset_dir
+    from sora_jax.sample.pipeline import load_pipeline
 
-    pipe = pipeline or api.load_pipeline(workdir)
+    pipe = pipeline or load_pipeline(workdir)
     if split == "paraphrase":  # unseen wordings of the same objects (sora_jax/eval/paraphrase.py)
         from sora_jax.eval.paraphrase import paraphrase_prompts
 
         prompts = paraphrase_prompts(num_prompts, seed)
     else:
-        prompts = split_prompts(data_path(pipe.config, workdir), split, num_prompts, seed)
+        prompts = split_prompts(dataset_dir(pipe.config, workdir), split, num_prompts, seed)
     videos = pipe.generate(prompts, seed=seed, progress=True)
     metrics, rows = evaluate_prompts(videos, prompts)
     metrics = {"split": split, "step": pipe.step, **metrics}

@@ -1,6 +1,6 @@
 """Paraphrased prompts for moving digits: wordings the training captions never use, same labels.
 
-The captions of ``data_pipelines/moving_digits.py`` say "a 3" / "the digit three" / "the number 3", with the
+The captions of ``sora_jax/data/moving_digits.py`` say "a 3" / "the digit three" / "the number 3", with the
 verbs moves, drifts, slides, goes, travels, glides, rises, climbs, falls, sinks, drops. These prompts name
 the digits and motions with other words ("a handwritten 3 wanders off to the left", "the numeral seven
 heads in the upward direction") so ``sora-jax eval --paraphrases`` measures whether a text encoder
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_pipelines.moving_digits import NUMBER_WORDS, parse_prompt
+from sora_jax.data.moving_digits import NUMBER_WORDS, parse_prompt
 
 _SUBJECTS = ("a handwritten {x}", "the numeral {x}", "a single {x}", "a little {x}", "a scribbled {x}")
 _VERBS = ("wanders", "heads", "shifts", "scrolls", "floats", "makes its way")

@@ -72,16 +72,16 @@ def evaluate_prompting(
     pipeline=None,
 ) -> dict:
     """Runs the four checks (module docstring) and writes the report; returns the metrics."""
-    from sora_jax import api
+    from sora_jax.data.pipeline import dataset_dir
+    from sora_jax.sample.pipeline import load_pipeline
     from sora_jax.sample.prompting import Prompter
     from sora_jax.sample.video_io import write_mp4
-    from sora_jax.train.loop import data_path
 
-    pipe = pipeline or api.load_pipeline(workdir)
+    pipe = pipeline or load_pipeline(workdir)
     p = Prompter.from_pipeline(pipe)
     out = Path(out) if out else Path(workdir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    clips, captions = split_clips(data_path(pipe.config, workdir), split, num, seed)
+    clips, captions = split_clips(dataset_dir(pipe.config, workdir), split, num, seed)
     T, P = p.frames, p.pixel_overlap(overlap)
     n = len(clips)
     m: dict = {

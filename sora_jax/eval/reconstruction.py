@@ -117,14 +117,15 @@ def evaluate_vae(
 ) -> dict:
     """PSNR / SSIM of the workdir's VAE on ``num_clips`` clips of ``split``; writes the report; returns it.
     ``use_ema`` False scores the raw parameters (default: the config's ``sample.use_ema``)."""
-    from sora_jax import api, factory
+    from sora_jax import factory, loading
     from sora_jax.data import pipeline
-    from sora_jax.train.loop import data_path
 
-    cfg, step, graphdef, params = api.restore(workdir, use_ema=use_ema)
+    cfg, step, abstract, params = loading.restore(workdir, use_ema=use_ema)
+    graphdef, params = abstract.graphdef, jax.device_get(params)
+    data = pipeline.dataset_dir(cfg, workdir)
 
     def clips(which: str):
-        return pipeline.in_order(data_path(cfg, workdir), which, batch_size)
+        return pipeline.in_order(data, which, batch_size)
 
     ds = clips(split)
 
@@ -146,7 +147,7 @@ def evaluate_vae(
             break
     bar.close()
     if not seen:
-        raise ValueError(f"split {split!r} of {data_path(cfg, workdir)} has no clips")
+        raise ValueError(f"split {split!r} of {data} has no clips")
     originals, recons = np.concatenate(originals), np.concatenate(recons)
     p, s = psnr(originals, recons), ssim(originals, recons)
     metrics = {

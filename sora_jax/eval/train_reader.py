@@ -3,7 +3,7 @@
     python -m sora_jax.eval.train_reader --out sora_jax/eval/weights/digit_reader.npz [--steps 1500]
 
 The reader must read every (digit, direction) combination, including the pairs the video model never sees
-in training, so it trains on clips from *both* splits of ``data_pipelines.moving_digits.generate`` drawn
+in training, so it trains on clips from *both* splits of ``sora_jax.data.moving_digits.generate`` drawn
 with seeds (``--seed`` and up) that the evaluation clips do not use, every clip fresh (no epochs: a fixed
 pool overfits); it is measured on clips of each split drawn with seed 0.
 
@@ -51,7 +51,7 @@ def make_chunk(
     shuffled together (a batch from one split teaches its direction prior, e.g. test clips always show a
     held-out pair, and the next batches unteach it):
     grey uint8 [N, T, H, W], presence float32 [N, 10], direction int32 [N, 10]."""
-    from data_pipelines.moving_digits import generate
+    from sora_jax.data.moving_digits import generate
 
     parts = []
     share = num_clips // (2 * len(speeds))
@@ -121,7 +121,7 @@ def evaluate(
     model: DigitReader, split: str, num_clips: int, seed: int, speed: tuple[float, float] | None = None
 ) -> dict:
     """Exact-reading accuracy and adherence metrics on fresh clips of ``split`` (seed never trained on)."""
-    from data_pipelines.moving_digits import generate
+    from sora_jax.data.moving_digits import generate
 
     cfg = model.cfg
     data = generate(

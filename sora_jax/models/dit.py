@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sora_jax.choices import DIT_VARIANTS, DiTVariant
 from sora_jax.models.layers import (
     ATTENTION_IMPLEMENTATIONS,
     Attention,
@@ -128,34 +129,9 @@ class DiTConfig:
         return pt * ph * pw * self.in_channels
 
 
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    width: int
-    depth: int
-    num_heads: int
-    patch_size: tuple[int, int, int]
-    in_channels: int
-    text_dim: int
-    follows: str
-
-
-# Named sizes. S/B/L/XL are DiT's (Peebles & Xie 2023, Table 1) with /2 patches on a 4-channel latent and a
-# T5-XXL-sized context (4096) as in PixArt-alpha and Open-Sora. With cross-attention XL is already ~1.0B;
-# "1B" trades depth for width (1536 x 18, head dim 96) at ~1.1B.
-VARIANTS: dict[str, Variant] = {
-    "smoke": Variant(32, 1, 2, (1, 4, 4), 3, 32, "test-only: the smallest model that exercises every path"),
-    "tiny": Variant(128, 4, 4, (1, 4, 4), 3, 128, "CPU demo: pixel-space DiT for the bundled moving digits"),
-    "S": Variant(384, 12, 6, (1, 2, 2), 4, 4096, "DiT-S/2 (Peebles & Xie 2023)"),
-    "B": Variant(768, 12, 12, (1, 2, 2), 4, 4096, "DiT-B/2 (Peebles & Xie 2023)"),
-    "L": Variant(1024, 24, 16, (1, 2, 2), 4, 4096, "DiT-L/2 (Peebles & Xie 2023)"),
-    "XL": Variant(
-        1152, 28, 16, (1, 2, 2), 4, 4096, "DiT-XL/2 (Peebles & Xie 2023); PixArt-alpha / Open-Sora 1.x"
-    ),
-    "1B": Variant(
-        1536, 18, 16, (1, 2, 2), 4, 4096, "~1.1B: DiT widened to 1536, shallower (SD3-medium scale)"
-    ),
-    "8B": Variant(3072, 40, 24, (1, 2, 2), 4, 4096, "~8B: width 3072 x 40 blocks, head dim 128 (pod scale)"),
-}
+# Named sizes: one table, in sora_jax/choices.py (JAX-free, read by config validation too).
+Variant = DiTVariant
+VARIANTS = DIT_VARIANTS
 
 
 def dit_config(variant: str, **overrides) -> DiTConfig:

@@ -21,10 +21,11 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from sora_jax.choices import AttentionImpl
 from sora_jax.parallel import sequence
 from sora_jax.parallel.sharding import constrain
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "reference")
+ATTENTION_IMPLEMENTATIONS = tuple(a.value for a in AttentionImpl)
 
 Dtype = jnp.dtype | str | type
 

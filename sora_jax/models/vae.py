@@ -1,6 +1,6 @@
 """The causal 3D video VAE (Sora's "video compression network"): videos <-> latent spacetime.
 
-Owns: ``VAEConfig`` and the variant table ``VAE_VARIANTS``, the modules (``CausalConv3d``, ``ResBlock``,
+Owns: ``VAEConfig`` (its variant table ``VAE_VARIANTS`` lives in ``sora_jax/choices.py``), the modules (``CausalConv3d``, ``ResBlock``,
 ``Downsample``, ``Upsample``, ``Encoder``, ``Decoder``, ``VideoVAE``), the diagonal Gaussian posterior
 (``kl_divergence``), and bounded-memory coding: temporal chunks with causal-conv caches
 (``encode_chunked`` / ``decode_chunked``, equal to the full pass) and spatial tiles blended over their overlap
@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sora_jax.choices import VAE_VARIANTS
 from sora_jax.models.layers import RMSNorm, as_dtype
 
 # ----------------------------------------------------------------------------------------------- config
@@ -73,34 +74,6 @@ class VAEConfig:
     @property
     def spatial_downsample(self) -> int:
         return 2 ** (len(self.width_mults) - 1)
-
-
-VAE_VARIANTS: dict[str, dict] = {
-    # tests: every path, seconds on CPU
-    "smoke": dict(
-        base_width=8, width_mults=(1, 2, 2), temporal_down=(True, True), num_res_blocks=1, latent_channels=4
-    ),
-    # moving digits (32x32 grey): 4x temporal, 4x spatial, 8 channels (configs/vae_digits.py narrows it to 16)
-    "digits": dict(
-        base_width=32, width_mults=(1, 2, 4), temporal_down=(True, True), num_res_blocks=1, latent_channels=8
-    ),
-    # the default video VAE: 4x8x8, 16 channels (CogVideoX / Wan compression), ~130M parameters
-    "base": dict(
-        base_width=96,
-        width_mults=(1, 2, 4, 4),
-        temporal_down=(True, True, False),
-        num_res_blocks=2,
-        latent_channels=16,
-    ),
-    # images only: 1x temporal, 8x8 spatial
-    "image": dict(
-        base_width=96,
-        width_mults=(1, 2, 4, 4),
-        temporal_down=(False, False, False),
-        num_res_blocks=2,
-        latent_channels=16,
-    ),
-}
 
 
 def vae_config(variant: str, **overrides) -> VAEConfig:
@@ -529,13 +502,14 @@ LATENT_STATS = "latent_stats.json"
 class VAECodec:
     """A trained VAE as the ``Autoencoder`` the DiT works through: ``encode`` gives the posterior mean
     normalised as ``(mean - shift) / scale`` (statistics measured on training clips, stored next to the VAE's
-    checkpoints by ``sora-jax eval``), ``decode`` undoes it and decodes, clipped to [-1, 1]. Parameters are
-    held as host arrays and enter jitted code as constants."""
+    checkpoints by ``sora-jax eval``), ``decode`` undoes it and decodes, clipped to [-1, 1]. Built without
+    weights from a config (``factory.vae_codec``: shapes only); ``with_params`` binds them (loaded by
+    ``sora_jax.loading``, or passed into a jitted function as an argument)."""
 
     def __init__(
         self,
         graphdef: nnx.GraphDef,
-        params: nnx.State,
+        params: nnx.State | None,
         cfg: VAEConfig,
         shift: float,
         scale: float,
@@ -547,27 +521,16 @@ class VAECodec:
         self.temporal_downsample = cfg.temporal_downsample
         self.spatial_downsample = cfg.spatial_downsample
 
-    @classmethod
-    def from_workdir(cls, workdir) -> VAECodec:
-        """The EMA weights of the latest checkpoint of a VAE workdir and its measured latent statistics."""
-        import json
-        from pathlib import Path
-
-        from sora_jax import api, factory
-
-        stats_path = Path(workdir) / LATENT_STATS
-        if not stats_path.is_file():
-            raise FileNotFoundError(
-                f"{stats_path} not found: measure the VAE's latent statistics first with "
-                f"`sora-jax eval --workdir {workdir}`"
-            )
-        stats = json.loads(stats_path.read_text())
-        vcfg, step, graphdef, params = api.restore(workdir, step=stats.get("step"))
-        if vcfg.get("task", "t2v") != "vae":
-            raise ValueError(f"{workdir} holds a {vcfg.get('task', 't2v')!r} model, not a VAE")
-        return cls(graphdef, params, factory.vae_config(vcfg), stats["shift"], stats["scale"], step)
+    def with_params(self, params: nnx.State) -> VAECodec:
+        """The same codec over ``params`` (host arrays, device arrays, or tracers inside a jitted function,
+        where the frozen VAE is then an argument rather than a compiled constant)."""
+        return VAECodec(self.graphdef, params, self.cfg, self.shift, self.scale, self.step)
 
     def _model(self) -> VideoVAE:
+        if self.params is None:
+            raise ValueError(
+                "this VAECodec has no weights (shapes only): use sora_jax.loading.load_autoencoder"
+            )
         return nnx.merge(self.graphdef, self.params)
 
     def latent_shape(self, T: int, H: int, W: int) -> tuple[int, int, int, int]:

@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
+from sora_jax.choices import SeqParallel
 from sora_jax.parallel import sharding
 
-SEQ_PARALLEL = ("none", "ulysses", "ring")
+SEQ_PARALLEL = tuple(m.value for m in SeqParallel)
 SEQ_AXIS = "seq"
 
 

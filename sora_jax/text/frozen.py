@@ -30,11 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sora_jax.choices import FROZEN_TEXT_ENCODERS
 from sora_jax.models.layers import RMSNorm, as_dtype
 
 log = logging.getLogger("sora_jax.text")
 
-FROZEN_ENCODERS = ("minilm", "t5")
+FROZEN_ENCODERS = tuple(k.value for k in FROZEN_TEXT_ENCODERS)
 
 
 def _load(kind: str, path: str, dtype):

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from sora_jax import factory
+from sora_jax import factory, loading
 from sora_jax.data import buckets as buckets_lib
 from sora_jax.data import pipeline
 from sora_jax.parallel import sharding
@@ -33,33 +33,6 @@ log = logging.getLogger("sora_jax.train")
 def task(cfg: ml_collections.ConfigDict) -> str:
     """What a config trains: ``"t2v"`` (the text-to-video DiT, default) or ``"vae"`` (the video VAE)."""
     return cfg.get("task", "t2v")
-
-
-def data_path(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Path:
-    """``config.data.path``, or ``<workdir>/data`` built from the bundled moving digits when missing."""
-    if cfg.data.path:
-        return Path(cfg.data.path)
-    path = Path(workdir) / "data"
-    if not (path / "metadata.json").is_file() and jax.process_index() == 0:
-        from data_pipelines import moving_digits
-
-        d = cfg.data
-        moving_digits.build(
-            path,
-            num_train=d.num_train,
-            num_test=d.num_test,
-            num_frames=d.num_frames,
-            height=d.height,
-            width=d.width,
-            fps=d.fps,
-            seed=cfg.seed,
-            speed=tuple(d.speed) if d.get("speed") else None,
-        )
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("sora_jax_data_built")
-    return path
 
 
 def abstract_batch(
@@ -136,7 +109,7 @@ def train_source(cfg: ml_collections.ConfigDict, workdir: str | Path) -> tuple:
             fps=float(t.fps),
         )
         return source, None
-    path = data_path(cfg, workdir)
+    path = pipeline.ensure_dataset(cfg, workdir)
     entry = pipeline.read_metadata(path)["splits"].get("train", {})
     index = np.load(Path(path) / entry["index"]) if entry.get("index") else None
     return pipeline.open_source(path, "train"), index
@@ -146,9 +119,9 @@ def _captions(cfg: ml_collections.ConfigDict, workdir, source) -> list[str]:
     """Every caption of the train split (from the metadata when it lists them, else from the records)."""
     t = cfg.data.get("tfds")
     if not (t is not None and t.name):
-        from data_pipelines.encode_text import split_captions
+        from sora_jax.data.pipeline import split_captions
 
-        return split_captions(data_path(cfg, workdir), "train")
+        return split_captions(pipeline.dataset_dir(cfg, workdir), "train")
     from sora_jax.data.records import read_record
 
     return [read_record(source[i])[0]["caption"] for i in range(len(source))]
@@ -164,7 +137,9 @@ def train_text_input(cfg: ml_collections.ConfigDict, workdir, source):
     from sora_jax.text.frozen import EmbeddingTable, table_file
 
     t = cfg.data.get("tfds")
-    places = [] if (t is not None and t.name) else [table_file(data_path(cfg, workdir), tok, "train")]
+    places = (
+        [] if (t is not None and t.name) else [table_file(pipeline.dataset_dir(cfg, workdir), tok, "train")]
+    )
     places.append(table_file(Path(workdir) / "text_cache", tok, "train"))
     for f in places:
         if f.is_file():
@@ -255,7 +230,7 @@ def build_train_fns(cfg: ml_collections.ConfigDict, mesh):
             graphdef,
             tx,
             factory.make_process(cfg),
-            factory.make_autoencoder(cfg),
+            loading.load_autoencoder(cfg),
             null_ids=jnp.asarray(null_ids[0]),
             null_mask=jnp.asarray(null_mask[0]),
             caption_dropout=cfg.text.caption_dropout,
@@ -342,6 +317,7 @@ def train_and_evaluate(
     ``devices``: the mesh's devices (default: all devices of all processes).
     """
     workdir = Path(workdir)
+    cfg = loading.resolve_autoencoder(cfg)
     mesh = make_mesh(cfg.mesh, devices)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from data_pipelines.captions import Row
+from sora_jax.data.captions import Row
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,535 @@
+"""The bundled moving-digits dataset: clips of 1-2 handwritten digits moving and bouncing, with captions.
+
+Owns the generator (``generate``: numpy arrays in memory), the caption grammar (``caption``) and its
+inverse (``parse_prompt``, also used on user prompts at sampling and evaluation time), and the on-disk
+build (``build``: ArrayRecord shards + ``metadata.json``, written atomically).
+
+Source glyphs are the 1797 8x8 digits of ``sklearn.datasets.load_digits``: even indices feed train clips,
+odd indices test clips, so test clips show unseen handwriting. Each object moves in one of 8 directions
+(``DIRECTIONS``; the label is the *initial* direction, objects bounce off the walls). Ten (digit, direction)
+pairs (``HELD_OUT``) never appear in train clips and every test clip contains at least one of them, which
+measures compositional generalisation.
+
+    python -m data_pipelines.moving_digits --out data/moving_digits --num_train 6000 --num_test 512 \
+        --num_frames 8 --height 32 --width 32 --fps 8 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import re
+import secrets
+import shutil
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+GENERATOR = "moving_digits"
+VERSION = 1
+
+DIRECTIONS = ("left", "right", "up", "down", "up-left", "up-right", "down-left", "down-right")
+_R = 1.0 / math.sqrt(2.0)
+# Unit (dy, dx) per direction id; image rows grow downwards, so "up" is -y.
+DIRECTION_VECTORS = np.array(
+    [(0, -1), (0, 1), (-1, 0), (1, 0), (-_R, -_R), (-_R, _R), (_R, -_R), (_R, _R)], np.float64
+)
+# (dy sign, dx sign) -> direction id.
+_SIGNS_TO_DIRECTION = {
+    (int(np.sign(dy)), int(np.sign(dx))): i for i, (dy, dx) in enumerate(DIRECTION_VECTORS.tolist())
+}
+
+# (digit, direction id) pairs never seen in training; one per digit.
+HELD_OUT_DIRECTION = tuple((3 * d + 1) % 8 for d in range(10))
+HELD_OUT = frozenset((d, HELD_OUT_DIRECTION[d]) for d in range(10))
+
+SPLITS = ("train", "test")
+_SPLIT_ID = {"train": 0, "test": 1}
+MAX_OBJECTS = 2
+INTERPOLATIONS = ("nearest", "bilinear")
+
+# ----------------------------------------------------------------------------------------------------------
+# Captions
+
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_VERBS = (("moves", "moving"), ("drifts", "drifting"), ("slides", "sliding"), ("goes", "going"))
+_VERBS += (("travels", "traveling"), ("glides", "gliding"))
+# Verbs that carry the direction themselves (used without a direction phrase).
+_VERTICAL_VERBS = {
+    2: (("rises", "rising"), ("climbs", "climbing")),
+    3: (("falls", "falling"), ("sinks", "sinking"), ("drops", "dropping")),
+}
+_DIRECTION_PHRASES = {
+    0: ("left", "to the left", "leftward", "leftwards", "towards the left"),
+    1: ("right", "to the right", "rightward", "rightwards", "towards the right"),
+    2: ("up", "upward", "upwards", "towards the top"),
+    3: ("down", "downward", "downwards", "towards the bottom"),
+}
+for _i, (_v, _h) in enumerate(
+    (("up", "left"), ("up", "right"), ("down", "left"), ("down", "right")), start=4
+):
+    _vert = "upper" if _v == "up" else "lower"
+    _side = "top" if _v == "up" else "bottom"
+    _DIRECTION_PHRASES[_i] = (
+        f"{_v}-{_h}",
+        f"{_v} and to the {_h}",
+        f"diagonally {_v}-{_h}",
+        f"{_v} and {_h}",
+        f"towards the {_vert} {_h}",
+        f"towards the {_side} {_h}",
+    )
+_PREFIXES = ("", "", "a video of ", "a clip of ")
+
+
+def _subject(rng: np.random.Generator, digit: int) -> str:
+    x = str(digit) if rng.random() < 0.5 else NUMBER_WORDS[digit]
+    form = int(rng.integers(3))
+    if form == 0:
+        return f"{'an' if digit == 8 else 'a'} {x}"
+    return f"the digit {x}" if form == 1 else f"the number {x}"
+
+
+def _clause(rng: np.random.Generator, digit: int, direction: int, participle: bool) -> str:
+    form = int(participle)
+    if direction in _VERTICAL_VERBS and rng.random() < 0.4:
+        verbs = _VERTICAL_VERBS[direction]
+        return f"{_subject(rng, digit)} {verbs[rng.integers(len(verbs))][form]}"
+    verb = _VERBS[rng.integers(len(_VERBS))][form]
+    phrases = _DIRECTION_PHRASES[direction]
+    return f"{_subject(rng, digit)} {verb} {phrases[rng.integers(len(phrases))]}"
+
+
+def caption(rng: np.random.Generator, objects: Sequence[tuple[int, int]]) -> str:
+    """A varied English caption for 1-2 objects [(digit, direction id), ...]; inverted by ``parse_prompt``.
+
+    rng: numpy Generator; objects: 1..2 pairs of (digit 0..9, direction id 0..7).
+    """
+    objects = [(int(d), int(k)) for d, k in objects]
+    if not 1 <= len(objects) <= MAX_OBJECTS:
+        raise ValueError(f"caption: expected 1..{MAX_OBJECTS} objects, got {len(objects)}")
+    participle = bool(rng.random() < 0.4)
+    clauses = [_clause(rng, d, k, participle) for d, k in objects]
+    if participle:
+        prefix = _PREFIXES[rng.integers(len(_PREFIXES))]
+        joiners = (" and ", " next to ", " beside ")
+    else:
+        prefix = ""
+        joiners = (" while ", " and ", ", and ", " as ", "; meanwhile ")
+    text = clauses[0]
+    if len(clauses) == 2:
+        text += joiners[rng.integers(len(joiners))] + clauses[1]
+    return prefix + text
+
+
+_DIGIT_TOKENS = {str(d): d for d in range(10)} | {w: d for d, w in enumerate(NUMBER_WORDS)}
+_UP_WORDS = ("up", "upward", "upwards", "top", "upper", "north")
+_UP_WORDS += ("rises", "rise", "rising", "climbs", "climb", "climbing", "ascends", "ascend", "ascending")
+_DOWN_WORDS = ("down", "downward", "downwards", "bottom", "lower", "south")
+_DOWN_WORDS += ("falls", "fall", "falling", "sinks", "sink", "sinking", "drops", "drop", "dropping")
+_DOWN_WORDS += ("descends", "descend", "descending")
+_VERTICAL_TOKENS = {**dict.fromkeys(_UP_WORDS, -1), **dict.fromkeys(_DOWN_WORDS, 1)}
+_HORIZONTAL_TOKENS = {
+    **dict.fromkeys(["left", "leftward", "leftwards", "west"], -1),
+    **dict.fromkeys(["right", "rightward", "rightwards", "east"], 1),
+}
+# Plural nouns that make the number before them a count ("two digits: ..."), not a digit.
+_COUNT_NOUNS = frozenset({"digits", "numbers", "numerals", "objects"})
+_COMPASS = {"northwest": (-1, -1), "northeast": (-1, 1), "southwest": (1, -1), "southeast": (1, 1)}
+
+
+def _direction_of(tokens: Sequence[str]) -> int | None:
+    """Direction id named by a run of tokens (first vertical and first horizontal word), or None."""
+    sy = sx = 0
+    for tok in tokens:
+        if tok in _COMPASS:
+            cy, cx = _COMPASS[tok]
+            sy, sx = sy or cy, sx or cx
+        sy = sy or _VERTICAL_TOKENS.get(tok, 0)
+        sx = sx or _HORIZONTAL_TOKENS.get(tok, 0)
+    return _SIGNS_TO_DIRECTION.get((sy, sx))
+
+
+def parse_prompt(text: str) -> list[tuple[int, int]]:
+    """Recovers [(digit, direction id), ...] from a caption or a simple prompt; [] when nothing parses.
+
+    A digit is a numeral 0-9 or a number word; its direction is read from the words after it (up to the
+    next digit), else the words before it, else it is shared with the next object ("a 3 and a 7 moving
+    left"). A count such as "two digits:" or "2 numbers" (followed by a plural noun) is not a digit.
+    Digits without any direction are dropped.
+    """
+    tokens = re.findall(r"[a-z]+|\d+", text.lower())
+    mentions = [
+        i
+        for i, t in enumerate(tokens)
+        if t in _DIGIT_TOKENS and (i + 1 == len(tokens) or tokens[i + 1] not in _COUNT_NOUNS)
+    ]
+    bounds = [-1, *mentions, len(tokens)]
+    dirs: list[int | None] = []
+    for j, i in enumerate(mentions):
+        after = _direction_of(tokens[i + 1 : bounds[j + 2]])
+        dirs.append(after if after is not None else _direction_of(tokens[bounds[j] + 1 : i]))
+    for j in range(len(dirs) - 2, -1, -1):
+        if dirs[j] is None:
+            dirs[j] = dirs[j + 1]
+    return [(_DIGIT_TOKENS[tokens[i]], k) for i, k in zip(mentions, dirs) if k is not None]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def _resize_matrix(size: int, src: int, interpolation: str) -> np.ndarray:
+    """[size, src] matrix M so that M @ img @ M.T resizes a [src, src] image to [size, size]."""
+    centers = (np.arange(size) + 0.5) * src / size
+    m = np.zeros((size, src), np.float64)
+    if interpolation == "nearest":
+        m[np.arange(size), np.clip(np.floor(centers).astype(int), 0, src - 1)] = 1.0
+    elif interpolation == "bilinear":
+        pos = np.clip(centers - 0.5, 0, src - 1)
+        i0 = np.floor(pos).astype(int)
+        i1 = np.minimum(i0 + 1, src - 1)
+        w = pos - i0
+        np.add.at(m, (np.arange(size), i0), 1 - w)
+        np.add.at(m, (np.arange(size), i1), w)
+    else:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    return m
+
+
+def _source_glyphs(split: str, size: int, interpolation: str) -> tuple[np.ndarray, np.ndarray]:
+    """The split's source digits resized: glyphs uint8 [G, size, size] (0..255), labels int [G], sorted."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    idx = np.arange(len(d.target))[_SPLIT_ID[split] :: 2]
+    idx = idx[np.argsort(d.target[idx], kind="stable")]
+    m = _resize_matrix(size, 8, interpolation)
+    g = np.einsum("ia,nab,jb->nij", m, d.images[idx], m) * (255.0 / 16.0)
+    return np.clip(np.rint(g), 0, 255).astype(np.uint8), d.target[idx].astype(np.int64)
+
+
+def _sample_objects(rng: np.random.Generator, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """digits, directions int32 [n, 2] (-1 padded): train avoids HELD_OUT, test has >= 1 HELD_OUT object."""
+    held = np.asarray(HELD_OUT_DIRECTION)
+    two = rng.random(n) < 0.5
+    d1 = rng.integers(0, 10, n)
+    if split == "train":  # uniform over the 7 allowed directions of the digit
+        k = rng.integers(0, 7, n)
+        k1 = k + (k >= held[d1])
+    else:
+        k1 = held[d1]
+    d2 = (d1 + rng.integers(1, 10, n)) % 10  # a different digit
+    if split == "train":
+        k = rng.integers(0, 7, n)
+        k2 = k + (k >= held[d2])
+    else:
+        k2 = rng.integers(0, 8, n)
+    digits = np.stack([d1, np.where(two, d2, -1)], 1)
+    directions = np.stack([k1, np.where(two, k2, -1)], 1)
+    swap = two & (rng.random(n) < 0.5)  # the held-out object is not always first
+    digits[swap] = digits[swap, ::-1]
+    directions[swap] = directions[swap, ::-1]
+    return digits.astype(np.int32), directions.astype(np.int32)
+
+
+def _reflect(p: np.ndarray, limit: np.ndarray) -> np.ndarray:
+    """Folds positions into [0, limit] as a ball bouncing between walls (limit broadcastable to p)."""
+    limit = np.broadcast_to(limit, p.shape)
+    safe = np.maximum(limit, 1e-9)
+    q = np.mod(p, 2 * safe)
+    return np.where(limit > 0, np.where(q > safe, 2 * safe - q, q), 0.0)
+
+
+def _trajectories(
+    rng: np.random.Generator,
+    directions: np.ndarray,
+    num_frames: int,
+    limits: np.ndarray,
+    size: int,
+    speed: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Top-left corners int [n, 2, T, 2] (y, x) for objects moving in ``directions`` [n, 2].
+
+    Speed is uniform in ``speed`` = (min, max) px/frame, by default [L/T, 2L/T] (L = free travel, at least
+    1.5 px/frame); starts leave two frames of travel before the first bounce, and the two objects of a clip
+    start >= size/2 apart.
+    """
+    n = directions.shape[0]
+    travel = float(limits.min())
+    if speed is None:
+        lo = max(1.5, travel / num_frames)  # diagonal components >= 1 px/frame
+        hi = max(lo, 2 * travel / num_frames)
+    else:
+        lo, hi = float(speed[0]), float(speed[1])
+    vec = DIRECTION_VECTORS[np.maximum(directions, 0)]  # [n, 2, 2]
+
+    def sample(count: int, vec_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        v = rng.uniform(lo, hi, (count, 1)) * vec_  # [count, 2]
+        free = np.minimum(limits, 2 * np.abs(v))
+        start_lo = np.where(v < 0, free, 0.0)
+        start_hi = np.where(v > 0, limits - free, limits)
+        return start_lo + rng.random((count, 2)) * (start_hi - start_lo), v
+
+    p0 = np.zeros((n, MAX_OBJECTS, 2))
+    vel = np.zeros((n, MAX_OBJECTS, 2))
+    for o in range(MAX_OBJECTS):
+        p0[:, o], vel[:, o] = sample(n, vec[:, o])
+    for _ in range(64):  # resample second objects that start on top of the first
+        bad = (directions[:, 1] >= 0) & (np.abs(p0[:, 0] - p0[:, 1]).max(-1) < size / 2)
+        if not bad.any():
+            break
+        p0[bad, 1], vel[bad, 1] = sample(int(bad.sum()), vec[bad, 1])
+    t = np.arange(num_frames, dtype=np.float64)
+    pos = p0[:, :, None, :] + vel[:, :, None, :] * t[:, None]  # [n, 2, T, 2]
+    return np.rint(_reflect(pos, limits)).astype(np.int64)
+
+
+def _render(glyphs: np.ndarray, corners: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pastes glyphs uint8 [n, O, S, S] at corners [n, O, T, 2] onto black; max-composite -> [n, T, H, W].
+
+    Corners must lie in [0, H - S] x [0, W - S]. Each frame is an [H, W] window of a [2H, 2W] canvas that
+    holds the glyph at (H, W): the window starting at (H - top, W - left).
+    """
+    n, num_obj, s, _ = glyphs.shape
+    big = np.zeros((n, num_obj, 2 * height, 2 * width), np.uint8)
+    big[:, :, height : height + s, width : width + s] = glyphs
+    windows = np.lib.stride_tricks.sliding_window_view(big, (height, width), axis=(2, 3))
+    frames = windows[
+        np.arange(n)[:, None, None],
+        np.arange(num_obj)[None, :, None],
+        height - corners[..., 0],
+        width - corners[..., 1],
+    ]  # [n, O, T, H, W]
+    return frames.max(axis=1)
+
+
+def generate(
+    split: str,
+    num_clips: int,
+    *,
+    seed: int,
+    num_frames: int = 8,
+    height: int = 32,
+    width: int = 32,
+    digit_size: int | None = None,
+    interpolation: str = "nearest",
+    speed: tuple[float, float] | None = None,
+) -> dict[str, Any]:
+    """Generates clips in memory, deterministic in (split, seed, sizes).
+
+    Returns video uint8 [N, T, H, W, 3] (white digits on black), digits int32 [N, 2] and directions
+    int32 [N, 2] (-1 padded for one-object clips; direction = initial direction id into DIRECTIONS),
+    captions list[str] of length N. ``digit_size`` defaults to min(height, width) // 2. ``speed`` (min, max)
+    px/frame; default: from the free travel L = min(H, W) - digit_size, uniform in [L/T, 2L/T].
+    """
+    if speed is not None and not (len(speed) == 2 and 0 < float(speed[0]) <= float(speed[1])):
+        raise ValueError(f"moving_digits.generate: speed must be (min, max) with 0 < min <= max, got {speed}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    size = min(height, width) // 2 if digit_size is None else int(digit_size)
+    if not 1 <= size <= min(height, width) or num_frames < 1 or num_clips < 0:
+        raise ValueError(
+            f"moving_digits.generate: need 1 <= digit_size ({size}) <= min(height, width) "
+            f"({min(height, width)}), num_frames ({num_frames}) >= 1 and num_clips ({num_clips}) >= 0"
+        )
+    rng = np.random.default_rng([int(seed), _SPLIT_ID[split], VERSION])
+    glyph_bank, glyph_digit = _source_glyphs(split, size, interpolation)
+    counts = np.bincount(glyph_digit, minlength=10)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+
+    digits, directions = _sample_objects(rng, split, num_clips)
+    safe_digits = np.maximum(digits, 0)
+    pick = offsets[safe_digits] + np.floor(rng.random(digits.shape) * counts[safe_digits]).astype(np.int64)
+    glyphs = glyph_bank[pick] * (digits >= 0)[..., None, None].astype(np.uint8)  # [N, 2, S, S]
+    limits = np.array([height - size, width - size], np.float64)
+    corners = _trajectories(rng, directions, num_frames, limits, size, speed)
+
+    video = np.empty((num_clips, num_frames, height, width, 3), np.uint8)
+    chunk = max(1, (1 << 22) // (MAX_OBJECTS * num_frames * height * width))
+    for s in range(0, num_clips, chunk):
+        video[s : s + chunk] = _render(glyphs[s : s + chunk], corners[s : s + chunk], height, width)[
+            ..., None
+        ]
+    captions = [
+        caption(rng, [(int(d), int(k)) for d, k in zip(ds, ks) if d >= 0])
+        for ds, ks in zip(digits, directions)
+    ]
+    return {"video": video, "digits": digits, "directions": directions, "captions": captions}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Build on disk
+
+
+def shard_names(split: str, num_shards: int) -> list[str]:
+    return [f"{split}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
+
+
+def _is_complete(out_dir: pathlib.Path, params: dict[str, Any]) -> bool:
+    meta_path = out_dir / "metadata.json"
+    if not meta_path.is_file():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if meta.get("generator") != GENERATOR or meta.get("version") != VERSION or meta.get("params") != params:
+        return False
+    return all((out_dir / f).is_file() for s in SPLITS for f in meta["splits"][s]["shards"])
+
+
+def build(
+    out_dir: str | os.PathLike,
+    *,
+    num_train: int,
+    num_test: int,
+    num_frames: int,
+    height: int,
+    width: int,
+    fps: int,
+    seed: int = 0,
+    num_shards: int = 4,
+    digit_size: int | None = None,
+    interpolation: str = "nearest",
+    speed: tuple[float, float] | None = None,
+    progress: bool = True,
+) -> pathlib.Path:
+    """Writes train/test ArrayRecord shards + metadata.json into ``out_dir`` atomically; returns out_dir.
+
+    Returns at once when ``out_dir`` already holds a complete build with the same parameters; raises
+    FileExistsError when it holds something else (delete it or choose another folder).
+    """
+    from array_record.python.array_record_module import ArrayRecordWriter
+    from tqdm.auto import tqdm
+
+    from sora_jax.data.records import encode_clip
+
+    out_dir = pathlib.Path(out_dir).absolute()
+    if num_train < 1 or num_test < 1 or num_shards < 1:
+        raise ValueError(
+            f"build: num_train, num_test, num_shards must be >= 1, got {num_train}, {num_test}, {num_shards}"
+        )
+    params = dict(
+        num_train=int(num_train),
+        num_test=int(num_test),
+        num_frames=int(num_frames),
+        height=int(height),
+        width=int(width),
+        fps=int(fps),
+        seed=int(seed),
+        num_shards=int(num_shards),
+        digit_size=None if digit_size is None else int(digit_size),
+        interpolation=interpolation,
+        speed=None if speed is None else [float(v) for v in speed],
+    )
+    if _is_complete(out_dir, params):
+        return out_dir
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(
+            f"{out_dir} exists but does not hold a moving-digits build with parameters {params}; "
+            "delete it or choose another folder"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        meta: dict[str, Any] = {
+            "generator": GENERATOR,
+            "version": VERSION,
+            "params": params,
+            "fps": int(fps),
+            "num_frames": int(num_frames),
+            "height": int(height),
+            "width": int(width),
+            "directions": list(DIRECTIONS),
+            "held_out": sorted([list(p) for p in HELD_OUT]),
+            "record_format": "sora_jax.data.records (SJC1)",
+            "splits": {},
+        }
+        sizes = {"train": num_train, "test": num_test}
+        bar = tqdm(total=num_train + num_test, desc=f"moving digits -> {out_dir.name}", disable=not progress)
+        for split in SPLITS:
+            data = generate(
+                split,
+                sizes[split],
+                seed=seed,
+                num_frames=num_frames,
+                height=height,
+                width=width,
+                digit_size=digit_size,
+                interpolation=interpolation,
+                speed=speed,
+            )
+            shards = min(num_shards, sizes[split])
+            names = shard_names(split, shards)
+            bounds = np.linspace(0, sizes[split], shards + 1).astype(int)
+            for name, a, b in zip(names, bounds[:-1], bounds[1:]):
+                writer = ArrayRecordWriter(str(tmp / name), "group_size:1")
+                for i in range(a, b):
+                    rec = encode_clip(
+                        data["video"][i], data["captions"][i], data["digits"][i], data["directions"][i]
+                    )
+                    writer.write(rec)
+                    bar.update(1)
+                writer.close()
+            meta["splits"][split] = {
+                "num_clips": sizes[split],
+                "shards": names,
+                "captions": data["captions"],
+                "digits": data["digits"].tolist(),
+                "directions": data["directions"].tolist(),
+            }
+        bar.close()
+        (tmp / "metadata.json").write_text(json.dumps(meta))
+        if out_dir.is_dir():
+            out_dir.rmdir()  # empty (checked above)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            if _is_complete(out_dir, params):  # another process finished the same build first
+                return out_dir
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output folder (ArrayRecord shards + metadata.json)")
+    p.add_argument("--num_train", type=int, default=6000)
+    p.add_argument("--num_test", type=int, default=512)
+    p.add_argument("--num_frames", type=int, default=8)
+    p.add_argument("--height", type=int, default=32)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_shards", type=int, default=4)
+    p.add_argument("--digit_size", type=int, default=None, help="default: min(height, width) // 2")
+    p.add_argument("--interpolation", choices=INTERPOLATIONS, default="nearest")
+    p.add_argument("--speed", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="px/frame")
+    a = p.parse_args(argv)
+    out = build(
+        a.out,
+        num_train=a.num_train,
+        num_test=a.num_test,
+        num_frames=a.num_frames,
+        height=a.height,
+        width=a.width,
+        fps=a.fps,
+        seed=a.seed,
+        num_shards=a.num_shards,
+        digit_size=a.digit_size,
+        interpolation=a.interpolation,
+        speed=a.speed,
+    )
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Loading what a workdir holds: configs, parameters and frozen VAEs from orbax checkpoints.
+
+The one place above the models that reads checkpoints for use (the trainer resumes through
+``train.checkpoint`` itself). Models stay pure: they are built from configs by ``factory``; this module puts
+weights into them. Nothing here builds an optimizer or a train step:
+
+    cfg, step, abstract, params = restore(workdir)         # the EMA parameters, onto one device
+    codec = load_vae_codec("runs/vae")                     # a trained VAE as an Autoencoder, with its weights
+    cfg = resolve_autoencoder(cfg)                         # a latent config records its VAE's shape and stats
+    ae = load_autoencoder(cfg)                             # the config's autoencoder, weights included
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+from flax import nnx
+
+from sora_jax import config as config_lib
+from sora_jax import factory
+from sora_jax.choices import AutoencoderKind, Task
+from sora_jax.models.autoencoder import Autoencoder
+from sora_jax.models.vae import LATENT_STATS, VAECodec
+from sora_jax.parallel.mesh import make_mesh
+from sora_jax.train import checkpoint
+
+
+def single_device_mesh():
+    """A mesh of one local device (every axis 1): where inference places parameters by default."""
+    mesh_cfg = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, "seq": 1})
+    return make_mesh(mesh_cfg, jax.local_devices()[:1])
+
+
+def saved_config(workdir: str | Path, step: int | None = None) -> tuple[int, ml_collections.ConfigDict]:
+    """(step, config) of the latest (or given) checkpoint of ``workdir``: upgraded to today's spelling and
+    validated."""
+    step, cfg = checkpoint.restore_config(workdir, step)
+    cfg = ml_collections.ConfigDict(config_lib.upgrade(cfg.to_dict()))
+    config_lib.validate(cfg)
+    return step, cfg
+
+
+def restore(
+    workdir: str | Path,
+    *,
+    step: int | None = None,
+    use_ema: bool | None = None,
+    mesh=None,
+    **diffusion_overrides,
+) -> tuple[ml_collections.ConfigDict, int, factory.AbstractState, nnx.State]:
+    """(config, step, abstract state, params) of the latest (or given) checkpoint in ``workdir``.
+
+    Reads the EMA parameters unless ``use_ema`` is False (default: the config's ``sample.use_ema``), and
+    nothing else (no optimizer state), onto ``mesh`` (default: one local device) as the rules table places
+    them. ``diffusion_overrides`` (``sample_steps``, ``cfg_scale``, ``sampler``) replace the config's values.
+    """
+    step, cfg = saved_config(workdir, step)
+    for key, value in diffusion_overrides.items():
+        if value is not None:
+            cfg.diffusion[key] = value
+    config_lib.validate(cfg)
+    cfg = resolve_autoencoder(cfg)
+    abstract = factory.abstract_state(cfg, mesh or single_device_mesh())
+    use_ema = cfg.sample.use_ema if use_ema is None else use_ema
+    step, params = checkpoint.restore_subtree(
+        workdir, "ema" if use_ema else "params", abstract.params, step=step
+    )
+    return cfg, step, abstract, params
+
+
+# ------------------------------------------------------------------------------------------------ the VAE
+
+
+def load_vae_codec(workdir: str | Path, *, step: int | None = None) -> VAECodec:
+    """A trained VAE workdir as the ``Autoencoder`` a latent DiT works through: the EMA weights of the
+    checkpoint its latent statistics were measured on (``sora-jax eval --workdir W`` writes them), and the
+    statistics. ``step`` picks another checkpoint."""
+    stats_path = Path(workdir) / LATENT_STATS
+    if not stats_path.is_file():
+        raise FileNotFoundError(
+            f"{stats_path} not found: measure the VAE's latent statistics first with "
+            f"`sora-jax eval --workdir {workdir}`"
+        )
+    stats = json.loads(stats_path.read_text())
+    step = stats.get("step") if step is None else step
+    return _load_vae_codec(str(workdir), step, stats["shift"], stats["scale"])
+
+
+@functools.lru_cache(maxsize=4)
+def _load_vae_codec(workdir: str, step: int | None, shift: float, scale: float) -> VAECodec:
+    _, vcfg = saved_config(workdir, step)
+    if config_lib.task(vcfg) is not Task.VAE:
+        raise ValueError(f"{workdir} holds a {config_lib.task(vcfg).value!r} model, not a VAE")
+    _, step, _, params = restore(workdir, step=step)
+    codec = factory.vae_codec(factory.vae_config(vcfg), shift, scale, step)
+    return codec.with_params(jax.device_get(params))
+
+
+def resolve_autoencoder(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A latent-diffusion config (``autoencoder.kind = vae``) with its VAE written in: the VAE's architecture
+    (``autoencoder.vae``), latent statistics and checkpoint step, read once from ``autoencoder.path``. From
+    then on shapes come from the config alone (``factory``), and a checkpoint's config names the exact VAE
+    it was trained with. Other configs are returned as they are."""
+    if cfg.autoencoder.kind != AutoencoderKind.VAE or cfg.autoencoder.get("vae"):
+        return cfg
+    if not cfg.autoencoder.get("path"):
+        raise ValueError("config.autoencoder.kind = 'vae' needs config.autoencoder.path (a VAE workdir)")
+    codec = load_vae_codec(cfg.autoencoder.path)
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.autoencoder.vae = dataclasses.asdict(codec.cfg)
+    out.autoencoder.shift, out.autoencoder.scale, out.autoencoder.vae_step = (
+        codec.shift,
+        codec.scale,
+        codec.step,
+    )
+    return out
+
+
+def load_autoencoder(cfg: ml_collections.ConfigDict) -> Autoencoder:
+    """The config's autoencoder with its weights (a trained VAE's from ``autoencoder.path``; the pixel codecs
+    have none)."""
+    if cfg.autoencoder.kind != AutoencoderKind.VAE:
+        return factory.make_autoencoder(cfg)
+    cfg = resolve_autoencoder(cfg)
+    return load_vae_codec(cfg.autoencoder.path, step=cfg.autoencoder.vae_step)
