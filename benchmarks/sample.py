@@ -30,6 +30,7 @@ def measure(cfg, *, frames: int, steps: int, batch: int, repeats: int) -> dict:
     from flax import nnx
 
     from sora_jax import factory
+    from sora_jax.choices import Sampler
     from sora_jax.models.dit import flops_per_token
     from sora_jax.sample.sampler import JitSampler
 
@@ -62,7 +63,7 @@ def measure(cfg, *, frames: int, steps: int, batch: int, repeats: int) -> dict:
     pt, ph, pw = dit.patch_size
     tokens = shape[0] // pt * (shape[1] // ph) * (shape[2] // pw)
     calls = steps * (1 if cfg.diffusion.cfg_scale == 1 else 2)
-    if cfg.diffusion.sampler == "heun":
+    if Sampler(cfg.diffusion.sampler) is Sampler.HEUN:
         calls = (2 * steps - 1) * calls // steps
     flops = flops_per_token(dit, tokens, cfg.text.max_length) * tokens * calls
     devices = 1  # JitSampler without a mesh runs on one device

@@ -4,7 +4,7 @@
     python benchmarks/speedrun.py --config configs/digits_small.py --budget_s 300 --num_prompts 256 \\
         --override model.attention_impl=cudnn --out /tmp/record.json
 
-Training runs through the project's trainer (``train_and_evaluate`` with ``train.time_limit_s``), so the
+Training runs through the project's trainer (``train`` with ``train.time_limit_s``), so the
 budget counts training steps only: compiling the step and building the data are timed and reported apart.
 Then ``--num_prompts`` test-split captions (digit/direction combinations never seen in training) are sampled
 with the config's sampler and read by the bundled digit reader (``sora-jax eval``'s adherence table);
@@ -51,7 +51,9 @@ def matmul_peak(dtype: str, n: int | None = None, repeats: int = 10) -> dict:
 
 def text_flops_per_step(cfg) -> float:
     """Forward FLOPs per batch of a trainable text encoder (frozen encoders are not trained: 0)."""
-    if cfg.text.encoder != "trainable":
+    from sora_jax.choices import TextEncoderKind
+
+    if TextEncoderKind(cfg.text.encoder) is not TextEncoderKind.TRAINABLE:
         return 0.0
     W, L, d = cfg.text.width, cfg.text.max_length, cfg.text.depth
     per_token = d * (2 * 4 * W * W + 2 * 2 * L * W + 2 * 2 * W * 4 * W)
@@ -80,7 +82,7 @@ def model_flops_per_step(cfg) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     from sora_jax.config import load_config
-    from sora_jax.train.loop import train_and_evaluate
+    from sora_jax.train.loop import train
 
     cfg = load_config(args.config, args.override)
     cfg.train.time_limit_s = float(args.budget_s)
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
     flops = model_flops_per_step(cfg)
 
     t0 = time.perf_counter()
-    out = train_and_evaluate(cfg, workdir, progress=args.progress, devices=jax.devices()[:1])
+    out = train(cfg, workdir, progress=args.progress, devices=jax.devices()[:1])
     total_train_call = time.perf_counter() - t0
     steps, train_s = int(out["steps_run"]), float(out["train_seconds"])
     steps_per_s = steps / train_s

@@ -163,9 +163,9 @@ def run(argv: list[str]) -> int:
 
         initialize_distributed(args.num_processes, args.process_id, args.coordinator_address)
         cfg = load_config(args.config, overrides)
-        from sora_jax.train.loop import train_and_evaluate
+        from sora_jax.train.loop import train
 
-        result = train_and_evaluate(cfg, args.workdir, compile_only=args.compile_only)
+        result = train(cfg, args.workdir, compile_only=args.compile_only)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     elif args.command == "demo":
         from sora_jax.demo import run_demo

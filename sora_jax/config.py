@@ -178,12 +178,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         _validate_vae(cfg)
     elif cfg.model.variant not in DIT_VARIANTS:
         raise ConfigError(f"config.model.variant = {cfg.model.variant!r} is not one of {list(DIT_VARIANTS)}")
-    if cfg.data.get("content", "video") == "latents" and cfg.autoencoder.kind != "vae":
+    latent = AutoencoderKind(cfg.autoencoder.kind) is AutoencoderKind.VAE
+    if DataContent(cfg.data.get("content", "video")) is DataContent.LATENTS and not latent:
         raise ConfigError(
             "config.data.content = 'latents' needs config.autoencoder.kind = 'vae' (and its path)"
         )
     pt, ph, pw = cfg.model.patch_size
-    latent = cfg.autoencoder.kind == "vae"  # the patch divides the latent video: checked when it is known
+    # with a VAE the patch divides the latent video: checked when it is known
     for name, size, p in (
         ()
         if latent

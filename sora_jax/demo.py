@@ -20,7 +20,7 @@ from sora_jax.data.pipeline import dataset_dir
 from sora_jax.eval.adherence import evaluate_prompts, write_report
 from sora_jax.eval.evaluate import evaluate_workdir
 from sora_jax.sample.outputs import write_samples
-from sora_jax.train.loop import train_and_evaluate
+from sora_jax.train.loop import train
 
 log = logging.getLogger("sora_jax.demo")
 
@@ -33,7 +33,7 @@ def run_demo(workdir: str | Path, *, config_arg: str = "", num_eval_prompts: int
     timings = {}
 
     t0 = time.perf_counter()
-    train_metrics = train_and_evaluate(cfg, workdir)
+    train_metrics = train(cfg, workdir)
     timings["train_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ import ml_collections
 from flax import nnx
 
 from sora_jax import diffusion
-from sora_jax.choices import AutoencoderKind, Task
+from sora_jax.choices import AutoencoderKind, Task, TextEncoderKind
 from sora_jax.config import task
 from sora_jax.models import vae as vae_lib
 from sora_jax.models.autoencoder import Autoencoder, IdentityAutoencoder, LumaAutoencoder
@@ -60,7 +60,7 @@ def _vae_graphdef(vcfg: VAEConfig) -> nnx.GraphDef:
 def make_tokenizer(cfg: ml_collections.ConfigDict):
     """What turns prompts into the model's text input: the HashWordTokenizer (ids) for the trainable encoder,
     the FrozenTextEmbedder (features, cached) for ``text.encoder`` = minilm | t5."""
-    if cfg.text.encoder == "trainable":
+    if TextEncoderKind(cfg.text.encoder) is TextEncoderKind.TRAINABLE:
         return HashWordTokenizer(vocab_size=cfg.text.vocab_size, max_length=cfg.text.max_length)
     return frozen_embedder(cfg.text.encoder, cfg.text.get("path", ""), cfg.text.max_length)
 
@@ -79,7 +79,7 @@ def frozen_dim(cfg: ml_collections.ConfigDict) -> int:
     from pathlib import Path
 
     kind, path = cfg.text.encoder, cfg.text.get("path", "")
-    if kind == "trainable":
+    if TextEncoderKind(kind) is TextEncoderKind.TRAINABLE:
         return 0
     if kind == "minilm":
         from sora_jax.text.minilm import default_model_dir

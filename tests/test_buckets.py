@@ -223,7 +223,7 @@ def test_worker_processes_give_the_same_stream(data):
 def test_mixed_bucket_training_compiles_one_step_per_bucket(data, tmp_path):
     path, _ = data
     from configs import quickstart
-    from sora_jax.train.loop import train_and_evaluate
+    from sora_jax.train.loop import train
 
     cfg = quickstart.get_config("smoke")
     cfg.data.path = str(path)
@@ -232,6 +232,6 @@ def test_mixed_bucket_training_compiles_one_step_per_bucket(data, tmp_path):
     cfg.data.fps = 8
     cfg.model.patch_size = (1, 8, 8)
     cfg.train.num_steps = 12  # more than an epoch (11 batches): every bucket, twice
-    out = train_and_evaluate(cfg, tmp_path / "run", progress=False, devices=jax.devices()[:1])
+    out = train(cfg, tmp_path / "run", progress=False, devices=jax.devices()[:1])
     assert out["compiled_steps"] == 3  # one per bucket, compiled before the loop, none after
     assert np.isfinite(out["loss"])

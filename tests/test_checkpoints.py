@@ -19,7 +19,7 @@ from sora_jax.cli import main as cli_main
 from sora_jax.config import load_config
 from sora_jax.parallel.mesh import make_mesh
 from sora_jax.train import checkpoint
-from sora_jax.train.loop import build_train_fns, train_and_evaluate
+from sora_jax.train.loop import build_train_fns, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,18 +38,13 @@ def config(data_dir, **overrides):
 def trained(data_dir, tmp_path_factory):
     """A smoke run on 1 device with checkpoints at steps 3 and 6."""
     workdir = tmp_path_factory.mktemp("trained")
-    train_and_evaluate(
-        config(data_dir, **{"mesh.data": 1}), workdir, progress=False, devices=jax.devices()[:1]
-    )
+    train(config(data_dir, **{"mesh.data": 1}), workdir, progress=False, devices=jax.devices()[:1])
     return workdir
 
 
 def _abstract(cfg, devices):
     mesh = make_mesh(cfg.mesh, devices)
-    _, _, shardings, abstract_state, _ = build_train_fns(cfg, mesh)
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
-    )
+    return build_train_fns(cfg, mesh).abstract_state
 
 
 def _biggest_array_file(workdir: Path, step: int) -> Path:
@@ -111,7 +106,7 @@ def test_reshard_fsdp8_checkpoint_onto_2_and_1_devices(data_dir, tmp_path):
     """Saved on fsdp=8, restored on (fsdp=2) and on 1 device: same parameters, same next-step loss."""
     base = tmp_path / "fsdp8"
     over = {"mesh.data": 1, "mesh.fsdp": 8, "train.num_steps": 3}
-    train_and_evaluate(config(data_dir, **over), base, progress=False, devices=jax.devices()[:8])
+    train(config(data_dir, **over), base, progress=False, devices=jax.devices()[:8])
     meshes = {8: {"mesh.fsdp": 8}, 2: {"mesh.fsdp": 2}, 1: {"mesh.fsdp": 1}}
     params, next_loss = {}, {}
     for n, mesh in meshes.items():
@@ -125,7 +120,7 @@ def test_reshard_fsdp8_checkpoint_onto_2_and_1_devices(data_dir, tmp_path):
         params[n] = [np.asarray(x) for x in jax.tree.leaves(state["params"])]
         workdir = tmp_path / f"on{n}"
         shutil.copytree(base, workdir)
-        next_loss[n] = train_and_evaluate(cfg, workdir, progress=False, devices=jax.devices()[:n])["loss"]
+        next_loss[n] = train(cfg, workdir, progress=False, devices=jax.devices()[:n])["loss"]
     for n in (2, 1):
         for a, b in zip(params[8], params[n]):
             np.testing.assert_array_equal(a, b)
@@ -141,7 +136,7 @@ def test_nan_never_reaches_a_checkpoint(data_dir, tmp_path):
         **{"train.ckpt_every": 1, "train.log_every": 100, "train.num_steps": 50},
     )
     with pytest.raises(NonFiniteLossError, match=r"at step (\d+)") as err:
-        train_and_evaluate(cfg, tmp_path, progress=False, devices=jax.devices()[:1])
+        train(cfg, tmp_path, progress=False, devices=jax.devices()[:1])
     bad = int(err.value.args[0].split("at step ")[1].split(":")[0])
     last = checkpoint.latest_step(tmp_path)
     assert last is not None and last < bad

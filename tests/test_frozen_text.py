@@ -73,13 +73,13 @@ def test_train_and_sample_with_minilm(data_dir, tmp_path, caplog):
     from data_pipelines import encode_text
     from sora_jax import api
     from sora_jax.config import load_config
-    from sora_jax.train.loop import train_and_evaluate
+    from sora_jax.train.loop import train
 
     assert encode_text.main(["--data", str(data_dir), "--encoder", "minilm", "--max_length", "24"]) == 0
     overrides = [f"--config.data.path={data_dir}", "--config.text.encoder=minilm", "--config.mesh.data=1"]
     cfg = load_config(f"{quickstart.__file__}:smoke", overrides)
     with caplog.at_level("INFO", logger="sora_jax.train"):
-        out = train_and_evaluate(cfg, tmp_path / "run", progress=False, devices=jax.devices()[:1])
+        out = train(cfg, tmp_path / "run", progress=False, devices=jax.devices()[:1])
     assert np.isfinite(out["loss"])
     from sora_jax import factory
 

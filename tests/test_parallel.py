@@ -61,12 +61,12 @@ def loss_and_grads(cfg, params, batch, mesh=None):
     model = nnx.eval_shape(lambda: factory.make_model(cfg, 0))
     graphdef, _ = nnx.split(model, nnx.Param)
     tok = factory.make_tokenizer(cfg)
-    null_ids, null_mask = tok.encode([""])
+    null_text, null_mask = tok.encode([""])
     loss_fn = make_loss_fn(
         graphdef,
         factory.make_process(cfg),
         factory.make_autoencoder(cfg),
-        null_ids=jnp.asarray(null_ids[0]),
+        null_text=jnp.asarray(null_text[0]),
         null_mask=jnp.asarray(null_mask[0]),
         caption_dropout=0.25,
     )
@@ -74,7 +74,9 @@ def loss_and_grads(cfg, params, batch, mesh=None):
 
     def f(p, b, k):
         with sharding.activation_sharding(mesh):
-            return jax.value_and_grad(loss_fn)(p, b, jax.random.wrap_key_data(k))
+            return jax.value_and_grad(lambda p, b, k: loss_fn(p, b, {}, k)[0])(
+                p, b, jax.random.wrap_key_data(k)
+            )
 
     if mesh is None:
         return jax.jit(f)(params, batch, key)
@@ -171,8 +173,7 @@ def test_sequence_parallel_rejects_shapes_that_do_not_split():
 def test_fsdp8_state_bytes_per_device_are_a_sixth_or_less():
     cfg = load_config(quickstart.__file__, ["--config.mesh.data=1", "--config.mesh.fsdp=8"])
     mesh = make_mesh(cfg.mesh)
-    init_jit, _, _, _, _ = build_train_fns(cfg, mesh)
-    state = init_jit()
+    state = build_train_fns(cfg, mesh).init()
     trained = {"params": state["params"], "opt_state": state["opt_state"]}
     leaves = [x for x in jax.tree.leaves(trained) if hasattr(x, "addressable_shards")]
     total = sum(x.nbytes for x in leaves)
@@ -213,7 +214,7 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
     from test_train import losses
 
     from sora_jax.data import moving_digits, pipeline
-    from sora_jax.train.loop import train_and_evaluate
+    from sora_jax.train.loop import train
 
     data = tmp_path / "data"
     moving_digits.build(data, num_train=64, num_test=16, num_frames=4, height=16, width=16, fps=4, seed=0)
@@ -246,7 +247,7 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
     assert "over 8 devices (2 processes)" in logs
 
     cfg = load_config(f"{quickstart.__file__}:smoke", args[2:-1])
-    train_and_evaluate(cfg, tmp_path / "single", progress=False)
+    train(cfg, tmp_path / "single", progress=False)
     multi, single = losses(tmp_path / "mh"), losses(tmp_path / "single")
     assert sorted(multi) == sorted(single) == [1, 2, 3]
     np.testing.assert_allclose([multi[s] for s in (1, 2, 3)], [single[s] for s in (1, 2, 3)], rtol=1e-5)
@@ -287,8 +288,7 @@ def test_pod_configs_shard_their_state_over_the_pod(name, mesh_shape, max_state_
         tuple(cfg.mesh[a] if cfg.mesh[a] > 0 else mesh_shape[i] for i, a in enumerate(MESH_AXES))
         == mesh_shape
     )
-    _, _, shardings, abstract, _ = build_train_fns(cfg, mesh)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    state = build_train_fns(cfg, mesh).abstract_state
     frac = sharding.check_sufficiently_sharded(state["params"], mesh)  # raises if not
     total, per_device = sharding.bytes_per_device(state)
     print(f"{name}: state {total / 2**30:.1f} GiB, {per_device / 2**30:.2f} GiB per device ({frac:.4f})")

@@ -259,7 +259,7 @@ def test_trainer_reads_a_tfds_dataset_through_buckets(tmp_path):
     import jax
 
     from configs import quickstart
-    from sora_jax.train.loop import train_and_evaluate
+    from sora_jax.train.loop import train
 
     _prepare(TinyMovingMnist, tmp_path / "tfds")
     cfg = quickstart.get_config("smoke")
@@ -267,5 +267,5 @@ def test_trainer_reads_a_tfds_dataset_through_buckets(tmp_path):
     cfg.data.tfds.update(caption="digits moving", fps=10.0)
     cfg.data.update(buckets="4x32x32", batch_size=2, fps=5)
     cfg.train.num_steps = 3
-    out = train_and_evaluate(cfg, tmp_path / "run", progress=False, devices=jax.devices()[:1])
+    out = train(cfg, tmp_path / "run", progress=False, devices=jax.devices()[:1])
     assert out["compiled_steps"] == 1 and np.isfinite(out["loss"])

@@ -15,7 +15,7 @@ import numpy as np
 from configs import quickstart
 from sora_jax.config import load_config
 from sora_jax.train import checkpoint
-from sora_jax.train.loop import train_and_evaluate
+from sora_jax.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,9 +37,9 @@ def losses(workdir) -> dict[int, float]:
 def test_train_one_device_then_sharded_same_loss_curve(data_dir, tmp_path):
     assert jax.device_count() == 8
     one = smoke_config(data_dir, **{"mesh.data": 1})
-    train_and_evaluate(one, tmp_path / "one", progress=False, devices=jax.devices()[:1])
+    train(one, tmp_path / "one", progress=False, devices=jax.devices()[:1])
     eight = smoke_config(data_dir, **{"mesh.data": 2, "mesh.fsdp": 4})
-    train_and_evaluate(eight, tmp_path / "eight", progress=False)
+    train(eight, tmp_path / "eight", progress=False)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
     assert sorted(a) == list(range(1, one.train.num_steps + 1))
     assert a.keys() == b.keys()
@@ -53,10 +53,10 @@ def test_train_one_device_then_sharded_same_loss_curve(data_dir, tmp_path):
 
 def test_time_limit_saves_and_stops_then_resumes(data_dir, tmp_path):
     cfg = smoke_config(data_dir, **{"train.num_steps": 400, "train.time_limit_s": 1e-9, "mesh.data": 1})
-    out = train_and_evaluate(cfg, tmp_path / "w", progress=False, devices=jax.devices()[:1])
+    out = train(cfg, tmp_path / "w", progress=False, devices=jax.devices()[:1])
     assert out["time_limit_reached"] and out["step"] == 1  # the budget is spent after the first step
     assert checkpoint.latest_step(tmp_path / "w") == 1
-    again = train_and_evaluate(cfg, tmp_path / "w", progress=False, devices=jax.devices()[:1])
+    again = train(cfg, tmp_path / "w", progress=False, devices=jax.devices()[:1])
     assert (
         again["step"] == 2 and checkpoint.latest_step(tmp_path / "w") == 2
     )  # a rerun resumes, one more step
@@ -100,3 +100,37 @@ def test_kill_and_rerun_resumes_exactly(data_dir, tmp_path):
     a, b = losses(tmp_path / "killed"), losses(tmp_path / "ref")
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     assert [a[k] for k in sorted(a)] == [b[k] for k in sorted(b)]  # bitwise, data order included
+
+
+def test_a_frozen_vae_enters_the_step_as_an_argument_not_a_constant(tmp_path, monkeypatch):
+    """A latent DiT's step takes the VAE's weights as an argument: the compiled program holds no constant
+    near the size of the VAE's largest kernel (which, closed over, becomes a constant)."""
+    import dataclasses
+
+    import ml_collections
+    from flax import nnx
+
+    from sora_jax import factory, loading
+    from sora_jax.models.vae import VideoVAE
+    from sora_jax.train.loop import largest_constant
+
+    vcfg = factory.vae_config(load_config("configs/vae_digits.py"))
+    params = nnx.state(VideoVAE(vcfg, rngs=nnx.Rngs(0)), nnx.Param)
+    biggest = max(x.nbytes for x in jax.tree.leaves(params))
+    assert biggest > 2**18
+    codec = factory.vae_codec(vcfg, 0.1, 2.0).with_params(params)
+    monkeypatch.setattr(loading, "load_autoencoder", lambda cfg: codec)
+    cfg = ml_collections.ConfigDict(
+        load_config(
+            "configs/digits_latent.py:smoke",
+            ["--config.mesh.data=1", "--config.data.height=32", "--config.data.width=32"],
+        ).to_dict()
+    )
+    cfg.autoencoder.vae = dataclasses.asdict(vcfg)
+    cfg.autoencoder.shift, cfg.autoencoder.scale, cfg.autoencoder.vae_step = 0.1, 2.0, 0
+    out = train(cfg, tmp_path / "w", compile_only=True, progress=False, devices=jax.devices()[:1])
+    assert out["compiled"] and 0 < out["largest_constant_bytes"] < biggest // 8, out
+    # the check sees constants: the same encoder with its weights closed over carries the biggest kernel
+    video = jax.ShapeDtypeStruct((1, 5, 32, 32, 3), np.float32)
+    closed = jax.jit(lambda v: codec.encode(v)).lower(video).as_text()
+    assert largest_constant(closed)[0] == biggest

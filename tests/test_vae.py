@@ -297,18 +297,19 @@ def test_gan_step_is_the_plain_step_before_gan_start_and_adds_the_weighted_gan_g
     from sora_jax.models.discriminator import adaptive_weight, hinge_g_loss
     from sora_jax.parallel.mesh import make_mesh
     from sora_jax.train.loop import build_train_fns
-    from sora_jax.train.step import make_vae_loss_fn
+    from sora_jax.train.step import VAELossWeights, make_vae_loss_fn
 
     cfg = load_config(
         "configs/vae_digits.py:smoke",
         ["--config.vae.gan_weight=0.5", "--config.vae.gan_start=1", "--config.mesh.data=1"],
     )
     mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-    init, step, _, _, graphdef = build_train_fns(cfg, mesh)
-    state = init()
+    fns = build_train_fns(cfg, mesh)
+    state, graphdef = fns.init(), fns.graphdef
+    step = lambda s, b: fns.step(s, b, fns.frozen)  # noqa: E731
     batch = {"video": np.random.default_rng(0).integers(0, 256, (2, 5, 16, 16, 3), dtype=np.uint8)}
-    loss_fn = make_vae_loss_fn(graphdef, l1_weight=1.0, l2_weight=1.0, kl_weight=cfg.vae.kl_weight)
-    grad_rec = jax.jit(jax.grad(lambda p, key: loss_fn(p, batch, key)[0]))
+    loss_fn = make_vae_loss_fn(graphdef, VAELossWeights(l1=1.0, l2=1.0, kl=cfg.vae.kl_weight))
+    grad_rec = jax.jit(jax.grad(lambda p, key: loss_fn(p, batch, {}, key)[0]))
 
     # step 0 < gan_start: exactly the plain VAE gradient (and the discriminator does not move)
     key0 = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 0)
@@ -416,8 +417,10 @@ def test_perceptual_loss_matches_a_numpy_lpips(tmp_path):
     assert got[1] > 0
     np.testing.assert_allclose(np.asarray(loss(jnp.asarray(a), jnp.asarray(a))), 0.0, atol=1e-7)
     # without LPIPS heads every channel weighs the same: heads of 1 / C give the same distance
-    uniform = PerceptualLoss(loss_convs(arrays), [np.full(c, 1.0 / c) for c in (64, 128, 256, 512, 512)])
-    plain = PerceptualLoss(loss_convs(arrays), None)
+    uniform = PerceptualLoss.from_torch(
+        loss_convs(arrays), [np.full(c, 1.0 / c) for c in (64, 128, 256, 512, 512)]
+    )
+    plain = PerceptualLoss.from_torch(loss_convs(arrays), None)
     np.testing.assert_allclose(
         plain(jnp.asarray(a), jnp.asarray(b)), uniform(jnp.asarray(a), jnp.asarray(b)), rtol=1e-5
     )
@@ -458,10 +461,10 @@ def test_vae_training_adds_the_perceptual_term(tmp_path):
     )
     mesh = make_mesh(cfg.mesh, jax.devices()[:1])
     batch = {"video": np.random.default_rng(0).integers(0, 256, (2, 5, 16, 16, 3), dtype=np.uint8)}
-    init, step, *_ = build_train_fns(cfg, mesh)
-    _, m0 = step(init(), batch)
-    init, step, *_ = build_train_fns(with_p, mesh)
-    _, m1 = step(init(), batch)
+    fns = build_train_fns(cfg, mesh)
+    _, m0 = fns.step(fns.init(), batch, fns.frozen)
+    fns = build_train_fns(with_p, mesh)
+    _, m1 = fns.step(fns.init(), batch, fns.frozen)
     assert "lpips" not in m0 and float(m1["lpips"]) > 0
     np.testing.assert_allclose(float(m1["loss"]), float(m0["loss"]) + 0.5 * float(m1["lpips"]), rtol=1e-5)
     bad = load_config("configs/vae_digits.py:smoke", [*base, "--config.vae.perceptual_weight=0.5"])

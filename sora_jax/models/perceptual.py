@@ -28,13 +28,28 @@ _SHIFT = np.asarray([-0.030, -0.088, -0.188], np.float32)
 _SCALE = np.asarray([0.458, 0.448, 0.450], np.float32)
 
 
+@jax.tree_util.register_pytree_node_class
 class PerceptualLoss:
-    """LPIPS with user-supplied VGG16 (+ optional linear head) weights; pure JAX, jit-friendly."""
+    """LPIPS with user-supplied VGG16 (+ optional linear head) weights; pure JAX. A pytree of its weights, so
+    a jitted step takes it as an argument (frozen parameters, never compiled constants)."""
 
-    def __init__(self, convs: list[tuple[np.ndarray, np.ndarray]], lins: list[np.ndarray] | None):
-        # torch [out, in, kh, kw] -> HWIO
-        self.convs = [(jnp.asarray(w.transpose(2, 3, 1, 0)), jnp.asarray(b)) for w, b in convs]
-        self.lins = None if lins is None else [jnp.asarray(w.reshape(-1)) for w in lins]
+    def __init__(self, convs: list[tuple[jax.Array, jax.Array]], lins: list[jax.Array] | None):
+        self.convs, self.lins = convs, lins
+
+    @classmethod
+    def from_torch(cls, convs: list[tuple[np.ndarray, np.ndarray]], lins: list[np.ndarray] | None):
+        """From torch layouts: conv kernels ``[out, in, kh, kw]`` (-> HWIO), LPIPS heads ``[1, C, 1, 1]``."""
+        return cls(
+            [(jnp.asarray(w.transpose(2, 3, 1, 0)), jnp.asarray(b)) for w, b in convs],
+            None if lins is None else [jnp.asarray(w.reshape(-1)) for w in lins],
+        )
+
+    def tree_flatten(self):
+        return (self.convs, self.lins), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
 
     def features(self, x: jax.Array) -> list[jax.Array]:
         """frames [N, H, W, 3] in [-1, 1] -> the five tapped ReLU feature maps."""
@@ -87,4 +102,4 @@ def load_perceptual(path: str | Path) -> PerceptualLoss:
     if any(present) and not all(present):
         raise ValueError(f"perceptual-loss weights {path}: LPIPS heads need all of {lin_keys}")
     lins = [np.asarray(data[k], np.float32) for k in lin_keys] if all(present) else None
-    return PerceptualLoss(convs, lins)
+    return PerceptualLoss.from_torch(convs, lins)

@@ -19,29 +19,27 @@ TrainState = dict[
 ]  # {"step": i32[], "params": nnx.State, "opt_state": ..., "ema": nnx.State, "rng": key}
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, lr: float | None = None) -> optax.GradientTransformation:
-    """AdamW with linear warmup then cosine decay to 10%, global-norm clipping first (peak ``lr`` or the
-    config's)."""
+def lr_schedule(cfg: ml_collections.ConfigDict, lr: float | None = None) -> optax.Schedule:
+    """Linear warmup over ``optim.warmup_steps`` to ``lr`` (default ``optim.lr``), then cosine decay to 10% at
+    ``train.num_steps``: the schedule the optimizer follows and the ``lr`` metric reports."""
     o = cfg.optim
     lr = o.lr if lr is None else lr
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=lr,
         warmup_steps=max(1, o.warmup_steps),
         decay_steps=max(cfg.train.num_steps, o.warmup_steps + 1),
         end_value=lr * 0.1,
     )
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, lr: float | None = None) -> optax.GradientTransformation:
+    """Global-norm clipping at ``optim.grad_clip``, then AdamW on ``lr_schedule(cfg, lr)``."""
+    o = cfg.optim
     return optax.chain(
         optax.clip_by_global_norm(o.grad_clip),
-        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
+        optax.adamw(lr_schedule(cfg, lr), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
     )
-
-
-def learning_rate(cfg: ml_collections.ConfigDict, step) -> jax.Array:
-    o = cfg.optim
-    return optax.warmup_cosine_decay_schedule(
-        0.0, o.lr, max(1, o.warmup_steps), max(cfg.train.num_steps, o.warmup_steps + 1), o.lr * 0.1
-    )(step)
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -58,3 +56,19 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -
 
 def ema_update(ema, params, decay: float):
     return jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p.astype(e.dtype), ema, params)
+
+
+def apply_update(
+    state: TrainState, grads: nnx.State, tx: optax.GradientTransformation, ema_decay: float
+) -> TrainState:
+    """The update every model shares: the optimizer on ``grads``, the EMA of the new params, step + 1 (the
+    rest of the state, e.g. a discriminator's, is carried over)."""
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {
+        **state,
+        "step": state["step"] + 1,
+        "params": params,
+        "opt_state": opt_state,
+        "ema": ema_update(state["ema"], params, ema_decay),
+    }

@@ -1,0 +1,185 @@
+"""What the trainer reads: the step's batch shapes (from the config alone, so a step compiles for a target
+without its data) and the train stream (the split's records, the caption -> text-input mapping, buckets).
+
+``batch_specs(cfg, mesh)`` lists one abstract global batch per bucket (or the config's one shape);
+``open_train_stream(cfg, workdir, mesh)`` builds the dataset folder when it is the bundled digits and missing,
+and returns the grain iterator of global batches' host parts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sora_jax import factory
+from sora_jax.choices import DataContent, Task, TextEncoderKind
+from sora_jax.config import task
+from sora_jax.data import buckets as buckets_lib
+from sora_jax.data import pipeline
+from sora_jax.parallel import sharding
+
+log = logging.getLogger("sora_jax.train")
+
+
+def abstract_batch(
+    cfg: ml_collections.ConfigDict, mesh, video_shape: tuple[int, int, int, int] | None = None
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the step takes; ``video_shape`` (B, T, H, W) overrides the config's (buckets)."""
+    d, b, length = cfg.data, cfg.data.batch_size, cfg.text.max_length
+    if video_shape is not None:
+        b = video_shape[0]
+    if DataContent(d.get("content", "video")) is DataContent.LATENTS:
+        shapes = {"latents": ((b, *factory.latent_shape(cfg)), jnp.float32)}
+    else:
+        t, h, w = video_shape[1:] if video_shape is not None else (d.num_frames, d.height, d.width)
+        shapes = {"video": ((b, t, h, w, 3), jnp.uint8)}
+    if task(cfg) is Task.T2V and TextEncoderKind(cfg.text.encoder) is TextEncoderKind.TRAINABLE:
+        shapes |= {"tokens": ((b, length), jnp.int32), "text_mask": ((b, length), jnp.bool_)}
+    elif task(cfg) is Task.T2V:  # a frozen encoder's features, looked up in the dataset's embedding table
+        shapes |= {
+            "text_emb": ((b, length, factory.frozen_dim(cfg)), jnp.float32),
+            "text_mask": ((b, length), jnp.bool_),
+        }
+    return {
+        k: jax.ShapeDtypeStruct(s, dt, sharding=sharding.batch_sharding(mesh, len(s)))
+        for k, (s, dt) in shapes.items()
+    }
+
+
+def _bucket_plan(
+    cfg: ml_collections.ConfigDict, mesh, index, check_batches: bool = True
+) -> buckets_lib.BucketPlan:
+    d = cfg.data
+    if DataContent(d.get("content", "video")) is not DataContent.VIDEO:
+        raise ValueError("config.data.buckets needs data.content = 'video' (latent records have one shape)")
+    batch_axes = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    return buckets_lib.BucketPlan(
+        index,
+        buckets_lib.parse_buckets(d.buckets),
+        token_budget=int(d.get("token_budget", 0)),
+        tokens_fn=lambda b: factory.tokens_per_clip(cfg, *b.shape),
+        batch_multiple=math.lcm(batch_axes, jax.process_count()),
+        default_batch=d.batch_size,
+        target_fps=float(d.get("fps", 0) or 0),
+        max_upscale=float(d.get("max_upscale", 1.0)),
+        image_fraction=float(d.get("image_fraction", 0.0)),
+        seed=d.shuffle_seed,
+        check_batches=check_batches,
+    )
+
+
+def bucket_batch_shapes(cfg: ml_collections.ConfigDict, mesh) -> dict[tuple[int, int, int], int]:
+    """{(T, H, W): global batch} of the config's buckets (checks every bucket against the model)."""
+    plan = _bucket_plan(cfg, mesh, np.zeros((0, 4)), check_batches=False)
+    return {b.shape: n for b, n in zip(plan.buckets, plan.batch_sizes)}
+
+
+def batch_specs(cfg: ml_collections.ConfigDict, mesh) -> list[dict[str, jax.ShapeDtypeStruct]]:
+    """The abstract global batches the step will see: one per bucket, or the config's one shape."""
+    if not cfg.data.get("buckets"):
+        return [abstract_batch(cfg, mesh)]
+    specs = []
+    for (t, h, w), b in bucket_batch_shapes(cfg, mesh).items():
+        log.info("bucket %dx%dx%d: global batch %d", t, h, w, b)
+        specs.append(abstract_batch(cfg, mesh, video_shape=(b, t, h, w)))
+    return specs
+
+
+def open_train_stream(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh):
+    """The train split as an iterator of host batches (dicts of numpy arrays), sharded over processes:
+    the config's one shape, or buckets. Builds the bundled digits first when they are the data and missing."""
+    source, index = train_source(cfg, workdir)
+    text_input = train_text_input(cfg, workdir, source) if task(cfg) is Task.T2V else pipeline.no_tokens
+    if cfg.data.get("buckets"):
+        return make_bucketed_train_data(cfg, source, index, mesh, text_input)
+    return pipeline.make_dataset(
+        None,
+        "train",
+        source=source,
+        global_batch_size=cfg.data.batch_size,
+        tokenize=text_input,
+        seed=cfg.data.shuffle_seed,
+        num_workers=cfg.data.num_workers,
+    )
+
+
+def train_source(cfg: ml_collections.ConfigDict, workdir: str | Path) -> tuple:
+    """(random-access source of the train records, clip index [N, 4] or None): the TFDS dataset that
+    ``data.tfds.name`` names, else the ArrayRecord folder ``data.path`` (index from its metadata)."""
+    t = cfg.data.get("tfds")
+    if t is not None and t.name:
+        from sora_jax.data.tfds_source import open_tfds_source
+
+        source = open_tfds_source(
+            t.name,
+            t.split,
+            t.data_dir or None,
+            video_key=t.video_key or None,
+            caption_key=t.caption_key or None,
+            caption=t.caption,
+            fps=float(t.fps),
+        )
+        return source, None
+    path = pipeline.ensure_dataset(cfg, workdir)
+    entry = pipeline.read_metadata(path)["splits"].get("train", {})
+    index = np.load(Path(path) / entry["index"]) if entry.get("index") else None
+    return pipeline.open_source(path, "train"), index
+
+
+def _captions(cfg: ml_collections.ConfigDict, workdir, source) -> list[str]:
+    """Every caption of the train split (from the metadata when it lists them, else from the records)."""
+    t = cfg.data.get("tfds")
+    if not (t is not None and t.name):
+        from sora_jax.data.pipeline import split_captions
+
+        return split_captions(pipeline.dataset_dir(cfg, workdir), "train")
+    from sora_jax.data.records import read_record
+
+    return [read_record(source[i])[0]["caption"] for i in range(len(source))]
+
+
+def train_text_input(cfg: ml_collections.ConfigDict, workdir, source):
+    """captions -> the model's text input for training: the tokenizer (trainable encoder), or a lookup in the
+    train split's caption-embedding table (frozen encoder): ``<data>/text_emb-*.npz`` written by
+    ``data_pipelines/encode_text.py``, else computed once here and kept in ``<workdir>/text_cache/``."""
+    tok = factory.make_tokenizer(cfg)
+    if TextEncoderKind(cfg.text.encoder) is TextEncoderKind.TRAINABLE:
+        return tok.encode
+    from sora_jax.text.frozen import EmbeddingTable, table_file
+
+    t = cfg.data.get("tfds")
+    places = (
+        [] if (t is not None and t.name) else [table_file(pipeline.dataset_dir(cfg, workdir), tok, "train")]
+    )
+    places.append(table_file(Path(workdir) / "text_cache", tok, "train"))
+    for f in places:
+        if f.is_file():
+            log.info("caption embeddings from %s", f)
+            return EmbeddingTable.load(f).encode
+    table = tok.table(_captions(cfg, workdir, source), progress=jax.process_index() == 0)
+    if jax.process_index() == 0:
+        table.save(places[-1])
+    log.info("embedded %d distinct captions with %s", len(table.captions), tok.name)
+    return table.encode
+
+
+def make_bucketed_train_data(cfg: ml_collections.ConfigDict, source, index, mesh, tokenize):
+    """The bucketed train stream of ``source`` (``index`` None: from the source or the record headers)."""
+    if index is None:
+        index = source.clip_index() if hasattr(source, "clip_index") else buckets_lib.scan_index(source)
+    plan = _bucket_plan(cfg, mesh, index)
+    log.info(
+        "buckets (clips per bucket): %s; batches %s; %d batches per epoch",
+        plan.counts(),
+        dict(zip(map(str, plan.buckets), plan.batch_sizes)),
+        plan.batches_per_epoch,
+    )
+    return buckets_lib.make_bucketed_dataset(
+        source, plan, tokenize=tokenize, num_workers=cfg.data.num_workers
+    )
