@@ -131,7 +131,7 @@ def train_text_input(cfg: ml_collections.ConfigDict, workdir, source):
     """captions -> the model's text input for training: the tokenizer (trainable encoder), or a lookup in the
     train split's caption-embedding table (frozen encoder): ``<data>/text_emb-*.npz`` written by
     ``data_pipelines/encode_text.py``, else computed once here and kept in ``<workdir>/text_cache/``."""
-    tok = factory.make_tokenizer(cfg)
+    tok = factory.make_text_input(cfg)
     if cfg.text.encoder == "trainable":
         return tok.encode
     from sora_jax.text.frozen import EmbeddingTable, table_file
@@ -225,7 +225,7 @@ def build_train_fns(cfg: ml_collections.ConfigDict, mesh):
         )
         step = make_step(loss_fn, tx, ema_decay=cfg.optim.ema_decay, lr_fn=lr_fn)
     else:
-        null_ids, null_mask = factory.make_tokenizer(cfg).encode([""])
+        null_ids, null_mask = factory.make_text_input(cfg).encode([""])
         step = make_train_step(
             graphdef,
             tx,
