@@ -42,7 +42,7 @@ def measure(cfg, *, frames: int, steps: int, batch: int, repeats: int) -> dict:
     sampler = JitSampler(
         graphdef,
         params,
-        factory.make_tokenizer(cfg),
+        factory.make_text_input(cfg),
         factory.make_process(cfg),
         shape,
         sampler=cfg.diffusion.sampler,
@@ -97,7 +97,7 @@ def measure_long(cfg, seconds: float, steps: int, overlap: int) -> dict:
     sampler = JitSampler(
         graphdef,
         params,
-        factory.make_tokenizer(cfg),
+        factory.make_text_input(cfg),
         factory.make_process(cfg),
         factory.latent_shape(cfg),
         sampler=cfg.diffusion.sampler,

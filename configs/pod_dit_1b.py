@@ -2,6 +2,7 @@
 
     sora-jax train --config configs/pod_dit_1b.py --workdir gs://bucket/runs/dit1b --config.data.path=...
     sora-jax train --config configs/pod_dit_1b.py --workdir /tmp/c1b --compile_only --cpu_devices 16
+    sora-jax train --config configs/pod_dit_1b.py:smoke --workdir /tmp/t   # the same recipe, tiny: tests
 
 Pixel space with 2x16x16 patches and x0-prediction (JiT) until the VAE (configs/vae_*.py) provides latents.
 Mesh: 16 devices as fsdp=16 (e.g. a v5p-32 slice or two 8-GPU hosts); more slices multiply ``mesh.dcn.data``.
@@ -19,8 +20,8 @@ from configs import quickstart
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    if arg:
-        raise ValueError(f"configs/pod_dit_1b.py: unknown argument {arg!r}")
+    if arg not in ("", "smoke"):
+        raise ValueError(f"configs/pod_dit_1b.py: unknown argument {arg!r} (use '' or 'smoke')")
     c = quickstart.get_config()
     c.data.num_frames = 64
     c.data.height = 256
@@ -53,4 +54,33 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
     c.mesh.seq = 1
+    if arg == "smoke":
+        shrink(c)
     return c
+
+
+def shrink(c: ml_collections.ConfigDict) -> None:
+    """The ``smoke`` variant of a pod config, in place: the same recipe (pixel space, 2x16x16 patches, bf16,
+    remat, trainable text encoder, mesh layout) at test size: about 0.2M parameters on 4x32x32 clips of the
+    bundled digits (2x2x2 tokens), a few steps. The mesh axes keep their roles but fit the tests' 8 fake CPU
+    devices (``--compile_only --cpu_devices 8`` compiles either in under a minute)."""
+    c.data.num_frames = 4
+    c.data.height = 32
+    c.data.width = 32
+    c.data.fps = 8
+    c.data.num_train = 64
+    c.data.num_test = 16
+    c.data.batch_size = 8
+    c.data.num_workers = 0
+    c.model.variant = "smoke"
+    c.text.width = 32
+    c.text.depth = 1
+    c.text.num_heads = 2
+    c.text.max_length = 16
+    c.text.vocab_size = 2048
+    c.optim.warmup_steps = 2
+    c.train.num_steps = 6
+    c.train.log_every = 2
+    c.train.ckpt_every = 3
+    c.diffusion.sample_steps = 4
+    c.sample.prompts = c.sample.prompts[:2]

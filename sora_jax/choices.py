@@ -19,6 +19,18 @@ class Task(enum.StrEnum):
     VAE = "vae"  # the causal video VAE
 
 
+class SampleMode(enum.StrEnum):
+    """What ``sora-jax sample --mode`` makes (``sora_jax.commands.sample``)."""
+
+    T2V = "t2v"  # videos from prompts
+    I2V = "i2v"  # an image animated (frame 0 given)
+    EXTEND = "extend"  # a video continued forward (or backward)
+    CONNECT = "connect"  # a transition from one video into another
+    EDIT = "edit"  # a video re-noised to ``strength`` and sampled back under a new prompt (SDEdit)
+    LOOP = "loop"  # a clip whose end leads back to its start
+    LONG = "long"  # a video of ``seconds`` by autoregressive extension
+
+
 # ---------------------------------------------------------------------------------------------- diffusion
 
 

@@ -1,4 +1,11 @@
-"""The ``sora-jax`` command line: parse, then call library code. Bad input: one line on stderr, exit 2."""
+"""The ``sora-jax`` command line: each command parses its flags and calls one library function with typed
+arguments (``sora_jax.commands``, ``sora_jax.demo``, ``sora_jax.data.ingest``, ``sora_jax.train.checkpoint``).
+
+Errors: the project's user errors (``sora_jax.errors.UserError`` and its subclasses such as ``ConfigError``,
+the checkpoint errors, a NaN stop) and missing / unreadable user paths print one line,
+``sora-jax: error: ...``, and exit 2. Anything else is a bug: its traceback is printed and the exit is 1.
+``SORA_JAX_DEBUG=1`` re-raises every error (tracebacks for user errors too, post-mortem debugging).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +13,16 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError, RuntimeError)
+from sora_jax.choices import SampleMode
+from sora_jax.errors import PATH_ERRORS, UserError
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exception classes ``main`` prints as one line (exit 2) instead of a traceback: the project's
+    ``UserError`` (config, checkpoint, non-finite loss, input checks) and OS errors of user paths."""
+    return (UserError, *PATH_ERRORS)
 
 
 def _add_multiprocess_flags(p: argparse.ArgumentParser) -> None:
@@ -55,9 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several in t2v)")
     p.add_argument("--out", required=True, help="folder for the MP4/GIF files and the contact sheet")
-    p.add_argument(
-        "--mode", default="t2v", choices=["t2v", "i2v", "extend", "connect", "edit", "loop", "long"]
-    )
+    p.add_argument("--mode", default=SampleMode.T2V.value, choices=[m.value for m in SampleMode])
     p.add_argument("--image", default=None, help="i2v: the image to animate")
     p.add_argument("--video", action="append", default=None, help="extend/edit: a video; connect: two")
     p.add_argument("--direction", default="forward", choices=["forward", "backward"], help="extend")
@@ -113,19 +126,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _list_checkpoints(workdir: str, as_json: bool) -> None:
-    import json
-
-    from sora_jax.train.checkpoint import describe
-
-    rows = describe(workdir)
+def _print_checkpoints(rows: list[dict], as_json: bool) -> None:
     if as_json:
+        import json
+
         print(json.dumps(rows, indent=1))
         return
     print(f"{'step':>8}  {'saved':19}  {'size':>9}  config")
     for r in rows:
         step = str(r["step"]) if r["complete"] else r["name"]
         print(f"{step:>8}  {r['time']:19}  {r['bytes'] / 2**20:7.2f} MB  {r['config']}")
+
+
+def _print_scalars(metrics: dict) -> None:
+    """``key=value`` for every scalar (floats to 4 significant digits) on one line."""
+    words = []
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            words.append(f"{k}={v:.4g}")
+        elif isinstance(v, bool | int) or (isinstance(v, str) and v and not any(c.isspace() for c in v)):
+            words.append(f"{k}={v}")
+    print(" ".join(words))
 
 
 def _setup_logging() -> None:
@@ -135,6 +156,7 @@ def _setup_logging() -> None:
 
 
 def run(argv: list[str]) -> int:
+    """Parses ``argv`` and runs the command; errors propagate (``main`` reports them)."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     overrides = [r for r in rest if r.startswith("--config.")]
@@ -146,100 +168,110 @@ def run(argv: list[str]) -> int:
     _setup_logging()
 
     if args.command == "ingest":  # before anything imports jax: ingest spawns worker processes
-        from sora_jax.data.ingest import run_from_args
+        from sora_jax.data.ingest import ingest, summary
 
-        run_from_args(args)
-        return 0
+        report = ingest(
+            args.videos,
+            args.captions,
+            args.out,
+            clip_seconds=args.clip_seconds,
+            min_frames=args.min_frames,
+            max_short_side=args.max_short_side,
+            crf=args.crf,
+            shard_mb=args.shard_mb,
+            videos_per_unit=args.videos_per_unit,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
+        print(summary(report))
+    elif args.command == "train":
+        from sora_jax import commands
 
-    from sora_jax.config import load_config
-
-    if args.command == "train":
-        if args.cpu_devices:
-            import jax
-
-            jax.config.update("jax_platforms", "cpu")
-            jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-        from sora_jax.parallel.mesh import initialize_distributed
-
-        initialize_distributed(args.num_processes, args.process_id, args.coordinator_address)
-        cfg = load_config(args.config, overrides)
-        from sora_jax.train.loop import train
-
-        result = train(cfg, args.workdir, compile_only=args.compile_only)
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+        result = commands.train(
+            args.config,
+            args.workdir,
+            overrides=overrides,
+            compile_only=args.compile_only,
+            cpu_devices=args.cpu_devices,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+            coordinator_address=args.coordinator_address,
+        )
+        _print_scalars(result)
     elif args.command == "demo":
         from sora_jax.demo import run_demo
 
         run_demo(args.workdir)
     elif args.command == "sample":
-        from sora_jax import api
-        from sora_jax.sample.outputs import write_samples
+        from sora_jax import commands
 
-        api.check_prompts(args.prompt)
-        plain = (
-            args.negative_prompt is None and not args.guidance_rescale and not args.fsdp and not args.bucket
-        )
-        if args.mode == "t2v" and plain:
-            pipe = api.load_pipeline(args.workdir, sample_steps=args.steps, cfg_scale=args.cfg_scale)
-            videos = pipe.generate(args.prompt, seed=args.seed, progress=True)
-            paths = write_samples(args.out, videos, args.prompt, fps=pipe.config.data.fps)
-            print(f"wrote {len(paths['mp4'])} videos and {paths['contact_sheet']}")
-        else:
-            from sora_jax.commands import run_mode
-
-            print(run_mode(args))
-    elif args.command == "checkpoints":
-        _list_checkpoints(args.workdir, args.json)
-    elif args.command == "eval":
-        from sora_jax.eval.evaluate import evaluate_workdir
-        from sora_jax.train.checkpoint import restore_config
-
-        if restore_config(args.workdir)[1].get("task", "t2v") == "vae":
-            from sora_jax.eval.reconstruction import evaluate_vae
-
-            metrics = evaluate_vae(
+        print(
+            commands.sample(
                 args.workdir,
-                num_clips=args.num_clips,
-                split=args.split,
-                out=args.out,
-                use_ema=False if args.raw_params else None,
-            )
-            print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-            return 0
-        if args.prompting:
-            from sora_jax.eval.prompting import evaluate_prompting
-
-            m = evaluate_prompting(
-                args.workdir,
-                num=args.num_prompts,
+                args.prompt,
+                args.out,
+                mode=SampleMode(args.mode),
+                image=args.image,
+                videos=args.video or (),
+                direction=args.direction,
+                strength=args.strength,
                 seconds=args.seconds,
-                num_long=args.num_long,
                 overlap=args.overlap,
+                negative_prompt=args.negative_prompt,
+                guidance_rescale=args.guidance_rescale,
+                fsdp=args.fsdp,
+                bucket=args.bucket,
                 seed=args.seed,
-                out=args.out,
+                steps=args.steps,
+                cfg_scale=args.cfg_scale,
             )
-            print(" ".join(f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, float)))
-            return 0
-        report = evaluate_workdir(
-            args.workdir, num_prompts=args.num_prompts, split=args.split, seed=args.seed, out=args.out
         )
-        print(" ".join(f"{k}={v:.3f}" for k, v in report["metrics"].items() if isinstance(v, float)))
+    elif args.command == "eval":
+        from sora_jax import commands
+
+        metrics = commands.evaluate(
+            args.workdir,
+            num_prompts=args.num_prompts,
+            num_clips=args.num_clips,
+            split=args.split,
+            seed=args.seed,
+            out=args.out,
+            use_ema=False if args.raw_params else None,
+            prompting=args.prompting,
+            seconds=args.seconds,
+            num_long=args.num_long,
+            overlap=args.overlap,
+        )
+        _print_scalars(metrics)
+    elif args.command == "checkpoints":
+        from sora_jax.train.checkpoint import list_checkpoints
+
+        _print_checkpoints(list_checkpoints(args.workdir), args.json)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``sora-jax``: runs the command; 0 on success, 2 (one line on stderr) for a user error, 1 with the
+    traceback for anything else (a bug), 130 when interrupted."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         return run(argv)
     except KeyboardInterrupt:
         print("sora-jax: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as e:
+    except Exception as e:
         if os.environ.get("SORA_JAX_DEBUG"):
             raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"sora-jax: error: {msg}", file=sys.stderr)
-        return 2
+        if isinstance(e, user_error_types()):
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"sora-jax: error: {msg}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(
+            f"sora-jax: internal error ({type(e).__name__}): a bug, not your input; the traceback is above",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

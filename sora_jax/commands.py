@@ -1,74 +1,265 @@
-"""What the ``sora-jax`` commands do, as library functions: the CLI parses, then calls one of these.
+"""What the ``sora-jax`` commands do, as library functions with typed arguments: the CLI parses its flags and
+calls one of these; a notebook calls them the same way.
 
-``run_mode``: ``sora-jax sample --mode ...`` (video prompting: t2v, i2v, extend, connect, edit, loop, long).
+    train(config, workdir, overrides=[...])           sora-jax train
+    sample(workdir, prompts, out, mode=SampleMode.I2V, image="digit.png")   sora-jax sample
+    evaluate(workdir, num_prompts=64)                 sora-jax eval (the evaluator of the checkpoint's task)
+
+The other commands call their library function directly: ``sora_jax.demo.run_demo``,
+``sora_jax.data.ingest.ingest``, ``sora_jax.train.checkpoint.list_checkpoints``.
+
+Inputs are checked before anything heavy loads; bad input raises ``UserError`` with one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 
-from sora_jax import api
-from sora_jax.sample.prompting import Prompter, read_image
+from sora_jax.choices import SampleMode, Task
+from sora_jax.errors import UserError
+
+# inputs each mode reads: (images, videos)
+_INPUTS: dict[SampleMode, tuple[int, int]] = {
+    SampleMode.I2V: (1, 0),
+    SampleMode.EXTEND: (0, 1),
+    SampleMode.EDIT: (0, 1),
+    SampleMode.CONNECT: (0, 2),
+}
 
 
-def _need(value, what: str, mode: str):
-    if not value:
-        raise ValueError(f"--mode {mode} needs {what}")
-    return value
+@contextlib.contextmanager
+def _user_input():
+    """The readers below (prompts, image and video files) report bad input as ValueError; here, where the
+    user's input enters, that is a ``UserError``."""
+    try:
+        yield
+    except UserError:
+        raise
+    except ValueError as e:
+        raise UserError(str(e)) from e
 
 
-def run_mode(args) -> str:
-    """``sora-jax sample --mode ...``: runs one mode, writes MP4 + GIF (+ a contact sheet) to ``args.out``;
-    returns a one-line summary. Inputs are checked before the model loads."""
-    from pathlib import Path
+# ------------------------------------------------------------------------------------------------- train
 
-    from sora_jax.sample.video_io import contact_sheet, read_video, save_video
 
-    mode, prompt = args.mode, args.prompt[0]
-    if mode != "t2v" and len(args.prompt) > 1:
-        raise ValueError(f"--mode {mode} takes one --prompt, got {len(args.prompt)}")
-    inputs = []
-    if mode == "i2v":
-        inputs = [read_image(_need(args.image, "--image FILE", mode))]
-    elif mode in ("extend", "edit"):
-        videos = _need(args.video, "--video FILE", mode)
-        if len(videos) != 1:
-            raise ValueError(f"--mode {mode} takes one --video, got {len(videos)}")
-        inputs = [read_video(videos[0])]
-    elif mode == "connect":
-        videos = _need(args.video, "two --video FILE", mode)
-        if len(videos) != 2:
-            raise ValueError(f"--mode connect takes two --video files (A then B), got {len(videos)}")
-        inputs = [read_video(v) for v in videos]
-    if mode == "edit" and not 0.0 < args.strength <= 1.0:
-        raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
-    pipe = api.load_pipeline(args.workdir, sample_steps=args.steps, cfg_scale=args.cfg_scale)
-    p = Prompter.from_pipeline(
-        pipe, bucket=args.bucket, fsdp=args.fsdp, guidance_rescale=args.guidance_rescale
-    )
-    kw = {"seed": args.seed}
-    if args.negative_prompt:
-        kw["negative_prompts"] = [args.negative_prompt] * (len(args.prompt) if mode == "t2v" else 1)
-    out = Path(args.out)
-    if mode == "t2v":
-        results = list(p.generate(list(args.prompt), **kw))
-    elif mode == "i2v":
-        results = [p.i2v(prompt, inputs[0], **kw)]
-    elif mode == "extend":
-        results = [p.extend(prompt, inputs[0], direction=args.direction, overlap=args.overlap, **kw)]
-    elif mode == "connect":
-        results = [p.connect(prompt, inputs[0], inputs[1], overlap=args.overlap, **kw)[0]]
-    elif mode == "edit":
-        results = [p.edit(prompt, inputs[0], strength=args.strength, **kw)]
-    elif mode == "loop":
-        results = [p.loop(prompt, overlap=args.overlap, **kw)]
+def train(
+    config: str,
+    workdir: str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    compile_only: bool = False,
+    cpu_devices: int | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    coordinator_address: str | None = None,
+) -> dict:
+    """``sora-jax train``: trains ``config`` ("path.py[:arg]", ``overrides`` "key=value") in ``workdir``,
+    resuming from its checkpoints; returns the trainer's summary (final loss, steps, timings; with
+    ``compile_only``, the compiled step's memory and nothing written).
+
+    ``cpu_devices``: run on that many fake CPU devices (the memory of a pod mesh, on a laptop). The three
+    multi-process arguments start ``jax.distributed`` (each defaults from the environment); call this before
+    anything else touches JAX's devices."""
+    if cpu_devices:
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", int(cpu_devices))
+    from sora_jax.config import load_config
+    from sora_jax.parallel.mesh import initialize_distributed
+
+    initialize_distributed(num_processes, process_id, coordinator_address)
+    cfg = load_config(config, overrides)
+    from sora_jax.train.loop import train as train_loop
+
+    return train_loop(cfg, workdir, compile_only=compile_only)
+
+
+# ------------------------------------------------------------------------------------------------ sample
+
+
+def sample(
+    workdir: str | Path,
+    prompts: Sequence[str],
+    out: str | Path,
+    *,
+    mode: SampleMode | str = SampleMode.T2V,
+    image: str | Path | None = None,
+    videos: Sequence[str | Path] = (),
+    direction: str = "forward",
+    strength: float = 0.6,
+    seconds: float = 60.0,
+    overlap: int = 1,
+    negative_prompt: str | None = None,
+    guidance_rescale: float = 0.0,
+    fsdp: int = 0,
+    bucket: str = "",
+    seed: int = 0,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
+) -> str:
+    """``sora-jax sample``: generates from the latest checkpoint in ``workdir``, writes MP4 + GIF per video
+    and a contact sheet to ``out``; returns a one-line summary.
+
+    ``mode`` (``SampleMode``): t2v takes any number of ``prompts``, the others one; i2v animates ``image``;
+    extend (``direction`` forward | backward) and edit (re-noised to ``strength`` in (0, 1]) take one of
+    ``videos``, connect two (A then B); loop; long makes ``seconds`` of video. Given frames are resized and
+    centre-cropped to the model's frame; ``overlap`` latent frames are given at each seam.
+    ``negative_prompt``, ``guidance_rescale`` (phi), ``fsdp`` (shard the parameters over N local devices) and
+    ``bucket`` ("TxHxW"; default the config's first) go to the jitted sampler; ``steps`` and ``cfg_scale``
+    replace the config's. Every input is checked, and the image and videos read, before the model loads."""
+    try:
+        mode = SampleMode(mode)
+    except ValueError:
+        raise UserError(f"unknown mode {mode!r}; use one of {[m.value for m in SampleMode]}") from None
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    from sora_jax.sample.pipeline import check_prompts
+
+    with _user_input():
+        check_prompts(prompts)
+    if mode is not SampleMode.T2V and len(prompts) > 1:
+        raise UserError(f"--mode {mode} takes one --prompt, got {len(prompts)}")
+    frames = _read_inputs(mode, image, list(videos))
+    if mode is SampleMode.EDIT and not 0.0 < strength <= 1.0:
+        raise UserError(f"--strength must be in (0, 1], got {strength}")
+    if direction not in ("forward", "backward"):
+        raise UserError(f"--direction must be forward or backward, got {direction!r}")
+    if bucket:
+        from sora_jax.data.buckets import parse_buckets
+
+        parse_buckets(bucket)
+
+    from sora_jax.sample.pipeline import load_pipeline
+
+    pipe = load_pipeline(workdir, sample_steps=steps, cfg_scale=cfg_scale)
+    out = Path(out)
+    if mode is SampleMode.T2V and not (negative_prompt or guidance_rescale or fsdp or bucket):
+        from sora_jax.sample.outputs import write_samples
+
+        videos_out = pipe.generate(prompts, seed=seed, progress=True)  # the pmap sampler: the fast path
+        paths = write_samples(out, videos_out, prompts, fps=pipe.config.data.fps)
+        return f"wrote {len(paths['mp4'])} videos and {paths['contact_sheet']}"
+
+    from sora_jax.sample.prompting import Prompter
+
+    p = Prompter.from_pipeline(pipe, bucket=bucket, fsdp=fsdp, guidance_rescale=guidance_rescale)
+    kw = {"seed": seed}
+    if negative_prompt:
+        kw["negative_prompts"] = [negative_prompt] * (len(prompts) if mode is SampleMode.T2V else 1)
+    prompt = prompts[0]
+    if mode is SampleMode.T2V:
+        results = list(p.generate(prompts, **kw))
+    elif mode is SampleMode.I2V:
+        results = [p.i2v(prompt, frames[0], **kw)]
+    elif mode is SampleMode.EXTEND:
+        results = [p.extend(prompt, frames[0], direction=direction, overlap=overlap, **kw)]
+    elif mode is SampleMode.CONNECT:
+        results = [p.connect(prompt, frames[0], frames[1], overlap=overlap, **kw)[0]]
+    elif mode is SampleMode.EDIT:
+        results = [p.edit(prompt, frames[0], strength=strength, **kw)]
+    elif mode is SampleMode.LOOP:
+        results = [p.loop(prompt, overlap=overlap, **kw)]
     else:
-        video, _ = p.long_video([prompt], seconds=args.seconds, overlap=args.overlap, progress=True, **kw)
+        video, _ = p.long_video([prompt], seconds=seconds, overlap=overlap, progress=True, **kw)
         results = [video[0]]
-    prompts = list(args.prompt) if mode == "t2v" else [prompt]
+    _write_videos(out, mode, results, prompts if mode is SampleMode.T2V else [prompt], p.fps)
+    return f"wrote {len(results)} {mode} video(s) of {len(results[0])} frames to {out}"
+
+
+def _read_inputs(mode: SampleMode, image, videos: list) -> list[np.ndarray]:
+    """The frames ``mode`` starts from: uint8 image ``[H, W, 3]`` or videos ``[T, H, W, 3]``, read now."""
+    from sora_jax.sample.prompting import read_image
+    from sora_jax.sample.video_io import read_video
+
+    images_wanted, videos_wanted = _INPUTS.get(mode, (0, 0))
+    if image is not None and not images_wanted:
+        raise UserError(f"--image is for --mode i2v, not {mode}")
+    if videos and not videos_wanted:
+        raise UserError(f"--video is for --mode extend, edit or connect, not {mode}")
+    if images_wanted and image is None:
+        raise UserError(f"--mode {mode} needs --image FILE")
+    if videos_wanted == 1 and len(videos) != 1:
+        raise UserError(f"--mode {mode} needs one --video FILE, got {len(videos)}")
+    if videos_wanted == 2 and len(videos) != 2:
+        raise UserError(f"--mode {mode} takes two --video files (A then B), got {len(videos)}")
+    with _user_input():
+        return [read_image(image)] if images_wanted else [read_video(v) for v in videos]
+
+
+def _write_videos(out: Path, mode: SampleMode, results: list[np.ndarray], prompts: list[str], fps) -> None:
+    """``<mode>_<i>.mp4`` / ``.gif`` per uint8 video ``[T, H, W, 3]`` and a contact sheet of up to 16 frames."""
+    from sora_jax.sample.video_io import contact_sheet, save_video
+
     for i, video in enumerate(results):
-        save_video(out / f"{mode}_{i:02d}.mp4", video, fps=p.fps)
-        save_video(out / f"{mode}_{i:02d}.gif", video, fps=p.fps)
+        save_video(out / f"{mode}_{i:02d}.mp4", video, fps=fps)
+        save_video(out / f"{mode}_{i:02d}.gif", video, fps=fps)
     sheet = np.stack([r[np.linspace(0, len(r) - 1, min(len(r), 16)).round().astype(int)] for r in results])
     contact_sheet(sheet, prompts, out / f"{mode}_contact_sheet.png")
-    return f"wrote {len(results)} {mode} video(s) of {len(results[0])} frames to {out}"
+
+
+# -------------------------------------------------------------------------------------------------- eval
+
+
+def evaluate(
+    workdir: str | Path,
+    *,
+    num_prompts: int = 64,
+    num_clips: int = 256,
+    split: str = "test",
+    seed: int = 0,
+    out: str | Path | None = None,
+    use_ema: bool | None = None,
+    prompting: bool = False,
+    seconds: float = 60.0,
+    num_long: int = 8,
+    overlap: int = 1,
+) -> dict:
+    """``sora-jax eval``: scores the latest checkpoint in ``workdir`` with the evaluator of its task, writes
+    the report to ``out`` (default ``<workdir>/eval``) and returns its metrics.
+
+    - ``Task.VAE``: reconstruction PSNR / SSIM on ``num_clips`` clips of ``split``, and the latent statistics
+      a latent DiT needs (``eval.reconstruction.evaluate_vae``).
+    - ``Task.T2V``: prompt adherence on ``num_prompts`` prompts of ``split`` (train | test | paraphrase:
+      wordings the captions never use; ``eval.evaluate.evaluate_workdir``); with ``prompting``, image-to-video,
+      extension, connection and ``num_long`` videos of ``seconds`` on ``num_prompts`` test clips
+      (``eval.prompting.evaluate_prompting``).
+
+    ``use_ema`` False scores the raw parameters (default: the config's ``sample.use_ema``)."""
+    from sora_jax.config import task
+    from sora_jax.loading import saved_config
+
+    _, cfg = saved_config(workdir)
+    kind = task(cfg)
+    if kind is Task.VAE:
+        if prompting or split == "paraphrase":
+            what = "--prompting" if prompting else "--split paraphrase"
+            raise UserError(f"{what} scores a text-to-video model; {workdir} holds a VAE")
+        from sora_jax.eval.reconstruction import evaluate_vae
+
+        return evaluate_vae(workdir, num_clips=num_clips, split=split, out=out, use_ema=use_ema)
+    if prompting:
+        if split == "paraphrase":
+            raise UserError("--prompting starts from clips of the data: use --split test or train")
+        from sora_jax.eval.prompting import evaluate_prompting
+
+        return evaluate_prompting(
+            workdir,
+            num=num_prompts,
+            seconds=seconds,
+            num_long=num_long,
+            overlap=overlap,
+            seed=seed,
+            out=out,
+            split=split,
+            use_ema=use_ema,
+        )
+    from sora_jax.eval.evaluate import evaluate_workdir
+
+    report = evaluate_workdir(
+        workdir, num_prompts=num_prompts, split=split, seed=seed, out=out, use_ema=use_ema
+    )
+    return report["metrics"]

@@ -37,9 +37,10 @@ from sora_jax.choices import (
     check_probs,
     vae_downsample,
 )
+from sora_jax.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config problem the user can fix; the message names the key or file."""
 
 

@@ -1,4 +1,4 @@
-"""From the global config to the parts: tokenizer, text-to-video model, autoencoder, diffusion process.
+"""From the global config to the parts: text input, text-to-video model, autoencoder, diffusion process.
 
 The one place that reads ``config.model`` / ``config.text`` / ``config.diffusion`` and turns them into the
 models' own config dataclasses, so models never see the global config.
@@ -16,7 +16,7 @@ from flax import nnx
 
 from sora_jax import diffusion
 from sora_jax.choices import AutoencoderKind, Task, TextEncoderKind
-from sora_jax.config import task
+from sora_jax.config import ConfigError, task
 from sora_jax.models import vae as vae_lib
 from sora_jax.models.autoencoder import Autoencoder, IdentityAutoencoder, LumaAutoencoder
 from sora_jax.models.discriminator import PatchDiscriminator3D
@@ -57,9 +57,10 @@ def _vae_graphdef(vcfg: VAEConfig) -> nnx.GraphDef:
     return nnx.split(nnx.eval_shape(lambda: VideoVAE(vcfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
 
 
-def make_tokenizer(cfg: ml_collections.ConfigDict):
-    """What turns prompts into the model's text input: the HashWordTokenizer (ids) for the trainable encoder,
-    the FrozenTextEmbedder (features, cached) for ``text.encoder`` = minilm | t5."""
+def make_text_input(cfg: ml_collections.ConfigDict):
+    """What turns prompts into the model's text input, ``encode(texts) -> (x, mask bool [B, L])``: the
+    HashWordTokenizer for the trainable encoder (x: int32 ids ``[B, L]``), a whole frozen encoder for
+    ``text.encoder`` = minilm | t5 (the FrozenTextEmbedder, cached; x: float32 features ``[B, L, D]``)."""
     if TextEncoderKind(cfg.text.encoder) is TextEncoderKind.TRAINABLE:
         return HashWordTokenizer(vocab_size=cfg.text.vocab_size, max_length=cfg.text.max_length)
     return frozen_embedder(cfg.text.encoder, cfg.text.get("path", ""), cfg.text.max_length)
@@ -88,7 +89,7 @@ def frozen_dim(cfg: ml_collections.ConfigDict) -> int:
         key = "hidden_size"
     else:
         if not path:
-            raise ValueError(
+            raise ConfigError(
                 "config.text.encoder = 't5' needs config.text.path (a Hugging Face T5/UMT5 folder)"
             )
         folder, key = Path(path), "d_model"

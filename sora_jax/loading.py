@@ -24,6 +24,7 @@ from flax import nnx
 from sora_jax import config as config_lib
 from sora_jax import factory
 from sora_jax.choices import AutoencoderKind, Task
+from sora_jax.errors import UserError
 from sora_jax.models.autoencoder import Autoencoder
 from sora_jax.models.vae import LATENT_STATS, VAECodec
 from sora_jax.parallel.mesh import make_mesh
@@ -95,7 +96,7 @@ def load_vae_codec(workdir: str | Path, *, step: int | None = None) -> VAECodec:
 def _load_vae_codec(workdir: str, step: int | None, shift: float, scale: float) -> VAECodec:
     _, vcfg = saved_config(workdir, step)
     if config_lib.task(vcfg) is not Task.VAE:
-        raise ValueError(f"{workdir} holds a {config_lib.task(vcfg).value!r} model, not a VAE")
+        raise UserError(f"{workdir} holds a {config_lib.task(vcfg).value!r} model, not a VAE")
     _, step, _, params = restore(workdir, step=step)
     codec = factory.vae_codec(factory.vae_config(vcfg), shift, scale, step)
     return codec.with_params(jax.device_get(params))
@@ -109,7 +110,9 @@ def resolve_autoencoder(cfg: ml_collections.ConfigDict) -> ml_collections.Config
     if cfg.autoencoder.kind != AutoencoderKind.VAE or cfg.autoencoder.get("vae"):
         return cfg
     if not cfg.autoencoder.get("path"):
-        raise ValueError("config.autoencoder.kind = 'vae' needs config.autoencoder.path (a VAE workdir)")
+        raise config_lib.ConfigError(
+            "config.autoencoder.kind = 'vae' needs config.autoencoder.path (a VAE workdir)"
+        )
     codec = load_vae_codec(cfg.autoencoder.path)
     out = ml_collections.ConfigDict(cfg.to_dict())
     out.autoencoder.vae = dataclasses.asdict(codec.cfg)

@@ -150,25 +150,25 @@ def test_save_load_roundtrip(tmp_path):
     np.testing.assert_allclose(p0, p1, atol=1e-6)
     np.testing.assert_allclose(d0, d1, atol=1e-6)
     assert [p.name for p in tmp_path.iterdir()] == ["r.npz"]
-    with pytest.raises(FileNotFoundError, match="train_reader"):
+    with pytest.raises(FileNotFoundError, match="reader_training"):
         digit_reader.load_reader(tmp_path / "missing.npz")
 
 
 def test_reader_training_chunks_mix_splits_and_speeds():
-    from sora_jax.eval import train_reader
+    from sora_jax.eval import reader_training
 
-    assert train_reader._speeds(["default", "1:2"]) == (None, (1.0, 2.0))
+    assert reader_training._speeds(["default", "1:2"]) == (None, (1.0, 2.0))
     with pytest.raises(SystemExit, match="MIN:MAX"):
-        train_reader._speeds(["fast"])
+        reader_training._speeds(["fast"])
     cfg = ReaderConfig()
-    x, presence, direction = train_reader.make_chunk(40, 300, cfg, speeds=(None, (1.0, 2.0)))
+    x, presence, direction = reader_training.make_chunk(40, 300, cfg, speeds=(None, (1.0, 2.0)))
     assert x.shape == (40, 8, 32, 32) and x.dtype == np.uint8
     # every clip has 1-2 digits and a direction exactly where a digit is present
     assert set(presence.sum(-1).tolist()) <= {1.0, 2.0}
     np.testing.assert_array_equal(direction >= 0, presence > 0.5)
     # the slow share moves less: mean frame-to-frame change of the pixels is smaller than the default share
-    a, _, _ = train_reader.make_chunk(40, 300, cfg, speeds=(None,))
-    b, _, _ = train_reader.make_chunk(40, 300, cfg, speeds=((1.0, 1.0),))
+    a, _, _ = reader_training.make_chunk(40, 300, cfg, speeds=(None,))
+    b, _, _ = reader_training.make_chunk(40, 300, cfg, speeds=((1.0, 1.0),))
     move = lambda v: np.abs(np.diff(v.astype(np.float32), axis=1)).mean()
     assert move(b) < 0.75 * move(a)
 

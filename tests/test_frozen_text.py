@@ -84,7 +84,7 @@ def test_train_and_sample_with_minilm(data_dir, tmp_path, caplog):
     from sora_jax import factory
 
     assert any(
-        str(table_file(data_dir, factory.make_tokenizer(cfg), "train")) in r.getMessage()
+        str(table_file(data_dir, factory.make_text_input(cfg), "train")) in r.getMessage()
         for r in caplog.records
     )
     pipe = api.load_pipeline(tmp_path / "run")

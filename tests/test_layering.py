@@ -1,7 +1,7 @@
 """Imports run one way (DESIGN.md): the import graph of ``sora_jax`` and ``data_pipelines``, read from the source
 (function-local imports included), has no cycle and no upward edge.
 
-Layers, lowest first: ``config`` <- ``models``, ``text``, ``diffusion``, ``parallel`` <- ``data`` <-
+Layers, lowest first: ``errors`` <- ``config`` <- ``models``, ``text``, ``diffusion``, ``parallel`` <- ``data`` <-
 ``train``, ``sample``, ``eval``, ``export``, ``safety``, ``loading`` <- ``api``, ``cli``, ``demo``; and
 ``data_pipelines`` above the whole library (it uses ``sora_jax``; ``sora_jax`` never imports it).
 """
@@ -18,6 +18,7 @@ PACKAGES = ("sora_jax", "data_pipelines")
 
 # rank of each area: a module may import its own area and lower ranks, never a higher one
 RANKS = {
+    "sora_jax.errors": -1,  # UserError: the bottom, imports nothing
     "sora_jax": 0,  # the package's __init__: a docstring and the version
     "sora_jax.config": 0,
     "sora_jax.choices": 0,
@@ -26,7 +27,7 @@ RANKS = {
     "sora_jax.diffusion": 1,
     "sora_jax.parallel": 1,
     "sora_jax.data": 2,
-    "sora_jax.factory": 2,  # builds models, tokenizers and processes from a config: no loading, no training
+    "sora_jax.factory": 2,  # builds models, text inputs and processes from a config: no loading, no training
     "sora_jax.train.checkpoint": 2,  # the checkpoint format (orbax), read by the loaders and the trainer
     "sora_jax.train": 3,
     "sora_jax.sample": 3,

@@ -60,7 +60,7 @@ def loss_and_grads(cfg, params, batch, mesh=None):
     """float32 loss and gradients of the training loss, jitted onto ``mesh`` (None: one device, no mesh)."""
     model = nnx.eval_shape(lambda: factory.make_model(cfg, 0))
     graphdef, _ = nnx.split(model, nnx.Param)
-    tok = factory.make_tokenizer(cfg)
+    tok = factory.make_text_input(cfg)
     null_text, null_mask = tok.encode([""])
     loss_fn = make_loss_fn(
         graphdef,
@@ -259,7 +259,7 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
             data,
             "train",
             global_batch_size=8,
-            tokenize=factory.make_tokenizer(cfg).encode,
+            tokenize=factory.make_text_input(cfg).encode,
             seed=0,
             process_index=index,
             process_count=count,

@@ -18,7 +18,7 @@ def parts(smoke_t2v):
 def make_sampler(cfg, graphdef, devices, scale=3.0, sampler="euler"):
     return PmapSampler(
         graphdef,
-        factory.make_tokenizer(cfg),
+        factory.make_text_input(cfg),
         factory.make_process(cfg),
         factory.make_autoencoder(cfg),
         factory.latent_shape(cfg),

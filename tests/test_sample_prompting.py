@@ -21,7 +21,7 @@ def _jit(cfg, graphdef, params, process=None, sampler="euler", num_steps=3, **kw
     return JitSampler(
         graphdef,
         params,
-        factory.make_tokenizer(cfg),
+        factory.make_text_input(cfg),
         process or factory.make_process(cfg),
         factory.latent_shape(cfg),
         sampler=sampler,
@@ -48,7 +48,7 @@ def test_jit_sampler_matches_pmap_sampler_on_one_and_eight_devices(parts):
     ae = factory.make_autoencoder(cfg)
     pm = PmapSampler(
         graphdef,
-        factory.make_tokenizer(cfg),
+        factory.make_text_input(cfg),
         factory.make_process(cfg),
         ae,
         factory.latent_shape(cfg),
@@ -250,7 +250,7 @@ def test_from_pipeline_picks_the_bucket(parts):
         config=cfg,
         graphdef=graphdef,
         params=params,
-        tokenizer=factory.make_tokenizer(cfg),
+        tokenizer=factory.make_text_input(cfg),
         vae=factory.make_autoencoder(cfg),
     )
     default = Prompter.from_pipeline(pipe)

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from sora_jax.data.records import decode_clip, read_record
+from sora_jax.errors import UserError
 
 __all__ = [
     "Bucket",
@@ -69,12 +70,12 @@ def parse_buckets(spec: str | Sequence) -> list[Bucket]:
         except ValueError:
             dims = []
         if len(dims) != 3 or min(dims) < 1:
-            raise ValueError(f"data.buckets: {item!r} is not FRAMESxHEIGHTxWIDTH with positive sizes")
+            raise UserError(f"data.buckets: {item!r} is not FRAMESxHEIGHTxWIDTH with positive sizes")
         out.append(Bucket(*dims))
     if not out:
-        raise ValueError("data.buckets is empty: give e.g. '16x256x256,1x512x512'")
+        raise UserError("data.buckets is empty: give e.g. '16x256x256,1x512x512'")
     if len(set(out)) != len(out):
-        raise ValueError(f"data.buckets lists a bucket twice: {[str(b) for b in out]}")
+        raise UserError(f"data.buckets lists a bucket twice: {[str(b) for b in out]}")
     return out
 
 
@@ -116,13 +117,13 @@ class BucketPlan:
             n = token_budget // max(1, tokens_fn(b)) if token_budget > 0 else default_batch
             n = (n // batch_multiple) * batch_multiple
             if n < batch_multiple or n < 1:
-                raise ValueError(
+                raise UserError(
                     f"data.token_budget {token_budget} fits no batch of bucket {b} ({tokens_fn(b)} tokens per "
                     f"clip; the batch must be a multiple of {batch_multiple}): raise the budget or drop the bucket"
                 )
             self.batch_sizes.append(n)
         if not 0.0 <= image_fraction <= 1.0:
-            raise ValueError(f"data.image_fraction must be in [0, 1], got {image_fraction}")
+            raise UserError(f"data.image_fraction must be in [0, 1], got {image_fraction}")
         # a fixed, seeded share of the videos trains as single frames in the image (T = 1) buckets
         as_image = np.random.default_rng([self.seed, 4]).random(len(index)) < image_fraction
         self.assignment = np.full(len(index), -1, np.int64)
@@ -135,7 +136,7 @@ class BucketPlan:
         self.batches_per_bucket = [len(m) // n for m, n in zip(self.members, self.batch_sizes)]
         self.batches_per_epoch = sum(self.batches_per_bucket)
         if check_batches and self.batches_per_epoch == 0:
-            raise ValueError(
+            raise UserError(
                 f"no bucket gets a full batch: clips per bucket {self.counts()}, batch sizes "
                 f"{dict(zip(map(str, self.buckets), self.batch_sizes))}; lower data.token_budget or add buckets"
             )
@@ -288,7 +289,7 @@ def make_bucketed_dataset(
     process_count = jax.process_count() if process_count is None else int(process_count)
     for n, bucket in zip(plan.batch_sizes, plan.buckets):
         if n % process_count:
-            raise ValueError(f"bucket {bucket}'s batch of {n} does not split over {process_count} processes")
+            raise UserError(f"bucket {bucket}'s batch of {n} does not split over {process_count} processes")
     ds = grain.MapDataset.range(plan.batches_per_epoch).repeat()
     ds = ds.map_with_index(_ReadBatch(source, plan, process_index, process_count))
     if tokenize is not None:

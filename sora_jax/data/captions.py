@@ -2,7 +2,7 @@
 
 Keys: ``video`` (a path relative to the videos folder), ``caption``, optional ``start``/``end`` seconds and
 ``split`` (letters, digits, '_'; default "train"). Shared by ``sora-jax ingest`` and the TFDS builder
-(``data_pipelines/tfds_video.py``); a malformed file is one ValueError line naming the file and line.
+(``data_pipelines/tfds_video.py``); a malformed file is one ``UserError`` line naming the file and line.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import os
 import pathlib
 import re
 from typing import Any
+
+from sora_jax.errors import UserError
 
 DEFAULT_SPLIT = "train"
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
@@ -37,40 +39,40 @@ def _seconds(value: Any, key: str, where: str) -> float | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, bool):
-        raise ValueError(f"{where}: {key} must be a number of seconds, got {value!r}")
+        raise UserError(f"{where}: {key} must be a number of seconds, got {value!r}")
     try:
         x = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: {key} must be a number of seconds, got {value!r}") from None
+        raise UserError(f"{where}: {key} must be a number of seconds, got {value!r}") from None
     if not math.isfinite(x) or x < 0:
-        raise ValueError(f"{where}: {key} must be a finite number of seconds >= 0, got {value!r}")
+        raise UserError(f"{where}: {key} must be a finite number of seconds >= 0, got {value!r}")
     return x
 
 
 def _row(d: dict[str, Any], where: str) -> Row:
     video, caption = d.get("video"), d.get("caption")
     if not isinstance(video, str) or not video.strip():
-        raise ValueError(f"{where}: 'video' must be a non-empty path, got {video!r}")
+        raise UserError(f"{where}: 'video' must be a non-empty path, got {video!r}")
     if not isinstance(caption, str):
-        raise ValueError(f"{where}: 'caption' must be a string, got {caption!r}")
+        raise UserError(f"{where}: 'caption' must be a string, got {caption!r}")
     split = d.get("split")
     split = DEFAULT_SPLIT if split is None or (isinstance(split, str) and not split.strip()) else split
     if not isinstance(split, str) or not _SPLIT_RE.match(split.strip()):
-        raise ValueError(f"{where}: split must be letters, digits or '_', got {split!r}")
+        raise UserError(f"{where}: split must be letters, digits or '_', got {split!r}")
     start, end = _seconds(d.get("start"), "start", where), _seconds(d.get("end"), "end", where)
     if start is not None and end is not None and end <= start:
-        raise ValueError(f"{where}: end ({end}) must be after start ({start})")
+        raise UserError(f"{where}: end ({end}) must be after start ({start})")
     return Row(video=video.strip(), caption=caption, split=split.strip(), start=start, end=end)
 
 
 def read_captions(path: str | os.PathLike) -> list[Row]:
     """The rows of a captions file (CSV with a header, or ``.jsonl``), in file order.
 
-    Raises ValueError (one line naming the file and line) when the file is missing or malformed.
+    Raises UserError (one line naming the file and line) when the file is missing or malformed.
     """
     path = pathlib.Path(path)
     if not path.is_file():
-        raise ValueError(f"captions file not found: {path}")
+        raise UserError(f"captions file not found: {path}")
     rows: list[Row] = []
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
@@ -81,19 +83,19 @@ def read_captions(path: str | os.PathLike) -> list[Row]:
                     try:
                         d = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                        raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
                     if not isinstance(d, dict):
-                        raise ValueError(f"{path}:{n}: expected a JSON object, got {type(d).__name__}")
+                        raise UserError(f"{path}:{n}: expected a JSON object, got {type(d).__name__}")
                     for key in ("video", "caption"):
                         if key not in d:
-                            raise ValueError(f"{path}:{n}: missing key {key!r}")
+                            raise UserError(f"{path}:{n}: missing key {key!r}")
                     rows.append(_row(d, f"{path}:{n}"))
             else:
                 reader = csv.DictReader(f)
                 header = [h.strip() for h in reader.fieldnames or []]
                 missing = [k for k in ("video", "caption") if k not in header]
                 if missing:
-                    raise ValueError(
+                    raise UserError(
                         f"{path}: the CSV header must name the columns 'video' and 'caption' "
                         f"(missing {', '.join(missing)}; header: {','.join(header) or '(empty)'})"
                     )
@@ -101,12 +103,12 @@ def read_captions(path: str | os.PathLike) -> list[Row]:
                 for d in reader:
                     where = f"{path}:{reader.line_num}"
                     if None in d:
-                        raise ValueError(f"{where}: more fields than the header has columns")
+                        raise UserError(f"{where}: more fields than the header has columns")
                     rows.append(_row(d, where))
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except csv.Error as e:
-        raise ValueError(f"{path}: malformed CSV ({e})") from None
+        raise UserError(f"{path}: malformed CSV ({e})") from None
     if not rows:
-        raise ValueError(f"{path}: no rows; expected a header and one row per video")
+        raise UserError(f"{path}: no rows; expected a header and one row per video")
     return rows

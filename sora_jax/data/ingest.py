@@ -26,7 +26,7 @@ processes. A unit writes its shards under temporary names, renames them, and wri
 rerun skips every finished unit (rewriting no shard) and redoes an interrupted one from scratch. A unit whose
 rows or clip options changed is redone too; delete ``.units/<json>`` to force a unit to run again (e.g. after
 adding a video that was missing). Bad videos (missing, unreadable, corrupt, too short) never stop the job:
-they are skipped and listed in ``report.json``. A malformed captions file is a user error (ValueError).
+they are skipped and listed in ``report.json``. A malformed captions file is a ``UserError``.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from sora_jax.data.video_clips import (
     output_size,
     video_clips,
 )
+from sora_jax.errors import UserError
 
 VERSION = 1
 RECORD_FORMAT = "sora_jax.data.records (SJC1, h264)"
@@ -325,23 +326,23 @@ def ingest(
 ) -> dict[str, Any]:
     """Writes (or finishes) the dataset folder ``out``; returns the report (also in ``out/report.json``).
 
-    Raises ValueError for a malformed captions file, a missing videos folder or out-of-range options.
+    Raises UserError for a malformed captions file, a missing videos folder or out-of-range options.
     """
     t_begin = time.perf_counter()
     opts = ClipOptions(float(clip_seconds), int(min_frames), int(max_short_side), int(crf))
     opts.check()
     workers = min(4, os.cpu_count() or 1) if workers is None else int(workers)
     if workers < 1 or videos_per_unit < 1 or not shard_mb > 0:
-        raise ValueError(
+        raise UserError(
             f"--workers ({workers}) and --videos_per_unit ({videos_per_unit}) must be >= 1 and --shard_mb "
             f"({shard_mb}) > 0"
         )
     videos, out = pathlib.Path(videos).absolute(), pathlib.Path(out).absolute()
     if not videos.is_dir():
-        raise ValueError(f"videos folder not found: {videos}")
+        raise UserError(f"videos folder not found: {videos}")
     rows = read_captions(captions)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
+        raise UserError(f"--out {out} exists and is not a folder")
     meta_path = out / "metadata.json"
     if meta_path.is_file():
         try:
@@ -349,7 +350,7 @@ def ingest(
         except (OSError, json.JSONDecodeError, AttributeError):
             generator = None
         if generator != "ingest":
-            raise ValueError(f"--out {out} holds a dataset not written by ingest; choose another folder")
+            raise UserError(f"--out {out} holds a dataset not written by ingest; choose another folder")
     (out / ".units").mkdir(parents=True, exist_ok=True)
 
     units = _units(rows, videos, out, opts, max(1, int(shard_mb * 2**20)), int(videos_per_unit))

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sora_jax.data.records import decode_clip, read_record
+from sora_jax.errors import UserError
 from sora_jax.parallel.sharding import BATCH_AXES
 
 Tokenizer = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
@@ -42,7 +43,7 @@ def read_metadata(path: str | pathlib.Path) -> dict[str, Any]:
     try:
         return json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_path} is not valid JSON ({e}); delete the folder and build it again") from e
+        raise UserError(f"{meta_path} is not valid JSON ({e}); delete the folder and build it again") from e
 
 
 def open_source(path: str | pathlib.Path, split: str) -> grain.sources.ArrayRecordDataSource:
@@ -51,7 +52,7 @@ def open_source(path: str | pathlib.Path, split: str) -> grain.sources.ArrayReco
     meta = read_metadata(path)
     splits = meta.get("splits", {})
     if split not in splits:
-        raise ValueError(f"dataset {path} has no split {split!r}; it has {sorted(splits)}")
+        raise UserError(f"dataset {path} has no split {split!r}; it has {sorted(splits)}")
     shards = [path / name for name in splits[split]["shards"]]
     absent = [p.name for p in shards if not p.is_file()]
     if not shards or absent:
@@ -113,7 +114,7 @@ def make_dataset(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is outside [0, process_count={process_count})")
     if global_batch_size < 1 or global_batch_size % process_count:
-        raise ValueError(
+        raise UserError(
             f"data batch size {global_batch_size} must be a positive multiple of the process count "
             f"{process_count}"
         )
@@ -213,7 +214,7 @@ def split_captions(data: str | pathlib.Path, split: str) -> list[str]:
     """Every caption of a split: from metadata.json when listed, else from the records' headers."""
     entry = read_metadata(data)["splits"].get(split)
     if entry is None:
-        raise ValueError(f"dataset {data} has no split {split!r}")
+        raise UserError(f"dataset {data} has no split {split!r}")
     if entry.get("captions") is not None:
         return list(entry["captions"])
     source = open_source(data, split)

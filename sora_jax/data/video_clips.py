@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from sora_jax.data.captions import Row
+from sora_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,13 +27,13 @@ class ClipOptions:
 
     def check(self) -> None:
         if not (math.isfinite(self.clip_seconds) and self.clip_seconds > 0):
-            raise ValueError(f"--clip_seconds must be > 0, got {self.clip_seconds}")
+            raise UserError(f"--clip_seconds must be > 0, got {self.clip_seconds}")
         if self.min_frames < 1:
-            raise ValueError(f"--min_frames must be >= 1, got {self.min_frames}")
+            raise UserError(f"--min_frames must be >= 1, got {self.min_frames}")
         if self.max_short_side < 2:
-            raise ValueError(f"--max_short_side must be >= 2, got {self.max_short_side}")
+            raise UserError(f"--max_short_side must be >= 2, got {self.max_short_side}")
         if not 0 <= self.crf <= 51:
-            raise ValueError(f"--crf must be in [0, 51] (H.264), got {self.crf}")
+            raise UserError(f"--crf must be in [0, 51] (H.264), got {self.crf}")
 
 
 class SkipVideo(Exception):

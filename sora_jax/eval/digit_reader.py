@@ -5,7 +5,7 @@ Input: uint8 [B, T, H, W, 3] videos of white digits on black (the bundled moving
 weights (``weights/digit_reader.npz``) were trained on 8-frame 32x32 clips (``ReaderConfig`` is stored in the
 file, with the accuracy measured on held-out clips). Videos with more frames are read from their first
 ``num_frames`` frames; videos whose size is an integer multiple of the trained size (e.g. a 128x128 MP4
-written by ``sample.video_io``) are block-averaged down; anything else raises a ValueError.
+written by ``sample.video_io``) are block-averaged down; anything else raises a ``UserError``.
 
 Model (about 0.2M parameters): every grey frame [H, W, 1] goes through the same four 3x3 convolutions
 (widths 24-48-96-96, strides 2-1-2-1, GroupNorm + GELU) -> a feature map [H/4, W/4, D] per frame; per digit
@@ -13,7 +13,7 @@ class k and frame t an attention map over the positions pools a feature and the 
 (a soft-argmax). Presence of digit k: an MLP on its features pooled over the frames (mean and max), so a
 digit that the other one covers in some frames is still read from the rest. Direction of digit k ("its
 initial direction"): an MLP shared by all classes on its trajectory (per-frame positions and steps) and its
-mean feature. Trained with BCE on presence and CE on direction where present (``train_reader``).
+mean feature. Trained with BCE on presence and CE on direction where present (``reader_training``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from sora_jax.errors import UserError
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -91,24 +93,24 @@ def preprocess(videos: np.ndarray | jax.Array, cfg: ReaderConfig) -> np.ndarray:
     """Checks and normalises videos uint8 [B, T, H, W, 3] -> float32 [B, num_frames, height, width] in [0, 1].
 
     Keeps the first ``cfg.num_frames`` frames; block-averages sizes that are an integer multiple of the
-    trained size; raises ValueError (naming the shape and what the reader accepts) otherwise.
+    trained size; raises UserError (naming the shape and what the reader accepts) otherwise.
     """
     videos = np.asarray(videos)
     if videos.ndim == 4 and videos.shape[-1] == 3:
-        raise ValueError(f"videos must be batched [B, T, H, W, 3], got {videos.shape}; add a leading axis")
+        raise UserError(f"videos must be batched [B, T, H, W, 3], got {videos.shape}; add a leading axis")
     if videos.ndim != 5 or videos.shape[-1] != 3:
-        raise ValueError(f"videos must be uint8 [B, T, H, W, 3], got shape {videos.shape}")
+        raise UserError(f"videos must be uint8 [B, T, H, W, 3], got shape {videos.shape}")
     if videos.dtype != np.uint8:
-        raise ValueError(f"videos must be uint8 (0..255), got {videos.dtype}")
+        raise UserError(f"videos must be uint8 (0..255), got {videos.dtype}")
     b, t, h, w, _ = videos.shape
     if t < cfg.num_frames:
-        raise ValueError(
+        raise UserError(
             f"the digit reader needs at least {cfg.num_frames} frames (it was trained on {cfg.num_frames}), "
             f"got {t}"
         )
     f = h // cfg.height if h % cfg.height == 0 else 0
     if f < 1 or w != f * cfg.width:
-        raise ValueError(
+        raise UserError(
             f"the digit reader reads {cfg.height}x{cfg.width} frames (or integer multiples of that size), "
             f"got {h}x{w}"
         )
@@ -206,11 +208,11 @@ def load_reader(path: str | os.PathLike | None = None) -> DigitReader:
     if not path.is_file():
         raise FileNotFoundError(
             f"no digit-reader weights at {path}; train them with "
-            "`python -m sora_jax.eval.train_reader --out sora_jax/eval/weights/digit_reader.npz`"
+            "`python -m sora_jax.eval.reader_training --out sora_jax/eval/weights/digit_reader.npz`"
         )
     with np.load(path, allow_pickle=False) as npz:
         if _CONFIG_KEY not in npz:
-            raise ValueError(f"{path} is not a digit-reader weights file (no {_CONFIG_KEY} entry)")
+            raise UserError(f"{path} is not a digit-reader weights file (no {_CONFIG_KEY} entry)")
         cfg = ReaderConfig.from_json(str(npz[_CONFIG_KEY]))
         arrays = {k: npz[k] for k in npz.files if k != _CONFIG_KEY}
     model = DigitReader(cfg, rngs=nnx.Rngs(0))
@@ -218,7 +220,7 @@ def load_reader(path: str | os.PathLike | None = None) -> DigitReader:
     for p, v in nnx.state(model, nnx.Param).flat_state():
         key = "/".join(map(str, p))
         if key not in arrays or arrays[key].shape != v.get_value().shape:
-            raise ValueError(f"{path}: parameter {key} missing or of the wrong shape")
+            raise UserError(f"{path}: parameter {key} missing or of the wrong shape")
         pairs.append((p, v.replace(jnp.asarray(arrays[key]))))
     nnx.update(model, nnx.State.from_flat_path(pairs))
     return model

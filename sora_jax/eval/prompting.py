@@ -70,14 +70,17 @@ def evaluate_prompting(
     out: str | Path | None = None,
     split: str = "test",
     pipeline=None,
+    use_ema: bool | None = None,
 ) -> dict:
-    """Runs the four checks (module docstring) and writes the report; returns the metrics."""
+    """Runs the four checks (module docstring) on ``num`` clips of ``split`` and writes the report; returns
+    the metrics. ``pipeline``: an already loaded one (else the workdir's, EMA weights unless ``use_ema`` is
+    False)."""
     from sora_jax.data.pipeline import dataset_dir
     from sora_jax.sample.pipeline import load_pipeline
     from sora_jax.sample.prompting import Prompter
     from sora_jax.sample.video_io import write_mp4
 
-    pipe = pipeline or load_pipeline(workdir)
+    pipe = pipeline or load_pipeline(workdir, use_ema=use_ema)
     p = Prompter.from_pipeline(pipe)
     out = Path(out) if out else Path(workdir) / "eval"
     out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from sora_jax.errors import UserError
 from sora_jax.models.autoencoder import float_to_video, video_to_float
 from sora_jax.models.vae import LATENT_STATS, latent_statistics
 
@@ -147,7 +148,7 @@ def evaluate_vae(
             break
     bar.close()
     if not seen:
-        raise ValueError(f"split {split!r} of {data} has no clips")
+        raise UserError(f"split {split!r} of {data} has no clips")
     originals, recons = np.concatenate(originals), np.concatenate(recons)
     p, s = psnr(originals, recons), ssim(originals, recons)
     metrics = {

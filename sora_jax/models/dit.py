@@ -327,7 +327,7 @@ def flops_per_token(cfg: DiTConfig, num_tokens: int, text_len: int) -> float:
     return float(cfg.depth * per_block + 2 * P * D + 2 * D * P + cond)
 
 
-def describe(cfg: DiTConfig) -> str:
+def summary(cfg: DiTConfig) -> str:
     """One line for logs: size, shape and parameter count."""
     n = param_count(cfg)
     return (

@@ -10,10 +10,11 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from sora_jax.errors import UserError
 from sora_jax.parallel.sharding import MESH_AXES
 
 
-class MeshError(ValueError):
+class MeshError(UserError):
     """The requested mesh does not fit the devices."""
 
 

@@ -26,13 +26,14 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from sora_jax.choices import SeqParallel
+from sora_jax.errors import UserError
 from sora_jax.parallel import sharding
 
 SEQ_PARALLEL = tuple(m.value for m in SeqParallel)
 SEQ_AXIS = "seq"
 
 
-class SequenceParallelError(ValueError):
+class SequenceParallelError(UserError):
     """The attention shapes do not split over the mesh's ``seq`` axis."""
 
 

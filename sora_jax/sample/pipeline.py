@@ -63,7 +63,7 @@ def load_pipeline(
     """
     cfg, step, abstract, params = loading.restore(workdir, step=step, use_ema=use_ema, **sample_overrides)
     ae = loading.load_autoencoder(cfg)
-    tokenizer = factory.make_tokenizer(cfg)
+    tokenizer = factory.make_text_input(cfg)
     params = jax.device_get(params)
     sampler = PmapSampler(
         abstract.graphdef,

@@ -7,7 +7,7 @@ Kept: the last ``keep`` plus every ``keep_every``-th step.
 Resuming (``restore_latest_good``) checks the newest checkpoint against the state the config builds (a
 different model is one line naming the config keys and parameters that differ), and when its files are
 unreadable (truncated, deleted, corrupted) moves it to ``<workdir>/checkpoints_corrupt/`` with a one-line
-warning and takes the previous one. ``describe`` lists a workdir's checkpoints (``sora-jax checkpoints``).
+warning and takes the previous one. ``list_checkpoints`` lists a workdir's checkpoints (``sora-jax checkpoints``).
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from sora_jax.errors import UserError
+
 log = logging.getLogger("sora_jax.train")
 
 
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one was required."""
+class CheckpointError(UserError, RuntimeError):
+    """No usable checkpoint where one was required (one line on the CLI)."""
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -237,7 +239,7 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def describe(workdir: str | Path) -> list[dict[str, Any]]:
+def list_checkpoints(workdir: str | Path) -> list[dict[str, Any]]:
     """One dict per checkpoint folder of ``workdir``: step, time, bytes, complete, config summary."""
     root = checkpoint_dir(workdir)
     if not root.is_dir():

@@ -148,7 +148,7 @@ def train_text_input(cfg: ml_collections.ConfigDict, workdir, source):
     """captions -> the model's text input for training: the tokenizer (trainable encoder), or a lookup in the
     train split's caption-embedding table (frozen encoder): ``<data>/text_emb-*.npz`` written by
     ``data_pipelines/encode_text.py``, else computed once here and kept in ``<workdir>/text_cache/``."""
-    tok = factory.make_tokenizer(cfg)
+    tok = factory.make_text_input(cfg)
     if TextEncoderKind(cfg.text.encoder) is TextEncoderKind.TRAINABLE:
         return tok.encode
     from sora_jax.text.frozen import EmbeddingTable, table_file

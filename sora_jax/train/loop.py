@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from sora_jax import factory, loading
 from sora_jax.choices import Task
-from sora_jax.config import task
+from sora_jax.config import ConfigError, task
 from sora_jax.data import pipeline
 from sora_jax.models.perceptual import load_perceptual
 from sora_jax.parallel import sharding
@@ -73,7 +73,7 @@ class _TaskStep:
 
 def _t2v_step(cfg: ml_collections.ConfigDict, graphdef, tx, lr_fn) -> _TaskStep:
     autoencoder = loading.load_autoencoder(cfg)
-    null_text, null_mask = factory.make_tokenizer(cfg).encode([""])
+    null_text, null_mask = factory.make_text_input(cfg).encode([""])
     loss_fn = make_loss_fn(
         graphdef,
         factory.make_process(cfg),
@@ -94,7 +94,9 @@ def _vae_step(cfg: ml_collections.ConfigDict, graphdef, tx, lr_fn) -> _TaskStep:
     frozen = {}
     if weights.perceptual > 0:
         if not v.get("perceptual_path"):
-            raise ValueError("config.vae.perceptual_weight > 0 needs config.vae.perceptual_path (VGG16 .npz)")
+            raise ConfigError(
+                "config.vae.perceptual_weight > 0 needs config.vae.perceptual_path (VGG16 .npz)"
+            )
         frozen["perceptual"] = load_perceptual(v.perceptual_path)
     if v.get("gan_weight", 0.0) <= 0:
         return _TaskStep(

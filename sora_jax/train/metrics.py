@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from clu import metrics as clu_metrics
 
+from sora_jax.errors import UserError
+
 
 def collection(names) -> type[clu_metrics.Collection]:
     """A clu Collection for a step's metric names: ``lr`` keeps its last value, the rest average."""
@@ -20,8 +22,8 @@ def collection(names) -> type[clu_metrics.Collection]:
     )
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/Inf; the message names the step."""
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The loss became NaN/Inf; the message names the step and what to change (one line on the CLI)."""
 
 
 def check_finite(steps: list[tuple[int, dict]]) -> None:

@@ -1,6 +1,6 @@
 """Trains the digit reader (the prompt-adherence evaluator) and writes its weights.
 
-    python -m sora_jax.eval.train_reader --out sora_jax/eval/weights/digit_reader.npz [--steps 1500]
+    python -m sora_jax.eval.reader_training --out sora_jax/eval/weights/digit_reader.npz [--steps 1500]
 
 The reader must read every (digit, direction) combination, including the pairs the video model never sees
 in training, so it trains on clips from *both* splits of ``sora_jax.data.moving_digits.generate`` drawn
@@ -9,7 +9,7 @@ pool overfits); it is measured on clips of each split drawn with seed 0.
 
 The shipped weights (0.989 of ``generate("test", 1000, seed=0)`` clips read exactly, digits 0.993,
 directions 0.995; train split 0.992) came from one run, about 20 minutes on one (shared) CPU core:
-    python -m sora_jax.eval.train_reader --steps 2600 --batch 32 --lr 2e-3 --augment 0.5 --seed 1000 \
+    python -m sora_jax.eval.reader_training --steps 2600 --batch 32 --lr 2e-3 --augment 0.5 --seed 1000 \
         --out sora_jax/eval/weights/digit_reader.npz
 """
 
@@ -151,7 +151,7 @@ def _speeds(specs: list[str]) -> tuple[tuple[float, float] | None, ...]:
         try:
             lo, hi = (float(v) for v in s.split(":"))
         except ValueError:
-            raise SystemExit(f"train_reader: --speeds wants 'default' or MIN:MAX, got {s!r}") from None
+            raise SystemExit(f"reader_training: --speeds wants 'default' or MIN:MAX, got {s!r}") from None
         out.append((lo, hi))
     return tuple(out)
 

