@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from sora_jax import api
-from sora_jax.sample.prompting import Prompter, read_image
+from sora_jax.sample.prompter import Prompter, read_image
 
 
 def _need(value, what: str, mode: str):
