@@ -89,7 +89,7 @@ def measure_long(cfg, seconds: float, steps: int, overlap: int) -> dict:
     from flax import nnx
 
     from sora_jax import factory
-    from sora_jax.sample.prompting import Prompter
+    from sora_jax.sample.prompter import Prompter
     from sora_jax.sample.sampler import JitSampler
 
     model = factory.make_model(cfg, cfg.seed)
@@ -103,9 +103,10 @@ def measure_long(cfg, seconds: float, steps: int, overlap: int) -> dict:
         sampler=cfg.diffusion.sampler,
         num_steps=steps,
         cfg_scale=cfg.diffusion.cfg_scale,
+        autoencoder=factory.make_autoencoder(cfg),
     )
     d = cfg.data
-    p = Prompter(sampler, factory.make_autoencoder(cfg), d.num_frames, d.height, d.width, float(d.fps))
+    p = Prompter(sampler, d.num_frames, d.height, d.width, float(d.fps))
     frames = []
     t0 = time.perf_counter()
     _, segments = p.long_video(

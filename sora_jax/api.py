@@ -13,7 +13,7 @@
 
 - ``load_pipeline(workdir, step=None, use_ema=None, sample_steps=, cfg_scale=, sampler=)`` -> ``Pipeline``
   (``config``, ``step``, ``params``, ``model``, ``generate(prompts, seed=, progress=)``). Video prompting
-  (i2v, extend, connect, edit, loop, long videos) is ``sora_jax.sample.prompting.Prompter.from_pipeline``.
+  (i2v, extend, connect, edit, loop, long videos) is ``sora_jax.sample.prompter.Prompter.from_pipeline``.
 - ``read_videos(videos uint8 [B, T, H, W, 3])`` -> per video a list of (digit 0-9, direction) pairs, the
   direction one of left right up down up-left up-right down-left down-right.
 - ``load_text_encoder("minilm" | folder, max_length=128, dtype="float32")`` -> an object with

@@ -144,7 +144,7 @@ def sample(
         paths = write_samples(out, videos_out, prompts, fps=pipe.config.data.fps)
         return f"wrote {len(paths['mp4'])} videos and {paths['contact_sheet']}"
 
-    from sora_jax.sample.prompting import Prompter
+    from sora_jax.sample.prompter import Prompter
 
     p = Prompter.from_pipeline(pipe, bucket=bucket, fsdp=fsdp, guidance_rescale=guidance_rescale)
     kw = {"seed": seed}
@@ -172,7 +172,7 @@ def sample(
 
 def _read_inputs(mode: SampleMode, image, videos: list) -> list[np.ndarray]:
     """The frames ``mode`` starts from: uint8 image ``[H, W, 3]`` or videos ``[T, H, W, 3]``, read now."""
-    from sora_jax.sample.prompting import read_image
+    from sora_jax.sample.prompter import read_image
     from sora_jax.sample.video_io import read_video
 
     images_wanted, videos_wanted = _INPUTS.get(mode, (0, 0))

@@ -75,7 +75,7 @@ def _prompting_samples(workdir: Path, pipe, long_seconds: float = 20.0) -> list[
     import numpy as np
 
     from sora_jax.eval.prompting import split_clips
-    from sora_jax.sample.prompting import Prompter
+    from sora_jax.sample.prompter import Prompter
     from sora_jax.sample.video_io import save_video
 
     cfg = pipe.config

@@ -48,3 +48,23 @@ def smoke_t2v():
         tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
     )
     return cfg, graphdef, params
+
+
+def _largest_constant(hlo_text: str) -> int:
+    """Elements of the largest constant array literal in lowered StableHLO text (``Lowered.as_text()``); splat
+    constants (one value broadcast) count 1. Frozen weights passed as arguments never show up here."""
+    import math
+    import re
+
+    assert "dense_resource<" not in hlo_text  # an elided literal would hide its size
+    sizes = [1]
+    for literal, shape in re.findall(r"stablehlo\.constant dense<(.)[^>]*> : tensor<([^>]*)>", hlo_text):
+        if literal in ('"', "["):  # hex blob or nested list: a full array
+            sizes.append(math.prod(int(d) for d in shape.split("x")[:-1]))
+    return max(sizes)
+
+
+@pytest.fixture(scope="session")
+def largest_constant():
+    """``f(hlo_text) -> int``: elements of the largest constant array compiled into a lowered function."""
+    return _largest_constant

@@ -43,6 +43,18 @@ def test_embeddings_are_the_encoders_output_and_cached(embedder):
     np.testing.assert_array_equal(again[0], emb[0])
 
 
+def test_encoder_weights_are_an_argument_not_constants(embedder, largest_constant):
+    ids, mask, _ = embedder.tokenizer.encode(["a 3 moving left", "a 7"], 16)
+    ids, mask = np.asarray(ids, np.int32), np.asarray(mask, bool)
+    lowered = embedder.encode_fn.lower(embedder.params, ids, mask)
+    assert max(w.size for w in jax.tree.leaves(embedder.params)) == 30522 * 384  # the word table
+    assert largest_constant(lowered.as_text()) < 1024
+    emb, _ = embedder.encode(["a 3 moving left", "a 7"])
+    np.testing.assert_allclose(
+        emb, np.asarray(lowered.compile()(embedder.params, ids, mask)) * mask[..., None], atol=1e-5
+    )
+
+
 def test_truncation_warns_once_per_prompt(embedder, caplog):
     long = "a digit moving left " * 10
     with caplog.at_level("WARNING", logger="sora_jax.text"):

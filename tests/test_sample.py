@@ -71,3 +71,96 @@ def test_write_samples(parts, tmp_path):
     back = read_video(paths["mp4"][0])
     assert back.shape[0] == cfg.data.num_frames
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# ----------------------------------------------------------------- frozen weights: arguments, not constants
+
+
+def _latent_setup(base_width: int):
+    """Latent diffusion through a smoke VAE of ``base_width`` with random weights: (config, codec, DiT graphdef,
+    DiT params). The DiT is the same for every width (4 latent channels)."""
+    import dataclasses
+
+    from flax import nnx
+
+    from configs import quickstart
+    from sora_jax.config import load_config
+    from sora_jax.models import vae as vae_lib
+
+    vcfg = vae_lib.vae_config("smoke", base_width=base_width)
+    cfg = load_config(
+        f"{quickstart.__file__}:smoke", ["--config.autoencoder.kind=vae", "--config.data.num_frames=5"]
+    )
+    with cfg.unlocked():
+        cfg.autoencoder.vae = dataclasses.asdict(vcfg)
+        cfg.autoencoder.shift, cfg.autoencoder.scale, cfg.autoencoder.vae_step = 0.1, 0.5, 0
+        cfg.model.patch_size = (1, 2, 2)
+    init = jax.jit(lambda: nnx.split(vae_lib.VideoVAE(vcfg, rngs=nnx.Rngs(0)), nnx.Param)[1])
+    codec = factory.vae_codec(vcfg, 0.1, 0.5).with_params(jax.device_get(init()))
+    graphdef, params = nnx.split(jax.jit(lambda: factory.make_model(cfg))(), nnx.Param)
+    return cfg, codec, graphdef, jax.device_get(params)
+
+
+@pytest.fixture(scope="module")
+def latent_setups():
+    return {w: _latent_setup(w) for w in (8, 32)}
+
+
+def _latent_samplers(cfg, codec, graphdef, params, **jit_kw):
+    from sora_jax.sample.sampler import JitSampler
+
+    common = dict(sampler="euler", num_steps=2, cfg_scale=3.0)
+    args = (factory.make_text_input(cfg), factory.make_process(cfg))
+    pm = PmapSampler(
+        graphdef, *args, codec, factory.latent_shape(cfg), devices=jax.local_devices()[:2], **common
+    )
+    js = JitSampler(graphdef, params, *args, factory.latent_shape(cfg), autoencoder=codec, **common, **jit_kw)
+    return pm, js
+
+
+def test_frozen_vae_weights_are_arguments_not_constants(latent_setups, largest_constant):
+    texts = {}
+    for width, (cfg, codec, graphdef, params) in latent_setups.items():
+        pm, js = _latent_samplers(cfg, codec, graphdef, params)
+        videos = np.zeros((2, 5, 16, 16, 3), np.uint8)
+        latents = np.zeros((2, *js.latent_shape), np.float32)
+        texts[width] = {
+            "pmap sample + decode": pm.lower(params, PROMPTS[:2]).as_text(),
+            "jit sample": js.lower(PROMPTS[:2]).as_text(),
+            "jit encode": js.encode_fn.lower(js.autoencoder.params, videos).as_text(),
+            "jit decode": js.decode_fn.lower(js.autoencoder.params, latents).as_text(),
+        }
+    small, big = texts[8], texts[32]
+    kernel = 3 * 3 * 3 * 3 * 8  # elements of the smallest VAE's first convolution kernel
+    for name in small:
+        assert largest_constant(small[name]) < kernel and largest_constant(big[name]) < kernel, name
+        # 15x the VAE's parameters, the same program: nothing of the weights is compiled in
+        assert len(big[name]) < 1.05 * len(small[name]), name
+    # the check sees weights when they are closed over
+    cfg, codec, _, _ = latent_setups[8]
+    closed = jax.jit(codec.decode).lower(np.zeros((1, *factory.latent_shape(cfg)), np.float32)).as_text()
+    assert largest_constant(closed) >= kernel
+
+
+def test_vae_latent_samplers_code_as_the_codec(latent_setups):
+    from sora_jax.models.autoencoder import float_to_video, video_to_float
+    from sora_jax.sample.prompter import fsdp_placement
+
+    cfg, codec, graphdef, params = latent_setups[8]
+    pm, js = _latent_samplers(cfg, codec, graphdef, params)
+    videos = np.random.default_rng(0).integers(0, 256, (2, 5, 16, 16, 3), dtype=np.uint8)
+    ref = np.asarray(codec.encode(video_to_float(videos)))
+    np.testing.assert_allclose(js.encode(videos), ref, atol=1e-5)
+    np.testing.assert_array_equal(js.decode(ref), float_to_video(np.asarray(codec.decode(ref))))
+    # the pmap sampler decodes inside its pmapped call what the jit sampler samples
+    latents = js.sample(PROMPTS[:2], seed=0)
+    expect = float_to_video(np.asarray(codec.decode(latents)))
+    np.testing.assert_allclose(pm.generate(params, PROMPTS[:2]).astype(int), expect.astype(int), atol=1)
+    # on an fsdp=8 mesh the VAE's weights are sharded by the rules table; coding is unchanged
+    mesh, shardings = fsdp_placement(cfg, 8)
+    _, sharded = _latent_samplers(cfg, codec, graphdef, params, mesh=mesh, param_sharding=shardings)
+    ae_leaves = jax.tree.leaves(sharded.autoencoder.params)
+    assert any(not leaf.sharding.is_fully_replicated for leaf in ae_leaves)
+    np.testing.assert_allclose(sharded.encode(videos), ref, atol=1e-5)
+    np.testing.assert_array_equal(sharded.decode(ref), js.decode(ref))
+    np.testing.assert_allclose(sharded.sample(PROMPTS[:2], seed=0), latents, atol=1e-4)

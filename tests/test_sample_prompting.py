@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from sora_jax import cli, factory
-from sora_jax.sample.prompting import Prompter, fit_frames, fsdp_placement, latent_frame_mask, pixel_frames
+from sora_jax.models.autoencoder import float_to_video, video_to_float
+from sora_jax.sample.prompter import Prompter, fit_frames, fsdp_placement, latent_frame_mask, pixel_frames
 from sora_jax.sample.sampler import JitSampler, PmapSampler
 
 
@@ -35,9 +36,8 @@ def _jit(cfg, graphdef, params, process=None, sampler="euler", num_steps=3, **kw
 def prompter(parts):
     cfg, graphdef, params = parts
     d = cfg.data
-    return Prompter(
-        _jit(cfg, graphdef, params), factory.make_autoencoder(cfg), d.num_frames, d.height, d.width, 8.0
-    )
+    sampler = _jit(cfg, graphdef, params, autoencoder=factory.make_autoencoder(cfg))
+    return Prompter(sampler, d.num_frames, d.height, d.width, 8.0)
 
 
 PROMPTS = ["a 3 moving left", "a 7 falls", "a 0 moves right while a 5 moves up"]
@@ -57,8 +57,6 @@ def test_jit_sampler_matches_pmap_sampler_on_one_and_eight_devices(parts):
         cfg_scale=3.0,
         devices=jax.local_devices()[:1],
     ).generate(params, PROMPTS, seed=0)
-    from sora_jax.models.autoencoder import float_to_video
-
     one = np.asarray(float_to_video(ae.decode(_jit(cfg, graphdef, params).sample(PROMPTS, seed=0))))
     np.testing.assert_allclose(one.astype(int), pm.astype(int), atol=1)
     # params sharded over an fsdp=8 mesh by the training rules, prompts padded to the batch multiple
@@ -98,6 +96,10 @@ def test_negative_prompt_changes_only_the_unconditional_branch(parts):
     assert np.abs(neg - base).max() > 1e-3
     with pytest.raises(ValueError, match="negative prompts"):
         s.sample(PROMPTS[:2], negative_prompts=["x"])
+    with pytest.raises(ValueError, match="needs both cond"):
+        s.sample(PROMPTS[:1], cond=np.zeros((1, *s.latent_shape), np.float32))
+    with pytest.raises(ValueError, match="init latents"):
+        s.sample(PROMPTS[:1], init=np.zeros((2, *s.latent_shape), np.float32), strength=0.5)
 
 
 def _grey(T, H, W, seed):
@@ -200,11 +202,18 @@ def test_sample_modes_bad_input_is_one_line(tmp_path, capsys, args, message):
 
 
 class _RecordingSampler:
-    """Stands in for JitSampler: records the conditioning and returns the given latents (zeros elsewhere)."""
+    """Stands in for JitSampler: records the conditioning and returns the given latents (zeros elsewhere);
+    codes through the autoencoder as JitSampler does."""
 
-    def __init__(self, latent_shape):
-        self.latent_shape = latent_shape
+    def __init__(self, autoencoder, latent_shape):
+        self.autoencoder, self.latent_shape = autoencoder, latent_shape
         self.calls = []
+
+    def encode(self, videos):
+        return np.asarray(self.autoencoder.encode(video_to_float(videos)))
+
+    def decode(self, latents):
+        return float_to_video(self.autoencoder.decode_chunked(latents))
 
     def sample(
         self, prompts, *, seed=0, cond=None, cond_mask=None, init=None, strength=1.0, negative_prompts=None
@@ -222,8 +231,8 @@ def test_prompting_through_a_causal_vae_gives_whole_latent_frames():
     model = vae_lib.VideoVAE(vae_lib.vae_config("smoke"), rngs=nnx.Rngs(0))
     codec = vae_lib.VAECodec(*nnx.split(model, nnx.Param), model.cfg, shift=0.1, scale=0.5)
     shape = codec.latent_shape(9, 16, 16)
-    rec = _RecordingSampler(shape)
-    p = Prompter(rec, codec, 9, 16, 16, 8.0)
+    rec = _RecordingSampler(codec, shape)
+    p = Prompter(rec, 9, 16, 16, 8.0)
     img = _grey(1, 16, 16, 0)[0]
     assert p.i2v("a 3", img).shape == (9, 16, 16, 3)
     cond, mask = rec.calls[-1]
@@ -250,8 +259,8 @@ def test_from_pipeline_picks_the_bucket(parts):
         config=cfg,
         graphdef=graphdef,
         params=params,
-        tokenizer=factory.make_text_input(cfg),
-        vae=factory.make_autoencoder(cfg),
+        text_input=factory.make_text_input(cfg),
+        autoencoder=factory.make_autoencoder(cfg),
     )
     default = Prompter.from_pipeline(pipe)
     assert (default.frames, default.height, default.width) == (

@@ -77,7 +77,7 @@ def evaluate_prompting(
     False)."""
     from sora_jax.data.pipeline import dataset_dir
     from sora_jax.sample.pipeline import load_pipeline
-    from sora_jax.sample.prompting import Prompter
+    from sora_jax.sample.prompter import Prompter
     from sora_jax.sample.video_io import write_mp4
 
     pipe = pipeline or load_pipeline(workdir, use_ema=use_ema)

@@ -2,7 +2,9 @@
 
 Owns: the ``Autoencoder`` protocol every codec implements (the causal 3D VAE in ``vae.py`` included),
 ``IdentityAutoencoder`` (pixel space, 3 channels, no downsampling), and the uint8 <-> [-1, 1] conversions
-``video_to_float`` / ``float_to_video`` used at the data and writer boundaries.
+``video_to_float`` / ``float_to_video`` used at the data and writer boundaries. A codec's weights are its
+``params`` (a pytree; none for the pixel codecs); jitted code takes them as an argument and rebinds them with
+``with_params``, so frozen weights never become compiled constants.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ class Autoencoder(Protocol):
     latent_channels: int
     temporal_downsample: int
     spatial_downsample: int
+    params: object  # the frozen weights, a pytree ({} for the pixel codecs, None for a weightless VAE)
+
+    def with_params(self, params) -> Autoencoder:
+        """The same codec over ``params`` (host or device arrays, or tracers inside a jitted function)."""
+        ...
 
     def latent_shape(self, T: int, H: int, W: int) -> tuple[int, int, int, int]:
         """(T', H', W', C) of the latents of a ``T x H x W`` video."""
@@ -41,6 +48,15 @@ class IdentityAutoencoder:
     latent_channels = 3
     temporal_downsample = 1
     spatial_downsample = 1
+
+    @property
+    def params(self) -> dict:
+        """No weights: the empty pytree."""
+        return {}
+
+    def with_params(self, params) -> IdentityAutoencoder:
+        """Itself: a pixel codec has no weights to bind."""
+        return self
 
     def latent_shape(self, T: int, H: int, W: int) -> tuple[int, int, int, int]:
         return (T, H, W, self.latent_channels)

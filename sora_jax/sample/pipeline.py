@@ -1,5 +1,10 @@
 """A trained text-to-video pipeline loaded from a workdir: config, autoencoder, text input, parameters and the
 pmap sampler, with ``generate(prompts)``. ``sora_jax.api.load_pipeline`` is this module's ``load_pipeline``.
+
+    pipe = load_pipeline("runs/demo")
+    videos = pipe.generate(["a 3 moving left"], seed=0)       # uint8 [B, T, H, W, 3]
+    z = pipe.autoencoder.encode(video_to_float(videos))       # latents [B, T', H', W', C] (or pixels)
+    emb, mask = pipe.text_input.encode(["a 3 moving left"])   # what the model's text branch takes
 """
 
 from __future__ import annotations
@@ -19,11 +24,17 @@ from sora_jax.sample.sampler import PmapSampler
 
 @dataclasses.dataclass
 class Pipeline:
-    """A trained text-to-video pipeline: config, autoencoder, tokenizer, model graph and (EMA) params."""
+    """A trained text-to-video pipeline: config, autoencoder (a trained VAE, or a pixel codec), text input,
+    model graph and (EMA) params, and the sampler.
+
+    ``text_input`` turns prompts into what the model's text branch takes: the HashWordTokenizer's ids
+    ``[B, L]`` for the trainable encoder, or a frozen encoder's features ``[B, L, F]`` (``FrozenTextEmbedder``:
+    MiniLM, T5), each with a mask ``[B, L]``.
+    """
 
     config: ml_collections.ConfigDict
-    vae: Autoencoder
-    tokenizer: object
+    autoencoder: Autoencoder
+    text_input: object
     graphdef: nnx.GraphDef
     params: nnx.State
     step: int
@@ -63,11 +74,11 @@ def load_pipeline(
     """
     cfg, step, abstract, params = loading.restore(workdir, step=step, use_ema=use_ema, **sample_overrides)
     ae = loading.load_autoencoder(cfg)
-    tokenizer = factory.make_text_input(cfg)
+    text_input = factory.make_text_input(cfg)
     params = jax.device_get(params)
     sampler = PmapSampler(
         abstract.graphdef,
-        tokenizer,
+        text_input,
         factory.make_process(cfg),
         ae,
         factory.latent_shape(cfg),
@@ -75,4 +86,4 @@ def load_pipeline(
         num_steps=cfg.diffusion.sample_steps,
         cfg_scale=cfg.diffusion.cfg_scale,
     )
-    return Pipeline(cfg, ae, tokenizer, abstract.graphdef, params, step, sampler)
+    return Pipeline(cfg, ae, text_input, abstract.graphdef, params, step, sampler)

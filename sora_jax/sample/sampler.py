@@ -1,13 +1,30 @@
-"""The samplers: ``PmapSampler`` (evaluation, replicated params, prompts split across local devices) and
-``JitSampler`` (``jax.jit`` over a mesh with params sharded by the training rules, for models too large for
-one device, and the one the video-prompting modes use: frame conditioning, SDEdit, negative prompts).
+"""The samplers: one sampling core and two front ends that place and compile it.
 
-Each prompt's noise comes from ``fold_in(key(seed), prompt_index)`` in both, so a prompt gives the same
-starting noise whatever the number of devices, the sampler or its position in the batch. PmapSampler passes
-parameters replicated with ``in_axes=None``.
+The core is pure: ``sample_latents(spec, params, inputs, strength)`` encodes the prompts and the negative
+(null) prompts with the model's text branch, draws each sample's noise from its own key, and runs the
+process's sampler with classifier-free guidance (and guidance rescale), frame conditioning and SDEdit;
+``decode_videos`` turns latents into uint8 pixels through an autoencoder whose weights come in as an
+argument. ``sample_inputs`` prepares one call's host inputs (text input, per-prompt keys, conditioning)
+and ``SampleInputs.padded`` repeats the last row up to a batch multiple.
+
+Front ends:
+- ``PmapSampler``: the evaluation sampler. ``jax.pmap`` over the local devices, parameters replicated with
+  ``in_axes=None``; prompts split across devices; samples and decodes in one call.
+- ``JitSampler``: ``jax.jit`` over a mesh with the parameters (the DiT's and the frozen autoencoder's)
+  placed by the rules table and the prompts sharded over its batch axes; for models larger than one device
+  and for the video-prompting modes (frame conditioning, SDEdit, negative prompts).
+
+Each prompt's noise comes from ``fold_in(key(seed), prompt_index)`` (``prompt_keys``), and every sample is
+drawn from its own key, so a prompt gives the same video whatever the front end, the device count or its
+position in the batch. Parameters are always arguments of the compiled functions, never constants.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,174 +33,338 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from sora_jax.diffusion.guidance import cfg_apply
-from sora_jax.models.autoencoder import Autoencoder, float_to_video
+from sora_jax.diffusion.process import Process
+from sora_jax.models.autoencoder import Autoencoder, float_to_video, video_to_float
 from sora_jax.parallel import sharding
+
+# ------------------------------------------------------------------------------------------------ the core
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SamplerSpec:
+    """What a sampler runs, fixed when it is built: the model's graph, the diffusion process and its
+    sampler over ``num_steps``, the latent shape ``(T', H', W', C)`` and the guidance."""
+
+    graphdef: nnx.GraphDef
+    process: Process
+    latent_shape: tuple[int, int, int, int]
+    sampler: str
+    num_steps: int
+    cfg_scale: float
+    guidance_rescale: float = 0.0
+
+
+class SampleInputs(NamedTuple):
+    """One sampling call's inputs; every leaf has leading dim B (host or device arrays).
+
+    text / negative: the text input's ``(ids int32 [B, L] or frozen features float32 [B, L, F], mask bool
+    [B, L])`` of the prompts and of the unconditional branch of classifier-free guidance (the empty prompt,
+    or negative prompts); keys: raw key data uint32 ``[B, 2]`` (``prompt_keys``); cond float32
+    ``[B, T', H', W', C]`` given on the frames where cond_mask bool ``[B, T']`` is set; init float32
+    ``[B, T', H', W', C]``: SDEdit's start. cond, cond_mask and init may be None.
+    """
+
+    text: tuple[np.ndarray, np.ndarray]
+    negative: tuple[np.ndarray, np.ndarray]
+    keys: np.ndarray
+    cond: np.ndarray | None = None
+    cond_mask: np.ndarray | None = None
+    init: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.keys)
+
+    def rows(self, index) -> SampleInputs:
+        """The rows ``index`` (a slice or an index array) of every leaf."""
+        return jax.tree.map(lambda a: a[index], self)
+
+    def padded(self, multiple: int) -> SampleInputs:
+        """``pad_rows`` of every leaf."""
+        return pad_rows(self, multiple)
+
+
+def pad_rows(tree, multiple: int):
+    """Every leaf ``[n, ...]`` of ``tree`` with its last row repeated up to a multiple of ``multiple`` rows
+    (the results for the copies are dropped)."""
+
+    def pad(a):
+        extra = -len(a) % multiple
+        return np.concatenate([a, np.repeat(a[-1:], extra, axis=0)]) if extra else a
+
+    return jax.tree.map(pad, tree)
+
+
+def prompt_keys(seed: int, n: int) -> np.ndarray:
+    """Raw key data uint32 ``[n, 2]``: ``fold_in(key(seed), i)`` for prompt i (the samplers' per-prompt keys)."""
+    base = jax.random.key(seed)
+    return np.stack([jax.random.key_data(jax.random.fold_in(base, i)) for i in range(n)])
+
+
+def sample_inputs(
+    text_input,
+    prompts: Sequence[str],
+    latent_shape: tuple[int, int, int, int],
+    *,
+    seed: int = 0,
+    negative_prompts: Sequence[str] | None = None,
+    cond: np.ndarray | None = None,
+    cond_mask: np.ndarray | None = None,
+    init: np.ndarray | None = None,
+) -> SampleInputs:
+    """Host inputs for B prompts: ``text_input.encode`` (a tokenizer or a frozen embedder) of the prompts and
+    of the negative prompts (default: the empty prompt, the null caption of classifier-free guidance),
+    the per-prompt keys of ``seed``, and the conditioning checked against ``[B, *latent_shape]``."""
+    n = len(prompts)
+    negative = list(negative_prompts) if negative_prompts else [""] * n
+    if len(negative) != n:
+        raise ValueError(f"got {len(negative)} negative prompts for {n} prompts")
+    shape = (n, *latent_shape)
+    if (cond is None) != (cond_mask is None):
+        raise ValueError("frame conditioning needs both cond (latents) and cond_mask (the given frames)")
+    if cond is not None:
+        cond, cond_mask = np.asarray(cond, np.float32), np.asarray(cond_mask, bool)
+        if cond.shape != shape:
+            raise ValueError(f"cond latents {cond.shape} do not match the model's {shape}")
+        if cond_mask.shape != shape[:2]:
+            raise ValueError(f"cond_mask {cond_mask.shape} is not [{n}, {latent_shape[0]}]")
+    if init is not None:
+        init = np.asarray(init, np.float32)
+        if init.shape != shape:
+            raise ValueError(f"init latents {init.shape} do not match the model's {shape}")
+    ids, mask = text_input.encode(list(prompts))
+    neg_ids, neg_mask = text_input.encode(negative)
+    return SampleInputs(
+        (np.asarray(ids), np.asarray(mask)),
+        (np.asarray(neg_ids), np.asarray(neg_mask)),
+        prompt_keys(seed, n),
+        cond,
+        cond_mask,
+        init,
+    )
+
+
+def sample_latents(spec: SamplerSpec, params, inputs: SampleInputs, strength: float = 1.0) -> jax.Array:
+    """Latents float32 ``[B, T', H', W', C]`` of the B samples of ``inputs`` under the model ``params``.
+
+    Sample b starts from noise drawn with the first half of its key and gives the second half to the
+    stochastic samplers; the model sees ``[prompts; negatives]`` in one call per step (classifier-free
+    guidance with ``spec.cfg_scale`` and ``spec.guidance_rescale``). ``strength`` < 1 with ``inputs.init``
+    is SDEdit (a static Python float). Traceable: jit or pmap it.
+    """
+    model = nnx.merge(spec.graphdef, params)
+    ctx, ctx_mask = model.encode_text(*inputs.text)
+    null_ctx, null_mask = model.encode_text(*inputs.negative)
+    pairs = jax.vmap(lambda k: jax.random.split(jax.random.wrap_key_data(k)))(inputs.keys)
+    noise = jax.vmap(lambda k: jax.random.normal(k, (1, *spec.latent_shape)))(pairs[:, 0])[:, 0]
+    guided = cfg_apply(
+        lambda x, t, c: model.denoise(x, t, c[0], c[1]),
+        (jnp.concatenate([ctx, null_ctx]), jnp.concatenate([ctx_mask, null_mask])),
+        spec.cfg_scale,
+        rescale=spec.guidance_rescale,
+    )
+    return spec.process.sample(
+        guided,
+        noise,
+        pairs[:, 1],  # typed keys [B]: a sample's stochastic steps do not depend on its batch
+        sampler=spec.sampler,
+        num_steps=spec.num_steps,
+        cond=inputs.cond,
+        cond_mask=inputs.cond_mask,
+        init=inputs.init,
+        strength=strength,
+    )
+
+
+def decode_videos(autoencoder: Autoencoder, ae_params, latents: jax.Array) -> jax.Array:
+    """latents ``[B, T', H', W', C]`` -> uint8 videos ``[B, T, H, W, 3]`` through ``autoencoder`` over
+    ``ae_params`` (an argument of the jitted caller, so the weights are not compiled in)."""
+    return float_to_video(autoencoder.with_params(ae_params).decode(latents))
+
+
+def encode_videos(autoencoder: Autoencoder, ae_params, videos: jax.Array) -> jax.Array:
+    """uint8 videos ``[B, T, H, W, 3]`` -> latents float32 ``[B, T', H', W', C]`` (as ``decode_videos``)."""
+    return autoencoder.with_params(ae_params).encode(video_to_float(videos))
+
+
+# ------------------------------------------------------------------------------------------- front ends
 
 
 class PmapSampler:
-    """Generates uint8 videos [B, T, H, W, 3] from prompts with a TextToVideo model's (EMA) params."""
+    """Generates uint8 videos ``[B, T, H, W, 3]`` from prompts with a TextToVideo model's (EMA) params:
+    ``jax.pmap`` over ``devices`` (default: the local devices), params and the autoencoder's weights
+    replicated with ``in_axes=None``, prompts padded to a multiple of the device count and split across
+    devices. ``generate_fn(params, ae_params, inputs)`` is the pmapped function (inputs ``[D, n, ...]``)."""
 
     def __init__(
         self,
         graphdef: nnx.GraphDef,
-        tokenizer,
-        process,
+        text_input,
+        process: Process,
         autoencoder: Autoencoder,
         latent_shape: tuple[int, int, int, int],
         *,
         sampler: str,
         num_steps: int,
         cfg_scale: float,
+        guidance_rescale: float = 0.0,
         devices: list[jax.Device] | None = None,
     ):
-        self.graphdef, self.tokenizer, self.process, self.autoencoder = (
-            graphdef,
-            tokenizer,
-            process,
-            autoencoder,
+        self.spec = SamplerSpec(
+            graphdef, process, tuple(latent_shape), sampler, num_steps, cfg_scale, float(guidance_rescale)
         )
-        self.latent_shape = tuple(latent_shape)
-        self.sampler, self.num_steps, self.cfg_scale = sampler, num_steps, cfg_scale
+        self.text_input, self.autoencoder = text_input, autoencoder
         self.devices = devices or jax.local_devices()
-        null_ids, null_mask = tokenizer.encode([""])
-        self._null = (jnp.asarray(null_ids[0]), jnp.asarray(null_mask[0]))
-        self._pmapped = jax.pmap(self._generate_shard, in_axes=(None, 0, 0, 0), devices=self.devices)
+        spec, codec = self.spec, autoencoder.with_params(None)  # the weights come in as ae_params
 
-    def _generate_shard(self, params, ids, mask, keys):
-        """One device: ids/mask [n, L], keys [n, 2] -> uint8 videos [n, T, H, W, 3].
+        def generate_shard(params, ae_params, inputs):
+            return decode_videos(codec, ae_params, sample_latents(spec, params, inputs))
 
-        Each sample is vmapped on its own (batch 1, CFG doubling it to 2) with its own key, so stochastic
-        samplers too give a prompt the same video whatever the device count.
-        """
-        model = nnx.merge(self.graphdef, params)
-        ctx, ctx_mask = model.encode_text(ids, mask)
-        null_ctx, null_mask = model.encode_text(self._null[0][None], self._null[1][None])
+        self.generate_fn = jax.pmap(generate_shard, in_axes=(None, None, 0), devices=self.devices)
 
-        def apply_cond(x_t, t, cond):
-            return model.denoise(x_t, t, cond[0], cond[1])
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        return self.spec.latent_shape
 
-        def one(key, c, m):
-            key = jax.random.wrap_key_data(key)
-            k_noise, k_sample = jax.random.split(key)
-            noise = jax.random.normal(k_noise, (1, *self.latent_shape))
-            cond = (jnp.concatenate([c[None], null_ctx]), jnp.concatenate([m[None], null_mask]))
-            apply_fn = cfg_apply(apply_cond, cond, self.cfg_scale)
-            return self.process.sample(
-                apply_fn, noise, k_sample, sampler=self.sampler, num_steps=self.num_steps
-            )[0]
+    def _split(self, inputs: SampleInputs) -> SampleInputs:
+        """Rows ``[n, ...]`` -> ``[D, ceil(n / D), ...]`` (padded)."""
+        d = len(self.devices)
+        return jax.tree.map(lambda a: a.reshape(d, -1, *a.shape[1:]), inputs.padded(d))
 
-        latents = jax.vmap(one)(keys, ctx, ctx_mask)
-        return float_to_video(self.autoencoder.decode(latents))
+    def lower(self, params, prompts: list[str], *, seed: int = 0) -> jax.stages.Lowered:
+        """The pmapped call for ``prompts`` in one chunk, lowered (``.as_text()``, ``.compile()``)."""
+        inputs = sample_inputs(self.text_input, prompts, self.latent_shape, seed=seed)
+        return self.generate_fn.lower(params, self.autoencoder.params, self._split(inputs))
 
     def generate(
-        self, params, prompts: list[str], *, seed: int = 0, batch_per_device: int = 4, progress: bool = False
+        self,
+        params,
+        prompts: list[str],
+        *,
+        seed: int = 0,
+        negative_prompts: list[str] | None = None,
+        batch_per_device: int = 4,
+        progress: bool = False,
     ) -> np.ndarray:
-        """uint8 [len(prompts), T, H, W, 3]; prompts are padded up to a multiple of the device count."""
-        ids, mask = self.tokenizer.encode(list(prompts))
-        keys = prompt_keys(seed, len(prompts))
-        d = len(self.devices)
-        chunk = d * batch_per_device
+        """uint8 ``[len(prompts), T, H, W, 3]``, in chunks of ``batch_per_device`` prompts per device."""
+        inputs = sample_inputs(
+            self.text_input, prompts, self.latent_shape, seed=seed, negative_prompts=negative_prompts
+        )
+        chunk = len(self.devices) * batch_per_device
         out = []
         for start in tqdm(range(0, len(prompts), chunk), desc="sample", disable=not progress):
-            sl = slice(start, start + chunk)
-            n = len(ids[sl])
-            per = -(-n // d)
-            pad = per * d - n
-
-            def shard(a, per=per, pad=pad):
-                a = np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a
-                return a.reshape(d, per, *a.shape[1:])
-
-            videos = self._pmapped(params, shard(ids[sl]), shard(mask[sl]), shard(keys[sl]))
-            out.append(np.asarray(videos).reshape(d * per, *videos.shape[2:])[:n])
+            part = inputs.rows(slice(start, start + chunk))
+            videos = self.generate_fn(params, self.autoencoder.params, self._split(part))
+            out.append(np.asarray(videos).reshape(-1, *videos.shape[2:])[: part.size])
         return np.concatenate(out)
 
 
-def prompt_keys(seed: int, n: int) -> np.ndarray:
-    """Raw key data [n, 2]: ``fold_in(key(seed), i)`` for prompt i (the samplers' per-prompt keys)."""
-    base = jax.random.key(seed)
-    return np.stack([jax.random.key_data(jax.random.fold_in(base, i)) for i in range(n)])
-
-
 class JitSampler:
-    """Samples latents ``[B, T', H', W', C]`` with ``jax.jit`` over a mesh; params sharded as in training.
+    """Samples latents ``[B, T', H', W', C]`` with ``jax.jit`` over a mesh; also encodes and decodes through
+    the frozen ``autoencoder`` when given one.
 
-    ``mesh`` and ``param_sharding`` (the ``params`` subtree of ``loop.build_train_fns``'s state shardings)
-    place the parameters; without them everything lives on the first local device. Prompts are padded to a
-    multiple of the mesh's batch axes (data x fsdp) and sharded over them.
+    ``mesh`` places the DiT's parameters (``param_sharding``, the abstract state's shardings, or else the
+    rules table's) and the autoencoder's weights (the rules table's), and shards prompts over the rules
+    table's batch axes (padded to a multiple of them); without a mesh everything lives on the first local
+    device. ``sample_fn(params, inputs, strength)``, ``encode_fn(ae_params, videos)`` and
+    ``decode_fn(ae_params, latents)`` are the jitted functions (``.lower(...)`` them to inspect or compile
+    ahead of time).
     """
 
     def __init__(
         self,
         graphdef: nnx.GraphDef,
         params,
-        tokenizer,
-        process,
+        text_input,
+        process: Process,
         latent_shape: tuple[int, int, int, int],
         *,
         sampler: str,
         num_steps: int,
         cfg_scale: float,
         guidance_rescale: float = 0.0,
-        mesh=None,
+        autoencoder: Autoencoder | None = None,
+        mesh: jax.sharding.Mesh | None = None,
         param_sharding=None,
     ):
-        self.graphdef, self.tokenizer, self.process = graphdef, tokenizer, process
-        self.latent_shape = tuple(latent_shape)
-        self.sampler, self.num_steps, self.cfg_scale = sampler, num_steps, cfg_scale
-        self.guidance_rescale = float(guidance_rescale)
-        self.mesh = mesh
-        if mesh is not None and param_sharding is not None:
-            self.params = jax.device_put(params, param_sharding)
-        else:
-            self.params = jax.device_put(params, jax.local_devices()[0])
-        self._fns: dict = {}
+        self.spec = SamplerSpec(
+            graphdef, process, tuple(latent_shape), sampler, num_steps, cfg_scale, float(guidance_rescale)
+        )
+        self.text_input, self.mesh = text_input, mesh
+        self.params = self._place(params, param_sharding)
+        self.autoencoder = None
+        if autoencoder is not None:
+            self.autoencoder = autoencoder.with_params(self._place(autoencoder.params))
+        spec, codec = self.spec, None if autoencoder is None else autoencoder.with_params(None)
+        self.sample_fn = self._jit(
+            lambda params, inputs, strength: sample_latents(spec, params, inputs, strength),
+            static_argnames="strength",
+        )
+        self.encode_fn = self._jit(lambda ae_params, videos: encode_videos(codec, ae_params, videos))
+        self.decode_fn = self._jit(lambda ae_params, latents: decode_videos(codec, ae_params, latents))
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        return self.spec.latent_shape
 
     @property
     def batch_multiple(self) -> int:
-        return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        """Rows a call is padded to a multiple of: the product of the mesh's batch axes (1 without a mesh)."""
+        return 1 if self.mesh is None else math.prod(self.mesh.shape[a] for a in sharding.BATCH_AXES)
 
-    def _fn(self, strength: float, conditioned: bool, edited: bool):
-        key = (float(strength), conditioned, edited)
-        if key in self._fns:
-            return self._fns[key]
-
-        def run(params, ids, mask, neg_ids, neg_mask, keys, cond, cond_mask, init):
-            model = nnx.merge(self.graphdef, params)
-            ctx, ctx_mask = model.encode_text(ids, mask)
-            nctx, nmask = model.encode_text(neg_ids, neg_mask)
-            pairs = jax.vmap(lambda k: jax.random.split(jax.random.wrap_key_data(k)))(keys)
-            noise = jax.vmap(lambda k: jax.random.normal(k, (1, *self.latent_shape)))(pairs[:, 0])[:, 0]
-            guided = cfg_apply(
-                lambda x, t, c: model.denoise(x, t, c[0], c[1]),
-                (jnp.concatenate([ctx, nctx]), jnp.concatenate([ctx_mask, nmask])),
-                self.cfg_scale,
-                rescale=self.guidance_rescale,
-            )
-            return self.process.sample(
-                guided,
-                noise,
-                pairs[:, 1],  # per-sample keys: a prompt's video does not depend on its batch
-                sampler=self.sampler,
-                num_steps=self.num_steps,
-                cond=cond if conditioned else None,
-                cond_mask=cond_mask if conditioned else None,
-                init=init if edited else None,
-                strength=strength,
-            )
-
+    def _place(self, tree, shardings=None):
         if self.mesh is None:
-            fn = jax.jit(run)
-        else:
-            mesh = self.mesh
+            return jax.device_put(tree, jax.local_devices()[0])
+        if shardings is None:
+            shardings = sharding.state_shardings(tree, self.mesh)
+        return jax.device_put(tree, shardings)
 
-            def sharded(*args):
-                with sharding.activation_sharding(mesh):
-                    return run(*args)
+    def _jit(self, fn: Callable, **jit_kw) -> Callable:
+        """``jax.jit(fn)`` traced under the mesh's activation sharding (a no-op without a mesh)."""
+        mesh = self.mesh
 
-            fn = jax.jit(sharded)
-        self._fns[key] = fn
-        return fn
+        def traced(*args, **kw):
+            with sharding.activation_sharding(mesh):
+                return fn(*args, **kw)
+
+        return jax.jit(traced, **jit_kw)
+
+    def _batch(self, tree):
+        """Host rows (a pytree, leading dim B) padded to the batch multiple and, on a mesh, sharded over its
+        batch axes."""
+        tree = pad_rows(tree, self.batch_multiple)
+        if self.mesh is None:
+            return tree
+        return jax.tree.map(lambda a: jax.device_put(a, sharding.batch_sharding(self.mesh, a.ndim)), tree)
+
+    def _inputs(self, prompts, seed, cond, cond_mask, init, negative_prompts) -> SampleInputs:
+        return self._batch(
+            sample_inputs(
+                self.text_input,
+                prompts,
+                self.latent_shape,
+                seed=seed,
+                negative_prompts=negative_prompts,
+                cond=cond,
+                cond_mask=cond_mask,
+                init=init,
+            )
+        )
+
+    def lower(
+        self,
+        prompts: list[str],
+        *,
+        seed: int = 0,
+        cond: np.ndarray | None = None,
+        cond_mask: np.ndarray | None = None,
+        init: np.ndarray | None = None,
+        strength: float = 1.0,
+        negative_prompts: list[str] | None = None,
+    ) -> jax.stages.Lowered:
+        """``sample``'s jitted call, lowered (``.as_text()``, ``.compile().memory_analysis()``)."""
+        inputs = self._inputs(prompts, seed, cond, cond_mask, init, negative_prompts)
+        return self.sample_fn.lower(self.params, inputs, strength=float(strength))
 
     def sample(
         self,
@@ -202,31 +383,27 @@ class JitSampler:
         ``[B, T']`` is set (returned exactly); init + strength: SDEdit from ``init`` latents; negative_prompts:
         B prompts that replace the empty caption as the unconditional branch of classifier-free guidance.
         """
-        n = len(prompts)
-        ids, mask = self.tokenizer.encode(list(prompts))
-        neg = list(negative_prompts) if negative_prompts else [""] * n
-        if len(neg) != n:
-            raise ValueError(f"got {len(neg)} negative prompts for {n} prompts")
-        nids, nmask = self.tokenizer.encode(neg)
-        keys = prompt_keys(seed, n)
-        zeros = np.zeros((n, *self.latent_shape), np.float32)
-        cond_a = zeros if cond is None else np.asarray(cond, np.float32)
-        mask_a = (
-            np.zeros((n, self.latent_shape[0]), bool) if cond_mask is None else np.asarray(cond_mask, bool)
-        )
-        init_a = zeros if init is None else np.asarray(init, np.float32)
-        for name, a in (("cond", cond_a), ("init", init_a)):
-            if a.shape != zeros.shape:
-                raise ValueError(f"{name} latents {a.shape} do not match the model's {zeros.shape}")
-        if mask_a.shape != (n, self.latent_shape[0]):
-            raise ValueError(f"cond_mask {mask_a.shape} is not [{n}, {self.latent_shape[0]}]")
-        args = [ids, mask, nids, nmask, keys, cond_a, mask_a, init_a]
-        m = self.batch_multiple
-        pad = -n % m
-        if pad:
-            args = [np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) for a in args]
-        if self.mesh is not None:
-            batch = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-            args = [jax.device_put(a, batch) for a in args]
-        fn = self._fn(strength, cond_mask is not None, init is not None)
-        return np.asarray(jax.device_get(fn(self.params, *args)))[:n]
+        inputs = self._inputs(prompts, seed, cond, cond_mask, init, negative_prompts)
+        latents = self.sample_fn(self.params, inputs, strength=float(strength))
+        return np.asarray(jax.device_get(latents))[: len(prompts)]
+
+    def _codec(self) -> Autoencoder:
+        if self.autoencoder is None:
+            raise ValueError("this JitSampler was built without an autoencoder (pass autoencoder=...)")
+        return self.autoencoder
+
+    def encode(self, videos: np.ndarray) -> np.ndarray:
+        """uint8 videos ``[B, T, H, W, 3]`` -> latents float32 ``[B, T', H', W', C]``."""
+        videos = np.asarray(videos)
+        out = self.encode_fn(self._codec().params, self._batch(videos))
+        return np.asarray(jax.device_get(out))[: len(videos)]
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """latents ``[B, T', H', W', C]`` -> uint8 videos ``[B, T, H, W, 3]``. A codec with causal caches (the
+        VAE) decodes one latent chunk at a time (``decode_chunked``: equal to the full decode, memory bounded
+        by a chunk; its jitted step takes the weights as an argument too)."""
+        ae, latents = self._codec(), np.asarray(latents, np.float32)
+        if hasattr(ae, "decode_chunked"):
+            return float_to_video(np.asarray(ae.decode_chunked(latents), np.float32))
+        out = self.decode_fn(ae.params, self._batch(latents))
+        return np.asarray(jax.device_get(out))[: len(latents)]

@@ -7,8 +7,9 @@ trainable adapter (``TextAdapter``: RMSNorm + linear to the DiT's text width) in
 
 Owns:
 - ``FrozenTextEmbedder``: loads ``minilm`` (the bundled all-MiniLM-L6-v2) or ``t5`` (a T5 / UMT5 folder),
-  runs it jitted in padded batches, keeps an in-memory LRU of per-prompt embeddings (sampling asks for the
-  same prompts again and again) and warns once per prompt that is truncated to ``max_length``.
+  runs it jitted in padded batches (its weights an argument, not compiled-in constants), keeps an in-memory
+  LRU of per-prompt embeddings (sampling asks for the same prompts again and again) and warns once per
+  prompt that is truncated to ``max_length``.
   ``encode([""])`` is the classifier-free-guidance null embedding.
 - ``EmbeddingTable``: caption -> embedding rows computed once for a whole dataset (float16 + masks, saved
   as ``.npz`` by ``data_pipelines/encode_text.py`` or the trainer), picklable and cheap, so grain worker
@@ -55,7 +56,10 @@ def _load(kind: str, path: str, dtype):
 
 
 class FrozenTextEmbedder:
-    """texts -> (float32 ``[B, L, D]``, bool ``[B, L]``) from a frozen pretrained encoder, LRU-cached."""
+    """texts -> (float32 ``[B, L, D]``, bool ``[B, L]``) from a frozen pretrained encoder, LRU-cached.
+
+    ``params`` holds the encoder's weights; ``encode_fn(params, ids int32 [B, L], mask bool [B, L])`` is the
+    jitted encoder (features ``[B, L, D]`` before masking)."""
 
     def __init__(
         self,
@@ -69,12 +73,12 @@ class FrozenTextEmbedder:
     ):
         self.kind, self.path, self.max_length = kind, path, int(max_length)
         module, self.tokenizer = _load(kind, path, as_dtype(dtype))
-        graphdef, state = nnx.split(module)
-        self._state = state
-        self._fn = jax.jit(lambda st, ids, mask: _features(nnx.merge(graphdef, st)(ids, mask)))
+        graphdef, self.params = nnx.split(module)
+        # the frozen weights are an argument, never compiled in as constants
+        self.encode_fn = jax.jit(lambda params, ids, mask: _features(nnx.merge(graphdef, params)(ids, mask)))
         probe = jax.eval_shape(
-            self._fn,
-            state,
+            self.encode_fn,
+            self.params,
             jax.ShapeDtypeStruct((1, self.max_length), jnp.int32),
             jax.ShapeDtypeStruct((1, self.max_length), jnp.bool_),
         )
@@ -113,7 +117,7 @@ class FrozenTextEmbedder:
             if rows > k:  # pad with copies of the first row (an all-padding row could make NaNs)
                 ci = np.concatenate([ci, np.repeat(ci[:1], rows - k, 0)])
                 cm = np.concatenate([cm, np.repeat(cm[:1], rows - k, 0)])
-            out.append(np.asarray(self._fn(self._state, ci, cm), np.float32)[:k])
+            out.append(np.asarray(self.encode_fn(self.params, ci, cm), np.float32)[:k])
         return np.concatenate(out) * mask[:, :, None], mask
 
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""Video prompting: text-to-video, image-to-video, extend forward/backward, connect, edit, loop, long videos.
+"""The video prompter, ``Prompter``: text-to-video, image-to-video, extend forward/backward, connect, edit,
+loop, long videos.
 
 Every mode is one mechanism (``sora_jax/diffusion/masks.py``): a pixel *template* clip of the model's
 shape holds the given frames (an image, the end of a video, ...), the autoencoder encodes it, and the latent
@@ -29,10 +30,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sora_jax.models.autoencoder import Autoencoder, float_to_video, video_to_float
+from sora_jax.models.autoencoder import Autoencoder
 from sora_jax.sample.sampler import JitSampler
-
-MODES = ("t2v", "i2v", "extend", "connect", "edit", "loop", "long")
 
 
 def fit_frames(video: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -111,10 +110,9 @@ def fsdp_placement(cfg, fsdp: int):
 
 @dataclasses.dataclass
 class Prompter:
-    """A ``JitSampler`` + autoencoder at the model's clip shape ``frames x height x width``."""
+    """A ``JitSampler`` (with its autoencoder) at the model's clip shape ``frames x height x width``."""
 
     sampler: JitSampler
-    autoencoder: Autoencoder
     frames: int
     height: int
     width: int
@@ -131,7 +129,7 @@ class Prompter:
         param_sharding=None,
         guidance_rescale: float = 0.0,
     ) -> Prompter:
-        """From ``api.load_pipeline``'s Pipeline (its config, process, text input and params).
+        """From ``api.load_pipeline``'s Pipeline (its config, autoencoder, text input and params).
 
         ``bucket`` "TxHxW" picks the clip shape (default: the config's first ``data.buckets`` entry, else
         ``data.num_frames`` x ``height`` x ``width``); ``fsdp`` > 0 shards the parameters over that many local
@@ -143,29 +141,31 @@ class Prompter:
         spec = bucket or cfg.data.get("buckets", "")
         d = cfg.data
         T, H, W = parse_buckets(spec)[0].shape if spec else (d.num_frames, d.height, d.width)
-        latent = tuple(pipe.vae.latent_shape(T, H, W))
+        latent = tuple(pipe.autoencoder.latent_shape(T, H, W))
         if fsdp:
             mesh, param_sharding = fsdp_placement(cfg, fsdp)
         sampler = JitSampler(
             pipe.graphdef,
             pipe.params,
-            pipe.tokenizer,
+            pipe.text_input,
             factory.make_process(cfg),
             latent,
             sampler=cfg.diffusion.sampler,
             num_steps=cfg.diffusion.sample_steps,
             cfg_scale=cfg.diffusion.cfg_scale,
             guidance_rescale=guidance_rescale,
+            autoencoder=pipe.autoencoder,
             mesh=mesh,
             param_sharding=param_sharding,
         )
-        return cls(sampler, pipe.vae, T, H, W, float(d.fps))
-
-    def __post_init__(self):
-        self._encode = jax.jit(self.autoencoder.encode)
-        self._decode = jax.jit(self.autoencoder.decode)
+        return cls(sampler, T, H, W, float(d.fps))
 
     # ------------------------------------------------------------------------------------------ plumbing
+
+    @property
+    def autoencoder(self) -> Autoencoder:
+        """The sampler's autoencoder (its weights placed where the sampler runs)."""
+        return self.sampler.autoencoder
 
     @property
     def f(self) -> int:
@@ -179,15 +179,13 @@ class Prompter:
         return pixel_frames(overlap, self.f)
 
     def encode(self, videos: np.ndarray) -> np.ndarray:
-        """uint8 ``[B, T, H, W, 3]`` -> latents float32 ``[B, T', H', W', C]``."""
-        return np.asarray(self._encode(video_to_float(np.asarray(videos))))
+        """uint8 ``[B, T, H, W, 3]`` -> latents float32 ``[B, T', H', W', C]`` (``JitSampler.encode``)."""
+        return self.sampler.encode(videos)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """latents ``[B, T', H', W', C]`` -> uint8 ``[B, T, H, W, 3]``; a VAE decodes in causal chunks
-        (``VAECodec.decode_chunked``: equal to the full decode, memory bounded by a chunk)."""
-        if hasattr(self.autoencoder, "decode_chunked"):
-            return float_to_video(np.asarray(self.autoencoder.decode_chunked(latents), np.float32))
-        return np.asarray(float_to_video(self._decode(latents)))
+        (``JitSampler.decode``: equal to the full decode, memory bounded by a chunk)."""
+        return self.sampler.decode(latents)
 
     def generate(
         self,
