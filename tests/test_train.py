@@ -2,22 +2,19 @@
 test_checkpoints.py)."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from helpers import run_cli, start_cli
 
 from configs import quickstart
 from sora_jax.config import load_config
 from sora_jax.train import checkpoint
 from sora_jax.train.loop import train_and_evaluate
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def smoke_config(data_dir, **overrides):
@@ -73,9 +70,8 @@ def test_kill_and_rerun_resumes_exactly(data_dir, tmp_path):
         "--config.train.ckpt_every=10",
         "--config.mesh.data=1",
     ]
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "sora_jax.cli", "train", "--workdir", str(tmp_path / "killed"), *args]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = ["train", "--workdir", tmp_path / "killed", *args]
+    proc = start_cli(*killed, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and (checkpoint.latest_step(tmp_path / "killed") or 0) < 20:
         time.sleep(0.2)
@@ -83,20 +79,11 @@ def test_kill_and_rerun_resumes_exactly(data_dir, tmp_path):
     proc.wait()
     killed_at = checkpoint.latest_step(tmp_path / "killed")
     assert killed_at is not None and killed_at < steps, "the run finished before it could be killed"
-    rerun = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    rerun = run_cli(*killed)
     assert f"resumed from step {killed_at}" in rerun.stderr
     assert checkpoint.latest_step(tmp_path / "killed") == steps
     # reference: the same job never interrupted
-    ref = subprocess.run(
-        [*cmd[:5], str(tmp_path / "ref"), *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    run_cli("train", "--workdir", tmp_path / "ref", *args)
     a, b = losses(tmp_path / "killed"), losses(tmp_path / "ref")
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     assert [a[k] for k in sorted(a)] == [b[k] for k in sorted(b)]  # bitwise, data order included
