@@ -4,20 +4,17 @@ one step per bucket and never again."""
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
+from helpers import run_python
 from PIL import Image
 
 from sora_jax.data import buckets as bk
 from sora_jax.data.records import encode_clip, encode_encoded_clip
 from sora_jax.data.video_codec import decode_frames, encode_mp4
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # (frames, height, width, fps, kind, count): videos at two sizes and fps (H.264 records) and still images
 SPECS = [(12, 16, 16, 8.0, "h264", 10), (20, 16, 24, 16.0, "h264", 10), (1, 32, 32, 0.0, "raw", 12)]
@@ -171,13 +168,7 @@ def test_resume_from_a_checkpoint_in_a_fresh_process_gives_the_exact_next_batche
         for b in (next(it) for _ in range(4))
     ]
     code = _RESUME.format(buckets=BUCKETS)
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(path), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=REPO,
-    )
+    out = run_python("-c", code, path, tmp_path)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
 
 

@@ -4,14 +4,13 @@ checkpoints, NaN never saved, keep policy, and ``sora-jax checkpoints``."""
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from helpers import cli_env, start_cli
 
 from configs import quickstart
 from sora_jax import loading
@@ -20,8 +19,6 @@ from sora_jax.config import load_config
 from sora_jax.parallel.mesh import make_mesh
 from sora_jax.train import checkpoint
 from sora_jax.train.loop import build_train_fns, train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def config(data_dir, **overrides):
@@ -159,11 +156,7 @@ def test_keep_last_n_plus_every_kth(tmp_path):
 def test_sigterm_saves_at_the_next_step_and_exits_0(data_dir, tmp_path):
     args = ["--config", f"{quickstart.__file__}:smoke", f"--config.data.path={data_dir}", "--config.mesh.data=1",
             "--config.train.num_steps=100000", "--config.train.log_every=1", "--config.train.ckpt_every=100000"]  # fmt: skip
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "sora_jax.cli", "train", "--workdir", str(tmp_path), *args]
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    proc = start_cli("train", "--workdir", tmp_path, *args)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 180
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
@@ -191,22 +184,10 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(data_dir, t
             "--config.train.log_every=1", "--config.train.ckpt_every=100000"]  # fmt: skip
     procs = []
     for i in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-        env |= {
-            "JAX_NUM_PROCESSES": "2",
-            "JAX_PROCESS_ID": str(i),
-            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "sora_jax.cli", *args],
-                env=env,
-                cwd=ROOT,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )  # fmt: skip
+        env = cli_env(
+            devices=1, JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}"
         )
+        procs.append(start_cli(*args, env=env))
     metrics = tmp_path / "w" / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):

@@ -1,20 +1,17 @@
 """The command line: bad input gets one clear line on stderr and a non-zero exit, never a traceback."""
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, cli_env, run_cli
 
 from sora_jax.cli import main
 from sora_jax.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def run_cli(capsys, *argv):
+def run_in_process(capsys, *argv):
     with pytest.raises(SystemExit) as exc:
         raise SystemExit(main(list(argv)))
     captured = capsys.readouterr()
@@ -56,7 +53,7 @@ def run_cli(capsys, *argv):
 def test_bad_input_one_line(capsys, tmp_path, monkeypatch, argv, expected):
     monkeypatch.chdir(ROOT)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    code, err = run_cli(capsys, *argv)
+    code, err = run_in_process(capsys, *argv)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -65,16 +62,9 @@ def test_bad_input_one_line(capsys, tmp_path, monkeypatch, argv, expected):
 
 
 def test_unknown_flag_and_help_via_console():
-    out = subprocess.run(
-        [sys.executable, "-m", "sora_jax.cli", "train", "--help"], capture_output=True, text=True, cwd=ROOT
-    )
-    assert out.returncode == 0 and "--config.key=value" in out.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "sora_jax.cli", "train", "--config", "x.py", "--workdir", "w", "--bogus"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    out = run_cli("train", "--help")
+    assert "--config.key=value" in out.stdout
+    bad = run_cli("train", "--config", "x.py", "--workdir", "w", "--bogus", check=False)
     assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
     assert "Traceback" not in bad.stderr
 
@@ -82,23 +72,15 @@ def test_unknown_flag_and_help_via_console():
 def test_compile_only_on_fake_cpu_devices_reports_memory_and_writes_nothing(tmp_path):
     """`--compile_only --cpu_devices N`: compile the step for an N-device mesh, print per-device memory."""
     workdir = tmp_path / "w"
-    env = {**os.environ, "XLA_FLAGS": ""}  # not the tests' 8 devices: the flag must make the 4
-    cmd = [sys.executable, "-m", "sora_jax.cli", "train", "--config", "configs/quickstart.py:smoke"]
-    cmd += ["--workdir", str(workdir), "--compile_only", "--cpu_devices", "4", "--config.mesh.data=1"]
-    cmd += ["--config.mesh.fsdp=2", "--config.mesh.seq=2", "--config.model.seq_parallel=ring"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
+    env = cli_env()  # one device, not the tests' 8: the flag must make the 4
+    args = ["train", "--config", "configs/quickstart.py:smoke", "--workdir", workdir, "--compile_only"]
+    args += ["--cpu_devices", "4", "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.seq=2"]
+    out = run_cli(*args, "--config.model.seq_parallel=ring", env=env)
     assert "'fsdp': 2" in out.stderr and "over 4 devices" in out.stderr
     fields = dict(kv.split("=") for kv in out.stdout.split())
     assert fields["compiled"] == "True" and float(fields["peak_gib"]) > 0
     assert not (workdir / "checkpoints").exists()
-    bad = subprocess.run(
-        cmd[:-1] + ["--config.model.seq_parallel=allgather"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    bad = run_cli(*args, "--config.model.seq_parallel=allgather", env=env, check=False)
     assert bad.returncode == 2 and "config.model.seq_parallel = 'allgather' is not one of" in bad.stderr
 
 

@@ -5,7 +5,6 @@ The 8-device mesh test relies on tests/conftest.py setting XLA_FLAGS before JAX 
 
 import hashlib
 import json
-import time
 
 import jax
 import numpy as np
@@ -145,11 +144,14 @@ def test_resize_matrices():
     assert up[0, 0] == 0 and up[-1, -1] == 63 and up[1, 0] == pytest.approx(2.0)  # 0.25 of the way to row 1
 
 
-def test_generate_is_fast():
-    t0 = time.perf_counter()
-    d = md.generate("train", 2000, seed=0)
-    assert d["video"].shape == (2000, 8, 32, 32, 3)
-    assert time.perf_counter() - t0 < 6.0
+def test_generate_default_size_renders_every_clip_across_render_chunks():
+    """300 clips at the default 8 x 32 x 32 span two render chunks (256 clips each): every frame of every clip
+    shows a digit, grey (R = G = B). The generation rate is measured in benchmarks/data_prep.py."""
+    d = md.generate("train", 300, seed=0)
+    v = d["video"]
+    assert v.shape == (300, 8, 32, 32, 3) and v.dtype == np.uint8 and len(d["captions"]) == 300
+    assert (v.max(axis=(2, 3, 4)) >= 200).all()  # a glyph's brightest pixel is 239 or 255
+    assert (v[..., 0] == v[..., 1]).all() and (v[..., 0] == v[..., 2]).all()
 
 
 # ---------------------------------------------------------------------------------------------- captions
@@ -276,9 +278,7 @@ def test_build_writes_shards_and_metadata(built):
 
 def test_build_is_idempotent_and_refuses_other_params(built):
     before = {p.name: p.stat().st_mtime_ns for p in built.iterdir()}
-    t0 = time.perf_counter()
-    assert md.build(built, **BUILD) == built
-    assert time.perf_counter() - t0 < 0.5
+    assert md.build(built, **BUILD) == built  # nothing rewritten (the rerun's time: benchmarks/data_prep.py)
     assert {p.name: p.stat().st_mtime_ns for p in built.iterdir()} == before
     with pytest.raises(FileExistsError, match="delete it"):
         md.build(built, **{**BUILD, "num_train": 25})

@@ -2,15 +2,12 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+from helpers import run_cli
 from PIL import Image
 
 from sora_jax.cli import main
@@ -18,7 +15,6 @@ from sora_jax.data import ingest
 from sora_jax.data.pipeline import open_source
 from sora_jax.data.records import decode_clip, read_record
 
-ROOT = Path(__file__).resolve().parents[1]
 OPTS = ["--clip_seconds", "1.0", "--min_frames", "8", "--max_short_side", "32", "--no_progress"]
 
 
@@ -189,13 +185,13 @@ def test_decoded_pixels_match_source(built):
             assert np.abs(off).mean() > mae + 3.0, (source, first, mae)
 
 
-def test_rerun_is_fast_and_rewrites_no_shard(built, videos, capsys):
+def test_rerun_runs_no_unit_and_rewrites_no_shard(built, videos, capsys):
+    """A finished dataset is only read back (its rerun time: benchmarks/data_prep.py)."""
     shards = sorted(built.glob("*.array_record"))
     mtimes = {p: p.stat().st_mtime_ns for p in shards}
     args = ["--videos", str(videos), "--captions", str(videos / "captions.csv"), "--out", str(built)]
-    t0 = time.perf_counter()
     code, out, _ = cli(capsys, "ingest", *args, *OPTS, "--videos_per_unit", "3", "--workers", "1")
-    assert code == 0 and time.perf_counter() - t0 < 3.0
+    assert code == 0
     assert f"{len(EXPECTED)} clips from 5/{len(ROWS)} videos" in out and "0/4 work units run" in out
     assert "one.mp4: too short" in out
     assert {p: p.stat().st_mtime_ns for p in sorted(built.glob("*.array_record"))} == mtimes
@@ -230,12 +226,9 @@ def test_jsonl_workers_small_shards_and_module_entry(videos, tmp_path):
         "\n".join(lines) + "\n" + json.dumps({"video": "a.mp4", "caption": "test a", "split": "test"}) + "\n"
     )
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "data_pipelines.ingest", "--videos", str(videos), "--out", str(out)]
-    cmd += ["--captions", str(tmp_path / "caps.jsonl"), *OPTS, "--videos_per_unit", "2", "--workers", "2"]
-    cmd += ["--shard_mb", "0.00001"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
-    assert r.returncode == 0, r.stderr
+    args = ["--videos", videos, "--out", out, "--captions", tmp_path / "caps.jsonl", *OPTS]
+    args += ["--videos_per_unit", "2", "--workers", "2", "--shard_mb", "0.00001"]
+    r = run_cli(*args, module="data_pipelines.ingest", timeout=120)
     assert f"{len(EXPECTED) + 2} clips from 6/{len(ROWS) + 1} videos" in r.stdout
     meta = json.loads((out / "metadata.json").read_text())
     train = meta["splits"]["train"]

@@ -1,15 +1,12 @@
 """Parallelism on 8 CPU devices: every mesh gives the one-device loss and gradients, sequence-parallel
 attention equals plain attention, FSDP really shards the state, and multi-slice meshes build."""
 
-import os
-import subprocess
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import ROOT, cli_env, run_command
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from configs import quickstart
@@ -20,8 +17,6 @@ from sora_jax.parallel import sequence, sharding
 from sora_jax.parallel.mesh import MESH_AXES, MeshError, make_mesh
 from sora_jax.train.loop import build_train_fns
 from sora_jax.train.step import make_loss_fn
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def mesh_of(**sizes):
@@ -228,20 +223,11 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
         "--config.mesh.fsdp=4",
         "--config.mesh.dcn.data=2",  # each process is a "slice": data parallel across, FSDP within
     ]
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-        "LOGDIR": str(tmp_path / "logs"),
-    }
-    run = subprocess.run(
-        ["bash", str(ROOT / "launch" / "local_multihost.sh"), "2", "--workdir", str(tmp_path / "mh"), *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    env = cli_env(
+        devices=4, LOGDIR=tmp_path / "logs"
+    )  # PYTHONPATH: the script's `sora-jax` runs this checkout
+    cmd = ["bash", "launch/local_multihost.sh", "2", "--workdir", tmp_path / "mh", *args]
+    run = run_command(cmd, env=env, check=False, timeout=600)
     logs = "\n".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
     assert run.returncode == 0, run.stderr + logs[-3000:]
     assert "over 8 devices (2 processes)" in logs

@@ -2,6 +2,8 @@
 sampler, the modes' frame bookkeeping (i2v, extend, connect, edit, loop, long videos), input fitting and the
 command line's one-line errors."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -143,14 +145,35 @@ def test_i2v_extend_connect_edit_loop_frames(prompter):
         p.extend("a 3", v, overlap=T)
 
 
+class _Recorder:
+    """Wraps a sampler: every call passes through; keeps (cond, cond_mask, latents returned) per call."""
+
+    def __init__(self, inner):
+        self.inner, self.latent_shape, self.calls = inner, inner.latent_shape, []
+
+    def sample(self, prompts, **kw):
+        out = self.inner.sample(prompts, **kw)
+        self.calls.append((kw.get("cond"), kw.get("cond_mask"), out))
+        return out
+
+
 def test_long_video_segments_and_streaming(prompter):
-    p = prompter
+    rec = _Recorder(prompter.sampler)
+    p = dataclasses.replace(prompter, sampler=rec)
     T = p.frames
     videos, segments = p.long_video(["a 3 moving left", "a 7 falls"], num_frames=3 * T + 1, overlap=1, seed=2)
     assert videos.shape == (2, 3 * T + 1, p.height, p.width, 3)
     assert segments[0] == (0, T) and segments[-1][1] == 3 * T + 1
     assert all(b[0] == a[1] for a, b in zip(segments, segments[1:]))
-    # every extension starts from the previous segment's last frame: the seam frame repeats in the clip
+    # every extension starts from the previous segment's last frame: it is given (clean) as the generated
+    # clip's first frame, which the clip repeats exactly, and the video goes on with the clip's other frames
+    assert len(rec.calls) == len(segments) and rec.calls[0][1] is None  # segment 0: plain text-to-video
+    for (cond, cond_mask, latents), (a, b) in zip(rec.calls[1:], segments[1:]):
+        np.testing.assert_array_equal(cond_mask, [[True] + [False] * (T - 1)] * 2)  # luma: 1 latent = 1 frame
+        np.testing.assert_array_equal(cond[:, :1], p.encode(videos[:, a - 1 : a]))
+        clip = p.decode(latents)
+        np.testing.assert_array_equal(clip[:, 0], videos[:, a - 1])
+        np.testing.assert_array_equal(clip[:, 1 : 1 + b - a], videos[:, a:b])
     got = []
     none, seg2 = p.long_video(["a 3 moving left", "a 7 falls"], num_frames=3 * T + 1, seed=2, sink=got.append)
     assert none is None and seg2 == segments
