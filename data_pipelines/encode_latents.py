@@ -43,7 +43,9 @@ def encode_dataset(
         raise FileExistsError(f"{out} exists; choose a new --out (latents are never overwritten)")
     meta = pipeline.read_metadata(data)
     codec = load_vae_codec(vae)
-    encode = jax.jit(lambda v: codec.encode(video_to_float(v)))
+    # the VAE's weights are an argument of the compiled encoder, not constants baked into it
+    encode_fn = jax.jit(lambda p, v: codec.with_params(p).encode(video_to_float(v)))
+    params = jax.device_put(codec.params)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -55,7 +57,7 @@ def encode_dataset(
             writer = ArrayRecordWriter(str(tmp / name), "group_size:1")
             bar = tqdm(total=info["num_clips"], desc=f"encode {split}", disable=not progress)
             for batch in ds:
-                latents = np.asarray(encode(jnp.asarray(batch["video"]))).astype(np.float16)
+                latents = np.asarray(encode_fn(params, jnp.asarray(batch["video"]))).astype(np.float16)
                 for i in range(len(latents)):
                     writer.write(
                         encode_clip(

@@ -103,7 +103,7 @@ def test_compile_only_on_fake_cpu_devices_reports_memory_and_writes_nothing(tmp_
 )  # fmt: skip
 def test_more_bad_input_one_line(capsys, tmp_path, monkeypatch, argv, expected):
     monkeypatch.chdir(ROOT)
-    code, err = run_cli(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    code, err = run_in_process(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and expected in lines[0], err
     assert not (tmp_path / "o").exists()
@@ -125,7 +125,7 @@ def test_a_bug_shows_its_traceback(capsys, monkeypatch, tmp_path, exc):
     from sora_jax import commands
 
     monkeypatch.setattr(commands, "evaluate", _raiser(exc))
-    code, err = run_cli(capsys, "eval", "--workdir", str(tmp_path))
+    code, err = run_in_process(capsys, "eval", "--workdir", str(tmp_path))
     assert code == 1
     assert "Traceback (most recent call last)" in err and f"{type(exc).__name__}: " in err, err
     assert "in fail" in err  # the frame that raised
@@ -149,7 +149,7 @@ def test_the_projects_user_errors_are_one_line(capsys, monkeypatch, tmp_path, ex
 
     cls = getattr(importlib.import_module(kind), exc)
     monkeypatch.setattr(commands, "evaluate", _raiser(cls("what was wrong\nmore detail")))
-    code, err = run_cli(capsys, "eval", "--workdir", str(tmp_path))
+    code, err = run_in_process(capsys, "eval", "--workdir", str(tmp_path))
     assert code == 2 and err == "sora-jax: error: what was wrong\n"
 
 
@@ -158,7 +158,7 @@ def test_user_path_errors_are_one_line_and_debug_reraises(capsys, monkeypatch, t
     from sora_jax import commands
 
     monkeypatch.setattr(commands, "evaluate", _raiser(exc(2, "No such file or directory", "x.mp4")))
-    code, err = run_cli(capsys, "eval", "--workdir", str(tmp_path))
+    code, err = run_in_process(capsys, "eval", "--workdir", str(tmp_path))
     assert code == 2 and err.startswith("sora-jax: error: ") and "x.mp4" in err and err.count("\n") == 1
     monkeypatch.setenv("SORA_JAX_DEBUG", "1")
     with pytest.raises(exc):
@@ -187,7 +187,7 @@ def test_the_cli_calls_one_library_function_with_typed_arguments(capsys, monkeyp
     monkeypatch.setattr(commands, "sample", lambda *a, **k: calls.append((a, k)) or "done")
     argv = ["sample", "--workdir", str(tmp_path), "--prompt", "a 3", "--out", str(tmp_path / "o")]
     argv += ["--mode", "connect", "--video", "a.mp4", "--video", "b.mp4", "--strength", "0.5", "--steps", "3"]
-    code, _ = run_cli(capsys, *argv)
+    code, _ = run_in_process(capsys, *argv)
     ((args, kw),) = calls
     assert code == 0 and args == (str(tmp_path), ["a 3"], str(tmp_path / "o"))
     assert kw["mode"] is SampleMode.CONNECT and kw["videos"] == ["a.mp4", "b.mp4"]

@@ -11,6 +11,7 @@ import jax
 import ml_collections
 import pytest
 from flax import nnx
+from helpers import run_python
 
 from sora_jax import factory
 from sora_jax.config import ConfigError, load_config
@@ -75,3 +76,15 @@ def test_pod_smoke_variants_keep_the_pod_recipe():
             assert a == b, (name, key)
     mesh = load_config(f"{ROOT}/configs/pod_dit_8b.py:smoke").mesh
     assert (mesh.fsdp, mesh.tensor, mesh.seq) == (2, 2, 2)
+
+
+def test_loading_and_validating_every_config_imports_no_jax():
+    """Config loading is JAX-free: enums and variant tables come from sora_jax/choices.py."""
+    code = (
+        "import sys; from pathlib import Path; from sora_jax.config import load_config\n"
+        "for p in sorted(Path('configs').glob('*.py')):\n"
+        "    if p.name != '__init__.py': load_config(str(p)); load_config(f'{p}:smoke')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax'))\n"
+        "print('jax-free' if not bad else bad)\n"
+    )
+    assert run_python("-c", code).stdout.strip().splitlines()[-1] == "jax-free"

@@ -156,6 +156,9 @@ class _Recorder:
         self.calls.append((kw.get("cond"), kw.get("cond_mask"), out))
         return out
 
+    def __getattr__(self, name):  # everything else (the autoencoder, encode, decode): the inner sampler's
+        return getattr(self.inner, name)
+
 
 def test_long_video_segments_and_streaming(prompter):
     rec = _Recorder(prompter.sampler)

@@ -287,8 +287,8 @@ def test_vae_trains_and_evaluates_from_the_command_line(tmp_path):
 
     # the report's numbers, recomputed: the first 8 test clips through the checkpoint's EMA weights, PSNR in
     # float64 numpy (peak 255, per clip, capped at 100 dB for the mean)
-    _, step, graphdef, params = api.restore(v, use_ema=True)
-    model = nnx.merge(graphdef, params)
+    _, step, abstract, params = api.restore(v, use_ema=True)
+    model = nnx.merge(abstract.graphdef, params)
     data = v / "data"
     test = np.asarray(next(iter(pipeline.in_order(data, "test", 8)))["video"])
     recon = np.asarray(float_to_video(model.decode(model.encode(video_to_float(test)))))
