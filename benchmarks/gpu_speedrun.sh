@@ -17,7 +17,8 @@ TIME_S=${TIME_S:-20}
 TRAIN_S=${TRAIN_S:-270}
 NP=${NP:-256}
 NTRAIN=50000; NTEST=1024   # digits_small's data
-COMMON=(text.encoder=trainable optim.warmup_steps=500 data.num_workers=4)
+STEPS=${STEPS:-9000}  # the schedule's horizon: about the steps the budget buys
+COMMON=(text.encoder=trainable optim.warmup_steps=500 data.num_workers=4 train.num_steps=$STEPS)
 if [ -n "${SMOKE:-}" ]; then
   COMMON+=(model.variant=smoke data.num_train=256 data.num_test=64 data.batch_size=8 data.num_workers=0
            model.dtype=float32)

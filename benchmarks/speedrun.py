@@ -6,6 +6,10 @@
 
 Training runs through the project's trainer (``train`` with ``train.time_limit_s``), so the
 budget counts training steps only: compiling the step and building the data are timed and reported apart.
+The config's ``train.num_steps`` stays the learning-rate schedule's horizon (a run that gets there first
+stops there). ``--sweep_cfg 3 6 9 [--sweep_steps 16 32]`` also samples the trained checkpoint at other
+guidance scales / step counts (sampling-time ablations, no retraining); ``--eval_only --workdir W`` scores an
+existing run that way.
 Then ``--num_prompts`` test-split captions (digit/direction combinations never seen in training) are sampled
 with the config's sampler and read by the bundled digit reader (``sora-jax eval``'s adherence table);
 ``--num_prompts 0`` skips that (a throughput run).
@@ -85,10 +89,18 @@ def run(args: argparse.Namespace) -> dict:
     from sora_jax.train.loop import train
 
     cfg = load_config(args.config, args.override)
+    # the budget ends the run; the config's train.num_steps stays the schedule's horizon (warmup + cosine),
+    # so a run that reaches it before the budget ends there
     cfg.train.time_limit_s = float(args.budget_s)
-    cfg.train.num_steps = 10_000_000  # the budget ends the run
     cfg.train.ckpt_every = 10_000_000  # one checkpoint, at the end
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="speedrun_"))
+    if args.eval_only:
+        return {
+            "config": args.config,
+            "overrides": list(args.override),
+            "workdir": str(workdir),
+            **evaluate(workdir, args),
+        }
     device = jax.devices()[0]
     dtype = cfg.model.dtype
     peak = matmul_peak(dtype)
@@ -125,13 +137,43 @@ def run(args: argparse.Namespace) -> dict:
         "workdir": str(workdir),
     }
     if args.num_prompts:
-        from sora_jax.eval.evaluate import evaluate_workdir
-
-        t0 = time.perf_counter()
-        ev = evaluate_workdir(workdir, num_prompts=args.num_prompts, split="test")
-        result["seconds"]["eval"] = time.perf_counter() - t0
-        result["adherence_test"] = ev["metrics"]
+        result |= evaluate(workdir, args)
+        result["seconds"]["eval"] = result.pop("eval_seconds")
     return result
+
+
+def evaluate(workdir: Path, args: argparse.Namespace) -> dict:
+    """The test-split adherence table of the workdir's checkpoint, and the sampling sweep."""
+    from sora_jax.eval.evaluate import evaluate_workdir
+
+    t0 = time.perf_counter()
+    ev = evaluate_workdir(workdir, num_prompts=args.num_prompts, split="test")
+    out = {"adherence_test": ev["metrics"], "eval_seconds": time.perf_counter() - t0}
+    return out | {"sampling_sweep": sampling_sweep(workdir, args)}
+
+
+def sampling_sweep(workdir: Path, args: argparse.Namespace) -> list[dict]:
+    """The same checkpoint sampled at other guidance scales / step counts (sampling-time ablations: no
+    retraining), each on the same test prompts and seeds."""
+    from sora_jax.eval.evaluate import evaluate_workdir
+    from sora_jax.sample.pipeline import load_pipeline
+
+    rows = []
+    for scale in args.sweep_cfg:
+        for steps in args.sweep_steps or [None]:
+            pipe = load_pipeline(workdir, cfg_scale=scale, sample_steps=steps)
+            ev = evaluate_workdir(
+                workdir, num_prompts=args.num_prompts, split="test", pipeline=pipe, out=workdir / "sweep"
+            )
+            m = ev["metrics"]
+            rows.append(
+                {
+                    "cfg_scale": pipe.config.diffusion.cfg_scale,
+                    "sample_steps": pipe.config.diffusion.sample_steps,
+                    **{k: m[k] for k in ("digit_accuracy", "direction_accuracy", "both_accuracy")},
+                }
+            )
+    return rows
 
 
 def table(r: dict) -> str:
@@ -164,6 +206,14 @@ def table(r: dict) -> str:
                 f"both {a['both_accuracy']:.3f}  (eval {s['eval']:.1f} s)",
             )
         )
+    for row in r.get("sampling_sweep", []):
+        rows.append(
+            (
+                f"  at cfg {row['cfg_scale']:g}, {row['sample_steps']} steps",
+                f"digits {row['digit_accuracy']:.3f}  directions {row['direction_accuracy']:.3f}  "
+                f"both {row['both_accuracy']:.3f}",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -171,13 +221,25 @@ def table(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="config file[:arg]")
-    p.add_argument("--budget_s", type=float, required=True, help="seconds of training (compile excluded)")
+    p.add_argument("--budget_s", type=float, default=0.0, help="seconds of training (compile excluded)")
+    p.add_argument("--eval_only", action="store_true", help="score --workdir's checkpoint, no training")
     p.add_argument("--num_prompts", type=int, default=256, help="test prompts to score (0: none)")
     p.add_argument("--override", nargs="*", default=[], help="config overrides key=value")
     p.add_argument("--workdir", default="", help="run folder (default: a fresh temporary one)")
     p.add_argument("--out", default="benchmarks/results/speedrun.json")
     p.add_argument("--progress", action="store_true", help="show the training progress bar")
+    p.add_argument(
+        "--sweep_cfg", type=float, nargs="*", default=[], help="also sample at these guidance scales"
+    )
+    p.add_argument("--sweep_steps", type=int, nargs="*", default=[], help="... and these sampler step counts")
     args = p.parse_args(argv)
+    if args.eval_only:
+        if not args.workdir:
+            print("speedrun: --eval_only needs --workdir (a trained run)", file=sys.stderr)
+            return 2
+        result = run(args)
+        print(json.dumps({k: result[k] for k in ("adherence_test", "sampling_sweep")}, indent=1))
+        return _write(result, args.out)
     if args.budget_s <= 0:
         print(f"speedrun: --budget_s must be positive, got {args.budget_s}", file=sys.stderr)
         return 2
@@ -189,7 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = run(args)
     print(table(result))
-    out = Path(args.out)
+    return _write(result, args.out)
+
+
+def _write(result: dict, path: str) -> int:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(result, indent=1))

@@ -194,15 +194,15 @@ def make_process(cfg: ml_collections.ConfigDict):
 
 def tokens_per_clip(cfg: ml_collections.ConfigDict, frames: int, height: int, width: int) -> int:
     """Spacetime patches (DiT tokens) of one clip of (frames, height, width) pixels under ``cfg``; for the
-    VAE task, pixels. ValueError when the sizes do not divide."""
+    VAE task, pixels. ConfigError when the sizes do not divide (a bucket or clip size the config asks for)."""
     if task(cfg) is Task.VAE:
         return frames * height * width
     t, h, w, _ = make_autoencoder(cfg).latent_shape(frames, height, width)
     pt, ph, pw = cfg.model.patch_size
     if t % pt or h % ph or w % pw:
-        raise ValueError(
+        raise ConfigError(
             f"a {frames}x{height}x{width} clip gives latents {t}x{h}x{w}, which patch size "
-            f"{tuple(cfg.model.patch_size)} does not divide"
+            f"{tuple(cfg.model.patch_size)} does not divide (config.data.buckets / config.model.patch_size)"
         )
     return (t // pt) * (h // ph) * (w // pw)
 
