@@ -141,7 +141,7 @@ plan = bk.BucketPlan(index, bk.parse_buckets({buckets!r}), token_budget=64,
     tokens_fn=lambda b: b.frames * (b.height // 8) * (b.width // 8), target_fps=8.0, seed=3)
 it = iter(bk.make_bucketed_dataset(open_source(sys.argv[1], "train"), plan))
 with checkpoint.manager(sys.argv[2]) as mgr:
-    step, _ = checkpoint.restore(mgr, {{"x": jax.ShapeDtypeStruct((1,), np.float32)}}, data_iter=it)
+    step, _ = checkpoint.restore_train_state(mgr, {{"x": jax.ShapeDtypeStruct((1,), np.float32)}}, data_iter=it)
 assert step == 13, step
 out = [next(it) for _ in range(4)]
 print(json.dumps([[b["record"].tolist(), float(b["video"].astype(np.float64).sum())] for b in out]))

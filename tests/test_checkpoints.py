@@ -69,7 +69,7 @@ def test_damaged_latest_falls_back_to_previous_with_one_warning(trained, data_di
     assert [p.name.split("-")[0] for p in (workdir / "checkpoints_corrupt").iterdir()] == ["6"]
     # the one the fallback used equals a direct restore of step 3 in the untouched run
     with checkpoint.manager(trained, read_only=True) as mgr:
-        _, ref = checkpoint.restore(mgr, abstract, step=3)
+        _, ref = checkpoint.restore_train_state(mgr, abstract, step=3)
     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -110,7 +110,7 @@ def test_reshard_fsdp8_checkpoint_onto_2_and_1_devices(data_dir, tmp_path):
         cfg = config(data_dir, **{"mesh.data": 1, "train.num_steps": 4, **mesh})
         abstract = _abstract(cfg, jax.devices()[:n])
         with checkpoint.manager(base, read_only=True) as mgr:
-            step, state = checkpoint.restore(mgr, abstract)
+            step, state = checkpoint.restore_train_state(mgr, abstract)
         assert step == 3
         leaf = jax.tree.leaves(state["params"])[0]
         assert len(leaf.sharding.device_set) == n
@@ -138,7 +138,7 @@ def test_nan_never_reaches_a_checkpoint(data_dir, tmp_path):
     last = checkpoint.latest_step(tmp_path)
     assert last is not None and last < bad
     with checkpoint.manager(tmp_path, read_only=True) as mgr:
-        _, state = checkpoint.restore(mgr, _abstract(cfg, jax.devices()[:1]))
+        _, state = checkpoint.restore_train_state(mgr, _abstract(cfg, jax.devices()[:1]))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 
 
@@ -204,7 +204,7 @@ def test_params_only_restore_and_the_checkpoints_command(trained, data_dir, caps
     cfg = config(data_dir, **{"mesh.data": 1})
     abstract = _abstract(cfg, jax.devices()[:1])
     with checkpoint.manager(trained, read_only=True) as mgr:
-        _, full = checkpoint.restore(mgr, abstract)
+        _, full = checkpoint.restore_train_state(mgr, abstract)
     for key, use_ema in (("ema", True), ("params", False)):
         _, step, _, params = loading.restore(trained, use_ema=use_ema)  # reads that subtree alone
         assert step == 6

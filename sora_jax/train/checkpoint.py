@@ -93,7 +93,7 @@ def _quiet_io_errors():
             lg.setLevel(level)
 
 
-def restore(
+def restore_train_state(
     mgr: ocp.CheckpointManager,
     abstract_state: Any,
     *,
@@ -210,7 +210,7 @@ def restore_latest_good(
     for step in steps:
         check_compatible(mgr, step, abstract_state, config)
         try:
-            restored = restore(mgr, abstract_state, step=step, data_iter=data_iter)
+            restored = restore_train_state(mgr, abstract_state, step=step, data_iter=data_iter)
         except CheckpointError as e:
             failed.append((step, str(e).splitlines()[0].split(" See full TensorStore details")[0][:240]))
             continue

@@ -109,11 +109,17 @@ def open_train_stream(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh)
     )
 
 
+def _tfds(cfg: ml_collections.ConfigDict):
+    """``config.data.tfds`` when it names a TFDS dataset (the train data then comes from there), else None."""
+    t = cfg.data.get("tfds")
+    return t if t is not None and t.name else None
+
+
 def train_source(cfg: ml_collections.ConfigDict, workdir: str | Path) -> tuple:
     """(random-access source of the train records, clip index [N, 4] or None): the TFDS dataset that
     ``data.tfds.name`` names, else the ArrayRecord folder ``data.path`` (index from its metadata)."""
-    t = cfg.data.get("tfds")
-    if t is not None and t.name:
+    t = _tfds(cfg)
+    if t is not None:
         from sora_jax.data.tfds_source import open_tfds_source
 
         source = open_tfds_source(
@@ -134,11 +140,8 @@ def train_source(cfg: ml_collections.ConfigDict, workdir: str | Path) -> tuple:
 
 def _captions(cfg: ml_collections.ConfigDict, workdir, source) -> list[str]:
     """Every caption of the train split (from the metadata when it lists them, else from the records)."""
-    t = cfg.data.get("tfds")
-    if not (t is not None and t.name):
-        from sora_jax.data.pipeline import split_captions
-
-        return split_captions(pipeline.dataset_dir(cfg, workdir), "train")
+    if _tfds(cfg) is None:
+        return pipeline.split_captions(pipeline.dataset_dir(cfg, workdir), "train")
     from sora_jax.data.records import read_record
 
     return [read_record(source[i])[0]["caption"] for i in range(len(source))]
@@ -153,10 +156,7 @@ def train_text_input(cfg: ml_collections.ConfigDict, workdir, source):
         return tok.encode
     from sora_jax.text.frozen import EmbeddingTable, table_file
 
-    t = cfg.data.get("tfds")
-    places = (
-        [] if (t is not None and t.name) else [table_file(pipeline.dataset_dir(cfg, workdir), tok, "train")]
-    )
+    places = [] if _tfds(cfg) else [table_file(pipeline.dataset_dir(cfg, workdir), tok, "train")]
     places.append(table_file(Path(workdir) / "text_cache", tok, "train"))
     for f in places:
         if f.is_file():

@@ -95,7 +95,7 @@ def make_step(
     return step
 
 
-def psnr(mse_pm1: jax.Array) -> jax.Array:
+def psnr_from_mse(mse_pm1: jax.Array) -> jax.Array:
     """PSNR in dB of a mean squared error measured on [-1, 1] pixels (peak-to-peak 2)."""
     return 10.0 * jnp.log10(4.0 / jnp.maximum(mse_pm1, 1e-12))
 
@@ -124,7 +124,7 @@ def vae_losses(
     l1, mse = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
     kl = jnp.mean(kl_divergence(mean, logvar)) / (x[0].size)
     loss = w.l1 * l1 + w.l2 * mse + w.kl * kl
-    terms = {"l1": l1, "mse": mse, "kl": kl, "psnr": psnr(mse)}
+    terms = {"l1": l1, "mse": mse, "kl": kl, "psnr": psnr_from_mse(mse)}
     if perceptual is not None and w.perceptual > 0:
         terms["lpips"] = _perceptual_term(perceptual, recon, x)
         loss = loss + w.perceptual * terms["lpips"]
