@@ -39,9 +39,8 @@ import json
 import os
 import pathlib
 import re
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -69,10 +68,8 @@ __all__ = [
     "Row",
     "add_arguments",
     "ingest",
-    "main",
     "output_size",
     "read_captions",
-    "run_from_args",
     "run_unit",
     "video_clips",
 ]
@@ -451,40 +448,3 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--videos_per_unit", type=int, default=32, help="rows per resumable work unit")
     p.add_argument("--workers", type=int, default=None, help="processes (default: min(4, CPUs))")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
-
-
-def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs ``ingest`` from parsed ``add_arguments`` flags and prints the summary; returns the report."""
-    report = ingest(
-        args.videos,
-        args.captions,
-        args.out,
-        clip_seconds=args.clip_seconds,
-        min_frames=args.min_frames,
-        max_short_side=args.max_short_side,
-        crf=args.crf,
-        shard_mb=args.shard_mb,
-        videos_per_unit=args.videos_per_unit,
-        workers=args.workers,
-        progress=not args.no_progress,
-    )
-    print(summary(report))
-    return report
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_pipelines.ingest", description=__doc__.split("\n")[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        run_from_args(args)
-    except ValueError as e:
-        print(f"ingest: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    from sora_jax.data import ingest as _module  # workers unpickle sora_jax.data.ingest.Unit, not __main__
-
-    sys.exit(_module.main())

@@ -261,9 +261,9 @@ class _Window:
     def flush(self, writer, step: int) -> dict:
         host = [(s, jax.device_get(m)) for s, m in self.pending]
         metrics.check_finite(host)
-        coll = None
+        collection, coll = metrics.collection(host[0][1]), None
         for _, m in host:
-            one = metrics.collection(host[0][1]).single_from_model_output(**m)
+            one = collection.single_from_model_output(**m)
             coll = one if coll is None else coll.merge(one)
         out = {k: float(v) for k, v in coll.compute().items()}
         out["steps_per_sec"] = len(host) / (time.perf_counter() - self.started)
