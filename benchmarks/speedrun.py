@@ -142,13 +142,32 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def by_objects(rows: list[dict]) -> dict:
+    """The adherence of one-digit and two-digit prompts apart: {"1": {prompts, digits, both}, "2": ...}
+    from ``evaluate_prompts``'s per-video rows."""
+    out = {}
+    for n in sorted({len(r["intended"]) for r in rows}):
+        part = [r for r in rows if len(r["intended"]) == n]
+        out[str(n)] = {
+            "prompts": len(part),
+            "digits": sum(r["digits_ok"] for r in part) / len(part),
+            "both": sum(r["both_ok"] for r in part) / len(part),
+        }
+    return out
+
+
 def evaluate(workdir: Path, args: argparse.Namespace) -> dict:
-    """The test-split adherence table of the workdir's checkpoint, and the sampling sweep."""
+    """The test-split adherence table of the workdir's checkpoint (and apart by digits per prompt), and the
+    sampling sweep."""
     from sora_jax.eval.evaluate import evaluate_workdir
 
     t0 = time.perf_counter()
     ev = evaluate_workdir(workdir, num_prompts=args.num_prompts, split="test")
-    out = {"adherence_test": ev["metrics"], "eval_seconds": time.perf_counter() - t0}
+    out = {
+        "adherence_test": ev["metrics"],
+        "adherence_by_objects": by_objects(ev["per_video"]),
+        "eval_seconds": time.perf_counter() - t0,
+    }
     return out | {"sampling_sweep": sampling_sweep(workdir, args)}
 
 
@@ -171,6 +190,7 @@ def sampling_sweep(workdir: Path, args: argparse.Namespace) -> list[dict]:
                     "cfg_scale": pipe.config.diffusion.cfg_scale,
                     "sample_steps": pipe.config.diffusion.sample_steps,
                     **{k: m[k] for k in ("digit_accuracy", "direction_accuracy", "both_accuracy")},
+                    "by_objects": by_objects(ev["per_video"]),
                 }
             )
     return rows
@@ -206,6 +226,10 @@ def table(r: dict) -> str:
                 f"both {a['both_accuracy']:.3f}  (eval {s['eval']:.1f} s)",
             )
         )
+        for n, b in r.get("adherence_by_objects", {}).items():
+            rows.append(
+                (f"  {n}-digit prompts ({b['prompts']})", f"digits {b['digits']:.3f}  both {b['both']:.3f}")
+            )
     for row in r.get("sampling_sweep", []):
         rows.append(
             (
