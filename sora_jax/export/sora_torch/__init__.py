@@ -8,12 +8,15 @@ Imports torch, diffusers, transformers (frozen text encoders only) and numpy, ne
     frames = pipe("a 3 moves left", num_inference_steps=32, guidance_scale=6.0).frames   # [B, T, H, W, 3]
 """
 
+from diffusers import ModelMixin  # diffusers' loader finds a component's base class in its library
+
 from .text import HashWordTokenizer, SoraTextAdapter, SoraTextEncoder
 from .transformer import SoraTransformer3DModel
 from .vae import SoraPixelCodec, SoraVideoVAE
 
 __all__ = [
     "HashWordTokenizer",
+    "ModelMixin",
     "SoraPipeline",
     "SoraPixelCodec",
     "SoraTextAdapter",

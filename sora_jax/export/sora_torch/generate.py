@@ -16,13 +16,15 @@ import numpy as np
 
 
 def _read_frames(path: str) -> np.ndarray:
-    """uint8 frames ``[T, H, W, 3]`` of an image or a video file."""
-    import imageio.v3 as iio
+    """uint8 frames ``[T, H, W, 3]`` of an image (Pillow) or a video file (PyAV)."""
+    if path.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")):
+        from PIL import Image
 
-    frames = np.asarray(iio.imread(path, index=None) if path.endswith((".mp4", ".gif")) else iio.imread(path))
-    if frames.ndim == 3:
-        frames = frames[None]
-    return frames[..., :3]
+        return np.asarray(Image.open(path).convert("RGB"))[None]
+    import av
+
+    with av.open(path) as f:
+        return np.stack([fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)])
 
 
 def write_video(path: str, frames: np.ndarray, fps: float) -> str:
