@@ -287,3 +287,27 @@ def test_conditioning_modes_match_jax(demo_like, exported, tmp_path, mode):
     mae = float(np.abs(got - want).mean())
     print(f"{mode}: frames MAE {mae:.2e}")
     assert mae < 1e-3
+
+
+def test_latent_model_exports_with_its_vae_and_imports_without_it(tmp_path):
+    """A DiT on a trained VAE's latents: same noise, same videos through the VAE twin; imported where the VAE
+    workdir is gone, the folder's VAE becomes <workdir>/vae, bitwise."""
+    from sora_jax import loading
+
+    v, w, out = tmp_path / "v", tmp_path / "w", tmp_path / "dir"
+    run_cli("train", "--config", "configs/vae_digits.py:smoke", "--workdir", v, "--config.train.num_steps=2")
+    run_cli("eval", "--workdir", v, "--num_clips", "8")
+    args = ["--config.autoencoder.path=" + str(v), "--config.train.num_steps=2"]
+    run_cli("train", "--config", "configs/digits_latent.py:smoke", "--workdir", w, *args)
+    run_cli("export", "--workdir", w, "--out", out, "--raw_params")
+    assert json.loads((out / "model_index.json").read_text())["vae"] == ["sora_torch", "SoraVideoVAE"]
+    r = jax_vs_torch(w, out)
+    assert r["mae"] < 1e-3
+    vae_params = loading.load_autoencoder(loading.restore(w)[0]).params
+    shutil.move(v, tmp_path / "v_elsewhere")
+    run_cli("import", "--from", out, "--workdir", tmp_path / "w2")
+    cfg = loading.restore(tmp_path / "w2")[0]
+    assert cfg.autoencoder.path == str(tmp_path / "w2" / "vae")
+    back = loading.load_autoencoder(cfg).params
+    for (path, x), (_, y) in zip(vae_params.flat_state(), back.flat_state()):
+        assert np.array_equal(np.asarray(x.get_value()), np.asarray(y.get_value())), path
