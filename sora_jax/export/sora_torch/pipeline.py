@@ -140,9 +140,9 @@ class SoraPipeline(DiffusionPipeline):
         if image is None and video is None:
             return None, None
         T, H, W = self.config.num_frames, self.config.height, self.config.width
-        frames = torch.as_tensor(np.asarray(image if video is None else video), dtype=torch.float32)
         if image is not None and video is not None:
             raise ValueError("give image= (i2v) or video= (extend), not both")
+        frames = torch.as_tensor(np.asarray(image if video is None else video), dtype=torch.float32)
         if video is None:
             frames = frames[None] if frames.ndim == 3 else frames[:, None]
         if frames.ndim == 4:
@@ -187,8 +187,7 @@ class SoraPipeline(DiffusionPipeline):
     def _flow(self, x, ctx, mask, steps, scale, cond, cond_mask):
         n = steps
         self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n), device=x.device)
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            sigma = self.scheduler.sigmas[i]
+        for t in self.progress_bar(self.scheduler.timesteps):
             out = self._model_out(x, t.expand(x.shape[0]).float(), ctx, mask, scale, cond, cond_mask)
             if self.config.prediction_type == "x0":
                 if cond is None:
@@ -201,7 +200,6 @@ class SoraPipeline(DiffusionPipeline):
                 out = (xin - out) / tt
             if cond is not None:
                 out = torch.where(cond_mask[:, None, :, None, None], torch.zeros_like(out), out)
-            del sigma
             x = self.scheduler.step(out, t, x).prev_sample
         return x
 
