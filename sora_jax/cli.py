@@ -120,6 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ingest_arguments(p)
 
+    p = sub.add_parser(
+        "export",
+        help="write a workdir's model as a diffusers-layout folder that runs in plain PyTorch (sora_torch/)",
+        description="Writes DIR: model_index.json, transformer/, vae/, scheduler/, text_encoder/, tokenizer/, "
+        "the PyTorch twins (sora_torch/) and generate.py; from sora_torch import SoraPipeline with DIR on "
+        "sys.path. Nothing is written unless every tensor checks out.",
+    )
+    p.add_argument("--workdir", required=True, help="a text-to-video workdir with checkpoints")
+    p.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
+    p.add_argument("--dtype", default="float32", help="weights dtype: float32 | bfloat16")
+    p.add_argument("--raw_params", action="store_true", help="export the raw parameters, not the EMA")
+
+    p = sub.add_parser(
+        "import",
+        help="bring a folder written by `sora-jax export` back into a JAX workdir (train on, sample)",
+    )
+    p.add_argument("--from", dest="src", required=True, help="the exported folder")
+    p.add_argument("--workdir", required=True, help="the new workdir (must not exist, or be empty)")
+
     p = sub.add_parser("checkpoints", help="list a workdir's checkpoints: step, time, size, config summary")
     p.add_argument("--workdir", required=True)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -243,6 +262,19 @@ def run(argv: list[str]) -> int:
             overlap=args.overlap,
         )
         _print_scalars(metrics)
+    elif args.command == "export":
+        from sora_jax.export.writer import export
+
+        r = export(args.workdir, args.out, dtype=args.dtype, raw_params=args.raw_params)
+        print(
+            f"exported step {r['step']} ({r['parameters']:,} parameters, {r['files']} files) to {r['out']} "
+            f"in {r['seconds']:.1f} s"
+        )
+    elif args.command == "import":
+        from sora_jax.export.importer import import_folder
+
+        r = import_folder(args.src, args.workdir)
+        print(f"imported step {r['step']} ({r['parameters']:,} parameters) into {r['workdir']}")
     elif args.command == "checkpoints":
         from sora_jax.train.checkpoint import list_checkpoints
 

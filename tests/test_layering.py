@@ -56,6 +56,10 @@ SIDEWAYS_ALLOWED = {
     ("sora_jax.eval", "sora_jax.loading"),
     ("sora_jax.sample", "sora_jax.loading"),
     ("sora_jax.export", "sora_jax.loading"),
+    (
+        "sora_jax.export",
+        "sora_jax.train",
+    ),  # import writes a train state (fresh optimizer) the trainer resumes
     ("sora_jax.safety", "sora_jax.sample"),
     ("sora_jax.train", "sora_jax.loading"),
 }

@@ -19,7 +19,7 @@ from flax import nnx
 
 from sora_jax import factory, loading
 from sora_jax.models.autoencoder import Autoencoder
-from sora_jax.sample.sampler import PmapSampler
+from sora_jax.sample.sampler import PmapSampler, sample_inputs, sample_latents
 
 
 @dataclasses.dataclass
@@ -40,10 +40,33 @@ class Pipeline:
     step: int
     sampler: PmapSampler
 
-    def generate(self, prompts: list[str], *, seed: int = 0, progress: bool = False) -> np.ndarray:
-        """uint8 videos [B, T, H, W, 3] for ``prompts`` (non-empty strings)."""
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        seed: int = 0,
+        noise: np.ndarray | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """uint8 videos [B, T, H, W, 3] for ``prompts`` (non-empty strings).
+
+        ``noise``: float32 ``[B, T', H', W', C]`` in the model's latent space, channels last (the layout of
+        ``pipe.autoencoder.encode``): the initial noise instead of the draw from ``seed`` (an exported
+        ``SoraPipeline`` given the same numbers as ``latents=noise.transpose(0, 4, 1, 2, 3)`` makes the
+        same videos)."""
         check_prompts(prompts)
-        return self.sampler.generate(self.params, list(prompts), seed=seed, progress=progress)
+        return self.sampler.generate(self.params, list(prompts), seed=seed, noise=noise, progress=progress)
+
+    def generate_latents(
+        self, prompts: list[str], *, seed: int = 0, noise: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The sampled latents float32 ``[B, T', H', W', C]`` of ``generate`` (before decoding)."""
+        check_prompts(prompts)
+        inputs = sample_inputs(
+            self.text_input, list(prompts), self.sampler.latent_shape, seed=seed, noise=noise
+        )
+        fn = jax.jit(lambda params, inputs: sample_latents(self.sampler.spec, params, inputs))
+        return np.asarray(fn(self.params, inputs))
 
     @property
     def model(self) -> nnx.Module:

@@ -61,7 +61,9 @@ class SampleInputs(NamedTuple):
     [B, L])`` of the prompts and of the unconditional branch of classifier-free guidance (the empty prompt,
     or negative prompts); keys: raw key data uint32 ``[B, 2]`` (``prompt_keys``); cond float32
     ``[B, T', H', W', C]`` given on the frames where cond_mask bool ``[B, T']`` is set; init float32
-    ``[B, T', H', W', C]``: SDEdit's start. cond, cond_mask and init may be None.
+    ``[B, T', H', W', C]``: SDEdit's start; noise float32 ``[B, T', H', W', C]``: the initial noise, instead of
+    the draw from each sample's key (to feed another implementation the same numbers). cond, cond_mask, init
+    and noise may be None.
     """
 
     text: tuple[np.ndarray, np.ndarray]
@@ -70,6 +72,7 @@ class SampleInputs(NamedTuple):
     cond: np.ndarray | None = None
     cond_mask: np.ndarray | None = None
     init: np.ndarray | None = None
+    noise: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -111,10 +114,12 @@ def sample_inputs(
     cond: np.ndarray | None = None,
     cond_mask: np.ndarray | None = None,
     init: np.ndarray | None = None,
+    noise: np.ndarray | None = None,
 ) -> SampleInputs:
     """Host inputs for B prompts: ``text_input.encode`` (a tokenizer or a frozen embedder) of the prompts and
     of the negative prompts (default: the empty prompt, the null caption of classifier-free guidance),
-    the per-prompt keys of ``seed``, and the conditioning checked against ``[B, *latent_shape]``."""
+    the per-prompt keys of ``seed``, and the conditioning and explicit initial ``noise`` checked against
+    ``[B, *latent_shape]``."""
     n = len(prompts)
     negative = list(negative_prompts) if negative_prompts else [""] * n
     if len(negative) != n:
@@ -132,6 +137,14 @@ def sample_inputs(
         init = np.asarray(init, np.float32)
         if init.shape != shape:
             raise ValueError(f"init latents {init.shape} do not match the model's {shape}")
+    if noise is not None:
+        noise = np.asarray(noise, np.float32)
+        if noise.shape != shape:
+            raise ValueError(
+                f"noise {noise.shape} does not match the model's latents {shape} ([B, T, H, W, C])"
+            )
+        if not np.isfinite(noise).all():
+            raise ValueError("noise holds NaN or Inf")
     ids, mask = text_input.encode(list(prompts))
     neg_ids, neg_mask = text_input.encode(negative)
     return SampleInputs(
@@ -141,14 +154,15 @@ def sample_inputs(
         cond,
         cond_mask,
         init,
+        noise,
     )
 
 
 def sample_latents(spec: SamplerSpec, params, inputs: SampleInputs, strength: float = 1.0) -> jax.Array:
     """Latents float32 ``[B, T', H', W', C]`` of the B samples of ``inputs`` under the model ``params``.
 
-    Sample b starts from noise drawn with the first half of its key and gives the second half to the
-    stochastic samplers; the model sees ``[prompts; negatives]`` in one call per step (classifier-free
+    Sample b starts from ``inputs.noise[b]`` when given, else from noise drawn with the first half of its key,
+    and gives the second half to the stochastic samplers; the model sees ``[prompts; negatives]`` in one call per step (classifier-free
     guidance with ``spec.cfg_scale`` and ``spec.guidance_rescale``). ``strength`` < 1 with ``inputs.init``
     is SDEdit (a static Python float). Traceable: jit or pmap it.
     """
@@ -156,7 +170,10 @@ def sample_latents(spec: SamplerSpec, params, inputs: SampleInputs, strength: fl
     ctx, ctx_mask = model.encode_text(*inputs.text)
     null_ctx, null_mask = model.encode_text(*inputs.negative)
     pairs = jax.vmap(lambda k: jax.random.split(jax.random.wrap_key_data(k)))(inputs.keys)
-    noise = jax.vmap(lambda k: jax.random.normal(k, (1, *spec.latent_shape)))(pairs[:, 0])[:, 0]
+    if inputs.noise is None:
+        noise = jax.vmap(lambda k: jax.random.normal(k, (1, *spec.latent_shape)))(pairs[:, 0])[:, 0]
+    else:
+        noise = jnp.asarray(inputs.noise, jnp.float32)
     guided = cfg_apply(
         lambda x, t, c: model.denoise(x, t, c[0], c[1]),
         (jnp.concatenate([ctx, null_ctx]), jnp.concatenate([ctx_mask, null_mask])),
@@ -243,12 +260,19 @@ class PmapSampler:
         *,
         seed: int = 0,
         negative_prompts: list[str] | None = None,
+        noise: np.ndarray | None = None,
         batch_per_device: int = 4,
         progress: bool = False,
     ) -> np.ndarray:
-        """uint8 ``[len(prompts), T, H, W, 3]``, in chunks of ``batch_per_device`` prompts per device."""
+        """uint8 ``[len(prompts), T, H, W, 3]``, in chunks of ``batch_per_device`` prompts per device;
+        ``noise`` float32 ``[B, T', H', W', C]``: the initial noise instead of the seed's."""
         inputs = sample_inputs(
-            self.text_input, prompts, self.latent_shape, seed=seed, negative_prompts=negative_prompts
+            self.text_input,
+            prompts,
+            self.latent_shape,
+            seed=seed,
+            negative_prompts=negative_prompts,
+            noise=noise,
         )
         chunk = len(self.devices) * batch_per_device
         out = []

@@ -1,0 +1,141 @@
+"""``SoraTransformer3DModel``: the spacetime DiT of ``sora_jax/models/dit.py`` as a diffusers model (the same
+patchify order, 3D RoPE angles, QK RMSNorm, adaLN-Zero, key-masked cross-attention, per-frame-group times).
+
+Input and output in diffusers' video layout ``[B, C, T, H, W]``; inside, channels last as in JAX.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .layers import (
+    Attention,
+    Mlp,
+    RMSNorm,
+    gate,
+    layer_norm,
+    modulate,
+    patchify,
+    rope_3d_angles,
+    timestep_embedding,
+    unpatchify,
+)
+
+FREQ_DIM = 256
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc1 = nn.Linear(FREQ_DIM, width)
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t ``[B]`` or ``[B, G]`` -> ``[B, D]`` or ``[B, G, D]``."""
+        freq = timestep_embedding(t, FREQ_DIM).to(self.fc1.weight.dtype)
+        return self.fc2(F.silu(self.fc1(freq)))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, width: int, num_heads: int, text_dim: int, mlp_dim: int, qk_norm: bool):
+        super().__init__()
+        self.attn = Attention(width, num_heads, qk_norm=qk_norm)
+        self.cross_norm = RMSNorm(width)
+        self.cross_attn = Attention(width, num_heads, context_dim=text_dim, qk_norm=qk_norm)
+        self.mlp = Mlp(width, mlp_dim)
+        self.adaLN_modulation = nn.Linear(width, 6 * width)
+
+    def forward(self, x, c, text, text_mask, rope):
+        mod = self.adaLN_modulation(F.silu(c))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+        x = x + gate(gate_msa, self.attn(modulate(layer_norm(x), shift_msa, scale_msa), rope=rope))
+        x = x + self.cross_attn(self.cross_norm(x), text, mask=text_mask)
+        return x + gate(gate_mlp, self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp)))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width: int, patch_dim: int):
+        super().__init__()
+        self.adaLN_modulation = nn.Linear(width, 2 * width)
+        self.linear = nn.Linear(width, patch_dim)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(F.silu(c)).chunk(2, dim=-1)
+        return self.linear(modulate(layer_norm(x), shift, scale))
+
+
+class SoraTransformer3DModel(ModelMixin, ConfigMixin):
+    """``forward(hidden_states [B, C, T, H, W], timestep [B] or per frame [B, T] in [0, 1000],
+    encoder_hidden_states [B, L, text_dim], encoder_attention_mask bool [B, L]) -> [B, C, T, H, W]``: the
+    model's output (velocity, x0, eps or v, per the scheduler config's ``prediction_type``)."""
+
+    _supports_gradient_checkpointing = False
+    _no_split_modules = ["DiTBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 4,
+        patch_size: tuple[int, int, int] = (1, 2, 2),
+        width: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        text_dim: int = 384,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = True,
+        rope_theta: float = 10000.0,
+        pooled_text_cond: bool = True,
+    ):
+        super().__init__()
+        pt, ph, pw = patch_size
+        patch_dim = pt * ph * pw * in_channels
+        self.x_embedder = nn.Linear(patch_dim, width)
+        self.t_embedder = TimestepEmbedder(width)
+        self.y_embedder = nn.Linear(text_dim, width) if pooled_text_cond else None
+        mlp_dim = int(width * mlp_ratio)
+        self.blocks = nn.ModuleList(
+            [DiTBlock(width, num_heads, text_dim, mlp_dim, qk_norm) for _ in range(depth)]
+        )
+        self.final_layer = FinalLayer(width, patch_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        cfg = self.config
+        dt = self.x_embedder.weight.dtype
+        x = hidden_states.permute(0, 2, 3, 4, 1)  # [B, T, H, W, C]
+        B, T, H, W, C = x.shape
+        pt, ph, pw = cfg.patch_size
+        if cfg.in_channels != C or T % pt or H % ph or W % pw:
+            raise ValueError(
+                f"SoraTransformer3DModel wants [B, {cfg.in_channels}, T, H, W] divisible by {tuple(cfg.patch_size)},"
+                f" got {tuple(hidden_states.shape)}"
+            )
+        grid = (T // pt, H // ph, W // pw)
+        t = torch.as_tensor(timestep, device=x.device).float()
+        if t.ndim == 0:
+            t = t.expand(B)
+        if t.ndim == 2:  # per frame -> per temporal patch group: clean only if every frame is
+            t = t.reshape(B, grid[0], pt).amax(-1)
+        mask = encoder_attention_mask.bool()
+        text = encoder_hidden_states.to(dt)
+        tokens = self.x_embedder(patchify(x.to(dt), cfg.patch_size))
+        c = self.t_embedder(t)
+        if self.y_embedder is not None:
+            m = mask[..., None].float()
+            pooled = (text.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
+            y = self.y_embedder(pooled.to(dt))
+            c = c + (y[:, None] if c.ndim == 3 else y)
+        rope = rope_3d_angles(*grid, cfg.width // cfg.num_heads, cfg.rope_theta, device=x.device)
+        for block in self.blocks:
+            tokens = block(tokens, c, text, mask, rope)
+        out = unpatchify(self.final_layer(tokens, c), cfg.patch_size, grid)
+        return out.permute(0, 4, 1, 2, 3)
