@@ -162,9 +162,11 @@ def evaluate(workdir: Path, args: argparse.Namespace) -> dict:
     from sora_jax.eval.evaluate import evaluate_workdir
 
     t0 = time.perf_counter()
-    ev = evaluate_workdir(workdir, num_prompts=args.num_prompts, split="test")
+    use_ema = False if args.raw_params else None  # None: the config's sample.use_ema (EMA)
+    ev = evaluate_workdir(workdir, num_prompts=args.num_prompts, split="test", use_ema=use_ema)
     out = {
         "adherence_test": ev["metrics"],
+        "weights": "raw" if args.raw_params else "config (sample.use_ema)",
         "adherence_by_objects": by_objects(ev["per_video"]),
         "eval_seconds": time.perf_counter() - t0,
     }
@@ -247,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="config file[:arg]")
     p.add_argument("--budget_s", type=float, default=0.0, help="seconds of training (compile excluded)")
     p.add_argument("--eval_only", action="store_true", help="score --workdir's checkpoint, no training")
+    p.add_argument("--raw_params", action="store_true", help="score the trained parameters, not their EMA")
     p.add_argument("--num_prompts", type=int, default=256, help="test prompts to score (0: none)")
     p.add_argument("--override", nargs="*", default=[], help="config overrides key=value")
     p.add_argument("--workdir", default="", help="run folder (default: a fresh temporary one)")
