@@ -161,9 +161,9 @@ def sample_inputs(
 def sample_latents(spec: SamplerSpec, params, inputs: SampleInputs, strength: float = 1.0) -> jax.Array:
     """Latents float32 ``[B, T', H', W', C]`` of the B samples of ``inputs`` under the model ``params``.
 
-    Sample b starts from ``inputs.noise[b]`` when given, else from noise drawn with the first half of its key,
-    and gives the second half to the stochastic samplers; the model sees ``[prompts; negatives]`` in one call per step (classifier-free
-    guidance with ``spec.cfg_scale`` and ``spec.guidance_rescale``). ``strength`` < 1 with ``inputs.init``
+    Sample b starts from ``inputs.noise[b]`` when given, else from noise drawn with the first half of its
+    key, and gives the second half to the stochastic samplers; the model sees ``[prompts; negatives]`` in one
+    call per step (classifier-free guidance with ``spec.cfg_scale`` and ``spec.guidance_rescale``). ``strength`` < 1 with ``inputs.init``
     is SDEdit (a static Python float). Traceable: jit or pmap it.
     """
     model = nnx.merge(spec.graphdef, params)
