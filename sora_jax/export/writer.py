@@ -119,21 +119,24 @@ def write_weights(
     return files
 
 
+def weight_files(folder: Path) -> list[str]:
+    """The safetensors files of a component folder: the shards its index lists, or the single file;
+    ExportError when there is neither."""
+    if (folder / INDEX).is_file():
+        return sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+    if (folder / WEIGHTS).is_file():
+        return [WEIGHTS]
+    raise ExportError(f"{folder} holds no {WEIGHTS} (nor its index)")
+
+
 def read_weights(folder: Path) -> dict[str, np.ndarray]:
     """A component folder's tensors (single file or sharded with an index) as float32 numpy; ExportError when
     none is there."""
     torch = _torch()
     from safetensors.torch import load_file
 
-    if (folder / INDEX).is_file():
-        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    elif (folder / WEIGHTS).is_file():
-        files = [WEIGHTS]
-    else:
-        raise ExportError(f"{folder} holds no {WEIGHTS} (nor its index)")
     out = {}
-    for fname in files:
+    for fname in weight_files(folder):
         path = folder / fname
         if not path.is_file():
             raise ExportError(f"{path} is missing (listed in {folder / INDEX})")
@@ -146,13 +149,8 @@ def verify_weights(folder: Path, expected: dict[str, np.ndarray], dtype: str) ->
     torch = _torch()
     from safetensors import safe_open
 
-    files = (
-        [WEIGHTS]
-        if (folder / WEIGHTS).is_file()
-        else sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
-    )
     seen = {}
-    for fname in files:
+    for fname in weight_files(folder):
         with safe_open(str(folder / fname), framework="pt") as f:
             for k in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                 seen[k] = f.get_tensor(k)
@@ -284,7 +282,9 @@ def _flat(state) -> dict:
 
 def _data_iter_state(workdir: Path, step: int) -> dict[str, str]:
     """The grain iterator files of checkpoint ``step`` ({name: text}), so an import resumes the data there."""
-    folder = workdir.absolute() / "checkpoints" / str(step) / "data_iter"
+    from sora_jax.train.checkpoint import checkpoint_dir
+
+    folder = checkpoint_dir(workdir.absolute()) / str(step) / "data_iter"
     if not folder.is_dir():
         return {}
     return {p.name: p.read_text() for p in sorted(folder.iterdir()) if p.is_file() and p.suffix == ".json"}
