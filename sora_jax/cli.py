@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="build the bundled data, train the quickstart config, sample, evaluate")
     p.add_argument("--workdir", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the same steps at a seconds-long size (configs/quickstart.py:smoke_eval, 8 test prompts): a check",
+    )
 
     p = sub.add_parser(
         "train",
@@ -109,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=60.0, help="--prompting: length of the long videos")
     p.add_argument("--num_long", type=int, default=8, help="--prompting: number of long videos")
     p.add_argument("--overlap", type=int, default=1, help="--prompting: latent frames given at each seam")
+    p.add_argument(
+        "--metrics",
+        default=None,
+        help="comma list of adherence,fvd,fd_digits,fd_frames,psnr: one JSON report of those "
+        "(metric, value, count, step, seconds) and a table (sora_jax/eval/suite.py)",
+    )
+    p.add_argument("--num_videos", type=int, default=64, help="--metrics: videos to sample and score")
+    p.add_argument("--step", type=int, default=None, help="--metrics: checkpoint step (default: latest)")
+    p.add_argument(
+        "--ref_count", type=int, default=None, help="--metrics: reference clips of the split (default: all)"
+    )
+    p.add_argument(
+        "--compare", default=None, help="--metrics: a second workdir scored the same way, side by side"
+    )
+    p.add_argument("--compare_step", type=int, default=None, help="--compare: its step (default: latest)")
 
     p = sub.add_parser(
         "ingest",
@@ -220,7 +240,10 @@ def run(argv: list[str]) -> int:
     elif args.command == "demo":
         from sora_jax.demo import run_demo
 
-        run_demo(args.workdir)
+        if args.smoke:
+            run_demo(args.workdir, config_arg="smoke_eval", num_eval_prompts=8, long_seconds=2.0)
+        else:
+            run_demo(args.workdir)
     elif args.command == "sample":
         from sora_jax import commands
 
@@ -245,6 +268,24 @@ def run(argv: list[str]) -> int:
                 cfg_scale=args.cfg_scale,
             )
         )
+    elif args.command == "eval" and args.metrics is not None:
+        from sora_jax import commands
+
+        report = commands.evaluate_metrics(
+            args.workdir,
+            args.metrics,
+            num_videos=args.num_videos,
+            step=args.step,
+            split=args.split,
+            seed=args.seed,
+            ref_count=args.ref_count,
+            out=args.out,
+            use_ema=False if args.raw_params else None,
+            compare=args.compare,
+            compare_step=args.compare_step,
+        )
+        print(report["table"])
+        print(f"report: {report['path']}")
     elif args.command == "eval":
         from sora_jax import commands
 

@@ -263,3 +263,71 @@ def evaluate(
         workdir, num_prompts=num_prompts, split=split, seed=seed, out=out, use_ema=use_ema
     )
     return report["metrics"]
+
+
+def evaluate_metrics(
+    workdir: str | Path,
+    metrics: str,
+    *,
+    num_videos: int = 64,
+    step: int | None = None,
+    split: str = "test",
+    seed: int = 0,
+    ref_count: int | None = None,
+    out: str | Path | None = None,
+    use_ema: bool | None = None,
+    compare: str | Path | None = None,
+    compare_step: int | None = None,
+) -> dict:
+    """``sora-jax eval --metrics``: scores ``workdir`` (and ``compare``, the same way) with
+    ``eval.evaluate.evaluate_metrics``; writes each run's report and, with ``compare``, ``compare.json`` holding
+    both. Returns {"reports", "table", "path"}."""
+    from sora_jax.config import task
+    from sora_jax.eval import suite
+    from sora_jax.eval.evaluate import _write_json, evaluate_metrics, format_table
+    from sora_jax.loading import saved_config
+
+    names = suite.parse_metrics(metrics)
+    if split == "paraphrase":
+        raise UserError(
+            "--metrics scores captions of a data split and compares with its clips: use test or train"
+        )
+    if num_videos < 2:
+        raise UserError(f"--num_videos must be at least 2 (a covariance needs two videos), got {num_videos}")
+    runs = [(workdir, step)] + ([(compare, compare_step)] if compare else [])
+    for w, s in runs:
+        _, cfg = saved_config(w, s)
+        if task(cfg) is Task.VAE and names != ["psnr"]:
+            raise UserError(f"{w} holds a VAE: of --metrics only psnr applies (sora-jax eval without it)")
+    reports = []
+    for w, s in runs:
+        where = Path(out) / Path(w).name if out and compare else out
+        kw = dict(num_videos=num_videos, step=s, split=split, seed=seed, ref_count=ref_count)
+        if task(saved_config(w, s)[1]) is Task.VAE:
+            reports.append(_vae_psnr_report(w, s, split, num_videos, where, use_ema))
+        else:
+            reports.append(evaluate_metrics(w, names, out=where, use_ema=use_ema, **kw))
+    path = (Path(out) if out else Path(workdir) / "eval") / (
+        "compare.json" if compare else f"metrics_step{reports[0]['step']}.json"
+    )
+    table = format_table(reports)
+    if compare:
+        _write_json(path, {"reports": reports, "table": table})
+    return {"reports": reports, "table": table, "path": str(path)}
+
+
+def _vae_psnr_report(workdir, step, split: str, num: int, out, use_ema) -> dict:
+    from sora_jax.eval.evaluate import _write_json
+    from sora_jax.eval.reconstruction import evaluate_vae
+
+    if step is not None:
+        raise UserError("--step: VAE workdirs are scored at their latest checkpoint")
+    import time
+
+    t0 = time.perf_counter()
+    m = evaluate_vae(workdir, num_clips=num, split=split, out=out, use_ema=use_ema)
+    row = {"metric": "psnr", "value": m["psnr_db"], "count": m["clips"], "step": m["step"]}
+    report = {"workdir": str(workdir), "step": m["step"], "split": split, "num_videos": m["clips"]}
+    report["rows"] = [row | {"higher_is_better": True, "seconds": time.perf_counter() - t0}]
+    _write_json((Path(out) if out else Path(workdir) / "eval") / f"metrics_step{m['step']}.json", report)
+    return report

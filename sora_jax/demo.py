@@ -27,7 +27,16 @@ log = logging.getLogger("sora_jax.demo")
 EVAL_PROMPTS = 96
 
 
-def run_demo(workdir: str | Path, *, config_arg: str = "", num_eval_prompts: int = EVAL_PROMPTS) -> dict:
+def run_demo(
+    workdir: str | Path,
+    *,
+    config_arg: str = "",
+    num_eval_prompts: int = EVAL_PROMPTS,
+    long_seconds: float = 20.0,
+) -> dict:
+    """Trains ``configs/quickstart.py[:config_arg]`` in ``workdir``, samples, evaluates ``num_eval_prompts``
+    test and paraphrased prompts, shows prompting (with a ``long_seconds`` video); writes report.md / .json
+    and returns the summary."""
     workdir = Path(workdir)
     cfg = load_config(quickstart.__file__ + (f":{config_arg}" if config_arg else ""))
     timings = {}
@@ -51,7 +60,7 @@ def run_demo(workdir: str | Path, *, config_arg: str = "", num_eval_prompts: int
     timings["eval_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    prompting = _prompting_samples(workdir, pipe)
+    prompting = _prompting_samples(workdir, pipe, long_seconds)
     timings["prompting_s"] = time.perf_counter() - t0
 
     summary = {

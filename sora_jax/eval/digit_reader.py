@@ -157,6 +157,20 @@ class DigitReader(nnx.Module):
 
     def __call__(self, x_BTHW: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Returns presence logits [B, 10] and direction logits [B, 10, 8]."""
+        presence, directions, _ = self._forward(x_BTHW)
+        return presence, directions
+
+    def embed(self, x_BTHW: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The reader's features for Fréchet distances: per video [B, 10 + 80 + 2D] (presence logits,
+        direction logits, the frame features averaged over time) and per frame [B, T, 2D] (the last conv
+        map mean- and max-pooled over positions)."""
+        presence, directions, h = self._forward(x_BTHW)
+        b, t = x_BTHW.shape[:2]
+        frames = jnp.concatenate([h.mean((1, 2)), h.max((1, 2))], -1).reshape(b, t, -1)
+        video = jnp.concatenate([presence, directions.reshape(b, -1), frames.mean(1)], -1)
+        return video, frames
+
+    def _forward(self, x_BTHW: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         b, t, hgt, wid = x_BTHW.shape
         h = x_BTHW.reshape(b * t, hgt, wid, 1)
         for conv, norm in zip(self.convs, self.norms, strict=True):
@@ -178,7 +192,7 @@ class DigitReader(nnx.Module):
         zd = jnp.concatenate([traj, self.dir_norm(feats.mean(2))], -1)
         zd = jax.nn.gelu(self.dir_hidden(zd))
         zd = jax.nn.gelu(self.dir_hidden2(zd))
-        return presence, self.dir_out(zd)
+        return presence, self.dir_out(zd), h  # h: the conv map [B*T, H', W', D]
 
 
 def _flat_params(model: DigitReader) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ Every result is a dict with ``value`` (the headline number), ``count`` (videos s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,10 +19,15 @@ import numpy as np
 
 from sora_jax.errors import UserError
 
-# name -> (needs prompts, higher is better)
+# name -> (needs prompts, higher is better); psnr is a workdir's metric (its autoencoder), the rest score videos
 METRICS: dict[str, tuple[bool, bool]] = {
     "adherence": (True, True),
+    "fvd": (False, False),
+    "fd_digits": (False, False),
+    "fd_frames": (False, False),
+    "psnr": (False, True),
 }
+VIDEO_METRICS = ("adherence", "fvd", "fd_digits", "fd_frames")
 
 
 def parse_metrics(spec: str | Sequence[str]) -> list[str]:
@@ -43,21 +49,35 @@ def score_videos(
     *,
     data_dir: str | Path | None = None,
     ref_split: str = "test",
+    ref_count: int | None = None,
+    progress: bool = False,
 ) -> dict[str, dict]:
     """Scores uint8 videos ``[B, T, H, W, 3]`` (generated for ``prompts``) by each metric of ``metrics``.
 
-    ``data_dir`` / ``ref_split``: the dataset whose clips are the reference of the distance metrics.
-    Returns {metric: {"value", "count", "higher_is_better", ...}}.
+    ``data_dir`` / ``ref_split`` / ``ref_count``: the dataset, split and number of its clips (None: all)
+    whose statistics are the reference of the Fréchet distances (``eval.distances``, cached there).
+    Returns {metric: {"value", "count", "higher_is_better", "seconds", ...}}.
     """
+    from sora_jax.eval import distances
     from sora_jax.eval.adherence import evaluate_prompts
 
     names = parse_metrics(metrics)
     out: dict[str, dict] = {}
     for name in names:
         needs_prompts, higher = METRICS[name]
+        if name not in VIDEO_METRICS:
+            raise UserError(f"{name} scores a workdir's autoencoder, not videos: use evaluate_metrics")
         if needs_prompts and prompts is None:
             raise UserError(f"metric {name} scores videos against their prompts; none given")
-        if name == "adherence":
+        t0 = time.perf_counter()
+        if name in distances.DISTANCES:
+            if data_dir is None:
+                raise UserError(f"{name} compares with a dataset's clips: give data_dir")
+            ref = distances.reference_stats(name, data_dir, ref_split, ref_count, progress=progress)
+            out[name] = distances.distance(name, videos, ref, progress=progress) | {
+                "higher_is_better": higher
+            }
+        elif name == "adherence":
             m, _ = evaluate_prompts(videos, list(prompts))
             out[name] = {
                 "value": m["both_accuracy"],
@@ -66,6 +86,7 @@ def score_videos(
                 "digit_accuracy": m["digit_accuracy"],
                 "direction_accuracy": m["direction_accuracy"],
             }
+        out[name]["seconds"] = time.perf_counter() - t0
     return out
 
 
