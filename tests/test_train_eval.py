@@ -147,7 +147,8 @@ def test_scalars_and_sample_grid_reach_tensorboard_and_metrics_jsonl(runs):
         assert 1 < len(frames) <= 8 and frames[0].shape == (134, 134, 3)
     # the contact sheets: 3 rows (caption strip 14 + 64 + 2) of 8 frames (64 + 2), 2-pixel border
     for step in (4, 6):
-        assert Image.open(on / "eval" / f"samples_{step}.png").size == (8 * 66 + 2, 3 * 80 + 2)
+        with Image.open(on / "eval" / f"samples_{step}.png") as sheet:
+            assert sheet.size == (8 * 66 + 2, 3 * 80 + 2)
 
 
 def test_best_checkpoint_is_kept_and_loads_as_step_best(runs):
