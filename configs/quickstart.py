@@ -140,6 +140,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # multi-slice: the factor of each axis that spans slices (data-center network); the rest is in-slice
     c.mesh.dcn = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, "seq": 1})
 
+    # Evaluation during training (sora_jax/eval/in_training.py): every eval.every_steps steps and at the last one
+    # the EMA weights sample eval.num_videos videos in the training process; eval/<metric>, eval/seconds and a
+    # grid of eval.grid_videos videos go to TensorBoard and metrics.jsonl, a contact sheet to
+    # <workdir>/eval/samples_<step>.png. With eval.best_metric the best step is kept in
+    # <workdir>/checkpoints_best (api.load_pipeline(workdir, step="best")). The losses are the same with it off.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0  # 0: off (the demo's timings stay as measured)
+    c.eval.metrics = "adherence"  # comma-separated names of sora_jax.eval.suite.METRICS
+    c.eval.num_videos = 32
+    # a split of the dataset ("test": num_videos of its captions drawn with eval.seed) or a tuple of prompts
+    # (cycled to num_videos; each video has its own noise); a str or a tuple, hence the untyped field
+    c.eval.prompts = ml_collections.FieldReference("test", field_type=object)
+    c.eval.seed = 0  # the prompts' draw and the sampling noise
+    c.eval.grid_videos = 8  # of the sampled videos, shown in TensorBoard and the contact sheet
+    c.eval.best_metric = ""  # "": keep no best checkpoint; else one of eval.metrics (its own direction)
+
     c.sample = ml_collections.ConfigDict()
     c.sample.prompts = DEMO_PROMPTS
     c.sample.seed = 0

@@ -146,14 +146,78 @@ def _validate_vae(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.data.height/width must be divisible by the VAE's spatial factor {s}")
 
 
+# config.eval (evaluation during training, sora_jax/eval/in_training.py) of a config saved before the group
+# existed: off
+EVAL_DEFAULTS = {
+    "every_steps": 0,
+    "metrics": "adherence",
+    "num_videos": 32,
+    "prompts": "test",
+    "seed": 0,
+    "grid_videos": 8,
+    "best_metric": "",
+}
+
+
 def upgrade(config: dict) -> dict:
-    """A config dict saved by an older version, in today's spelling (``model.remat`` was a bool)."""
+    """A config dict saved by an older version, in today's spelling (``model.remat`` was a bool; no
+    ``eval`` group)."""
     model = config.get("model", {})
     if isinstance(model.get("remat"), bool):
         model["remat"] = "full" if model["remat"] else "none"
     if config.get("task", "t2v") == "t2v" and "conditioning" not in config:  # before frame conditioning
         config["conditioning"] = {"probs": {"none": 1.0}, "max_frames": 1}
+    if "eval" not in config:
+        config["eval"] = dict(EVAL_DEFAULTS)
     return config
+
+
+def eval_metric_names(cfg: ml_collections.ConfigDict) -> list[str]:
+    """The names in ``config.eval.metrics`` (a comma-separated string), in order."""
+    return [m.strip() for m in str(cfg.eval.metrics).split(",") if m.strip()]
+
+
+def _validate_eval(cfg: ml_collections.ConfigDict) -> None:
+    """``config.eval``'s values (the metric names are checked against the metrics suite when training
+    starts: ``sora_jax.eval.in_training.check_config``)."""
+    e = cfg.eval
+    for key in ("every_steps", "num_videos", "grid_videos", "seed"):
+        if not isinstance(e[key], int) or isinstance(e[key], bool):
+            raise ConfigError(f"config.eval.{key} must be an integer, got {e[key]!r}")
+    if e.every_steps < 0:
+        raise ConfigError(f"config.eval.every_steps must be >= 0 (0: off), got {e.every_steps}")
+    if e.every_steps and task(cfg) is not Task.T2V:
+        raise ConfigError(
+            f"config.eval.every_steps = {e.every_steps}: evaluation during training samples text-to-video "
+            f"models; set it to 0 for task {task(cfg).value!r}"
+        )
+    names = eval_metric_names(cfg)
+    if not isinstance(e.metrics, str) or not names:
+        raise ConfigError(
+            f"config.eval.metrics = {e.metrics!r}: give comma-separated names, e.g. 'adherence'"
+        )
+    if e.num_videos < 1:
+        raise ConfigError(f"config.eval.num_videos must be >= 1, got {e.num_videos}")
+    if not 0 <= e.grid_videos <= e.num_videos:
+        raise ConfigError(
+            f"config.eval.grid_videos must be in [0, eval.num_videos = {e.num_videos}], got {e.grid_videos}"
+        )
+    prompts = e.prompts
+    if isinstance(prompts, str):
+        ok = bool(prompts.strip())
+    else:
+        ok = isinstance(prompts, (tuple, list)) and bool(prompts)
+        ok = ok and all(isinstance(p, str) and p.strip() for p in prompts)
+    if not ok:
+        raise ConfigError(
+            f"config.eval.prompts = {prompts!r}: give a split of the dataset (e.g. 'test') or a tuple of "
+            "non-empty prompts"
+        )
+    if e.best_metric and e.best_metric not in names:
+        raise ConfigError(
+            f"config.eval.best_metric = {e.best_metric!r} is not one of config.eval.metrics {names} "
+            "('' keeps no best checkpoint)"
+        )
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -208,6 +272,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(
                 f"config.conditioning.max_frames must be >= 1, got {cfg.conditioning.max_frames}"
             )
+    if cfg.get("eval") is not None:
+        _validate_eval(cfg)
     if not 0.0 <= cfg.text.caption_dropout < 1.0:
         raise ConfigError(f"config.text.caption_dropout must be in [0, 1), got {cfg.text.caption_dropout}")
     for axis in ("data", "fsdp", "tensor", "seq"):

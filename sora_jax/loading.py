@@ -5,6 +5,7 @@ The one place above the models that reads checkpoints for use (the trainer resum
 weights into them. Nothing here builds an optimizer or a train step:
 
     cfg, step, abstract, params = restore(workdir)         # the EMA parameters, onto one device
+    cfg, step, abstract, params = restore(workdir, step="best")   # the best step evaluation kept
     codec = load_vae_codec("runs/vae")                     # a trained VAE as an Autoencoder, with its weights
     cfg = resolve_autoencoder(cfg)                         # a latent config records its VAE's shape and stats
     ae = load_autoencoder(cfg)                             # the config's autoencoder, weights included
@@ -37,9 +38,9 @@ def single_device_mesh():
     return make_mesh(mesh_cfg, jax.local_devices()[:1])
 
 
-def saved_config(workdir: str | Path, step: int | None = None) -> tuple[int, ml_collections.ConfigDict]:
-    """(step, config) of the latest (or given) checkpoint of ``workdir``: upgraded to today's spelling and
-    validated."""
+def saved_config(workdir: str | Path, step: int | str | None = None) -> tuple[int, ml_collections.ConfigDict]:
+    """(step, config) of the latest (or given, or ``"best"``) checkpoint of ``workdir``: upgraded to today's
+    spelling and validated."""
     step, cfg = checkpoint.restore_config(workdir, step)
     cfg = ml_collections.ConfigDict(config_lib.upgrade(cfg.to_dict()))
     config_lib.validate(cfg)
@@ -49,18 +50,20 @@ def saved_config(workdir: str | Path, step: int | None = None) -> tuple[int, ml_
 def restore(
     workdir: str | Path,
     *,
-    step: int | None = None,
+    step: int | str | None = None,
     use_ema: bool | None = None,
     mesh=None,
     **diffusion_overrides,
 ) -> tuple[ml_collections.ConfigDict, int, factory.AbstractState, nnx.State]:
-    """(config, step, abstract state, params) of the latest (or given) checkpoint in ``workdir``.
+    """(config, step, abstract state, params) of the latest (or given) checkpoint in ``workdir``; ``step="best"``
+    reads the best checkpoint evaluation during training kept (``checkpoints_best/``, ``best.json``).
 
     Reads the EMA parameters unless ``use_ema`` is False (default: the config's ``sample.use_ema``), and
     nothing else (no optimizer state), onto ``mesh`` (default: one local device) as the rules table places
     them. ``diffusion_overrides`` (``sample_steps``, ``cfg_scale``, ``sampler``) replace the config's values.
     """
-    step, cfg = saved_config(workdir, step)
+    which = step
+    step, cfg = saved_config(workdir, which)
     for key, value in diffusion_overrides.items():
         if value is not None:
             cfg.diffusion[key] = value
@@ -69,7 +72,10 @@ def restore(
     abstract = factory.abstract_state(cfg, mesh or single_device_mesh())
     use_ema = cfg.sample.use_ema if use_ema is None else use_ema
     step, params = checkpoint.restore_subtree(
-        workdir, "ema" if use_ema else "params", abstract.params, step=step
+        workdir,
+        "ema" if use_ema else "params",
+        abstract.params,
+        step=which if which == checkpoint.BEST else step,
     )
     return cfg, step, abstract, params
 

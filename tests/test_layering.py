@@ -62,6 +62,9 @@ SIDEWAYS_ALLOWED = {
     ),  # import writes a train state (fresh optimizer) the trainer resumes
     ("sora_jax.safety", "sora_jax.sample"),
     ("sora_jax.train", "sora_jax.loading"),
+    # evaluation during training (config.eval): the loop runs the evaluator on the EMA weights; eval never
+    # imports train (sora_jax.train.checkpoint is a lower layer)
+    ("sora_jax.train", "sora_jax.eval"),
 }
 
 

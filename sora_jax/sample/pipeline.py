@@ -36,7 +36,7 @@ class Pipeline:
     autoencoder: Autoencoder
     text_input: object
     graphdef: nnx.GraphDef
-    params: nnx.State
+    params: nnx.State | None
     step: int
     sampler: PmapSampler
 
@@ -89,18 +89,37 @@ def check_prompts(prompts: list[str]) -> None:
 
 
 def load_pipeline(
-    workdir: str | Path, *, step: int | None = None, use_ema: bool | None = None, **sample_overrides
+    workdir: str | Path,
+    *,
+    step: int | str | None = None,
+    use_ema: bool | None = None,
+    **sample_overrides,
 ) -> Pipeline:
-    """Loads config + params of the latest (or given) checkpoint in ``workdir`` onto the local devices.
+    """Loads config + params of the latest (or given) checkpoint in ``workdir`` onto the local devices;
+    ``step="best"``: the best checkpoint kept by evaluation during training (``config.eval.best_metric``).
 
     ``sample_overrides``: ``sample_steps``, ``cfg_scale``, ``sampler`` replace the config's diffusion values.
     """
     cfg, step, abstract, params = loading.restore(workdir, step=step, use_ema=use_ema, **sample_overrides)
+    return pipeline_from_params(cfg, abstract.graphdef, jax.device_get(params), step)
+
+
+def pipeline_from_params(
+    cfg: ml_collections.ConfigDict,
+    graphdef: nnx.GraphDef,
+    params: nnx.State | None,
+    step: int,
+    *,
+    devices: list[jax.Device] | None = None,
+) -> Pipeline:
+    """The pipeline of a resolved config (``loading.resolve_autoencoder``) around parameters already in memory
+    (host arrays of the model ``graphdef``; None when each call brings its own, as the evaluator during
+    training does), sampling with the pmap sampler over ``devices`` (default: the local devices). The one way
+    a Pipeline is built: ``load_pipeline`` reads the parameters from a checkpoint and calls this."""
     ae = loading.load_autoencoder(cfg)
     text_input = factory.make_text_input(cfg)
-    params = jax.device_get(params)
     sampler = PmapSampler(
-        abstract.graphdef,
+        graphdef,
         text_input,
         factory.make_process(cfg),
         ae,
@@ -108,5 +127,6 @@ def load_pipeline(
         sampler=cfg.diffusion.sampler,
         num_steps=cfg.diffusion.sample_steps,
         cfg_scale=cfg.diffusion.cfg_scale,
+        devices=devices,
     )
-    return Pipeline(cfg, ae, text_input, abstract.graphdef, params, step, sampler)
+    return Pipeline(cfg, ae, text_input, graphdef, params, step, sampler)

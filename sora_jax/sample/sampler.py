@@ -274,9 +274,17 @@ class PmapSampler:
             negative_prompts=negative_prompts,
             noise=noise,
         )
+        return self.generate_inputs(params, inputs, batch_per_device=batch_per_device, progress=progress)
+
+    def generate_inputs(
+        self, params, inputs: SampleInputs, *, batch_per_device: int = 4, progress: bool = False
+    ) -> np.ndarray:
+        """uint8 ``[inputs.size, T, H, W, 3]`` from prepared host inputs (``sample_inputs``), in chunks of
+        ``batch_per_device`` rows per device: a caller that samples the same prompts again (evaluation during
+        training) prepares them once. Every full chunk has one shape, so one compile serves them all."""
         chunk = len(self.devices) * batch_per_device
         out = []
-        for start in tqdm(range(0, len(prompts), chunk), desc="sample", disable=not progress):
+        for start in tqdm(range(0, inputs.size, chunk), desc="sample", disable=not progress):
             part = inputs.rows(slice(start, start + chunk))
             videos = self.generate_fn(params, self.autoencoder.params, self._split(part))
             out.append(np.asarray(videos).reshape(-1, *videos.shape[2:])[: part.size])

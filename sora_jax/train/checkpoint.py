@@ -8,6 +8,10 @@ Resuming (``restore_latest_good``) checks the newest checkpoint against the stat
 different model is one line naming the config keys and parameters that differ), and when its files are
 unreadable (truncated, deleted, corrupted) moves it to ``<workdir>/checkpoints_corrupt/`` with a one-line
 warning and takes the previous one. ``list_checkpoints`` lists a workdir's checkpoints (``sora-jax checkpoints``).
+
+The best checkpoint (evaluation during training, ``config.eval.best_metric``) has the same items in
+``<workdir>/checkpoints_best/<step>/`` (one kept) beside ``best.json`` ({"step", "metric", "value",
+"higher_is_better"}), written once the save is complete (``save_best``); the readers take ``step="best"``.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +56,80 @@ def manager(
         max_to_keep=keep, keep_period=keep_every or None, create=not read_only, read_only=read_only
     )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+BEST = "best"  # the ``step`` that names a workdir's best checkpoint
+BEST_FILE = "best.json"
+
+
+def best_dir(workdir: str | Path) -> Path:
+    return Path(workdir).absolute() / "checkpoints_best"
+
+
+def best_manager(workdir: str | Path, *, read_only: bool = False) -> ocp.CheckpointManager:
+    """Orbax manager of ``<workdir>/checkpoints_best``: the best step alone (``max_to_keep=1``)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only, read_only=read_only)
+    return ocp.CheckpointManager(best_dir(workdir), options=options)
+
+
+def read_best(workdir: str | Path) -> dict | None:
+    """``best.json`` of ``workdir`` ({"step", "metric", "value", "higher_is_better"}), or None."""
+    path = best_dir(workdir) / BEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def save_best(
+    mgr: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    config: ml_collections.ConfigDict,
+    info: dict,
+    data_iter: Any | None = None,
+) -> None:
+    """Saves ``state`` at ``step`` through ``best_manager``'s ``mgr`` (the items of ``save``), waits for it,
+    then writes ``best.json`` = {"step": step, **info} atomically (process 0): best.json only ever names a
+    complete checkpoint. A kept step at or after ``step`` (a run resumed before it) is deleted first."""
+    for old in mgr.all_steps():
+        if old >= step:
+            mgr.delete(old)
+    save(mgr, step, state, config, data_iter, force=True)
+    mgr.wait_until_finished()
+    if jax.process_index() == 0:
+        path = Path(mgr.directory) / BEST_FILE
+        tmp = path.with_name(BEST_FILE + ".tmp")
+        tmp.write_text(json.dumps({"step": step, **info}))
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _reader(workdir: str | Path, step: int | str | None) -> Iterator[tuple[ocp.CheckpointManager, int]]:
+    """(read-only manager, step) of what ``step`` names: a step of ``<workdir>/checkpoints`` (None: the
+    latest), or ``"best"``: the step best.json names in ``checkpoints_best``. CheckpointError when absent."""
+    if step == BEST:
+        info = read_best(workdir)
+        if info is None:
+            raise CheckpointError(
+                f"no best checkpoint in {workdir} (no {best_dir(workdir) / BEST_FILE}): train with "
+                "config.eval.every_steps > 0 and config.eval.best_metric set"
+            )
+        with best_manager(workdir, read_only=True) as mgr:
+            if info["step"] not in mgr.all_steps():
+                raise CheckpointError(
+                    f"{best_dir(workdir) / BEST_FILE} names step {info['step']}, which {mgr.directory} "
+                    "does not hold"
+                )
+            yield mgr, info["step"]
+        return
+    if isinstance(step, str):
+        raise CheckpointError(f"step {step!r}: give a step number, or {BEST!r}")
+    train_first = f"no checkpoints in {workdir} (train first: sora-jax train --workdir {workdir})"
+    if not checkpoint_dir(workdir).is_dir():
+        raise CheckpointError(train_first)
+    with manager(workdir, read_only=True) as mgr:
+        step = mgr.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(train_first)
+        yield mgr, step
 
 
 def latest_step(workdir: str | Path) -> int | None:
@@ -293,18 +373,16 @@ def list_checkpoints(workdir: str | Path) -> list[dict[str, Any]]:
 
 
 def restore_subtree(
-    workdir: str | Path, key: str, abstract: Any, *, step: int | None = None
+    workdir: str | Path, key: str, abstract: Any, *, step: int | str | None = None
 ) -> tuple[int, Any]:
     """(step, ``state[key]``) read alone (e.g. ``"ema"`` or ``"params"`` for inference: no optimizer state is
-    read or held), onto the shardings ``abstract`` carries."""
+    read or held), onto the shardings ``abstract`` carries. ``step``: a number, None (the latest) or
+    ``"best"``."""
     item = {key: abstract}
     args = ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
     )
-    with manager(workdir, read_only=True) as mgr:
-        step = mgr.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no checkpoint in {mgr.directory}")
+    with _reader(workdir, step) as (mgr, step):
         try:
             with _quiet_io_errors():
                 restored = mgr.restore(step, args=ocp.args.Composite(state=args))
@@ -314,24 +392,16 @@ def restore_subtree(
     return step, restored["state"][key]
 
 
-def restore_config(workdir: str | Path, step: int | None = None) -> tuple[int, ml_collections.ConfigDict]:
-    """The config a checkpoint was made with (for sampling/eval from a workdir alone)."""
-    if not checkpoint_dir(workdir).is_dir():
-        raise CheckpointError(
-            f"no checkpoints in {workdir} (train first: sora-jax train --workdir {workdir})"
-        )
-    with manager(workdir, read_only=True) as mgr:
-        step = mgr.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(
-                f"no checkpoints in {workdir} (train first: sora-jax train --workdir {workdir})"
-            )
+def restore_config(
+    workdir: str | Path, step: int | str | None = None
+) -> tuple[int, ml_collections.ConfigDict]:
+    """The config a checkpoint was made with (for sampling/eval from a workdir alone); ``step`` as
+    ``restore_subtree``'s."""
+    with _reader(workdir, step) as (mgr, step):
         try:
             cfg = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         except Exception as e:
-            raise CheckpointError(
-                f"checkpoint {workdir}/checkpoints/{step} has no readable config: {e}"
-            ) from e
+            raise CheckpointError(f"checkpoint {mgr.directory}/{step} has no readable config: {e}") from e
     return step, ml_collections.ConfigDict(cfg)
 
 

@@ -2,7 +2,7 @@
 
     mesh -> batch specs (from the config) -> abstract state + shardings (``build_train_fns``) -> compile the
     step for every batch shape, memory checked (the peak over all of them) -> [compile_only: stop] -> the
-    train stream -> resume or init -> loop (metrics, checkpoints, time limit, preemption).
+    train stream -> resume or init -> loop (metrics, checkpoints, evaluation, time limit, preemption).
 
 Each task has one step builder (``_STEP_BUILDERS``: the DiT's, the VAE's), all on the shared update of
 ``state.apply_update``. Extend through config, not forks.
@@ -29,6 +29,7 @@ from sora_jax import factory, loading
 from sora_jax.choices import Task
 from sora_jax.config import ConfigError, task
 from sora_jax.data import pipeline
+from sora_jax.eval import in_training
 from sora_jax.models.perceptual import load_perceptual
 from sora_jax.parallel import sharding
 from sora_jax.parallel.mesh import make_mesh
@@ -175,9 +176,14 @@ def train(
 
     ``compile_only``: compile the step for every batch shape and return the peak memory over all of them.
     ``devices``: the mesh's devices (default: all devices of all processes).
+    With ``config.eval.every_steps`` > 0 the EMA weights are evaluated in the loop (``_Evals``); the last
+    evaluation's ``eval/*`` scalars and ``eval_seconds`` (all evaluations) join the result.
     """
     workdir = Path(workdir)
     cfg = loading.resolve_autoencoder(cfg)
+    evaluating = cfg.get("eval") is not None and cfg.eval.every_steps > 0
+    if evaluating:
+        in_training.check_config(cfg)  # a metric's typo costs no compile
     mesh = make_mesh(cfg.mesh, devices)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     specs = data_lib.batch_specs(cfg, mesh)
@@ -193,15 +199,19 @@ def train(
     mgr = checkpoint.manager(
         workdir, keep=cfg.train.keep_checkpoints, keep_every=cfg.train.get("keep_every", 0)
     )
+    evals = None
     try:
         resumed = checkpoint.restore_latest_good(workdir, mgr, fns.abstract_state, cfg, data_iter=stream)
         if resumed is not None:
             log.info("resumed from step %d in %s", resumed[0], workdir)
         start, state = resumed if resumed is not None else (0, fns.init())
-        last = _loop(cfg, workdir, mesh, fns, executables, state, start, stream, mgr, progress)
+        evals = _Evals(cfg, workdir, fns.graphdef, mesh) if evaluating else None
+        last = _loop(cfg, workdir, mesh, fns, executables, state, start, stream, mgr, progress, evals)
     finally:
         mgr.wait_until_finished()
         mgr.close()
+        if evals is not None:
+            evals.close()
     return last | timings
 
 
@@ -272,8 +282,9 @@ class _Window:
         return out
 
 
-def _loop(cfg, workdir, mesh, fns: TrainFns, executables, state, start, stream, mgr, progress) -> dict:
-    """Steps from ``start`` to ``train.num_steps``, or until the time limit or a preemption notice."""
+def _loop(cfg, workdir, mesh, fns: TrainFns, executables, state, start, stream, mgr, progress, evals) -> dict:
+    """Steps from ``start`` to ``train.num_steps``, or until the time limit or a preemption notice; ``evals``
+    (or None) evaluates when due."""
     total, log_every = cfg.train.num_steps, cfg.train.log_every
     time_limit = float(cfg.train.get("time_limit_s", 0.0))
     writer = metrics.MetricWriter(workdir)
@@ -281,6 +292,7 @@ def _loop(cfg, workdir, mesh, fns: TrainFns, executables, state, start, stream, 
     window, last, done = _Window(), {}, start
     started = trained_until = time.perf_counter()
     input_seconds = 0.0  # host time spent waiting for the next batch (the input pipeline's share)
+    eval_share = 0.0  # seconds of evaluation inside [started, trained_until]: not training
     try:
         with PreemptionWatch() as preemption:
             for step in range(start, total):
@@ -306,6 +318,7 @@ def _loop(cfg, workdir, mesh, fns: TrainFns, executables, state, start, stream, 
                 if stop or done == total:  # training ends here: the clock stops before the last save
                     jax.block_until_ready(state)
                     trained_until = time.perf_counter()
+                    eval_share = evals.seconds if evals is not None else 0.0
                 if done % log_every == 0 or done == total:
                     last = window.flush(writer, done)
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
@@ -313,6 +326,8 @@ def _loop(cfg, workdir, mesh, fns: TrainFns, executables, state, start, stream, 
                     metrics.check_finite([(s, jax.device_get(m)) for s, m in window.pending])
                 if stop or done == total or done % cfg.train.ckpt_every == 0:
                     checkpoint.save(mgr, done, state, cfg, stream, force=stop)
+                if evals is not None and not stop and evals.due(done):
+                    window.started += evals.run(done, state, window.pending, writer, stream)  # not the steps'
                 if stop:
                     mgr.wait_until_finished()
                     why = f"time limit of {time_limit:g} s reached" if out_of_time else "preempted"
@@ -322,17 +337,109 @@ def _loop(cfg, workdir, mesh, fns: TrainFns, executables, state, start, stream, 
     finally:
         bar.close()
         writer.close()
-    return last | {
-        "step": done,
-        "steps_run": done - start,
-        "train_seconds": trained_until - started,
-        "input_seconds": input_seconds,
-    }
+    return (
+        last
+        | (evals.summary() if evals is not None else {})
+        | {
+            "step": done,
+            "steps_run": done - start,
+            "train_seconds": trained_until - started - eval_share,
+            "input_seconds": input_seconds,
+        }
+    )
+
+
+class _Evals:
+    """``config.eval`` in the loop: when due, ``InTrainingEvaluator`` on the EMA weights gathered to the host
+    (every process gets the full ones and the same decisions: process 0's scalars), its ``eval/*`` scalars,
+    ``eval/seconds`` and a grid of videos to the writer, a contact sheet to ``<workdir>/eval/``, and an
+    improvement of ``eval.best_metric`` saved as the best checkpoint (``checkpoint.save_best``; resuming keeps
+    the best of best.json). It reads the state and the data stream's position, never changes them."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: Path, graphdef, mesh):
+        e = cfg.eval
+        self.cfg, self.workdir = cfg, workdir
+        self.every, self.total = e.every_steps, cfg.train.num_steps
+        self.grid, self.metric = e.grid_videos, e.best_metric
+        local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+        self.evaluator = in_training.InTrainingEvaluator(cfg, graphdef, workdir, devices=local)
+        self.mgr = checkpoint.best_manager(workdir) if self.metric else None
+        self.best = checkpoint.read_best(workdir) if self.metric else None
+        if self.best is not None and self.best.get("metric") != self.metric:
+            log.warning(
+                "%s ranks by %s, this run by %s: the best starts afresh",
+                checkpoint.BEST_FILE,
+                self.best.get("metric"),
+                self.metric,
+            )
+            self.best = None
+        self.seconds, self.last = 0.0, {}
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total
+
+    def run(self, step: int, state: TrainState, pending: list, writer: metrics.MetricWriter, stream) -> float:
+        """Evaluates ``state`` after ``step``; returns the seconds it took."""
+        metrics.check_finite([(s, jax.device_get(m)) for s, m in pending])  # never a NaN state
+        t0 = time.perf_counter()
+        ev = self.evaluator(_host_tree(state["ema"]), step)
+        scalars = _agreed(ev.scalars)  # every process decides on process 0's numbers
+        kept = bool(self.metric) and in_training.improves(
+            scalars[self.metric], ev.results[self.metric]["higher_is_better"], self.best
+        )
+        if kept:
+            higher = bool(ev.results[self.metric]["higher_is_better"])
+            info = {"metric": self.metric, "value": scalars[self.metric], "higher_is_better": higher}
+            checkpoint.save_best(self.mgr, step, state, self.cfg, info, stream)
+            self.best = {"step": step, **info}
+        writer.write_videos(step, "eval/samples", ev.videos[: self.grid], fps=self.cfg.data.fps)
+        if self.grid and jax.process_index() == 0:
+            in_training.save_samples(ev, self.workdir / "eval", self.grid)
+        seconds = time.perf_counter() - t0
+        self.last = {f"eval/{k}": v for k, v in scalars.items()} | {"eval/seconds": seconds}
+        writer.write_scalars(step, self.last)
+        self.seconds += seconds
+        log.info(
+            "eval at step %d: %s (%.1f s)%s",
+            step,
+            ", ".join(f"{k} {r['value']:.4g}" for k, r in ev.results.items()),
+            seconds,
+            f"; best {self.metric} so far: kept in {self.mgr.directory}" if kept else "",
+        )
+        return seconds
+
+    def summary(self) -> dict:
+        return self.last | {"eval_seconds": self.seconds}
+
+    def close(self) -> None:
+        if self.mgr is not None:
+            self.mgr.wait_until_finished()
+            self.mgr.close()
 
 
 def _next_batch(stream, fns: TrainFns, mesh) -> dict:
     """The next host batch as global arrays, keeping only what the step takes."""
     return pipeline.to_global({k: v for k, v in next(stream).items() if k in fns.batch_keys}, mesh)
+
+
+def _host_tree(tree):
+    """``tree`` of global arrays as full host arrays on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _agreed(scalars: dict[str, float]) -> dict[str, float]:
+    """Process 0's scalars on every process (a no-op with one process)."""
+    if jax.process_count() == 1:
+        return scalars
+    from jax.experimental import multihost_utils
+
+    keys = sorted(scalars)
+    values = multihost_utils.broadcast_one_to_all(np.asarray([scalars[k] for k in keys], np.float32))
+    return {k: float(v) for k, v in zip(keys, np.asarray(values))}
 
 
 def _agree(flag: bool) -> bool:

@@ -1,9 +1,12 @@
 """Training metrics: clu.metrics collections, and writers to stdout, JSON lines and TensorBoard.
 
 TensorBoard event files are written with tensorboardX, which needs no TensorFlow (clu's own writers import
-TensorFlow, which the GPU images and the core install do not have). Only process 0 writes.
+TensorFlow, which the GPU images and the core install do not have). Videos go in as a grid of clips encoded as
+an animated GIF in an image summary (what tensorboardX's ``add_video`` writes, without its moviepy); the
+Images tab plays it. Only process 0 writes.
 """
 
+import io
 import json
 import math
 from pathlib import Path
@@ -11,6 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from clu import metrics as clu_metrics
+from PIL import Image
 
 from sora_jax.errors import UserError
 
@@ -61,7 +65,65 @@ class MetricWriter:
         self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self._jsonl.flush()
 
+    def write_videos(self, step: int, tag: str, videos: np.ndarray, *, fps: float = 8.0) -> None:
+        """uint8 videos ``[B, T, H, W, 3]`` as one animated GIF of their ``video_grid`` under ``tag``."""
+        if not self.enabled or len(videos) == 0:
+            return
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        grid = video_grid(videos)
+        image = Summary.Image(
+            height=grid.shape[1], width=grid.shape[2], colorspace=3, encoded_image_string=gif_bytes(grid, fps)
+        )
+        # tensorboardX's own add_* go through _get_file_writer().add_summary too
+        self._tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        self._tb.flush()
+
     def close(self) -> None:
         if self.enabled:
             self._tb.close()
             self._jsonl.close()
+
+
+_GRID_GAP = 2  # pixels between the clips of a grid and around it
+_GRID_MIN_SIDE = 64  # clips are upscaled (nearest) until their shorter side is at least this
+
+
+def video_grid(videos: np.ndarray) -> np.ndarray:
+    """uint8 ``[B, T, H, W, 3]`` -> one uint8 video ``[T, Hg, Wg, 3]``: the clips in ``ceil(sqrt(B))`` columns,
+    each upscaled by ``s = ceil(64 / min(H, W))``, 2-pixel dark-grey gaps: ``Hg = rows * (H*s + 2) + 2``,
+    ``Wg = cols * (W*s + 2) + 2``."""
+    videos = np.asarray(videos)
+    if videos.ndim != 5 or videos.shape[-1] != 3 or videos.dtype != np.uint8:
+        raise ValueError(f"videos must be uint8 [B, T, H, W, 3], got {videos.dtype} {videos.shape}")
+    b, t, h, w, _ = videos.shape
+    scale = max(1, math.ceil(_GRID_MIN_SIDE / min(h, w)))
+    big = np.repeat(np.repeat(videos, scale, axis=2), scale, axis=3)
+    cols = math.ceil(math.sqrt(b))
+    rows = math.ceil(b / cols)
+    fh, fw, g = h * scale, w * scale, _GRID_GAP
+    grid = np.full((t, rows * (fh + g) + g, cols * (fw + g) + g, 3), 32, np.uint8)
+    for i in range(b):
+        top, left = g + (i // cols) * (fh + g), g + (i % cols) * (fw + g)
+        grid[:, top : top + fh, left : left + fw] = big[i]
+    return grid
+
+
+def gif_bytes(video: np.ndarray, fps: float) -> bytes:
+    """uint8 ``[T, H, W, 3]`` as a looping animated GIF (adaptive palette; Pillow merges consecutive identical
+    frames into one longer frame)."""
+    frames = [
+        Image.fromarray(f).quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        for f in video
+    ]
+    buf = io.BytesIO()
+    frames[0].save(
+        buf,
+        format="GIF",
+        save_all=True,
+        append_images=frames[1:],
+        duration=max(10, round(1000 / fps)),
+        loop=0,
+        disposal=1,
+    )
+    return buf.getvalue()
