@@ -39,7 +39,7 @@ def main() -> None:
         raise SystemExit(
             f"{args.data} {args.split} has {len(clips)} clips; --num {args.num} needs {2 * args.num}"
         )
-    a, b = clips[: args.num], clips[args.num :]
+    b = clips[args.num :]  # set A, clips[: args.num], is the reference below
     rng = np.random.default_rng(args.seed)
     t = b.shape[1]
     shuffled = np.stack([v[rng.permutation(t)] for v in b])
@@ -50,8 +50,8 @@ def main() -> None:
     rows, t_all = [], time.perf_counter()
     for name in args.metrics.split(","):
         t0 = time.perf_counter()
-        ref_feats, info = distances.features(name, a, progress=True)
-        ref = gaussian_stats(ref_feats)
+        ref = distances.reference_stats(name, args.data, args.split, args.num)  # set A, cached with the data
+        info = {"frames": ref.meta["frames"]}
         for label, videos in sets.items():
             feats, _ = distances.features(name, videos, progress=True)
             rows.append(
@@ -61,7 +61,7 @@ def main() -> None:
                     "value": frechet_distance(gaussian_stats(feats), ref),
                     "count": len(videos),
                     "samples": len(feats),
-                    "ref_count": len(a),
+                    "ref_count": ref.meta["videos"],
                     "frames": info["frames"],
                 }
             )
