@@ -317,9 +317,15 @@ def run(argv: list[str]) -> int:
         r = import_folder(args.src, args.workdir)
         print(f"imported step {r['step']} ({r['parameters']:,} parameters) into {r['workdir']}")
     elif args.command == "checkpoints":
-        from sora_jax.train.checkpoint import list_checkpoints
+        from sora_jax.train.checkpoint import list_checkpoints, read_best
 
         _print_checkpoints(list_checkpoints(args.workdir), args.json)
+        best = read_best(args.workdir)
+        if best is not None and not args.json:
+            print(
+                f"best: step {best['step']} by {best['metric']} = {best['value']:.4g} "
+                f"(checkpoints_best/; load with step='best')"
+            )
     return 0
 
 

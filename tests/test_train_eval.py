@@ -151,7 +151,7 @@ def test_scalars_and_sample_grid_reach_tensorboard_and_metrics_jsonl(runs):
             assert sheet.size == (8 * 66 + 2, 3 * 80 + 2)
 
 
-def test_best_checkpoint_is_kept_and_loads_as_step_best(runs):
+def test_best_checkpoint_is_kept_and_loads_as_step_best(runs, capsys):
     off, on, _ = runs
     evals = eval_rows(on)
     value = max(r["eval/adherence"] for r in evals.values())
@@ -168,6 +168,11 @@ def test_best_checkpoint_is_kept_and_loads_as_step_best(runs):
         np.array_equal(x, y) for x, y in zip(jax.tree.leaves(pipe.params), jax.tree.leaves(latest.params))
     )
     assert same == (step == 6)  # the best step's own weights, not the latest's
+
+    from sora_jax.cli import main
+
+    assert main(["checkpoints", "--workdir", str(on)]) == 0
+    assert f"best: step {step} by adherence = {value:.4g}" in capsys.readouterr().out
 
     with pytest.raises(checkpoint.CheckpointError, match="no best checkpoint in") as info:
         load_pipeline(off, step="best")
