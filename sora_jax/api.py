@@ -59,7 +59,8 @@ from sora_jax.eval.digit_reader import DIRECTIONS
 from sora_jax.eval.suite import score_videos
 from sora_jax.loading import restore
 from sora_jax.models.autoencoder import Autoencoder, float_to_video, video_to_float
-from sora_jax.sample.pipeline import MAX_PROMPT_CHARS, Pipeline, check_prompts, load_pipeline
+from sora_jax.sample import pipeline as _pipeline
+from sora_jax.sample.pipeline import MAX_PROMPT_CHARS, Pipeline, check_prompts
 from sora_jax.sample.prompter import Prompter
 from sora_jax.sample.video_io import save_video
 from sora_jax.text.loader import load_text_encoder
@@ -97,6 +98,25 @@ def read_videos(videos: np.ndarray) -> list[list[tuple[int, str]]]:
     from sora_jax.eval.digit_reader import read_videos as _read
 
     return _read(videos)
+
+
+def load_pipeline(
+    workdir: str | Path, *, step: int | None = None, use_ema: bool | None = None, **sample_overrides
+) -> Pipeline:
+    """The text-to-video pipeline of a workdir's latest (or ``step``) checkpoint (``sora_jax.sample.pipeline``):
+    ``generate(prompts, seed=)`` -> uint8 ``[B, T, H, W, 3]``. ``sample_overrides``: ``sample_steps``,
+    ``cfg_scale``, ``sampler``. A VAE workdir is a UserError (its autoencoder: ``load_autoencoder``)."""
+    from sora_jax.choices import Task
+    from sora_jax.config import task
+    from sora_jax.loading import saved_config
+
+    _, cfg = saved_config(workdir, step)
+    if task(cfg) is not Task.T2V:
+        raise UserError(
+            f"{workdir} holds a {task(cfg).value} model, not a text-to-video one: load it with "
+            "api.load_autoencoder"
+        )
+    return _pipeline.load_pipeline(workdir, step=step, use_ema=use_ema, **sample_overrides)
 
 
 def load_prompter(workdir_or_pipeline: str | Path | Pipeline, *, step: int | None = None, **kw) -> Prompter:

@@ -56,17 +56,19 @@ def workdirs(tmp_path_factory):
     return {"dit": dit, "vae": vae}
 
 
-def execute(name: str, **env: str) -> tuple[dict, dict[str, list[dict]]]:
+def execute(name: str, tmp_path, **env: str) -> tuple[dict, dict[str, list[dict]]]:
     """Runs notebooks/<name>.ipynb top to bottom in a fresh ``python3`` kernel with ``env`` set (CPU JAX, this
-    checkout first on PYTHONPATH: ``helpers.cli_env``); a failing cell fails the test with its traceback.
-    Returns (the executed notebook as JSON, cell id -> outputs)."""
+    checkout first on PYTHONPATH: ``helpers.cli_env``; temporary files under ``tmp_path``); a failing cell
+    fails the test with its traceback. Returns (the executed notebook as JSON, cell id -> outputs)."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     client = nbclient.NotebookClient(
         nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
     )
-    client.execute(env=cli_env(MPLBACKEND="module://matplotlib_inline.backend_inline", **env))
+    client.execute(
+        env=cli_env(MPLBACKEND="module://matplotlib_inline.backend_inline", TMPDIR=str(tmp_path), **env)
+    )
     executed = json.loads(json.dumps(nb))
     return executed, {c["id"]: c.get("outputs", []) for c in executed["cells"]}
 
@@ -158,9 +160,11 @@ def test_evaluate_notebook(workdirs):
 
 
 @pytest.mark.parametrize("which", ["vae", "pixel"])
-def test_explore_vae_notebook(workdirs, which):
+def test_explore_vae_notebook(workdirs, which, tmp_path):
     env = {"SORA_JAX_VAE_WORKDIR": str(workdirs["vae"])} if which == "vae" else {}
-    nb, out = execute("explore_vae", SORA_JAX_WORKDIR=str(workdirs["dit"]), SORA_JAX_NUM_CLIPS="3", **env)
+    nb, out = execute(
+        "explore_vae", tmp_path, SORA_JAX_WORKDIR=str(workdirs["dit"]), SORA_JAX_NUM_CLIPS="3", **env
+    )
     shown = text(out["setup"])
     if which == "vae":  # 5-frame 16x16 clips -> 2 x 4 x 4 x 4 latents
         assert "the VAE of" in shown and "raw posterior means" in shown
@@ -183,8 +187,8 @@ def test_explore_vae_notebook(workdirs, which):
     assert_strips_back(nb, "explore_vae")
 
 
-def test_prompting_notebook(workdirs):
-    nb, out = execute("prompting", SORA_JAX_WORKDIR=str(workdirs["dit"]))
+def test_prompting_notebook(workdirs, tmp_path):
+    nb, out = execute("prompting", tmp_path, SORA_JAX_WORKDIR=str(workdirs["dit"]))
     assert "clips of 8 frames 32x32" in text(out["setup"])
     for cell, size in (("i2v", (3 * 66, 96)), ("extend", (3 * 66, 96)), ("connect", (96, 96))):
         assert gif_size(out[cell]) == size, cell
@@ -278,6 +282,9 @@ def test_load_autoencoder_of_a_vae_workdir_raw_then_normalised(workdirs, tmp_pat
     normalised = api.load_autoencoder(copy)
     assert "normalised" in normalised.description
     np.testing.assert_allclose(normalised.encode(clips), (z - 0.5) / 2.0, rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(UserError, match="holds a vae model, not a text-to-video one"):
+        api.load_pipeline(workdirs["vae"])
 
     pixel = api.load_autoencoder(workdirs["dit"])
     assert pixel.kind == "luma" and pixel.step is None and pixel.data_workdir == workdirs["dit"]
