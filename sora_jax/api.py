@@ -12,8 +12,8 @@
     cfg, step, abstract, params = api.restore("runs/demo")  # the EMA parameters alone, onto one device
 
 Loading (a workdir's checkpoints):
-- ``load_pipeline(workdir, step=None, use_ema=None, sample_steps=, cfg_scale=, sampler=)`` -> ``Pipeline``
-  (``config``, ``step``, ``params``, ``model``, ``autoencoder``, ``generate(prompts, seed=, progress=)``).
+- ``load_pipeline(workdir, step=None | int | "best", use_ema=None, sample_steps=, cfg_scale=, sampler=)``
+  -> ``Pipeline`` (``config``, ``step``, ``params``, ``model``, ``autoencoder``, ``generate(prompts, seed=)``).
 - ``load_prompter(workdir or Pipeline)`` -> ``Prompter``: video prompting (``i2v``, ``extend``, ``connect``,
   ``edit``, ``loop``, ``long_video``; ``sora_jax/sample/prompter.py``).
 - ``load_autoencoder(workdir, step=None)`` -> ``WorkdirAutoencoder``: a VAE workdir's VAE, or the autoencoder a
@@ -24,7 +24,8 @@ Loading (a workdir's checkpoints):
 
 What a workdir holds:
 - ``read_metrics(workdir)`` -> the ``metrics.jsonl`` rows, one dict per logged step (training scalars and
-  ``eval/<metric>`` ones); ``list_checkpoints(workdir)`` -> one dict per checkpoint (step, time, bytes, config).
+  ``eval/<metric>`` ones); ``list_checkpoints(workdir)`` -> one dict per checkpoint (step, time, bytes, config);
+  ``best_checkpoint(workdir)`` -> the best step evaluation during training kept, or None.
 - ``data_dir(workdir)``, ``dataset_prompts(workdir, split, num, seed)``, ``dataset_clips(workdir, split, num,
   seed)`` -> the workdir's dataset folder, captions of a split, clips (uint8 [B, T, H, W, 3]) with captions.
 
@@ -73,6 +74,7 @@ __all__ = (
     "Prompter",
     "WorkdirAutoencoder",
     "adherence_confusion",
+    "best_checkpoint",
     "check_prompts",
     "data_dir",
     "dataset_clips",
@@ -101,11 +103,12 @@ def read_videos(videos: np.ndarray) -> list[list[tuple[int, str]]]:
 
 
 def load_pipeline(
-    workdir: str | Path, *, step: int | None = None, use_ema: bool | None = None, **sample_overrides
+    workdir: str | Path, *, step: int | str | None = None, use_ema: bool | None = None, **sample_overrides
 ) -> Pipeline:
-    """The text-to-video pipeline of a workdir's latest (or ``step``) checkpoint (``sora_jax.sample.pipeline``):
-    ``generate(prompts, seed=)`` -> uint8 ``[B, T, H, W, 3]``. ``sample_overrides``: ``sample_steps``,
-    ``cfg_scale``, ``sampler``. A VAE workdir is a UserError (its autoencoder: ``load_autoencoder``)."""
+    """The text-to-video pipeline of a workdir's latest (or ``step``; ``"best"``: ``best_checkpoint``'s)
+    checkpoint (``sora_jax.sample.pipeline``): ``generate(prompts, seed=)`` -> uint8 ``[B, T, H, W, 3]``.
+    ``sample_overrides``: ``sample_steps``, ``cfg_scale``, ``sampler``. A VAE workdir is a UserError (its
+    autoencoder: ``load_autoencoder``)."""
     from sora_jax.choices import Task
     from sora_jax.config import task
     from sora_jax.loading import saved_config
@@ -119,7 +122,9 @@ def load_pipeline(
     return _pipeline.load_pipeline(workdir, step=step, use_ema=use_ema, **sample_overrides)
 
 
-def load_prompter(workdir_or_pipeline: str | Path | Pipeline, *, step: int | None = None, **kw) -> Prompter:
+def load_prompter(
+    workdir_or_pipeline: str | Path | Pipeline, *, step: int | str | None = None, **kw
+) -> Prompter:
     """The video prompter (i2v, extend, connect, edit, loop, long videos) of a workdir's latest (or ``step``)
     checkpoint, or of an already loaded ``Pipeline``; ``kw`` go to ``Prompter.from_pipeline`` (``bucket``,
     ``fsdp``, ``guidance_rescale``). Its modes take and return uint8 ``[T, H, W, 3]``."""
@@ -162,6 +167,14 @@ def list_checkpoints(workdir: str | Path) -> list[dict]:
     from sora_jax.train.checkpoint import list_checkpoints as _list
 
     return _list(workdir)
+
+
+def best_checkpoint(workdir: str | Path) -> dict | None:
+    """The best checkpoint evaluation during training kept (``config.eval.best_metric``): {"step", "metric",
+    "value", "higher_is_better"}, or None; ``load_pipeline(workdir, step="best")`` loads it."""
+    from sora_jax.train.checkpoint import read_best
+
+    return read_best(workdir)
 
 
 def data_dir(workdir: str | Path) -> Path:

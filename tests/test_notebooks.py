@@ -3,7 +3,8 @@ trained here, so they never rot, and are saved without outputs; the API function
 on inputs whose answers are known.
 
 Two workdirs, trained at once through the command line: a quickstart smoke DiT on 8 x 32 x 32 clips (what the
-digit reader reads; pixel space through the ``luma`` codec; checkpoints at steps 2 and 4) and a smoke VAE.
+digit reader reads; pixel space through the ``luma`` codec; checkpoints at steps 2 and 4; evaluated during
+training) and a smoke VAE.
 """
 
 from __future__ import annotations
@@ -30,14 +31,15 @@ _spec.loader.exec_module(strip_outputs)
 
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory):
-    """{"dit": a text-to-video workdir with checkpoints 2 and 4 and an ``eval/adherence`` row in its metrics,
-    "vae": a VAE workdir without latent statistics}; both train at the same time."""
+    """{"dit": a text-to-video workdir with checkpoints 2 and 4, evaluated during training (``eval/adherence``
+    in its metrics, a best checkpoint), "vae": a VAE workdir without latent statistics}; both train at once."""
     root = tmp_path_factory.mktemp("notebook_runs")
     dit, vae = root / "dit", root / "vae"
     runs = {
         dit: ["--config", "configs/quickstart.py:smoke", "--config.data.num_frames=8", "--config.data.height=32",
               "--config.data.width=32", "--config.train.num_steps=4", "--config.train.ckpt_every=2",
-              "--config.diffusion.sample_steps=2"],
+              "--config.diffusion.sample_steps=2", "--config.eval.every_steps=2", "--config.eval.num_videos=4",
+              "--config.eval.grid_videos=4", "--config.eval.best_metric=adherence"],
         vae: ["--config", "configs/vae_digits.py:smoke"],
     }  # fmt: skip
     procs = []
@@ -50,9 +52,6 @@ def workdirs(tmp_path_factory):
         assert code == 0, (
             f"training {workdir.name} failed:\n{(root / f'{workdir.name}.log').read_text()[-3000:]}"
         )
-    # what evaluation during training adds: a row of its own for a step the trainer logged too
-    with open(dit / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": 4, "eval/adherence": 0.25}) + "\n")
     return {"dit": dit, "vae": vae}
 
 
@@ -136,16 +135,18 @@ def test_notebooks_are_saved_without_outputs(tmp_path):
     assert json.loads(path.read_text()) == json.loads(paths[0].read_text())
 
 
-def test_evaluate_notebook(workdirs):
+def test_evaluate_notebook(workdirs, tmp_path):
     nb, out = execute(
         "evaluate",
+        tmp_path,
         SORA_JAX_WORKDIR=str(workdirs["dit"]),
         SORA_JAX_NUM_VIDEOS="4",
         SORA_JAX_MAX_CHECKPOINTS="2",
     )
     assert "| 2 |" in text(out["setup"]) and "| 4 |" in text(out["setup"])  # the checkpoint table
+    assert "best checkpoint: step" in text(out["setup"])
     assert_figures(out["curves"])
-    assert "eval scalars: eval/adherence" in text(out["curves"])
+    assert "eval scalars: eval/adherence, eval/adherence/digit_accuracy" in text(out["curves"])
     assert gif_size(out["grid"]) == (3 * (4 * 34 - 2), 3 * 32)  # 4 videos in a row, 3x enlarged
     assert "4 prompts -> videos (4, 8, 32, 32, 3)" in text(out["grid"])
     assert_figures(out["frames"])
