@@ -38,7 +38,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.log_every = 100
     c.train.ckpt_every = 2000
     c.train.keep_checkpoints = 3
-    c.eval.every_steps = 5000  # adherence and FD-digits on 64 test prompts; the best step kept in checkpoints_best/
+    c.eval.every_steps = (
+        5000  # adherence and FD-digits on 64 test prompts; the best step kept in checkpoints_best/
+    )
     c.eval.num_videos = 64
     c.eval.metrics = "adherence,fd_digits"
     c.eval.best_metric = "adherence"

@@ -48,14 +48,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from sora_jax.errors import UserError
-from sora_jax.eval.adherence import evaluate_prompts
+from sora_jax.eval.adherence import Confusion, adherence_confusion, evaluate_prompts
 from sora_jax.eval.digit_reader import DIRECTIONS
 from sora_jax.eval.suite import score_videos
 from sora_jax.loading import restore
@@ -109,16 +108,6 @@ def load_pipeline(
     checkpoint (``sora_jax.sample.pipeline``): ``generate(prompts, seed=)`` -> uint8 ``[B, T, H, W, 3]``.
     ``sample_overrides``: ``sample_steps``, ``cfg_scale``, ``sampler``. A VAE workdir is a UserError (its
     autoencoder: ``load_autoencoder``)."""
-    from sora_jax.choices import Task
-    from sora_jax.config import task
-    from sora_jax.loading import saved_config
-
-    _, cfg = saved_config(workdir, step)
-    if task(cfg) is not Task.T2V:
-        raise UserError(
-            f"{workdir} holds a {task(cfg).value} model, not a text-to-video one: load it with "
-            "api.load_autoencoder"
-        )
     return _pipeline.load_pipeline(workdir, step=step, use_ema=use_ema, **sample_overrides)
 
 
@@ -221,57 +210,6 @@ def dataset_clips(
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-
-
-@dataclasses.dataclass(frozen=True)
-class Confusion:
-    """Confusion matrices of the digit reader against the prompts (``adherence_confusion``).
-
-    ``digits`` int ``[10, 11]``: rows the intended digit, columns the digit read in its place, the last column
-    ``"none"`` (nothing read in its place). ``directions`` int ``[8, 8]``: rows the intended direction,
-    columns the direction read for that digit, over intended objects whose digit was read. ``extra_digits``:
-    digits read beyond the prompt's (no row to count them in); ``unread_objects``: intended objects whose
-    digit was not read (in ``digits``' "none" column or read as another digit; not in ``directions``).
-    """
-
-    digits: np.ndarray
-    directions: np.ndarray
-    extra_digits: int
-    unread_objects: int
-    digit_labels: tuple[str, ...] = tuple(str(d) for d in range(10)) + ("none",)
-    direction_labels: tuple[str, ...] = DIRECTIONS
-
-
-def adherence_confusion(rows: Sequence[dict]) -> Confusion:
-    """Digit and direction confusion matrices from ``evaluate_prompts``' per-video rows (``intended`` and
-    ``read``: lists of [digit, direction name]).
-
-    Per video, an intended digit that is read counts on the diagonal; the intended digits that are not read
-    are paired, in increasing order, with the read digits the prompt did not name (a 3 read as an 8), and
-    the rest count as "none". An intended object whose digit is read counts at (intended direction, read
-    direction): the intended one when the reader saw the digit move that way, else the first it saw."""
-    digits = np.zeros((10, 11), np.int64)
-    directions = np.zeros((len(DIRECTIONS), len(DIRECTIONS)), np.int64)
-    extra = unread = 0
-    for row in rows:
-        want = [(int(d), DIRECTIONS.index(r)) for d, r in row["intended"]]
-        read: dict[int, set[int]] = {}
-        for d, r in row["read"]:
-            read.setdefault(int(d), set()).add(DIRECTIONS.index(r))
-        wanted = {d for d, _ in want}
-        missed = sorted(wanted - set(read))
-        others = sorted(set(read) - wanted)
-        for d in wanted & set(read):
-            digits[d, d] += 1
-        for i, d in enumerate(missed):
-            digits[d, others[i] if i < len(others) else 10] += 1
-        extra += max(0, len(others) - len(missed))
-        for d, r in want:
-            if d not in read:
-                unread += 1
-                continue
-            directions[r, r if r in read[d] else min(read[d])] += 1
-    return Confusion(digits, directions, extra, unread)
 
 
 def psnr_per_frame(a: np.ndarray, b: np.ndarray) -> np.ndarray:

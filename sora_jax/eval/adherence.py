@@ -15,6 +15,7 @@ rows); ``write_report`` writes both as JSON plus a short markdown table, atomica
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import numpy as np
 
 from sora_jax.eval.digit_reader import DIRECTIONS, DigitReader, read_videos
 
-__all__ = ["evaluate_prompts", "score", "write_report"]
+__all__ = ["Confusion", "adherence_confusion", "evaluate_prompts", "score", "write_report"]
 
 Reading = Sequence[tuple[int, "str | int"]]
 
@@ -142,3 +143,54 @@ def write_report(path: str | os.PathLike, metrics: dict, per_video: Sequence[dic
             lines.append("| " + " | ".join(cells) + " |")
     _write_atomic(md_path, "\n".join(lines) + "\n")
     return path, md_path
+
+
+@dataclasses.dataclass(frozen=True)
+class Confusion:
+    """Confusion matrices of the digit reader against the prompts (``adherence_confusion``).
+
+    ``digits`` int ``[10, 11]``: rows the intended digit, columns the digit read in its place, the last column
+    ``"none"`` (nothing read in its place). ``directions`` int ``[8, 8]``: rows the intended direction,
+    columns the direction read for that digit, over intended objects whose digit was read. ``extra_digits``:
+    digits read beyond the prompt's (no row to count them in); ``unread_objects``: intended objects whose
+    digit was not read (in ``digits``' "none" column or read as another digit; not in ``directions``).
+    """
+
+    digits: np.ndarray
+    directions: np.ndarray
+    extra_digits: int
+    unread_objects: int
+    digit_labels: tuple[str, ...] = tuple(str(d) for d in range(10)) + ("none",)
+    direction_labels: tuple[str, ...] = DIRECTIONS
+
+
+def adherence_confusion(rows: Sequence[dict]) -> Confusion:
+    """Digit and direction confusion matrices from ``evaluate_prompts``' per-video rows (``intended`` and
+    ``read``: lists of [digit, direction name]).
+
+    Per video, an intended digit that is read counts on the diagonal; the intended digits that are not read
+    are paired, in increasing order, with the read digits the prompt did not name (a 3 read as an 8), and
+    the rest count as "none". An intended object whose digit is read counts at (intended direction, read
+    direction): the intended one when the reader saw the digit move that way, else the first it saw."""
+    digits = np.zeros((10, 11), np.int64)
+    directions = np.zeros((len(DIRECTIONS), len(DIRECTIONS)), np.int64)
+    extra = unread = 0
+    for row in rows:
+        want = [(int(d), DIRECTIONS.index(r)) for d, r in row["intended"]]
+        read: dict[int, set[int]] = {}
+        for d, r in row["read"]:
+            read.setdefault(int(d), set()).add(DIRECTIONS.index(r))
+        wanted = {d for d, _ in want}
+        missed = sorted(wanted - set(read))
+        others = sorted(set(read) - wanted)
+        for d in wanted & set(read):
+            digits[d, d] += 1
+        for i, d in enumerate(missed):
+            digits[d, others[i] if i < len(others) else 10] += 1
+        extra += max(0, len(others) - len(missed))
+        for d, r in want:
+            if d not in read:
+                unread += 1
+                continue
+            directions[r, r if r in read[d] else min(read[d])] += 1
+    return Confusion(digits, directions, extra, unread)

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from sora_jax import factory, loading
+from sora_jax.errors import UserError
 from sora_jax.models.autoencoder import Autoencoder
 from sora_jax.sample.sampler import PmapSampler, sample_inputs, sample_latents
 
@@ -100,6 +101,15 @@ def load_pipeline(
 
     ``sample_overrides``: ``sample_steps``, ``cfg_scale``, ``sampler`` replace the config's diffusion values.
     """
+    from sora_jax.choices import Task
+    from sora_jax.config import task
+
+    _, saved = loading.saved_config(workdir, step)
+    if task(saved) is not Task.T2V:
+        raise UserError(
+            f"{workdir} holds a {task(saved).value} model, not a text-to-video one (its autoencoder: "
+            "sora_jax.api.load_autoencoder)"
+        )
     cfg, step, abstract, params = loading.restore(workdir, step=step, use_ema=use_ema, **sample_overrides)
     return pipeline_from_params(cfg, abstract.graphdef, jax.device_get(params), step)
 
