@@ -9,8 +9,9 @@ unless the config's cfg_scale is 1). For each (frames, steps, batch) it times ``
 warm-up (compile) call, and reports seconds per video, videos per hour per device, the analytic model FLOPs
 per video (``sora_jax.models.dit.flops_per_token``) and the achieved TFLOP/s. ``--long_seconds 2 10 60``
 also generates one long video of each length by autoregressive extension (``Prompter.long_video``, frames
-streamed to a sink that drops them), each in a fresh process, and reports its time and the process's peak
-resident memory, which should stay flat with length. Prints a table and writes
+streamed to a sink that drops them), each in a fresh process, and reports its time and the peak memory while
+it generates (``PeakWhile``: resident-set high-water mark reset after a warm-up clip, device bytes polled),
+which should stay flat with length. Prints a table and writes
 ``benchmarks/results/sample.json`` (or ``--out``).
 """
 
@@ -82,10 +83,52 @@ def measure(cfg, *, frames: int, steps: int, batch: int, repeats: int) -> dict:
     }
 
 
-def measure_long(cfg, seconds: float, steps: int, overlap: int) -> dict:
-    """One long video in this process: seconds of generation and peak RSS (this process is fresh)."""
-    import resource
+class PeakWhile:
+    """The peak memory of the work done inside ``with PeakWhile() as peak:``, measured while it runs: the
+    kernel's resident-set high-water mark reset on entry (Linux ``/proc/self/clear_refs``), and a thread that
+    polls the first device's ``bytes_in_use`` every 5 ms (where the backend reports it; not on CPU)."""
 
+    def __enter__(self):
+        import threading
+
+        self.rss_reset = _reset_rss_peak()
+        self.device_peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        dev = jax.local_devices()[0]
+        while not self._stop.is_set():
+            stats = dev.memory_stats() or {}
+            self.device_peak = max(self.device_peak, int(stats.get("bytes_in_use", 0)))
+            self._stop.wait(0.005)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.rss_peak_mb = _rss_peak_kb() / 1024 if self.rss_reset else float("nan")
+        self.device_peak_mb = self.device_peak / 2**20 if self.device_peak else None
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _rss_peak_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def measure_long(cfg, seconds: float, steps: int, overlap: int) -> dict:
+    """One long video in this process: seconds of generation and the peak memory while generating (after a
+    warm-up clip compiled the sampler, so the peak is the generation's own, not the compiler's)."""
     from flax import nnx
 
     from sora_jax import factory
@@ -107,11 +150,15 @@ def measure_long(cfg, seconds: float, steps: int, overlap: int) -> dict:
     )
     d = cfg.data
     p = Prompter(sampler, d.num_frames, d.height, d.width, float(d.fps))
+    p.long_video(
+        ["a 3 moving left"], num_frames=2 * d.num_frames, overlap=overlap, sink=lambda f: None
+    )  # compile
     frames = []
     t0 = time.perf_counter()
-    _, segments = p.long_video(
-        ["a 3 moving left"], seconds=seconds, overlap=overlap, sink=lambda f: frames.append(f.shape[1])
-    )
+    with PeakWhile() as peak:
+        _, segments = p.long_video(
+            ["a 3 moving left"], seconds=seconds, overlap=overlap, sink=lambda f: frames.append(f.shape[1])
+        )
     sec = time.perf_counter() - t0
     return {
         "long_seconds": seconds,
@@ -119,7 +166,9 @@ def measure_long(cfg, seconds: float, steps: int, overlap: int) -> dict:
         "segments": len(segments),
         "steps": steps,
         "seconds": sec,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak.rss_peak_mb,
+        "peak_device_mb": peak.device_peak_mb,
+        "peak_measured": "while generating: VmHWM reset after a warm-up clip; device bytes_in_use polled",
     }
 
 
@@ -175,7 +224,8 @@ def main(argv=None) -> None:
         r = long_rows[-1]
         print(
             f"long video {sec:6.1f} s: {r['frames']:5d} frames in {r['segments']:4d} segments, "
-            f"{r['seconds']:8.2f} s, peak RSS {r['peak_rss_mb']:8.1f} MB",
+            f"{r['seconds']:8.2f} s, peak while generating: RSS {r['peak_rss_mb']:8.1f} MB, "
+            f"device {r['peak_device_mb'] or float('nan'):8.1f} MB",
             flush=True,
         )
     result = {

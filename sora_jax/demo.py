@@ -32,7 +32,7 @@ def run_demo(
     *,
     config_arg: str = "",
     num_eval_prompts: int = EVAL_PROMPTS,
-    long_seconds: float = 20.0,
+    long_seconds: float = 60.0,
 ) -> dict:
     """Trains ``configs/quickstart.py[:config_arg]`` in ``workdir``, samples, evaluates ``num_eval_prompts``
     test and paraphrased prompts, shows prompting (with a ``long_seconds`` video); writes report.md / .json
@@ -78,11 +78,13 @@ def run_demo(
     return summary
 
 
-def _prompting_samples(workdir: Path, pipe, long_seconds: float = 20.0) -> list[dict]:
+def _prompting_samples(workdir: Path, pipe, long_seconds: float = 60.0) -> list[dict]:
     """i2v of a test clip's first frame, a test clip extended forward, a ``long_seconds`` video: MP4 + GIF in
-    ``samples/prompting/`` and what the reader sees in each (the long video: per segment)."""
+    ``samples/prompting/`` and what the reader sees in each (the long video: per segment, with its consistency
+    metrics of ``eval.long_video`` and a plot of them along the video)."""
     import numpy as np
 
+    from sora_jax.eval.long_video import plot_long, score_long
     from sora_jax.eval.prompting import split_clips
     from sora_jax.sample.prompter import Prompter
     from sora_jax.sample.video_io import save_video
@@ -111,6 +113,11 @@ def _prompting_samples(workdir: Path, pipe, long_seconds: float = 20.0) -> list[
         rows.append(
             {"mode": name, "prompt": prompt, "frames": len(video), "read": read if len(read) > 1 else read[0]}
         )
+    m, per_segment, _ = score_long(long, segments, [long_prompt], T, p.fps)
+    plot_long(
+        per_segment, out / f"long_{long_seconds:g}s_accuracy.png", f"'{long_prompt}', {long_seconds:g} s"
+    )
+    rows[-1]["consistency"] = m
     return rows
 
 
@@ -149,6 +156,24 @@ def _write_report(workdir: Path, summary: dict, rows: list[dict]) -> None:
         "|---|---|---|---|",
     ]
     lines += [f"| {r['mode']} | {r['prompt']} | {r['frames']} | {r['read']} |" for r in summary["prompting"]]
+    long = summary["prompting"][-1]
+    c = long["consistency"]
+    lines += [
+        "",
+        f"## The {c['seconds']:g}-second video (`samples/prompting/{long['mode']}.mp4`)",
+        "",
+        f"'{long['prompt']}', {c['segments']} segments, read segment by segment: "
+        + ", ".join(" + ".join(f"{d} {r}" for d, r in seg) or "nothing" for seg in long["read"]),
+        "",
+        "| segments with the prompt's digits | digits and directions | first quarter | last quarter "
+        "| identity changes per minute | seam jump / frame change |",
+        "|---|---|---|---|---|---|",
+        f"| {c['segment_digit_accuracy']:.3f} | {c['segment_both_accuracy']:.3f} | "
+        f"{c['first_quarter_digit_accuracy']:.3f} | {c['last_quarter_digit_accuracy']:.3f} | "
+        f"{c['identity_changes_per_minute']:.1f} | {c['seam_jump_ratio']:.2f} |",
+        "",
+        f"![accuracy along the video](samples/prompting/{long['mode']}_accuracy.png)",
+    ]
     text = "\n".join(lines) + "\n"
     for name, content in (("report.md", text), ("report.json", json.dumps(summary, indent=2, default=str))):
         tmp = workdir / (name + ".tmp")

@@ -101,6 +101,8 @@ def test_prompting_evaluation_report(dit, tmp_path):
     assert saved["i2v_frame0_psnr"] == pytest.approx(m["i2v_frame0_psnr"])
     assert m["clips"] == 3 and m["i2v_frame0_psnr"] > 40
     assert 0.0 <= m["i2v_both_accuracy"] <= 1.0
+    assert m["long_segments"] == 3 and m["long_videos"] == 1  # 2 s at 8 fps: 8 + 7 + 1 frames
+    assert (tmp_path / "prompting_long.png").is_file()
 
 
 def test_demo_smoke_end_to_end(tmp_path):
@@ -118,3 +120,8 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert f"| {test['metrics']['count']} | {test['metrics']['digit_accuracy']:.3f} |" in report
     assert (workdir / "samples" / "contact_sheet.png").is_file()
     assert {r["mode"] for r in summary["prompting"]} == {"i2v", "extend", "long_2s"}
+    long = summary["prompting"][-1]
+    c = long["consistency"]
+    assert c["segments"] == len(long["read"]) == 3 and c["seconds"] == 2.0  # 16 frames: 8 + 7 + 1
+    assert "## The 2-second video" in report and f"| {c['segment_digit_accuracy']:.3f} |" in report
+    assert (workdir / "samples" / "prompting" / "long_2s_accuracy.png").is_file()

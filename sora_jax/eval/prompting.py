@@ -11,9 +11,9 @@ On ``num`` test clips (captions name digits and directions the training split ne
   connect   clip a -> clip b under a's caption: PSNR of the transition's first frame against a's last and of
             its last frame against b's first; the seam jump (mean |frame difference| at the two seams over the
             mean within real clips);
-  long      ``seconds``-long videos by autoregressive extension: per segment (the T frames ending where each
-            extension ends) whether the reader sees exactly the prompt's digits, and whether it sees as many
-            digits as the prompt names (object permanence); the fraction of segments correct.
+  long      ``seconds``-long videos by autoregressive extension, read segment by segment
+            (``sora_jax/eval/long_video.py``: digits kept in every segment, identity changes, direction drift,
+            decay from the first to the last quarter, seams), and a plot of accuracy along the video.
 Writes ``prompting.json`` + ``prompting.md`` and a few example MP4s to the report folder.
 """
 
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from sora_jax.eval.adherence import evaluate_prompts
+from sora_jax.eval.long_video import plot_long, score_long
 from sora_jax.eval.reconstruction import psnr
 
 
@@ -141,27 +142,12 @@ def evaluate_prompting(
     prompts = captions[:num_long]
     videos, segments = p.long_video(prompts, seconds=seconds, overlap=overlap, seed=seed + 4, progress=True)
     timings["long"] = time.perf_counter() - t0
-    windows = []
-    for _, end in segments:
-        start = max(0, end - T)
-        windows.append(videos[:, start : start + T])
-    win = np.concatenate(windows)  # [S * B, T, ...], segment-major
-    seg_prompts = [pr for _ in segments for pr in prompts]
-    _, rows = evaluate_prompts(win, seg_prompts)
-    digits_ok = np.array([r["digits_ok"] for r in rows]).reshape(len(segments), len(prompts))
-    count_ok = np.array([len({d for d, _ in r["read"]}) == len({d for d, _ in r["intended"]}) for r in rows])
-    count_ok = count_ok.reshape(len(segments), len(prompts))
-    m |= {
-        "long_seconds": float(seconds),
-        "long_frames": int(videos.shape[1]),
-        "long_segments": len(segments),
-        "long_videos": len(prompts),
-        "long_segment_digit_accuracy": float(digits_ok.mean()),
-        "long_segment_count_accuracy": float(count_ok.mean()),
-        "long_videos_all_segments_digits_ok": float(digits_ok.all(axis=0).mean()),
-        "long_first_segment_digit_accuracy": float(digits_ok[0].mean()),
-        "long_last_quarter_digit_accuracy": float(digits_ok[-max(1, len(segments) // 4) :].mean()),
-    }
+    long_m, per_segment, _ = score_long(videos, segments, prompts, T, p.fps)
+    m |= {"long_seconds": float(seconds), "long_frames": int(videos.shape[1]), "long_videos": len(prompts)}
+    m |= {f"long_{k}": v for k, v in long_m.items() if k not in ("videos", "seconds")}
+    plot_long(
+        per_segment, out / "prompting_long.png", f"{len(prompts)} videos of {seconds:g} s, split {split}"
+    )
     m["seconds"] = {k: round(v, 2) for k, v in timings.items()}
     fps = p.fps
     write_mp4(out / "prompting_i2v.mp4", np.concatenate(list(i2v[:4]), axis=2), fps)
