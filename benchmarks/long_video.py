@@ -1,0 +1,92 @@
+"""Long videos that keep their objects? ``num`` test-split captions, each made into a ``seconds``-long video by
+autoregressive extension, read segment by segment (``sora_jax/eval/long_video.py``), for one or more settings.
+
+    python benchmarks/long_video.py --workdir runs/demo --num 16 --seconds 60 --overlap 1 2 --cfg_scale 6 9 \
+        --out benchmarks/results/long_video_demo.json
+
+Each (overlap, cfg_scale) pair is one row: the share of segments showing the prompt's digits (and directions),
+the first segment's (a single clip's), first vs last quarter, the share of videos whose every segment is right,
+the share whose digit set ever changes, identity changes per minute, the angle between asked and read
+directions, the seam ratio, and the seconds it took. Prints a table, writes JSON and one PNG per row beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+KEYS = (
+    ("segment_digit_accuracy", "segments: digits"),
+    ("segment_both_accuracy", "segments: both"),
+    ("first_segment_digit_accuracy", "first segment"),
+    ("first_quarter_digit_accuracy", "first quarter"),
+    ("last_quarter_digit_accuracy", "last quarter"),
+    ("videos_all_segments_digits_ok", "videos: every segment"),
+    ("videos_identity_changed", "videos: identity changes"),
+    ("identity_changes_per_minute", "changes / min"),
+    ("last_quarter_angle_error_deg", "angle error (deg)"),
+    ("seam_jump_ratio", "seam ratio"),
+)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--num", type=int, default=16, help="videos (test-split captions)")
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--overlap", type=int, nargs="+", default=[1], help="latent frames given at each seam")
+    ap.add_argument("--cfg_scale", type=float, nargs="+", default=[None], help="default: the config's")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True, help="JSON results file")
+    args = ap.parse_args()
+
+    from sora_jax.data.pipeline import dataset_dir
+    from sora_jax.eval.evaluate import split_prompts
+    from sora_jax.eval.long_video import plot_long, score_long
+    from sora_jax.sample.pipeline import load_pipeline
+    from sora_jax.sample.prompter import Prompter
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for cfg_scale in args.cfg_scale:
+        pipe = load_pipeline(args.workdir, **({"cfg_scale": cfg_scale} if cfg_scale is not None else {}))
+        prompts = split_prompts(dataset_dir(pipe.config, args.workdir), "test", args.num, args.seed)
+        p = Prompter.from_pipeline(pipe)
+        for overlap in args.overlap:
+            t0 = time.perf_counter()
+            videos, segments = p.long_video(
+                prompts, seconds=args.seconds, overlap=overlap, seed=args.seed, progress=True
+            )
+            seconds = time.perf_counter() - t0
+            m, per_segment, _ = score_long(videos, segments, prompts, p.frames, p.fps)
+            tag = f"overlap{overlap}_cfg{pipe.config.diffusion.cfg_scale:g}"
+            plot_long(per_segment, out.with_name(f"{out.stem}_{tag}.png"), f"{args.workdir} {tag}")
+            rows.append(
+                {"overlap": overlap, "cfg_scale": pipe.config.diffusion.cfg_scale, "step": pipe.step}
+                | m
+                | {"generate_seconds": seconds}
+            )
+    head = ["overlap", "cfg"] + [label for _, label in KEYS]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in rows:
+        cells = [str(r["overlap"]), f"{r['cfg_scale']:g}"] + [f"{r[k]:.3f}" for k, _ in KEYS]
+        print("| " + " | ".join(cells) + " |")
+    result = {
+        "command": "python benchmarks/long_video.py "
+        + " ".join(
+            f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
+        ),
+        "prompts": prompts,
+        "rows": rows,
+        "machine": platform.platform(),
+    }
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
