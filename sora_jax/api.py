@@ -53,6 +53,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from sora_jax.data.video_codec import tile_videos
 from sora_jax.errors import UserError
 from sora_jax.eval.adherence import Confusion, adherence_confusion, evaluate_prompts
 from sora_jax.eval.digit_reader import DIRECTIONS
@@ -317,11 +318,4 @@ def video_grid(videos: np.ndarray, cols: int = 4, gap: int = 2, fill: int = 128)
     v = np.asarray(videos)
     if v.ndim != 5 or v.shape[-1] != 3 or not len(v):
         raise UserError(f"video_grid wants videos [B, T, H, W, 3], got shape {v.shape}")
-    b, t, h, w, _ = v.shape
-    cols = max(1, min(int(cols), b))
-    rows = -(-b // cols)
-    grid = np.full((t, rows * (h + gap) - gap, cols * (w + gap) - gap, 3), fill, np.uint8)
-    for i in range(b):
-        r, c = divmod(i, cols)
-        grid[:, r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = v[i]
-    return grid
+    return tile_videos(v, max(1, min(int(cols), len(v))), gap, fill)

@@ -4,6 +4,9 @@ Ingested datasets (``sora-jax ingest``) store each clip as the bytes of a small 
 than raw pixels: 10-50x smaller. The loader decodes only the frames it samples and lets FFmpeg's swscale
 resize them on the way out (``frame.to_ndarray(width=, height=)``), so a 1080p source costs one decode and
 no full-size copy in Python.
+
+Also the two in-memory encodings the writers share: ``gif_bytes`` (an animated GIF, for files and TensorBoard)
+and ``tile_videos`` (many clips as one grid video).
 """
 
 from __future__ import annotations
@@ -86,3 +89,40 @@ def decode_frames(
     if not out:
         raise ValueError("cannot decode clip payload: no frames")
     return np.stack(out)
+
+
+def gif_bytes(video: np.ndarray, fps: float) -> bytes:
+    """uint8 ``[T, H, W, 3]`` as a looping animated GIF (adaptive palette, no dither; Pillow merges consecutive
+    identical frames into one longer frame; 10 ms timing steps)."""
+    from PIL import Image
+
+    frames = [
+        Image.fromarray(f).quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        for f in video
+    ]
+    buf = io.BytesIO()
+    frames[0].save(
+        buf,
+        format="GIF",
+        save_all=True,
+        append_images=frames[1:],
+        duration=max(10, round(1000 / fps)),
+        loop=0,
+        disposal=1,
+    )
+    return buf.getvalue()
+
+
+def tile_videos(videos: np.ndarray, cols: int, gap: int, fill: int, *, border: bool = False) -> np.ndarray:
+    """uint8 ``[B, T, H, W, 3]`` in ``cols`` columns (R = ceil(B / cols) rows) -> one ``[T, Hg, Wg, 3]``:
+    ``gap`` pixels of grey ``fill`` between clips (and around them with ``border``), empty cells ``fill``;
+    ``Hg = R * (H + gap) - gap (+ 2 * gap with border)``, likewise ``Wg``."""
+    b, t, h, w, _ = videos.shape
+    rows, edge = -(-b // cols), gap if border else 0
+    grid = np.full(
+        (t, rows * (h + gap) - gap + 2 * edge, cols * (w + gap) - gap + 2 * edge, 3), fill, np.uint8
+    )
+    for i in range(b):
+        top, left = edge + (i // cols) * (h + gap), edge + (i % cols) * (w + gap)
+        grid[:, top : top + h, left : left + w] = videos[i]
+    return grid

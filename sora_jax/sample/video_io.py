@@ -21,6 +21,8 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from sora_jax.data.video_codec import gif_bytes
+
 __all__ = ["contact_sheet", "default_scale", "read_video", "save_video", "upscale", "write_gif", "write_mp4"]
 
 _MP4_MIN_SIDE = 128
@@ -113,20 +115,8 @@ def write_gif(
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
     scale = default_scale(*video.shape[1:3]) if scale is None else scale
-    frames = [
-        Image.fromarray(f).quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-        for f in upscale(video, scale)
-    ]
     with _atomic_target(path) as tmp:
-        frames[0].save(
-            tmp,
-            format="GIF",
-            save_all=True,
-            append_images=frames[1:],
-            duration=max(10, round(1000 / fps)),
-            loop=0,
-            disposal=1,
-        )
+        Path(tmp).write_bytes(gif_bytes(upscale(video, scale), fps))
     return Path(path)
 
 

@@ -6,7 +6,6 @@ an animated GIF in an image summary (what tensorboardX's ``add_video`` writes, w
 Images tab plays it. Only process 0 writes.
 """
 
-import io
 import json
 import math
 from pathlib import Path
@@ -14,8 +13,8 @@ from pathlib import Path
 import jax
 import numpy as np
 from clu import metrics as clu_metrics
-from PIL import Image
 
+from sora_jax.data.video_codec import gif_bytes, tile_videos
 from sora_jax.errors import UserError
 
 
@@ -96,34 +95,7 @@ def video_grid(videos: np.ndarray) -> np.ndarray:
     videos = np.asarray(videos)
     if videos.ndim != 5 or videos.shape[-1] != 3 or videos.dtype != np.uint8:
         raise ValueError(f"videos must be uint8 [B, T, H, W, 3], got {videos.dtype} {videos.shape}")
-    b, t, h, w, _ = videos.shape
+    b, _, h, w, _ = videos.shape
     scale = max(1, math.ceil(_GRID_MIN_SIDE / min(h, w)))
     big = np.repeat(np.repeat(videos, scale, axis=2), scale, axis=3)
-    cols = math.ceil(math.sqrt(b))
-    rows = math.ceil(b / cols)
-    fh, fw, g = h * scale, w * scale, _GRID_GAP
-    grid = np.full((t, rows * (fh + g) + g, cols * (fw + g) + g, 3), 32, np.uint8)
-    for i in range(b):
-        top, left = g + (i // cols) * (fh + g), g + (i % cols) * (fw + g)
-        grid[:, top : top + fh, left : left + fw] = big[i]
-    return grid
-
-
-def gif_bytes(video: np.ndarray, fps: float) -> bytes:
-    """uint8 ``[T, H, W, 3]`` as a looping animated GIF (adaptive palette; Pillow merges consecutive identical
-    frames into one longer frame)."""
-    frames = [
-        Image.fromarray(f).quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-        for f in video
-    ]
-    buf = io.BytesIO()
-    frames[0].save(
-        buf,
-        format="GIF",
-        save_all=True,
-        append_images=frames[1:],
-        duration=max(10, round(1000 / fps)),
-        loop=0,
-        disposal=1,
-    )
-    return buf.getvalue()
+    return tile_videos(big, math.ceil(math.sqrt(b)), _GRID_GAP, 32, border=True)
