@@ -295,15 +295,15 @@ def evaluate_metrics(
     if num_videos < 2:
         raise UserError(f"--num_videos must be at least 2 (a covariance needs two videos), got {num_videos}")
     runs = [(workdir, step)] + ([(compare, compare_step)] if compare else [])
-    for w, s in runs:
-        _, cfg = saved_config(w, s)
-        if task(cfg) is Task.VAE and names != ["psnr"]:
+    is_vae = [task(saved_config(w, s)[1]) is Task.VAE for w, s in runs]  # all checked before any sampling
+    for (w, _), vae in zip(runs, is_vae):
+        if vae and names != ["psnr"]:
             raise UserError(f"{w} holds a VAE: of --metrics only psnr applies (sora-jax eval without it)")
     reports = []
-    for w, s in runs:
+    for (w, s), vae in zip(runs, is_vae):
         where = Path(out) / Path(w).name if out and compare else out
         kw = dict(num_videos=num_videos, step=s, split=split, seed=seed, ref_count=ref_count)
-        if task(saved_config(w, s)[1]) is Task.VAE:
+        if vae:
             reports.append(_vae_psnr_report(w, s, split, num_videos, where, use_ema))
         else:
             reports.append(evaluate_metrics(w, names, out=where, use_ema=use_ema, **kw))
