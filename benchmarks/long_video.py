@@ -39,8 +39,21 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--overlap", type=int, nargs="+", default=[1], help="latent frames given at each seam")
     ap.add_argument("--cfg_scale", type=float, nargs="+", default=[None], help="default: the config's")
+    ap.add_argument(
+        "--history_guidance",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="history guidance scales w (0: plain conditioning on the previous segment's frames)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="JSON results file")
+    ap.add_argument(
+        "--reference",
+        action="store_true",
+        help="also score real moving-digit videos of the same length, cut into the last run's segments: "
+        "what the reader gives a video that truly keeps its digits (its ceiling)",
+    )
     args = ap.parse_args()
 
     from sora_jax.data.pipeline import dataset_dir
@@ -55,26 +68,28 @@ def main() -> None:
     for cfg_scale in args.cfg_scale:
         pipe = load_pipeline(args.workdir, **({"cfg_scale": cfg_scale} if cfg_scale is not None else {}))
         prompts = split_prompts(dataset_dir(pipe.config, args.workdir), "test", args.num, args.seed)
-        p = Prompter.from_pipeline(pipe)
-        for overlap in args.overlap:
-            t0 = time.perf_counter()
-            videos, segments = p.long_video(
-                prompts, seconds=args.seconds, overlap=overlap, seed=args.seed, progress=True
-            )
-            seconds = time.perf_counter() - t0
-            m, per_segment, _ = score_long(videos, segments, prompts, p.frames, p.fps)
-            tag = f"overlap{overlap}_cfg{pipe.config.diffusion.cfg_scale:g}"
-            plot_long(per_segment, out.with_name(f"{out.stem}_{tag}.png"), f"{args.workdir} {tag}")
-            rows.append(
-                {"overlap": overlap, "cfg_scale": pipe.config.diffusion.cfg_scale, "step": pipe.step}
-                | m
-                | {"generate_seconds": seconds}
-            )
-    head = ["overlap", "cfg"] + [label for _, label in KEYS]
+        for w in args.history_guidance:
+            p = Prompter.from_pipeline(pipe, history_guidance=w)
+            for overlap in args.overlap:
+                t0 = time.perf_counter()
+                videos, segments = p.long_video(
+                    prompts, seconds=args.seconds, overlap=overlap, seed=args.seed, progress=True
+                )
+                seconds = time.perf_counter() - t0
+                m, per_segment, _ = score_long(videos, segments, prompts, p.frames, p.fps)
+                tag = f"overlap{overlap}_cfg{pipe.config.diffusion.cfg_scale:g}_hg{w:g}"
+                plot_long(per_segment, out.with_name(f"{out.stem}_{tag}.png"), f"{args.workdir} {tag}")
+                row = {"source": "model", "overlap": overlap, "cfg_scale": pipe.config.diffusion.cfg_scale}
+                rows.append(
+                    row | {"history_guidance": w, "step": pipe.step} | m | {"generate_seconds": seconds}
+                )
+    if args.reference:
+        rows.append(_reference(pipe.config, p, segments, args))
+    head = ["source", "overlap", "cfg", "history g."] + [label for _, label in KEYS]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
-        cells = [str(r["overlap"]), f"{r['cfg_scale']:g}"] + [f"{r[k]:.3f}" for k, _ in KEYS]
-        print("| " + " | ".join(cells) + " |")
+        cells = [r["source"], str(r["overlap"]), f"{r['cfg_scale']:g}", f"{r['history_guidance']:g}"]
+        print("| " + " | ".join(cells + [f"{r[k]:.3f}" for k, _ in KEYS]) + " |")
     result = {
         "command": "python benchmarks/long_video.py "
         + " ".join(
@@ -86,6 +101,21 @@ def main() -> None:
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def _reference(config, p, segments, args) -> dict:
+    """The metrics of ``args.num`` real test-split videos of the data's generator (its speed, seed
+    ``args.seed``), ``segments``' length, read like the generated ones; bounces make their directions drift."""
+    from sora_jax.data import moving_digits
+    from sora_jax.eval.long_video import score_long
+
+    n = segments[-1][1]
+    speed = tuple(config.data.speed) or None
+    real = moving_digits.generate(
+        "test", args.num, seed=args.seed, num_frames=n, height=p.height, width=p.width, speed=speed
+    )
+    m, _, _ = score_long(real["video"], segments, real["captions"], p.frames, p.fps)
+    return {"source": "real videos", "overlap": 0, "cfg_scale": 0.0, "history_guidance": 0.0} | m
 
 
 if __name__ == "__main__":

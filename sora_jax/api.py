@@ -117,7 +117,7 @@ def load_prompter(
 ) -> Prompter:
     """The video prompter (i2v, extend, connect, edit, loop, long videos) of a workdir's latest (or ``step``)
     checkpoint, or of an already loaded ``Pipeline``; ``kw`` go to ``Prompter.from_pipeline`` (``bucket``,
-    ``fsdp``, ``guidance_rescale``). Its modes take and return uint8 ``[T, H, W, 3]``."""
+    ``fsdp``, ``guidance_rescale``, ``history_guidance``). Its modes take and return uint8 ``[T, H, W, 3]``."""
     pipe = workdir_or_pipeline
     if not isinstance(pipe, Pipeline):
         pipe = load_pipeline(pipe, step=step)

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, default=1, help="latent frames given at each seam")
     p.add_argument("--negative_prompt", default=None, help="the unconditional branch of guidance")
     p.add_argument("--guidance_rescale", type=float, default=0.0, help="phi of guidance rescale (e.g. 0.7)")
+    p.add_argument(
+        "--history_guidance", type=float, default=0.0, help="given-frame modes: history guidance scale w"
+    )
     p.add_argument("--fsdp", type=int, default=0, help="shard the parameters over N local devices")
     p.add_argument("--bucket", default="", help="clip shape TxHxW (default: the config's first bucket)")
     p.add_argument("--seed", type=int, default=0)
@@ -261,6 +264,7 @@ def run(argv: list[str]) -> int:
                 overlap=args.overlap,
                 negative_prompt=args.negative_prompt,
                 guidance_rescale=args.guidance_rescale,
+                history_guidance=args.history_guidance,
                 fsdp=args.fsdp,
                 bucket=args.bucket,
                 seed=args.seed,

@@ -96,6 +96,7 @@ def sample(
     overlap: int = 1,
     negative_prompt: str | None = None,
     guidance_rescale: float = 0.0,
+    history_guidance: float = 0.0,
     fsdp: int = 0,
     bucket: str = "",
     seed: int = 0,
@@ -109,7 +110,8 @@ def sample(
     extend (``direction`` forward | backward) and edit (re-noised to ``strength`` in (0, 1]) take one of
     ``videos``, connect two (A then B); loop; long makes ``seconds`` of video. Given frames are resized and
     centre-cropped to the model's frame; ``overlap`` latent frames are given at each seam.
-    ``negative_prompt``, ``guidance_rescale`` (phi), ``fsdp`` (shard the parameters over N local devices) and
+    ``negative_prompt``, ``guidance_rescale`` (phi), ``history_guidance`` (w, the modes that give frames;
+    ``Process.sample``), ``fsdp`` (shard the parameters over N local devices) and
     ``bucket`` ("TxHxW"; default the config's first) go to the jitted sampler; ``steps`` and ``cfg_scale``
     replace the config's. Every input is checked, and the image and videos read, before the model loads."""
     try:
@@ -146,7 +148,13 @@ def sample(
 
     from sora_jax.sample.prompter import Prompter
 
-    p = Prompter.from_pipeline(pipe, bucket=bucket, fsdp=fsdp, guidance_rescale=guidance_rescale)
+    p = Prompter.from_pipeline(
+        pipe,
+        bucket=bucket,
+        fsdp=fsdp,
+        guidance_rescale=guidance_rescale,
+        history_guidance=history_guidance,
+    )
     kw = {"seed": seed}
     if negative_prompt:
         kw["negative_prompts"] = [negative_prompt] * (len(prompts) if mode is SampleMode.T2V else 1)

@@ -381,3 +381,67 @@ def test_euler_matches_reference_update():
     for t, tn in zip(ts[:-1], ts[1:]):
         x = x + (tn - t) * v_np(x, t)
     np.testing.assert_allclose(out, x, atol=1e-4)
+
+
+@pytest.mark.parametrize("w", [0.0, 2.0])
+def test_history_guidance_two_euler_steps_against_reference(w):
+    """x0-prediction flow, 2 Euler steps (t = 1, 0.5, 0): the model predicts x0 = 0.9 x the given frame's
+    input; the no-history call sees that frame noised with its own noise to the step's level, at the step's
+    time, so the guided x0 (and, after the last step, the free frames) is
+    0.9 c + w (0.9 c - 0.9 ((1 - t) c + t n)) at t = 0.5."""
+    process = D.make_process("rectified_flow", flow_prediction="x0", flow_shift=1.0)
+    r = np.random.default_rng(7)
+    cond = jnp.asarray(r.uniform(-1, 1, (2, 4, 3)), jnp.float32)
+    mask = jnp.asarray([[1, 0, 0, 0], [1, 0, 0, 0]], bool)
+
+    def apply_fn(x, mt):  # NaN unless the times are the given frame's 0 or one time for the whole window
+        ok = jnp.all((mt[:, :1] == 0) | (mt == mt[:, :1]), axis=1)[:, None, None]
+        return jnp.where(ok, jnp.broadcast_to(0.9 * x[:, :1], x.shape), jnp.nan)
+
+    noise = jax.random.normal(jax.random.key(3), cond.shape)
+    out = process.sample(
+        apply_fn,
+        noise,
+        jax.random.key(0),
+        sampler="euler",
+        num_steps=2,
+        cond=cond,
+        cond_mask=mask,
+        history_scale=w,
+    )
+    c, n = np.asarray(cond[:, 0]), np.asarray(noise[:, 0])
+    want = 0.9 * c + w * (0.9 * c - 0.9 * (0.5 * c + 0.5 * n))
+    np.testing.assert_allclose(np.asarray(out)[:, 1:], np.broadcast_to(want[:, None], (2, 3, 3)), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out)[:, 0], c)
+
+
+def test_history_guidance_ddpm_noises_the_history_to_the_calls_timestep():
+    process = D.make_process("ddpm", schedule="linear", num_timesteps=100)
+    cond = jnp.full((1, 3, 2), 0.5, jnp.float32)
+    mask = jnp.asarray([[1, 0, 0]], bool)
+    noise = jax.random.normal(jax.random.key(1), cond.shape)
+    seen = []
+
+    def apply_fn(x, mt):
+        jax.debug.callback(lambda a, b: seen.append((np.asarray(a), np.asarray(b))), x, mt)
+        return jnp.zeros_like(x)
+
+    process.sample(
+        apply_fn,
+        noise,
+        jax.random.key(0),
+        sampler="ddim",
+        num_steps=2,
+        cond=cond,
+        cond_mask=mask,
+        history_scale=1.5,
+    )
+    abar = np.cumprod(1.0 - np.linspace(1e-3, 0.2, 100))  # linear betas scaled by 1000 / 100
+    assert len(seen) == 4  # per step: the history call, then the noised one
+    for x, mt in seen[1::2]:
+        t = int(mt[0, 0])
+        assert (mt == t).all() and t in (0, 99)  # the respaced timesteps of 2 steps
+        want = np.sqrt(abar[t]) * 0.5 + np.sqrt(1 - abar[t]) * np.asarray(noise[0, 0])
+        np.testing.assert_allclose(x[0, 0], want, rtol=1e-5)
+    for x, mt in seen[::2]:
+        assert mt[0, 0] == 0 and (x[0, 0] == 0.5).all()

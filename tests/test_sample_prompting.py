@@ -297,3 +297,18 @@ def test_from_pipeline_picks_the_bucket(parts):
     wide = Prompter.from_pipeline(pipe, bucket="8x16x32")
     assert wide.sampler.latent_shape == (8, 16, 32, 1)
     assert wide.i2v("a 3", _grey(1, 40, 40, 0)[0]).shape == (8, 16, 32, 3)
+
+
+def test_history_guidance_acts_only_where_frames_are_given(parts, prompter):
+    """The sampler's history guidance (Process.sample's history_scale): text-to-video is the same video
+    (there is no history), an extension keeps its given frame and changes the frames it generates."""
+    cfg, graphdef, params = parts
+    d = cfg.data
+    sampler = _jit(cfg, graphdef, params, autoencoder=factory.make_autoencoder(cfg), history_guidance=3.0)
+    guided = Prompter(sampler, d.num_frames, d.height, d.width, 8.0)
+    np.testing.assert_array_equal(guided.generate(PROMPTS, seed=1), prompter.generate(PROMPTS, seed=1))
+    start = prompter.generate(PROMPTS[:1], seed=4)[0]
+    a = prompter.extend(PROMPTS[0], start, overlap=1, seed=5)
+    b = guided.extend(PROMPTS[0], start, overlap=1, seed=5)
+    np.testing.assert_array_equal(a[: len(start)], b[: len(start)])
+    assert np.abs(a[len(start) :].astype(int) - b[len(start) :]).max() > 0

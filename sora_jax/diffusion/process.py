@@ -171,6 +171,7 @@ class Process:
         cond_mask: jax.Array | None = None,
         init: jax.Array | None = None,
         strength: float = 1.0,
+        history_scale: float = 0.0,
     ) -> jax.Array:
         """Generates x0 [B, T, ...] from noise [B, T, ...].
 
@@ -186,6 +187,12 @@ class Process:
         latents) and ``strength`` s in (0, 1], sampling starts from ``init`` noised to the level of the first
         step whose noise level is <= s (t <= s for flow, timestep <= s N for DDPM) and runs the remaining
         steps; s = 1 is plain generation.
+
+        History guidance (``history_scale`` w != 0, with ``cond_mask``; after Song et al. 2025, "History-Guided
+        Video Diffusion"): every model call also runs with the given frames noised to the call's own level
+        (with their share of ``noise``: a window as plain text-to-video sees it), and returns
+        ``out_h + w (out_h - out_n)``: the prediction pushed towards what the clean frames add (the object's
+        identity and position) over what their noisy version does. w = 0 is plain conditioning.
         """
         s = self.check_sampler(sampler)
         if not 0.0 < float(strength) <= 1.0:
@@ -193,7 +200,9 @@ class Process:
         if cond_mask is not None:
             if cond is None:
                 raise ValueError("cond_mask needs cond (the clean latents of the conditioning frames)")
-            apply_fn = self._conditioned(apply_fn, cond, jnp.asarray(cond_mask, jnp.bool_))
+            apply_fn = self._conditioned(
+                apply_fn, cond, jnp.asarray(cond_mask, jnp.bool_), history_scale, noise
+            )
         if self.is_flow:
             shift = self.flow_shift if shift is None else shift
             if cond_mask is None:
@@ -215,18 +224,44 @@ class Process:
             out = jnp.where(_frames(cond_mask, out), cond.astype(out.dtype), out)
         return out
 
-    def _conditioned(self, apply_fn: ApplyFn, cond: jax.Array, cond_mask: jax.Array) -> ApplyFn:
+    def _conditioned(
+        self,
+        apply_fn: ApplyFn,
+        cond: jax.Array,
+        cond_mask: jax.Array,
+        history_scale: float = 0.0,
+        noise: jax.Array | None = None,
+    ) -> ApplyFn:
         """apply_fn with the conditioning frames clean at time 0; for flow a velocity model whose velocity is
-        zero on them (x0-predictions converted per frame)."""
+        zero on them (x0-predictions converted per frame). With ``history_scale`` the history-guided
+        combination (see ``sample``) of that and a call with those frames noised by ``noise``."""
         where = _frames(cond_mask, cond)
         inner = self.velocity_fn(apply_fn) if self.is_flow else apply_fn
+        scale = float(history_scale)
 
         def apply(x: jax.Array, model_time: jax.Array) -> jax.Array:
-            x = jnp.where(where, cond.astype(x.dtype), x)
-            out = inner(x, frame_times(model_time, cond_mask))
+            x_h = jnp.where(where, cond.astype(x.dtype), x)
+            t_h = frame_times(model_time, cond_mask)
+            if scale == 0.0:
+                out = inner(x_h, t_h)
+            else:
+                x_n = jnp.where(where, self._noised(cond, noise, model_time).astype(x.dtype), x)
+                t_n = jnp.broadcast_to(model_time[:, None], cond_mask.shape).astype(jnp.float32)
+                out_h, out_n = (
+                    inner(x_h, t_h),
+                    inner(x_n, t_n),
+                )  # two calls: the text conditioning is per batch
+                out = out_h + scale * (out_h - out_n)
             return jnp.where(where, jnp.zeros_like(out), out) if self.is_flow else out
 
         return apply
+
+    def _noised(self, x0: jax.Array, noise: jax.Array, model_time: jax.Array) -> jax.Array:
+        """x0 [B, ...] noised with ``noise`` to the level of network time ``model_time`` [B]."""
+        if self.is_flow:
+            return flow.interpolate(x0, noise, model_time / flow.TIME_SCALE)
+        t = jnp.round(model_time).astype(jnp.int32)
+        return ddpm.q_sample(self.schedule, x0, t, noise)
 
     def _ddpm_sample(self, apply_fn, noise, key, sampler, num_steps, eta, clip_denoised, init, strength):
         kept = space_timesteps(self.num_timesteps, num_steps)

@@ -128,6 +128,7 @@ class Prompter:
         mesh=None,
         param_sharding=None,
         guidance_rescale: float = 0.0,
+        history_guidance: float = 0.0,
     ) -> Prompter:
         """From ``api.load_pipeline``'s Pipeline (its config, autoencoder, text input and params).
 
@@ -154,6 +155,7 @@ class Prompter:
             num_steps=cfg.diffusion.sample_steps,
             cfg_scale=cfg.diffusion.cfg_scale,
             guidance_rescale=guidance_rescale,
+            history_guidance=history_guidance,
             autoencoder=pipe.autoencoder,
             mesh=mesh,
             param_sharding=param_sharding,

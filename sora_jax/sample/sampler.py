@@ -52,6 +52,12 @@ class SamplerSpec:
     num_steps: int
     cfg_scale: float
     guidance_rescale: float = 0.0
+    history_guidance: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "latent_shape", tuple(self.latent_shape))
+        for name in ("guidance_rescale", "history_guidance"):
+            object.__setattr__(self, name, float(getattr(self, name)))
 
 
 class SampleInputs(NamedTuple):
@@ -190,6 +196,7 @@ def sample_latents(spec: SamplerSpec, params, inputs: SampleInputs, strength: fl
         cond_mask=inputs.cond_mask,
         init=inputs.init,
         strength=strength,
+        history_scale=spec.history_guidance,
     )
 
 
@@ -225,11 +232,11 @@ class PmapSampler:
         num_steps: int,
         cfg_scale: float,
         guidance_rescale: float = 0.0,
+        history_guidance: float = 0.0,
         devices: list[jax.Device] | None = None,
     ):
-        self.spec = SamplerSpec(
-            graphdef, process, tuple(latent_shape), sampler, num_steps, cfg_scale, float(guidance_rescale)
-        )
+        args = (latent_shape, sampler, num_steps, cfg_scale, guidance_rescale, history_guidance)
+        self.spec = SamplerSpec(graphdef, process, *args)
         self.text_input, self.autoencoder = text_input, autoencoder
         self.devices = devices or jax.local_devices()
         spec, codec = self.spec, autoencoder.with_params(None)  # the weights come in as ae_params
@@ -315,13 +322,13 @@ class JitSampler:
         num_steps: int,
         cfg_scale: float,
         guidance_rescale: float = 0.0,
+        history_guidance: float = 0.0,
         autoencoder: Autoencoder | None = None,
         mesh: jax.sharding.Mesh | None = None,
         param_sharding=None,
     ):
-        self.spec = SamplerSpec(
-            graphdef, process, tuple(latent_shape), sampler, num_steps, cfg_scale, float(guidance_rescale)
-        )
+        args = (latent_shape, sampler, num_steps, cfg_scale, guidance_rescale, history_guidance)
+        self.spec = SamplerSpec(graphdef, process, *args)
         self.text_input, self.mesh = text_input, mesh
         self.params = self._place(params, param_sharding)
         self.autoencoder = None
