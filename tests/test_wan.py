@@ -123,7 +123,7 @@ def test_parity_from_sharded_bf16_folder(tmp_path):
     assert m16.blocks.scale_shift_table[...].dtype == jnp.float32
     out16 = m16(jnp.asarray(x), jnp.asarray(t), jnp.asarray(text))
     assert out16.dtype == jnp.bfloat16
-    assert _rel_err(out16, ref) < 0.05
+    assert _rel_err(out16, ref) < 0.02  # measured 0.6%; diffusers' own bf16 model: 0.5-0.8%
 
 
 def test_grad_step_with_remat_and_scan():
@@ -145,6 +145,34 @@ def test_grad_step_with_remat_and_scan():
     assert np.isfinite(float(loss)) and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
     for g in (grads["blocks"]["attn1"]["wq"][...], grads["blocks"]["ffn"]["fc1"]["kernel"][...]):
         assert g.shape[0] == cfg.depth and float(jnp.abs(g).min(axis=tuple(range(1, g.ndim))).min()) > 0
+
+
+def test_sharded_mesh_with_sequence_parallel_gives_one_device_output():
+    """fsdp=2 x tensor=2 x seq=2 on the 8 fake CPU devices: parameters placed by their logical names,
+    ring attention over seq; same output as one device."""
+    from jax.sharding import AxisType, Mesh
+
+    from sora_jax.parallel import sharding
+
+    sd = {k: v.detach().numpy() for k, v in _torch_model(TINY_B, seed=6).state_dict().items()}
+    cfg = wc.config_from_diffusers(TINY_B)
+    model = wc.from_state_dict(sd, cfg)
+    x, t, text = (jnp.asarray(a) for a in _inputs(TINY_B, (4, 4, 4), seed=7, text_len=5))
+    ref = np.asarray(jax.jit(lambda m: m(x, t, text))(model))
+    devices = np.asarray(jax.devices()[:8]).reshape(1, 2, 2, 2)
+    mesh = Mesh(devices, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4)
+    ring = wc.config_from_diffusers(TINY_B, seq_parallel="ring")
+    gdef = nnx.graphdef(nnx.eval_shape(lambda: wan.WanTransformer(ring, rngs=nnx.Rngs(0))))
+    params = nnx.state(model, nnx.Param)
+    p_sh = sharding.state_shardings(params, mesh)
+    assert tuple(p_sh["blocks"]["attn1"]["wq"].get_value().spec) == (None, "fsdp", "tensor", None)
+
+    def fwd(p, x, t, text):
+        with sharding.activation_sharding(mesh):
+            return nnx.merge(gdef, p)(x, t, text)
+
+    out = jax.jit(fwd, in_shardings=(p_sh, None, None, None))(jax.device_put(params, p_sh), x, t, text)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("variant", ["1.3B", "14B"])

@@ -19,11 +19,14 @@ Data flow (Wan Team 2025, "Wan: Open and Advanced Large-Scale Video Generative M
 LayerNorms have no affine parameters except the cross-attention one (``cross_attn_norm``); all norms, the
 modulation and the gated residual adds run in float32, as diffusers does (its ``_keep_in_fp32_modules``: the
 time MLP, the scale-shift tables and the affine norm are stored in float32 here whatever ``param_dtype``).
+RoPE tables are computed at trace time for any grid (diffusers precomputes 1024 positions per axis).
+Only the text-to-video path: no image embedder / added k-v (I2V) branch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +47,7 @@ from sora_jax.models.layers import (
     timestep_embedding,
     unpatchify,
 )
+from sora_jax.parallel import sequence
 from sora_jax.parallel.sharding import constrain
 
 F32 = jnp.float32
@@ -70,6 +74,7 @@ class WanConfig:
     param_dtype: str | jnp.dtype = "float32"
     attention_impl: str | None = None  # None/"xla" | "cudnn" | "reference"
     remat: str = "none"  # a name in dit.REMAT_POLICIES
+    seq_parallel: str = "none"  # self-attention over the mesh's seq axis: none | ulysses | ring
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -97,6 +102,10 @@ class WanConfig:
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"WanConfig.remat={self.remat!r} unknown; use one of {tuple(REMAT_POLICIES)}")
+        if self.seq_parallel not in sequence.SEQ_PARALLEL:
+            raise ValueError(
+                f"WanConfig.seq_parallel={self.seq_parallel!r} unknown; use one of {sequence.SEQ_PARALLEL}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -179,6 +188,7 @@ class WanAttention(nnx.Module):
         self.eps = cfg.eps
         self.dtype = as_dtype(cfg.dtype)
         self.implementation = cfg.attention_impl
+        self.seq_parallel = cfg.seq_parallel
 
     def __call__(
         self,
@@ -198,7 +208,11 @@ class WanAttention(nnx.Module):
         if rope is not None:
             q, k = apply_rope_pairs(q, *rope), apply_rope_pairs(k, *rope)
         q = constrain(q, ("act_batch", "act_seq", "act_heads", "act_kv"))
-        out = dot_product_attention(q, k, v, implementation=self.implementation)
+        kernel = partial(dot_product_attention, implementation=self.implementation)
+        if context is None and self.seq_parallel != "none":  # self-attention split over the seq axis
+            out = sequence.attention(q, k, v, mode=self.seq_parallel, kernel=kernel)
+        else:
+            out = kernel(q, k, v)
         out = checkpoint_name(constrain(out, ("act_batch", "act_seq", "act_heads", "act_kv")), "attn_out")
         return jnp.einsum("BNKH,KHD->BND", out, self.wo[...].astype(dt)) + self.bo[...].astype(dt)
 

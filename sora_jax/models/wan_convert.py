@@ -205,7 +205,7 @@ class _Filler:
         self.cfg = cfg
         abstract = nnx.eval_shape(lambda: WanTransformer(cfg, rngs=nnx.Rngs(0)))
         self.graphdef, self.state = nnx.split(abstract)
-        flat = traverse_util.flatten_dict(self.state.to_pure_dict())
+        flat = traverse_util.flatten_dict(nnx.to_pure_dict(self.state))
         self.buffers = {path: np.empty(s.shape, s.dtype) for path, s in flat.items()}
         self.names = _name_map(cfg)
         self.filled: set[str] = set()
@@ -224,7 +224,7 @@ class _Filler:
         """The filled buffers as a ``WanTransformer`` (host buffers released one by one)."""
         _check_keys(self.filled, self.names, "the diffusers weights")
         arrays = {path: jnp.asarray(self.buffers.pop(path)) for path in list(self.buffers)}
-        self.state.replace_by_pure_dict(traverse_util.unflatten_dict(arrays))
+        nnx.replace_by_pure_dict(self.state, traverse_util.unflatten_dict(arrays))
         return nnx.merge(self.graphdef, self.state)
 
 
@@ -243,7 +243,7 @@ def from_state_dict(state_dict: Mapping[str, np.ndarray], cfg: WanConfig) -> Wan
 def to_diffusers_state_dict(model: WanTransformer) -> dict[str, np.ndarray]:
     """``WanTransformer`` -> diffusers' state dict: exact keys, layouts and shapes, the params' dtypes."""
     cfg = model.cfg
-    flat = traverse_util.flatten_dict(nnx.state(model, nnx.Param).to_pure_dict())
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     host = {path: np.asarray(jax.device_get(v)) for path, v in flat.items()}
     out = {}
     for name, (path, kind, layer) in _name_map(cfg).items():
