@@ -195,3 +195,17 @@ def test_causal_conv_3d_path_equals_cpu_path(monkeypatch, kernel, stride):
     cpu = conv(x)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert np.allclose(conv(x), cpu, atol=1e-5)
+
+
+def test_from_diffusers_reads_bf16_and_sharded_folders(tiny, tmp_path):
+    """A bfloat16 folder sharded with an index (read without torch: safe_open + the raw layout for bf16)."""
+    ref, _, model = tiny
+    ref16 = diffusers.AutoencoderKLWan(**TINY).to(torch.bfloat16)
+    ref16.load_state_dict({k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()})
+    ref16.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / wc.INDEX).is_file()
+    loaded = wc.from_diffusers(tmp_path, dtype="bfloat16", param_dtype="float32")
+    assert loaded.cfg.dtype == "bfloat16" and loaded.cfg.param_dtype == "float32"
+    got = wc.to_diffusers_state_dict(loaded)
+    for k, v in ref16.state_dict().items():
+        assert np.array_equal(got[k], v.float().numpy()), k
