@@ -44,12 +44,23 @@ class Sampler(enum.StrEnum):
     DDIM = "ddim"
     EULER = "euler"
     HEUN = "heun"
+    UNIPC = "unipc"  # UniPC multistep, as Wan samples (diffusers' UniPCMultistepScheduler)
 
 
 SAMPLERS: dict[Objective, tuple[Sampler, ...]] = {
     Objective.DDPM: (Sampler.DDPM, Sampler.DDIM),
-    Objective.RECTIFIED_FLOW: (Sampler.EULER, Sampler.HEUN),
+    Objective.RECTIFIED_FLOW: (Sampler.EULER, Sampler.HEUN, Sampler.UNIPC),
 }
+
+
+class FlowTimeGrid(enum.StrEnum):
+    """The times a flow sampler visits. ``uniform``: ``flow.sampling_times`` (shift(linspace(1, 0, N + 1)), the
+    network given 1000 t); ``diffusers``: the grid of diffusers' scheduler for that sampler, to reproduce its
+    pipelines exactly (euler: ``FlowMatchEulerDiscreteScheduler``; unipc: ``UniPCMultistepScheduler`` with flow
+    sigmas, integer network times)."""
+
+    UNIFORM = "uniform"
+    DIFFUSERS = "diffusers"
 
 
 class Prediction(enum.StrEnum):

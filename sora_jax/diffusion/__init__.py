@@ -6,6 +6,7 @@ Start from ``make_process`` (or ``process_from_config``); see ``process.py`` for
 from sora_jax.choices import (
     SAMPLERS,
     FlowPrediction,
+    FlowTimeGrid,
     Objective,
     Prediction,
     Sampler,
@@ -21,6 +22,7 @@ from sora_jax.diffusion.ddpm import (
     v_target,
 )
 from sora_jax.diffusion.flow import (
+    flow_match_euler_times,
     interpolate,
     resolution_shift,
     sample_time,
@@ -44,6 +46,8 @@ from sora_jax.diffusion.schedules import (
     respace,
     space_timesteps,
 )
+from sora_jax.diffusion.unipc import flow_sigmas as unipc_flow_sigmas
+from sora_jax.diffusion.unipc import unipc_sample
 
 __all__ = [
     "SAMPLERS",
@@ -54,10 +58,12 @@ __all__ = [
     "Sampler",
     "ScheduleKind",
     "FlowPrediction",
+    "FlowTimeGrid",
     "TimestepSampling",
     "cfg_apply",
     "cosine_betas",
     "eps_from_x0",
+    "flow_match_euler_times",
     "interpolate",
     "linear_betas",
     "make_process",
@@ -76,5 +82,7 @@ __all__ = [
     "v_target",
     "velocity_from_x0",
     "velocity_target",
+    "unipc_flow_sigmas",
+    "unipc_sample",
     "x0_loss",
 ]

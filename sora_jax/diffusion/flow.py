@@ -98,13 +98,34 @@ def sampling_times(num_steps: int, shift: float = 1.0) -> np.ndarray:
     return shift_time(np.linspace(1.0, 0.0, num_steps + 1), float(shift)).astype(np.float32)
 
 
+def flow_match_euler_times(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> np.ndarray:
+    """diffusers' ``FlowMatchEulerDiscreteScheduler(shift=shift)`` grid [num_steps + 1] float32 (its sigmas; the
+    network gets ``1000 t`` as here). Not ``sampling_times``: diffusers spaces num_steps points (not num_steps + 1)
+    from 1 to its shifted sigma_min = shift(1/1000), shifts them again (sigma_min is shifted twice) and appends 0.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    s1 = np.float32(1.0 / num_train_timesteps)
+    sigma_min = float(np.float32(shift) * s1 / (np.float32(1.0) + np.float32(shift - 1.0) * s1))
+    s = np.linspace(num_train_timesteps, sigma_min * num_train_timesteps, num_steps) / num_train_timesteps
+    s = shift * s / (1.0 + (shift - 1.0) * s)
+    return np.concatenate([s.astype(np.float32), np.zeros(1, np.float32)])
+
+
 def euler_sample(
-    apply_fn, noise: jax.Array, num_steps: int, shift: float = 1.0, *, start: int = 0
+    apply_fn,
+    noise: jax.Array,
+    num_steps: int,
+    shift: float = 1.0,
+    *,
+    start: int = 0,
+    times: np.ndarray | None = None,
 ) -> jax.Array:
     """Integrates dx/dt = apply_fn(x, 1000 t) from t=1 (x = noise [B, ...]) to t=0 with Euler steps.
 
-    ``start`` > 0 skips the first steps: ``noise`` is then x at ``sampling_times(...)[start]`` (SDEdit)."""
-    ts = sampling_times(num_steps, shift)[start:]
+    ``start`` > 0 skips the first steps: ``noise`` is then x at ``sampling_times(...)[start]`` (SDEdit).
+    ``times`` [num_steps + 1] replaces ``sampling_times(num_steps, shift)`` (e.g. ``flow_match_euler_times``)."""
+    ts = (sampling_times(num_steps, shift) if times is None else np.asarray(times, np.float32))[start:]
     batch = noise.shape[0]
 
     def step(x, t_pair):
@@ -117,11 +138,18 @@ def euler_sample(
 
 
 def heun_sample(
-    apply_fn, noise: jax.Array, num_steps: int, shift: float = 1.0, *, start: int = 0
+    apply_fn,
+    noise: jax.Array,
+    num_steps: int,
+    shift: float = 1.0,
+    *,
+    start: int = 0,
+    times: np.ndarray | None = None,
 ) -> jax.Array:
     """Heun (2nd order) from t=1 to t=0; the final step to t=0 is plain Euler (as in EDM), so the model
-    is never evaluated at t=0. Costs 2 * num_steps - 1 model calls (fewer from ``start``, as in Euler)."""
-    ts = sampling_times(num_steps, shift)[start:]
+    is never evaluated at t=0. Costs 2 * num_steps - 1 model calls (fewer from ``start``, as in Euler).
+    ``times`` as in ``euler_sample``."""
+    ts = (sampling_times(num_steps, shift) if times is None else np.asarray(times, np.float32))[start:]
     batch = noise.shape[0]
 
     def vel(x, t):

@@ -29,13 +29,14 @@ import numpy as np
 from sora_jax.choices import (
     SAMPLERS,
     FlowPrediction,
+    FlowTimeGrid,
     Objective,
     Prediction,
     Sampler,
     ScheduleKind,
     TimestepSampling,
 )
-from sora_jax.diffusion import ddpm, flow
+from sora_jax.diffusion import ddpm, flow, unipc
 from sora_jax.diffusion.schedules import DDPMSchedule, make_schedule, respace, space_timesteps
 
 ApplyFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -172,6 +173,7 @@ class Process:
         init: jax.Array | None = None,
         strength: float = 1.0,
         history_scale: float = 0.0,
+        time_grid: str | None = None,
     ) -> jax.Array:
         """Generates x0 [B, T, ...] from noise [B, T, ...].
 
@@ -179,6 +181,10 @@ class Process:
         ``num_steps`` evenly respaced timesteps, predicting x0 and clipping it to [-1, 1] when
         ``clip_denoised``. Flow: "euler" or "heun" over ``num_steps`` uniform steps from t=1 to 0, shifted by
         ``shift`` (default: the process's ``flow_shift``); ``key``, ``eta`` and ``clip_denoised`` are unused.
+        "unipc": UniPC multistep (order 2, bh2, predictor-corrector; ``unipc.py``) as Wan samples.
+        ``time_grid`` (flow): "uniform" (the default of euler and heun) or "diffusers" (the default of unipc):
+        the grid of diffusers' own scheduler, so that a ``WanPipeline`` run is reproduced (see
+        ``FlowTimeGrid``; heun has no diffusers grid).
 
         ``key``: one key, or typed keys ``[B]`` (one per sample) for the stochastic samplers.
         Conditioning on frames: ``cond`` (clean latents like ``noise``) on the frames where ``cond_mask``
@@ -195,6 +201,8 @@ class Process:
         identity and position) over what their noisy version does. w = 0 is plain conditioning.
         """
         s = self.check_sampler(sampler)
+        if time_grid is not None and not self.is_flow:
+            raise ValueError(f"time_grid={time_grid!r} is for the rectified_flow objective only")
         if not 0.0 < float(strength) <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength!r}")
         if cond_mask is not None:
@@ -207,7 +215,7 @@ class Process:
             shift = self.flow_shift if shift is None else shift
             if cond_mask is None:
                 apply_fn = self.velocity_fn(apply_fn)
-            ts = flow.sampling_times(num_steps, shift)
+            ts, model_times = _flow_grid(s, time_grid, num_steps, shift)
             start = _first_at_or_below(ts[:-1], strength) if init is not None else 0
             x = (
                 noise
@@ -215,9 +223,13 @@ class Process:
                 else flow.interpolate(init, noise, jnp.full((noise.shape[0],), ts[start]))
             )
             if s is Sampler.EULER:
-                out = flow.euler_sample(apply_fn, x.astype(noise.dtype), num_steps, shift, start=start)
-            else:
+                out = flow.euler_sample(
+                    apply_fn, x.astype(noise.dtype), num_steps, shift, start=start, times=ts
+                )
+            elif s is Sampler.HEUN:
                 out = flow.heun_sample(apply_fn, x.astype(noise.dtype), num_steps, shift, start=start)
+            else:
+                out = unipc.unipc_sample(apply_fn, x.astype(noise.dtype), ts, model_times, start=start)
         else:
             out = self._ddpm_sample(apply_fn, noise, key, s, num_steps, eta, clip_denoised, init, strength)
         if cond_mask is not None:
@@ -296,6 +308,23 @@ class Process:
 
         x = jax.lax.fori_loop(start, num_steps, body, noise.astype(jnp.float32))
         return x.astype(noise.dtype)
+
+
+def _flow_grid(sampler: Sampler, time_grid: str | None, num_steps: int, shift: float):
+    """(times [num_steps + 1] float32 numpy, network times [num_steps] or None) of a flow sampler."""
+    default = FlowTimeGrid.DIFFUSERS if sampler is Sampler.UNIPC else FlowTimeGrid.UNIFORM
+    grid = default if time_grid is None else _parse(FlowTimeGrid, time_grid, "time_grid")
+    if grid is FlowTimeGrid.UNIFORM:
+        ts = flow.sampling_times(num_steps, shift)
+        if sampler is not Sampler.UNIPC:
+            return ts, None
+        sig = unipc.sigmas_from_times(ts)
+        return sig, sig[:-1] * np.float32(flow.TIME_SCALE)
+    if sampler is Sampler.EULER:
+        return flow.flow_match_euler_times(num_steps, shift), None
+    if sampler is Sampler.UNIPC:
+        return unipc.flow_sigmas(num_steps, shift)
+    raise ValueError(f"time_grid {grid.value!r} has no {sampler.value!r} sampler; use euler or unipc")
 
 
 def _step_noise(key: jax.Array, j, shape: tuple[int, ...]) -> jax.Array:
