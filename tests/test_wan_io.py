@@ -22,7 +22,7 @@ spm = pytest.importorskip("sentencepiece")
 import jax.numpy as jnp  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from sora_jax import cli  # noqa: E402
+from sora_jax import api, cli  # noqa: E402
 from sora_jax.sample.pipeline import load_pipeline  # noqa: E402
 
 TRANSFORMER = dict(
@@ -155,6 +155,21 @@ def test_imported_pipeline_equals_diffusers(wan_folder, workdir):
     print(f"text features: max |ours - diffusers| / max |diffusers| = {rel:.2e}")
     assert emb.shape == (2, 512, 32) and mask[0].sum() > 1 and mask[1].sum() == 1 and rel < 1e-4
 
+    # the workdir's autoencoder: Wan's VAE with WanPipeline's latent normalisation, as diffusers decodes
+    ae = api.load_autoencoder(workdir)
+    z = rng.standard_normal((1, 2, 4, 4, 4)).astype(np.float32)
+    video = ae.decode(z)
+    vae = ref.vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, 4, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, 4, 1, 1, 1)
+    with (
+        torch.no_grad()
+    ):  # WanPipeline: latents / (1 / std) + mean, decode, then uint8 as its video processor
+        frames = vae.decode(torch.from_numpy(z).permute(0, 4, 1, 2, 3) / (1.0 / std) + mean).sample
+    ref_video = ((frames.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 4, 1).numpy()
+    assert ae.kind == "wan_vae" and video.shape == (1, 5, 32, 32, 3)
+    assert np.abs(video.astype(np.float32) - ref_video).max() <= 1.0
+
     with pytest.raises(ValueError, match="per-frame times"):
         pipe.model.denoise(jnp.asarray(x), jnp.zeros((2, 2)), jnp.asarray(text), None)
 
@@ -218,7 +233,7 @@ def test_bfloat16_folder_round_trip(wan_folder, tmp_path):
     _bitwise_equal(theirs, _tensors(out / "transformer"))
 
 
-def test_bad_input_is_one_line(wan_folder, tmp_path, capsys):
+def test_bad_input_is_one_line(wan_folder, workdir, tmp_path, capsys):
     src, _ = wan_folder
 
     def run(*args) -> str:
@@ -239,3 +254,13 @@ def test_bad_input_is_one_line(wan_folder, tmp_path, capsys):
     assert "no vae/ folder" in run("import-diffusers", "--from", str(partial), "--workdir", w)
     assert "1 + 4k frames" in run("import-diffusers", "--from", str(src), "--workdir", w, "--num_frames", "6")
     assert not (tmp_path / "w").exists()
+    assert "exists and is not empty" in run("import-diffusers", "--from", str(src), "--workdir", str(workdir))
+    out = str(tmp_path / "o")
+    assert "takes no given frames" in run(
+        "sample", "--workdir", str(workdir), "--prompt", "a", "--out", out, "--mode", "loop"
+    )
+    assert "--format diffusers" in run("export", "--workdir", str(workdir), "--out", out)
+    assert "--dtype 'float16' unknown" in run(
+        "export", "--workdir", str(workdir), "--out", out, "--format", "diffusers", "--dtype", "float16"
+    )
+    assert not (tmp_path / "o").exists()
