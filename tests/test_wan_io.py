@@ -264,3 +264,28 @@ def test_bad_input_is_one_line(wan_folder, workdir, tmp_path, capsys):
         "export", "--workdir", str(workdir), "--out", out, "--format", "diffusers", "--dtype", "float16"
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_released_size_workdir_config_through_eval_shape():
+    """The 1.3B release's workdir config builds its model abstractly (nothing allocated): the parameters of
+    Wan2.1-T2V-1.3B, WanPipeline's 81 x 480 x 832 video as 21 x 60 x 104 latents, 32,760 tokens."""
+    import dataclasses
+    import math
+
+    import jax
+    import ml_collections
+
+    from sora_jax import factory, loading
+    from sora_jax.config import validate
+    from sora_jax.export.wan_io import workdir_config
+    from sora_jax.models import wan
+    from sora_jax.models.wan_vae import WanVAEConfig
+
+    cfg = workdir_config()
+    cfg.autoencoder.wan_vae = ml_collections.ConfigDict(dataclasses.asdict(WanVAEConfig()))
+    validate(cfg)
+    abstract = factory.abstract_state(cfg, loading.single_device_mesh())
+    n = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.params))
+    assert n == wan.param_count(wan.wan_config("1.3B")) and 1.4e9 < n < 1.45e9, n
+    assert factory.latent_shape(cfg) == (21, 60, 104, 16)
+    assert factory.tokens_per_clip(cfg, 81, 480, 832) == 21 * 30 * 52
