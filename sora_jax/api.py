@@ -233,8 +233,8 @@ def psnr_per_frame(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class WorkdirAutoencoder:
     """An autoencoder loaded from a workdir (``load_autoencoder``), with uint8 videos in and out.
 
-    ``autoencoder``: the codec (``encode`` float [-1, 1] -> latents); ``kind``: ``"vae"``, ``"luma"`` or
-    ``"identity"``; ``description``: one line saying which autoencoder this is and where it came from;
+    ``autoencoder``: the codec (``encode`` float [-1, 1] -> latents); ``kind``: ``"vae"``, ``"wan_vae"``,
+    ``"luma"`` or ``"identity"``; ``description``: one line saying which autoencoder this is and where it came from;
     ``data_workdir``: the workdir whose dataset matches it (``dataset_clips(data_workdir)``: clips of the
     shape it codes); ``step``: the VAE checkpoint's step (None for a pixel codec).
     """
@@ -304,6 +304,10 @@ def load_autoencoder(workdir: str | Path, *, step: int | None = None) -> Workdir
             f"the VAE {path} (step {codec.step}) that the DiT of {workdir} works through, normalised latents"
         )
         return WorkdirAutoencoder(codec, "vae", desc, path, codec.step)
+    if kind is AutoencoderKind.WAN_VAE:
+        codec = loading.load_autoencoder(cfg)
+        desc = f"Wan 2.1's VAE {cfg.autoencoder.path} that the Wan transformer of {workdir} works through"
+        return WorkdirAutoencoder(codec, "wan_vae", desc, workdir, at)
     desc = f"the pixel codec {kind.value!r} of the DiT of {workdir} ({_PIXEL_CODECS[kind.value]})"
     return WorkdirAutoencoder(factory.make_autoencoder(cfg), kind.value, desc, workdir)
 

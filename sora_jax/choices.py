@@ -19,6 +19,13 @@ class Task(enum.StrEnum):
     VAE = "vae"  # the causal video VAE
 
 
+class ModelArch(enum.StrEnum):
+    """``config.model.arch``: which text-to-video network (absent: the DiT)."""
+
+    DIT = "dit"  # sora_jax/models/dit.py, with its variant table
+    WAN = "wan"  # Wan 2.1 (sora_jax/models/wan.py), sizes in config.model.wan; `sora-jax import-diffusers`
+
+
 class SampleMode(enum.StrEnum):
     """What ``sora-jax sample --mode`` makes (``sora_jax.commands.sample``)."""
 
@@ -122,6 +129,7 @@ class AutoencoderKind(enum.StrEnum):
     IDENTITY = "identity"  # pixel space, RGB
     LUMA = "luma"  # pixel space, grey (1 channel)
     VAE = "vae"  # latents of a trained VAE (config.autoencoder.path: its workdir)
+    WAN_VAE = "wan_vae"  # Wan 2.1's VAE (config.autoencoder.path: a diffusers AutoencoderKLWan folder)
 
 
 class DataContent(enum.StrEnum):

@@ -152,8 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workdir", required=True, help="a text-to-video workdir with checkpoints")
     p.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
-    p.add_argument("--dtype", default="float32", help="weights dtype: float32 | bfloat16")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="weights dtype: float32 | bfloat16 (default: float32; diffusers: the checkpoint's)",
+    )
     p.add_argument("--raw_params", action="store_true", help="export the raw parameters, not the EMA")
+    p.add_argument(
+        "--format",
+        default="torch",
+        choices=["torch", "diffusers"],
+        help="torch: PyTorch twins + SoraPipeline; diffusers: a Wan workdir as diffusers' own WanPipeline folder",
+    )
+    p.add_argument("--max_shard_mb", type=int, default=None, help="diffusers: transformer shard size in MB")
 
     p = sub.add_parser(
         "import",
@@ -161,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--from", dest="src", required=True, help="the exported folder")
     p.add_argument("--workdir", required=True, help="the new workdir (must not exist, or be empty)")
+
+    p = sub.add_parser(
+        "import-diffusers",
+        help="turn a diffusers Wan 2.1 folder (WanPipeline) into a workdir to sample, export or fine-tune",
+        description="Reads model_index.json, transformer/, vae/, text_encoder/ (UMT5), tokenizer/ and "
+        "scheduler/ of DIR; writes WORKDIR with an orbax checkpoint at step 0 and the config "
+        "(model.arch = wan). The text encoder, tokenizer and scheduler stay in DIR (recorded).",
+    )
+    p.add_argument("--from", dest="src", required=True, help="the diffusers Wan 2.1 folder")
+    p.add_argument("--workdir", required=True, help="the new workdir (must not exist, or be empty)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="transformer + UMT5")
+    p.add_argument("--num_frames", type=int, default=None, help="video length to sample (default 81)")
+    p.add_argument("--height", type=int, default=None, help="video height (default 480)")
+    p.add_argument("--width", type=int, default=None, help="video width (default 832)")
 
     p = sub.add_parser("checkpoints", help="list a workdir's checkpoints: step, time, size, config summary")
     p.add_argument("--workdir", required=True)
@@ -307,10 +332,21 @@ def run(argv: list[str]) -> int:
             overlap=args.overlap,
         )
         _print_scalars(metrics)
+    elif args.command == "export" and args.format == "diffusers":
+        from sora_jax.export.wan_io import MAX_SHARD_BYTES, export_diffusers
+
+        if args.raw_params:
+            parser.error("--raw_params is for --format torch (a Wan workdir holds its parameters alone)")
+        shard = args.max_shard_mb * 2**20 if args.max_shard_mb else MAX_SHARD_BYTES
+        r = export_diffusers(args.workdir, args.out, dtype=args.dtype, max_shard_bytes=shard)
+        print(
+            f"exported step {r['step']} ({r['parameters']:,} parameters, {r['files']} files) to {r['out']} "
+            f"in {r['seconds']:.1f} s (WanPipeline.from_pretrained)"
+        )
     elif args.command == "export":
         from sora_jax.export.writer import export
 
-        r = export(args.workdir, args.out, dtype=args.dtype, raw_params=args.raw_params)
+        r = export(args.workdir, args.out, dtype=args.dtype or "float32", raw_params=args.raw_params)
         print(
             f"exported step {r['step']} ({r['parameters']:,} parameters, {r['files']} files) to {r['out']} "
             f"in {r['seconds']:.1f} s"
@@ -320,6 +356,21 @@ def run(argv: list[str]) -> int:
 
         r = import_folder(args.src, args.workdir)
         print(f"imported step {r['step']} ({r['parameters']:,} parameters) into {r['workdir']}")
+    elif args.command == "import-diffusers":
+        from sora_jax.export.wan_io import import_diffusers
+
+        r = import_diffusers(
+            args.src,
+            args.workdir,
+            dtype=args.dtype,
+            num_frames=args.num_frames,
+            height=args.height,
+            width=args.width,
+        )
+        print(
+            f"imported {r['parameters']:,} parameters into {r['workdir']} (step {r['step']}) "
+            f"in {r['seconds']:.1f} s"
+        )
     elif args.command == "checkpoints":
         from sora_jax.train.checkpoint import list_checkpoints, read_best
 

@@ -135,6 +135,7 @@ def sample(
 
         parse_buckets(bucket)
 
+    _check_model_takes(workdir, mode)
     from sora_jax.sample.pipeline import load_pipeline
 
     pipe = load_pipeline(workdir, sample_steps=steps, cfg_scale=cfg_scale)
@@ -176,6 +177,19 @@ def sample(
         results = [video[0]]
     _write_videos(out, mode, results, prompts if mode is SampleMode.T2V else [prompt], p.fps)
     return f"wrote {len(results)} {mode} video(s) of {len(results[0])} frames to {out}"
+
+
+def _check_model_takes(workdir: str | Path, mode: SampleMode) -> None:
+    """UserError when the workdir's model cannot sample ``mode``: Wan 2.1 text-to-video takes one time per
+    sample, so none of the modes that give frames (frame conditioning)."""
+    from sora_jax.choices import ModelArch
+    from sora_jax.config import model_arch
+    from sora_jax.loading import saved_config
+
+    if mode is not SampleMode.T2V and model_arch(saved_config(workdir)[1]) is ModelArch.WAN:
+        raise UserError(
+            f"--mode {mode}: {workdir} holds Wan 2.1 text-to-video, which takes no given frames; use --mode t2v"
+        )
 
 
 def _read_inputs(mode: SampleMode, image, videos: list) -> list[np.ndarray]:

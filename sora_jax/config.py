@@ -25,6 +25,7 @@ from sora_jax.choices import (
     DataContent,
     DType,
     FlowPrediction,
+    ModelArch,
     Objective,
     Prediction,
     Remat,
@@ -53,6 +54,7 @@ _ENUM_KEYS: dict[str, type[enum.StrEnum]] = {
     "autoencoder.kind": AutoencoderKind,
     "data.content": DataContent,
     "text.encoder": TextEncoderKind,
+    "model.arch": ModelArch,
     "model.dtype": DType,
     "model.remat": Remat,
     "model.seq_parallel": SeqParallel,
@@ -144,6 +146,43 @@ def _validate_vae(cfg: ml_collections.ConfigDict) -> None:
         )
     if cfg.data.height % s or cfg.data.width % s:
         raise ConfigError(f"config.data.height/width must be divisible by the VAE's spatial factor {s}")
+
+
+def model_arch(cfg: ml_collections.ConfigDict) -> ModelArch:
+    """The text-to-video network of a config: ``config.model.arch`` (absent in DiT configs: the DiT)."""
+    return ModelArch(cfg.model.get("arch", ModelArch.DIT.value))
+
+
+# the WanConfig fields a Wan config holds in config.model.wan (patch_size is config.model.patch_size)
+WAN_MODEL_KEYS = (
+    "width", "depth", "num_heads", "ffn_dim", "text_dim", "in_channels", "out_channels", "freq_dim", "eps",
+    "cross_attn_norm", "rope_theta",
+)  # fmt: skip
+
+
+def _validate_wan(cfg: ml_collections.ConfigDict) -> None:
+    """A Wan 2.1 config (``sora-jax import-diffusers`` writes them): its sizes, the Wan VAE, UMT5 text, flow."""
+    wan = cfg.model.get("wan")
+    missing = [k for k in WAN_MODEL_KEYS if wan is None or k not in wan]
+    if missing:
+        raise ConfigError(
+            f"config.model.arch = 'wan' needs config.model.wan.{missing[0]} (and {missing[1:]})"
+        )
+    wan_vae = AutoencoderKind(cfg.autoencoder.kind) is AutoencoderKind.WAN_VAE and cfg.autoencoder.get(
+        "wan_vae"
+    )
+    if not wan_vae:
+        raise ConfigError(
+            "config.model.arch = 'wan' needs config.autoencoder.kind = 'wan_vae' and autoencoder.wan_vae"
+        )
+    if TextEncoderKind(cfg.text.encoder) is not TextEncoderKind.T5:
+        raise ConfigError("config.model.arch = 'wan' needs config.text.encoder = 't5' (its UMT5 folder)")
+    flow = Objective(cfg.diffusion.objective) is Objective.RECTIFIED_FLOW
+    if not flow or cfg.diffusion.flow_prediction != "v":
+        raise ConfigError(
+            "config.model.arch = 'wan': Wan 2.1 predicts the flow velocity: diffusion.objective = "
+            "'rectified_flow' with diffusion.flow_prediction = 'v'"
+        )
 
 
 # config.eval (evaluation during training, sora_jax/eval/in_training.py) of a config saved before the group
@@ -241,9 +280,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{key} must be positive, got {_get(cfg, key)}")
     if task(cfg) is Task.VAE:
         _validate_vae(cfg)
+    elif model_arch(cfg) is ModelArch.WAN:
+        _validate_wan(cfg)
     elif cfg.model.variant not in DIT_VARIANTS:
         raise ConfigError(f"config.model.variant = {cfg.model.variant!r} is not one of {list(DIT_VARIANTS)}")
-    latent = AutoencoderKind(cfg.autoencoder.kind) is AutoencoderKind.VAE
+    latent = AutoencoderKind(cfg.autoencoder.kind) in (AutoencoderKind.VAE, AutoencoderKind.WAN_VAE)
     if DataContent(cfg.data.get("content", "video")) is DataContent.LATENTS and not latent:
         raise ConfigError(
             "config.data.content = 'latents' needs config.autoencoder.kind = 'vae' (and its path)"

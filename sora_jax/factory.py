@@ -15,14 +15,17 @@ import ml_collections
 from flax import nnx
 
 from sora_jax import diffusion
-from sora_jax.choices import AutoencoderKind, Task, TextEncoderKind
-from sora_jax.config import ConfigError, task
+from sora_jax.choices import AutoencoderKind, ModelArch, Task, TextEncoderKind
+from sora_jax.config import WAN_MODEL_KEYS, ConfigError, model_arch, task
 from sora_jax.models import vae as vae_lib
 from sora_jax.models.autoencoder import Autoencoder, IdentityAutoencoder, LumaAutoencoder
 from sora_jax.models.discriminator import PatchDiscriminator3D
 from sora_jax.models.dit import DiTConfig, dit_config
 from sora_jax.models.t2v import TextToVideo
 from sora_jax.models.vae import VAEConfig, VideoVAE
+from sora_jax.models.wan import WanConfig
+from sora_jax.models.wan_t2v import WanTextToVideo, WanVAECodec
+from sora_jax.models.wan_vae import WanVAEConfig
 from sora_jax.parallel import sharding
 from sora_jax.text.encoder import TextEncoderConfig
 from sora_jax.text.tokenizer import HashWordTokenizer
@@ -39,6 +42,8 @@ def make_autoencoder(cfg: ml_collections.ConfigDict) -> Autoencoder:
     if kind is AutoencoderKind.LUMA:
         return LumaAutoencoder()
     a = cfg.autoencoder
+    if kind is AutoencoderKind.WAN_VAE:
+        return _wan_vae_codec(wan_vae_config(cfg))
     if not a.get("vae"):
         raise ValueError(
             f"config.autoencoder: the VAE of {a.get('path')!r} is not resolved into the config; "
@@ -57,19 +62,35 @@ def _vae_graphdef(vcfg: VAEConfig) -> nnx.GraphDef:
     return nnx.split(nnx.eval_shape(lambda: VideoVAE(vcfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
 
 
+def wan_vae_config(cfg: ml_collections.ConfigDict) -> WanVAEConfig:
+    """The Wan VAE of ``config.autoencoder.wan_vae`` (``WanVAEConfig`` fields; written by import-diffusers)."""
+    return WanVAEConfig(**cfg.autoencoder.wan_vae.to_dict())
+
+
+@functools.lru_cache(maxsize=4)
+def _wan_vae_codec(vcfg: WanVAEConfig) -> WanVAECodec:
+    return WanVAECodec.from_config(vcfg)
+
+
 def make_text_input(cfg: ml_collections.ConfigDict):
     """What turns prompts into the model's text input, ``encode(texts) -> (x, mask bool [B, L])``: the
     HashWordTokenizer for the trainable encoder (x: int32 ids ``[B, L]``), a whole frozen encoder for
     ``text.encoder`` = minilm | t5 (the FrozenTextEmbedder, cached; x: float32 features ``[B, L, D]``)."""
     if TextEncoderKind(cfg.text.encoder) is TextEncoderKind.TRAINABLE:
         return HashWordTokenizer(vocab_size=cfg.text.vocab_size, max_length=cfg.text.max_length)
-    return frozen_embedder(cfg.text.encoder, cfg.text.get("path", ""), cfg.text.max_length)
+    t = cfg.text
+    extra = {k: t[k] for k in ("tokenizer_path", "dtype") if t.get(k)}  # Wan configs: UMT5's own folders
+    return frozen_embedder(t.encoder, t.get("path", ""), t.max_length, **extra)
 
 
 @functools.lru_cache(maxsize=2)
-def frozen_embedder(kind: str, path: str, max_length: int):
+def frozen_embedder(kind: str, path: str, max_length: int, tokenizer_path: str = "", dtype: str = "float32"):
     from sora_jax.text.frozen import FrozenTextEmbedder
 
+    if tokenizer_path or dtype != "float32":
+        return FrozenTextEmbedder(
+            kind, path, max_length=max_length, tokenizer_path=tokenizer_path, dtype=dtype
+        )
     return FrozenTextEmbedder(kind, path, max_length=max_length)
 
 
@@ -141,7 +162,26 @@ def _remat(value) -> str:
     return str(value)
 
 
-def make_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> TextToVideo:
+def wan_model_config(cfg: ml_collections.ConfigDict) -> WanConfig:
+    """The ``WanConfig`` of a Wan config (``config.model.arch = wan``): sizes from ``config.model.wan``,
+    patch from ``model.patch_size``, compute / storage dtypes, remat, sequence parallelism, attention."""
+    m = cfg.model
+    sizes = {k: m.wan[k] for k in WAN_MODEL_KEYS}
+    return WanConfig(
+        **sizes,
+        patch_size=tuple(m.patch_size),
+        dtype=m.dtype,
+        param_dtype=m.get("param_dtype", m.dtype),
+        remat=_remat(m.remat),
+        seq_parallel=m.get("seq_parallel", "none"),
+        attention_impl=m.get("attention_impl", "xla"),
+    )
+
+
+def make_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> TextToVideo | WanTextToVideo:
+    """The config's text-to-video model: the DiT with its text branch, or Wan 2.1 (``model.arch = wan``)."""
+    if model_arch(cfg) is ModelArch.WAN:
+        return WanTextToVideo(wan_model_config(cfg), rngs=nnx.Rngs(seed))
     return TextToVideo(model_config(cfg), text_config(cfg), rngs=nnx.Rngs(seed), frozen_dim=frozen_dim(cfg))
 
 

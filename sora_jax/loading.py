@@ -28,6 +28,8 @@ from sora_jax.choices import AutoencoderKind, Task
 from sora_jax.errors import UserError
 from sora_jax.models.autoencoder import Autoencoder
 from sora_jax.models.vae import LATENT_STATS, VAECodec
+from sora_jax.models.wan_t2v import WanVAECodec
+from sora_jax.models.wan_vae import WanVAEConfig
 from sora_jax.parallel.mesh import make_mesh
 from sora_jax.train import checkpoint
 
@@ -133,7 +135,27 @@ def resolve_autoencoder(cfg: ml_collections.ConfigDict) -> ml_collections.Config
 def load_autoencoder(cfg: ml_collections.ConfigDict) -> Autoencoder:
     """The config's autoencoder with its weights (a trained VAE's from ``autoencoder.path``; the pixel codecs
     have none)."""
+    if cfg.autoencoder.kind == AutoencoderKind.WAN_VAE:
+        return load_wan_vae(cfg.autoencoder.path, factory.wan_vae_config(cfg))
     if cfg.autoencoder.kind != AutoencoderKind.VAE:
         return factory.make_autoencoder(cfg)
     cfg = resolve_autoencoder(cfg)
     return load_vae_codec(cfg.autoencoder.path, step=cfg.autoencoder.vae_step)
+
+
+@functools.lru_cache(maxsize=2)
+def load_wan_vae(path: str, vcfg: WanVAEConfig) -> WanVAECodec:
+    """Wan 2.1's VAE from a diffusers ``AutoencoderKLWan`` folder (a Wan workdir's ``vae/``) as the
+    ``WanVAECodec`` of ``vcfg`` (the config the workdir recorded), host weights. UserError when the folder
+    is gone or holds another VAE."""
+    from sora_jax.models import wan_vae_convert
+
+    if not Path(path).is_dir():
+        raise UserError(f"the Wan VAE folder {path} (config.autoencoder.path) does not exist")
+    model = wan_vae_convert.from_diffusers(path, vcfg.dtype, param_dtype=vcfg.param_dtype)
+    if model.cfg != vcfg:
+        raise UserError(
+            f"the Wan VAE in {path} is not the one the config records (config.autoencoder.wan_vae)"
+        )
+    graphdef, params = nnx.split(model)
+    return WanVAECodec(graphdef, jax.device_get(params), vcfg)

@@ -27,7 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from sora_jax.choices import AutoencoderKind, Objective, Prediction, ScheduleKind, Task, TextEncoderKind
+from sora_jax.choices import (
+    AutoencoderKind,
+    ModelArch,
+    Objective,
+    Prediction,
+    ScheduleKind,
+    Task,
+    TextEncoderKind,
+)
 from sora_jax.errors import UserError
 from sora_jax.export import configs, names
 
@@ -314,6 +322,8 @@ def export(
     step, saved = loading.saved_config(workdir)
     if config_lib.task(saved) is not Task.T2V:
         raise ExportError(f"{workdir} holds a VAE: export the text-to-video workdir that uses it")
+    if config_lib.model_arch(saved) is not ModelArch.DIT:
+        raise ExportError(f"{workdir} holds a Wan model: export it with --format diffusers")
     cfg, step, _, params = loading.restore(workdir, use_ema=not raw_params)
     flat = _flat(params)
     dit = {p[1:]: a for p, a in flat.items() if p[0] == "dit"}

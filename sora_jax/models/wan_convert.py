@@ -14,7 +14,7 @@ biases and q/k norms ``[K*H]`` -> ``[K, H]``; ``Conv3d.weight [D, C, pt, ph, pw]
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import jax
@@ -242,13 +242,17 @@ def from_state_dict(state_dict: Mapping[str, np.ndarray], cfg: WanConfig) -> Wan
 
 def to_diffusers_state_dict(model: WanTransformer) -> dict[str, np.ndarray]:
     """``WanTransformer`` -> diffusers' state dict: exact keys, layouts and shapes, the params' dtypes."""
+    return dict(iter_diffusers_tensors(model))
+
+
+def iter_diffusers_tensors(model: WanTransformer) -> Iterator[tuple[str, np.ndarray]]:
+    """``to_diffusers_state_dict`` one (name, tensor) at a time, in diffusers' layout and the params' dtypes:
+    a writer that streams them holds the model plus the tensors of one shard, never the model twice."""
     cfg = model.cfg
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    host = {path: np.asarray(jax.device_get(v)) for path, v in flat.items()}
-    out = {}
     for name, (path, kind, layer) in _name_map(cfg).items():
-        out[name] = _to_theirs(kind, host[path] if layer is None else host[path][layer], cfg)
-    return out
+        host = np.asarray(jax.device_get(flat[path] if layer is None else flat[path][layer]))
+        yield name, _to_theirs(kind, host, cfg)
 
 
 def _shard_files(folder: Path) -> list[Path]:

@@ -6,7 +6,8 @@ samplers take it where they take the trainable encoder's tokenizer, and the mode
 trainable adapter (``TextAdapter``: RMSNorm + linear to the DiT's text width) instead of a transformer.
 
 Owns:
-- ``FrozenTextEmbedder``: loads ``minilm`` (the bundled all-MiniLM-L6-v2) or ``t5`` (a T5 / UMT5 folder),
+- ``FrozenTextEmbedder``: loads ``minilm`` (the bundled all-MiniLM-L6-v2) or ``t5`` (a T5 / UMT5 folder, its
+  tokenizer there or in ``tokenizer_path``, as diffusers pipelines keep it in ``tokenizer/``),
   runs it jitted in padded batches (its weights an argument, not compiled-in constants), keeps an in-memory
   LRU of per-prompt embeddings (sampling asks for the same prompts again and again) and warns once per
   prompt that is truncated to ``max_length``.
@@ -39,7 +40,7 @@ log = logging.getLogger("sora_jax.text")
 FROZEN_ENCODERS = tuple(k.value for k in FROZEN_TEXT_ENCODERS)
 
 
-def _load(kind: str, path: str, dtype):
+def _load(kind: str, path: str, dtype, tokenizer_path: str = ""):
     if kind == "minilm":
         from sora_jax.text.minilm import load_minilm
 
@@ -51,7 +52,7 @@ def _load(kind: str, path: str, dtype):
             )
         from sora_jax.text.t5 import load_t5_encoder
 
-        return load_t5_encoder(path, dtype=dtype)
+        return load_t5_encoder(path, dtype=dtype, tokenizer_path=tokenizer_path or None)
     raise ValueError(f"unknown frozen text encoder {kind!r}; known: {FROZEN_ENCODERS}")
 
 
@@ -70,9 +71,10 @@ class FrozenTextEmbedder:
         dtype: str = "float32",
         cache_size: int = 4096,
         batch_size: int = 64,
+        tokenizer_path: str = "",
     ):
         self.kind, self.path, self.max_length = kind, path, int(max_length)
-        module, self.tokenizer = _load(kind, path, as_dtype(dtype))
+        module, self.tokenizer = _load(kind, path, as_dtype(dtype), tokenizer_path)
         graphdef, self.params = nnx.split(module)
         # the frozen weights are an argument, never compiled in as constants
         self.encode_fn = jax.jit(lambda params, ids, mask: _features(nnx.merge(graphdef, params)(ids, mask)))
