@@ -122,7 +122,7 @@ def test_imported_pipeline_equals_diffusers(wan_folder, workdir):
     pipe = load_pipeline(workdir)
     cfg = pipe.config
     assert (cfg.model.arch, cfg.autoencoder.kind, cfg.diffusion.flow_shift) == ("wan", "wan_vae", 3.0)
-    assert (cfg.diffusion.flow_prediction, cfg.diffusion.sampler, cfg.text.max_length) == ("v", "euler", 512)
+    assert (cfg.diffusion.flow_prediction, cfg.diffusion.sampler, cfg.text.max_length) == ("v", "unipc", 512)
     assert pipe.sampler.latent_shape == (2, 4, 4, 4)
 
     # the transformer, float32, on the same input (channels-last here, channels-first there)

@@ -19,7 +19,7 @@ raises ``UserError`` (one line) before anything is written.
 
 Sampling convention (``sora_jax/models/wan_t2v.py``): Wan predicts the velocity noise - x0 at model time
 1000 t, which is our rectified flow's (``diffusion.flow_prediction = v``); the shift is the scheduler's
-``flow_shift``; the sampler is Euler. Not yet: training a Wan workdir (the checkpoint holds no optimizer
+``flow_shift``; the sampler the scheduler's (UniPC or Euler). Not yet: training a Wan workdir (the checkpoint holds no optimizer
 state), frame conditioning (Wan 2.1 T2V takes one time per sample), the digits evaluators.
 """
 
@@ -80,14 +80,17 @@ def check_wan_folder(src: str | Path) -> tuple[Path, dict]:
     return src, index
 
 
-def _scheduler_shift(src: Path) -> float:
-    """The flow shift of ``scheduler/scheduler_config.json`` (UniPC: ``flow_shift``; FlowMatchEuler: ``shift``)."""
+def _scheduler(src: Path) -> tuple[str, float]:
+    """Our sampler and the flow shift for ``scheduler/scheduler_config.json``: UniPC (``flow_shift``) ->
+    "unipc" (``sora_jax/diffusion/unipc.py``, the scheduler's own time grid), FlowMatchEuler (``shift``) ->
+    "euler"."""
     conf = _read_json(src / "scheduler" / "scheduler_config.json")
     if conf.get("prediction_type", "flow_prediction") != "flow_prediction":
         raise DiffusersIOError(
             f"{src}/scheduler: prediction_type {conf['prediction_type']!r}; Wan's is 'flow_prediction'"
         )
-    return float(conf.get("flow_shift", conf.get("shift", 1.0)))
+    sampler = "unipc" if conf.get("_class_name", "") == "UniPCMultistepScheduler" else "euler"
+    return sampler, float(conf.get("flow_shift", conf.get("shift", 1.0)))
 
 
 def workdir_config() -> ml_collections.ConfigDict:
@@ -132,7 +135,7 @@ def workdir_config() -> ml_collections.ConfigDict:
     c.diffusion.flow_timestep_sampling = "uniform"
     c.diffusion.flow_shift = 3.0  # scheduler_config.json flow_shift (3 for 480p, 5 for 720p)
     c.diffusion.flow_prediction = "v"  # Wan predicts the velocity noise - x0
-    c.diffusion.sampler = "euler"
+    c.diffusion.sampler = "unipc"  # the folder's scheduler: UniPCMultistepScheduler, or "euler"
     c.diffusion.sample_steps = 50
     c.diffusion.cfg_scale = 5.0
 
@@ -177,7 +180,7 @@ def wan_config(
     cfg.text.path = str((src / "text_encoder").absolute())
     cfg.text.tokenizer_path = str((src / "tokenizer").absolute())
     cfg.text.width = wcfg.text_dim
-    cfg.diffusion.flow_shift = _scheduler_shift(src)
+    cfg.diffusion.sampler, cfg.diffusion.flow_shift = _scheduler(src)
     for key, value in (("num_frames", num_frames), ("height", height), ("width", width)):
         if value is not None:
             cfg.data[key] = int(value)
