@@ -108,7 +108,7 @@ def test_parity_from_sharded_bf16_folder(tmp_path):
     assert all(v.dtype == torch.bfloat16 for v in on_disk.values())
     ref_model.load_state_dict({k: v.float() for k, v in on_disk.items()}, strict=True)
     ref_model.eval()
-    model = wc.from_diffusers(tmp_path, dtype="float32")
+    model = wan.from_diffusers(tmp_path, dtype="float32")  # the public entry point
     assert model.cfg.patch_size == (2, 2, 2) and model.cfg.out_channels == 6 and not model.cfg.cross_attn_norm
     x, t, text = _inputs(TINY_B, (4, 4, 4), seed=3, text_len=5)
     ref = _torch_forward(ref_model, x, t, text)

@@ -365,3 +365,12 @@ def param_count(cfg: WanConfig) -> int:
     embed += Dt * D + D + D * D + D
     head = D * cfg.out_patch_dim + cfg.out_patch_dim + 2 * D
     return embed + cfg.depth * block + head
+
+
+def from_diffusers(path, **kw) -> WanTransformer:
+    """``wan.from_diffusers(DIR / "transformer")``: a diffusers Wan transformer folder (or a pipeline folder
+    holding one) as a ``WanTransformer``; the file reading and the keyword arguments (``dtype``,
+    ``param_dtype``, config overrides) are ``sora_jax.models.wan_convert.from_diffusers``'s."""
+    from sora_jax.models import wan_convert  # it imports this module
+
+    return wan_convert.from_diffusers(path, **kw)
