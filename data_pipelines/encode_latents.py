@@ -10,6 +10,15 @@ the video (``sora_jax.data.records``; captions and labels kept) into ArrayRecord
 ``metadata.json`` naming the VAE and its checkpoint step. Text is not embedded here: the bundled text encoder
 trains jointly with the DiT (a frozen encoder's embeddings belong here once one is configured). The output
 folder appears atomically: a crash leaves no half-written dataset.
+
+Wan 2.1 (``configs/wan_t2v_1_3b.py``): ``--vae`` a Wan workdir (``sora-jax import-diffusers``) encodes with its
+VAE (normalised by the VAE's ``latents_mean`` / ``latents_std``, as ``WanPipeline`` does); ``--text_encoder
+t5`` then takes the workdir's UMT5 folder, tokenizer and dtype. Clips of any size (``sora-jax ingest``) are
+cut to one shape with ``--clip TxHxW`` at ``--fps`` (``sora_jax.data.buckets.load_clip``: a seeded start,
+resized to cover, centre-cropped; clips too short are skipped and counted), as latent records have one shape::
+
+    python -m data_pipelines.encode_latents --vae runs/wan --data data/mine --out data/mine_wan \
+        --clip 33x480x832 --fps 16 --text_encoder t5 --max_length 512 --batch_size 1
 """
 
 from __future__ import annotations
@@ -24,10 +33,75 @@ from pathlib import Path
 import numpy as np
 
 
-def encode_dataset(
-    vae: str | Path, data: str | Path, out: str | Path, *, batch_size: int = 32, progress=True
+def load_codec(vae: str | Path):
+    """(codec with weights, its checkpoint step, its kind) of ``vae``: a trained VAE workdir (with
+    ``latent_stats.json``), or a Wan workdir (its Wan VAE)."""
+    from sora_jax import loading
+    from sora_jax.choices import AutoencoderKind
+    from sora_jax.models.vae import LATENT_STATS
+
+    if (Path(vae) / LATENT_STATS).is_file():
+        codec = loading.load_vae_codec(vae)
+        return codec, codec.step, AutoencoderKind.VAE.value
+    step, cfg = loading.saved_config(vae)
+    if cfg.autoencoder.kind != AutoencoderKind.WAN_VAE:
+        raise FileNotFoundError(
+            f"--vae {vae}: neither a VAE workdir with latent statistics nor a Wan workdir (import-diffusers)"
+        )
+    return loading.load_autoencoder(cfg), step, AutoencoderKind.WAN_VAE.value
+
+
+def parse_clip(spec: str) -> tuple[int, int, int]:
+    """``"TxHxW"`` -> (T, H, W)."""
+    try:
+        t, h, w = (int(v) for v in spec.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--clip {spec!r}: give frames x height x width, e.g. 33x480x832") from None
+    return t, h, w
+
+
+def _fitted_batches(
+    data: Path, split: str, clip: tuple[int, int, int], fps: float, batch_size: int, seed: int, skipped: dict
 ):
-    """Writes ``out`` (shards + metadata.json) from ``data`` through the VAE of workdir ``vae``; returns it."""
+    """Batches {video uint8 [b, T, H, W, 3], caption [b]} of a split's clips cut to ``clip`` (in stored
+    order; ``load_clip`` with a start seeded by (seed, record)); clips too short are counted in
+    ``skipped[split]``."""
+    from sora_jax.data import pipeline
+    from sora_jax.data.buckets import Bucket, load_clip
+
+    source, bucket = pipeline.open_source(data, split), Bucket(*clip)
+    videos, captions = [], []
+    for i in range(len(source)):
+        try:
+            video, caption = load_clip(
+                source[i], bucket, target_fps=fps, rng=np.random.default_rng([seed, i])
+            )
+        except ValueError:  # too short for the clip at this fps
+            skipped[split] += 1
+            continue
+        videos.append(video)
+        captions.append(caption)
+        if len(videos) == batch_size:
+            yield {"video": np.stack(videos), "caption": np.asarray(captions, object)}
+            videos, captions = [], []
+    if videos:
+        yield {"video": np.stack(videos), "caption": np.asarray(captions, object)}
+
+
+def encode_dataset(
+    vae: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    batch_size: int = 32,
+    clip: tuple[int, int, int] | None = None,
+    fps: float = 0.0,
+    seed: int = 0,
+    progress=True,
+):
+    """Writes ``out`` (shards + metadata.json) from ``data`` through the VAE of workdir ``vae`` (a trained
+    VAE's or a Wan workdir's); ``clip`` (T, H, W): every clip cut to that shape at ``fps`` first (0: the
+    source's). Returns ``out``."""
     import jax
     import jax.numpy as jnp
     from array_record.python.array_record_module import ArrayRecordWriter
@@ -35,14 +109,13 @@ def encode_dataset(
 
     from sora_jax.data import pipeline
     from sora_jax.data.records import encode_clip
-    from sora_jax.loading import load_vae_codec
     from sora_jax.models.autoencoder import video_to_float
 
     data, out = Path(data), Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new --out (latents are never overwritten)")
     meta = pipeline.read_metadata(data)
-    codec = load_vae_codec(vae)
+    codec, vae_step, kind = load_codec(vae)
     # the VAE's weights are an argument of the compiled encoder, not constants baked into it
     encode_fn = jax.jit(lambda p, v: codec.with_params(p).encode(video_to_float(v)))
     params = jax.device_put(codec.params)
@@ -51,32 +124,41 @@ def encode_dataset(
     tmp.mkdir(parents=True)
     try:
         splits = {}
+        skipped = {}
         for split, info in meta["splits"].items():
-            ds = pipeline.in_order(data, split, batch_size)
+            skipped[split] = 0
+            if clip is None:
+                ds = pipeline.in_order(data, split, batch_size)
+            else:
+                ds = _fitted_batches(data, split, clip, fps, batch_size, seed, skipped)
+            written = 0
             name = f"{split}-00000-of-00001.array_record"
             writer = ArrayRecordWriter(str(tmp / name), "group_size:1")
             bar = tqdm(total=info["num_clips"], desc=f"encode {split}", disable=not progress)
             for batch in ds:
                 latents = np.asarray(encode_fn(params, jnp.asarray(batch["video"]))).astype(np.float16)
                 for i in range(len(latents)):
-                    writer.write(
-                        encode_clip(
-                            latents[i], str(batch["caption"][i]), batch["digits"][i], batch["directions"][i]
-                        )
-                    )
+                    labels = [batch[k][i] if k in batch else None for k in ("digits", "directions")]
+                    writer.write(encode_clip(latents[i], str(batch["caption"][i]), *labels))
                 bar.update(len(latents))
+                written += len(latents)
+                latent_shape = list(latents.shape[1:])
             bar.close()
             writer.close()
             # the pixel-clip index (sizes per record) does not describe latents: dropped
-            splits[split] = {**{k: v for k, v in info.items() if k != "index"}, "shards": [name]}
-            latent_shape = list(latents.shape[1:])
+            info = {k: v for k, v in info.items() if k != "index"}
+            splits[split] = {**info, "num_clips": written, "shards": [name]}
         new_meta = {
             **{k: v for k, v in meta.items() if k != "splits"},
             "content": "latents",
             "latent_shape": latent_shape,
             "latent_dtype": "float16",
             "vae": str(Path(vae).absolute()),
-            "vae_step": codec.step,
+            "vae_kind": kind,
+            "vae_step": int(vae_step),
+            "clip": list(clip) if clip else None,
+            "fps": fps if clip and fps else meta.get("fps"),
+            "skipped_short": skipped,
             "source": str(data.absolute()),
             "splits": splits,
         }
@@ -85,6 +167,19 @@ def encode_dataset(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _text_settings(vae: str, encoder: str, text_path: str) -> dict:
+    """encode_text's path / tokenizer_path / dtype: ``--text_path``, else a Wan workdir's UMT5 (as the
+    fine-tuning config resolves it from ``model.init_from``: the table's name must match)."""
+    from sora_jax.models.vae import LATENT_STATS
+
+    if text_path or encoder != "t5" or (Path(vae) / LATENT_STATS).is_file():
+        return {"path": text_path}
+    from sora_jax import loading
+
+    t = loading.saved_config(vae)[1].text
+    return {"path": t.path, "tokenizer_path": t.get("tokenizer_path", ""), "dtype": t.get("dtype", "float32")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,11 +194,21 @@ def main(argv: list[str] | None = None) -> int:
         choices=["", "minilm", "t5"],
         help="also precompute caption embeddings with this frozen encoder (data_pipelines/encode_text.py)",
     )
-    p.add_argument("--text_path", default="", help="t5: the Hugging Face folder")
+    p.add_argument(
+        "--text_path", default="", help="t5: the Hugging Face folder (default a Wan workdir's UMT5)"
+    )
     p.add_argument("--max_length", type=int, default=24, help="tokens per caption (config.text.max_length)")
+    p.add_argument("--clip", default="", help="TxHxW: cut every clip to this shape first (ingested videos)")
+    p.add_argument(
+        "--fps", type=float, default=0.0, help="with --clip: frame rate to sample at (0: source's)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="with --clip: seeds each clip's start")
     args = p.parse_args(argv)
     try:
-        path = encode_dataset(args.vae, args.data, args.out, batch_size=args.batch_size)
+        clip = parse_clip(args.clip) if args.clip else None
+        path = encode_dataset(
+            args.vae, args.data, args.out, batch_size=args.batch_size, clip=clip, fps=args.fps, seed=args.seed
+        )
         if args.text_encoder:
             from data_pipelines.encode_text import encode_text
 
@@ -111,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
             encode_text(
                 path,
                 encoder=args.text_encoder,
-                path=args.text_path,
                 max_length=args.max_length,
                 splits=splits,
+                **_text_settings(args.vae, args.text_encoder, args.text_path),
             )
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, KeyError) as e:
         print(f"encode_latents: error: {e}", file=sys.stderr)
