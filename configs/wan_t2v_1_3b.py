@@ -3,9 +3,9 @@
     sora-jax import-diffusers --from Wan2.1-T2V-1.3B-Diffusers --workdir runs/wan --dtype bfloat16
     sora-jax ingest --videos raw/ --captions raw/captions.csv --out data/mine
     python -m data_pipelines.encode_latents --vae runs/wan --data data/mine --out data/mine_wan \\
-        --clip 33x480x832 --fps 16 --text_encoder t5 --batch_size 1
-    sora-jax train --config configs/wan_t2v_1_3b.py --workdir runs/ft \\
-        --config.model.init_from=runs/wan --config.data.path=data/mine_wan
+        --clip 33x480x832,33x832x480 --fps 16 --text_encoder t5 --max_length 512 --batch_size 1
+    sora-jax train --config configs/wan_t2v_1_3b.py --workdir runs/ft --config.model.init_from=runs/wan \\
+        --config.data.path=data/mine_wan --config.data.buckets=33x480x832,33x832x480
     sora-jax train --config configs/wan_t2v_1_3b.py:smoke --workdir /tmp/w --compile_only --cpu_devices 8
 
 ``model.init_from`` names the workdir to start from (``sora_jax.loading.resolve_init``): its parameters become
@@ -15,12 +15,13 @@ resumes from ``--workdir``'s checkpoints as any run does (then ``init_from`` is 
 
 Recipe: Wan's own objective (rectified flow, velocity ``noise - x0``, one uniform time per clip shifted by
 ``flow_shift``; no frame conditioning), latents and caption features precomputed once
-(``data_pipelines/encode_latents.py`` with the workdir's Wan VAE and its UMT5; latent records have one shape:
-pick the clip shape with ``--clip``), float32 master weights with bfloat16 compute, full remat, AdamW at 1e-5,
-EMA 0.999, FSDP over every device (``mesh.fsdp = -1``; ``model.seq_parallel = "ulysses"`` with ``mesh.seq``
-splits long clips' tokens). ``configs/wan_t2v_14b.py`` is the 14B release's sizes on the same recipe.
+(``data_pipelines/encode_latents.py`` with the workdir's Wan VAE and its UMT5; its ``--clip`` buckets are
+``data.buckets`` here, or its one clip shape is ``data.num_frames`` x ``height`` x ``width``), float32 master
+weights with bfloat16 compute, full remat, AdamW at 1e-5, EMA 0.999, FSDP over every device
+(``mesh.fsdp = -1``; ``model.seq_parallel = "ulysses"`` with ``mesh.seq`` splits long clips' tokens).
+``configs/wan_t2v_14b.py`` is the 14B release's sizes on the same recipe.
 
-``smoke``: a tiny Wan (about 80k parameters) with the sizes of the random diffusers folder the tests build
+``smoke``: a tiny Wan (37,744 parameters) with the sizes of the random diffusers folder the tests build
 (``tests/test_wan_io.py``): loading, validating and counting parameters needs no file; training it needs that
 folder imported (``init_from``) for its UMT5 and VAE.
 """
@@ -56,6 +57,7 @@ def wan_recipe(sizes: dict) -> ml_collections.ConfigDict:
     d.path = ""  # the latent dataset data_pipelines/encode_latents.py wrote (required)
     d.content = "latents"
     d.num_frames, d.height, d.width, d.fps = 33, 480, 832, 16  # the --clip given to encode_latents
+    d.buckets = ""  # or encode_latents' --clip list, e.g. "33x480x832,33x832x480" (batch: data.token_budget)
     d.speed = ()
     d.batch_size = 8  # global: a multiple of the mesh's batch axes (data x fsdp)
     d.num_workers = 2

@@ -2,7 +2,8 @@
 (``tests/test_wan_io.py``'s) imported as a workdir, a few videos through ``sora-jax ingest``, latents and UMT5
 caption features precomputed by ``data_pipelines/encode_latents.py`` with the workdir's VAE and UMT5; training
 starts from the imported weights (``model.init_from``: EMA = them, fresh Adam), the loss falls, and a run
-killed with SIGKILL resumes to the same losses, bitwise, as one never interrupted. FSDP over 2 devices."""
+killed with SIGKILL resumes to the same losses, bitwise, as one never interrupted. FSDP over 2 devices, the
+latents in two buckets (landscape, portrait)."""
 
 from __future__ import annotations
 
@@ -29,12 +30,14 @@ from test_wan_io import TRANSFORMER, UMT5, VAE, _perturbed, _tokenizer  # noqa: 
 
 from sora_jax import cli, loading  # noqa: E402
 from sora_jax.config import load_config  # noqa: E402
+from sora_jax.data import pipeline, records  # noqa: E402
 from sora_jax.errors import UserError  # noqa: E402
 from sora_jax.train import checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = f"{ROOT}/configs/wan_t2v_1_3b.py:smoke"
 CAPTIONS = ("a cat runs on the grass", "the dog jumps over a river", "a quick brown fox walks")
+BUCKETS = "5x32x48,5x48x32"  # landscape and portrait: latents [2, 4, 6, 4] and [2, 6, 4, 4]
 STEPS = 40
 
 
@@ -61,8 +64,8 @@ def wan_workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def latents(wan_workdir, tmp_path_factory):
-    """Six ingested videos (three captions, native sizes 32x48 / 48x40) -> 5 x 32 x 32 clips at 8 fps ->
-    Wan-VAE latents [2, 4, 4, 4] and the UMT5 caption table, by ``encode_latents``."""
+    """Six ingested videos (three captions, native sizes 32x48 / 48x40) -> clips in the buckets 5x32x48 and
+    5x48x32 at 8 fps -> Wan-VAE latents and the UMT5 caption table, by ``encode_latents``."""
     from data_pipelines import encode_latents
 
     root = tmp_path_factory.mktemp("wan_data")
@@ -77,7 +80,7 @@ def latents(wan_workdir, tmp_path_factory):
     ingest = ["ingest", "--videos", str(root / "videos"), "--captions", str(root / "videos" / "captions.csv")]
     assert cli.main([*ingest, "--out", str(root / "clips"), "--clip_seconds", "2", "--no_progress"]) == 0
     out = root / "latents"
-    args = ["--vae", str(wan_workdir), "--data", str(root / "clips"), "--out", str(out), "--clip", "5x32x32"]
+    args = ["--vae", str(wan_workdir), "--data", str(root / "clips"), "--out", str(out), "--clip", BUCKETS]
     args += ["--fps", "8", "--text_encoder", "t5", "--max_length", "16", "--batch_size", "3"]
     assert encode_latents.main(args) == 0
     return out
@@ -88,6 +91,7 @@ def _args(wan_workdir, latents, workdir) -> list[str]:
         "train", "--config", CONFIG, "--workdir", str(workdir),
         f"--config.model.init_from={wan_workdir}", f"--config.data.path={latents}",
         f"--config.train.num_steps={STEPS}", "--config.train.log_every=1", "--config.train.ckpt_every=5",
+        f"--config.data.buckets={BUCKETS}", "--config.data.batch_size=2",
     ]  # fmt: skip
 
 
@@ -103,14 +107,22 @@ def _losses(workdir) -> dict[int, float]:
 def reference(wan_workdir, latents, tmp_path_factory):
     """An uninterrupted fine-tune of STEPS steps, FSDP over 2 CPU devices: its workdir."""
     wd = tmp_path_factory.mktemp("wan_ref") / "ref"
-    run_cli(*_args(wan_workdir, latents, wd), env=cli_env(devices=2))
+    out = run_cli(*_args(wan_workdir, latents, wd), env=cli_env(devices=2))
+    assert "compiled 2 step(s)" in out.stderr  # one per bucket
     return wd
 
 
 def test_encoded_latent_dataset(latents):
     meta = json.loads((latents / "metadata.json").read_text())
-    assert meta["content"] == "latents" and meta["vae_kind"] == "wan_vae" and meta["clip"] == [5, 32, 32]
-    assert meta["latent_shape"] == [2, 4, 4, 4] and meta["splits"]["train"]["num_clips"] == 6
+    assert meta["content"] == "latents" and meta["vae_kind"] == "wan_vae"
+    assert meta["buckets"] == [[5, 32, 48], [5, 48, 32]] and meta["splits"]["train"]["num_clips"] == 6
+    index = np.load(
+        latents / meta["splits"]["train"]["index"]
+    )  # each record's bucket: 3 landscape, 3 portrait
+    np.testing.assert_array_equal(index, [[5, 32, 48, 8]] * 3 + [[5, 48, 32, 8]] * 3)
+    source = pipeline.open_source(latents, "train")
+    shapes = [tuple(records.read_record(source[i])[0]["shape"]) for i in range(6)]
+    assert shapes == [(2, 4, 6, 4)] * 3 + [(2, 6, 4, 4)] * 3
     assert len(list(latents.glob("text_emb-t5-*-train.npz"))) == 1
 
 

@@ -34,8 +34,11 @@ def abstract_batch(
     d, b, length = cfg.data, cfg.data.batch_size, cfg.text.max_length
     if video_shape is not None:
         b = video_shape[0]
-    if DataContent(d.get("content", "video")) is DataContent.LATENTS:
-        shapes = {"latents": ((b, *factory.latent_shape(cfg)), jnp.float32)}
+    if DataContent(d.get("content", "video")) is DataContent.LATENTS:  # a bucket's, or the config's clip
+        latent = factory.latent_shape(cfg)
+        if video_shape is not None:
+            latent = factory.make_autoencoder(cfg).latent_shape(*video_shape[1:])
+        shapes = {"latents": ((b, *latent), jnp.float32)}
     else:
         t, h, w = video_shape[1:] if video_shape is not None else (d.num_frames, d.height, d.width)
         shapes = {"video": ((b, t, h, w, 3), jnp.uint8)}
@@ -55,9 +58,7 @@ def abstract_batch(
 def _bucket_plan(
     cfg: ml_collections.ConfigDict, mesh, index, check_batches: bool = True
 ) -> buckets_lib.BucketPlan:
-    d = cfg.data
-    if DataContent(d.get("content", "video")) is not DataContent.VIDEO:
-        raise ValueError("config.data.buckets needs data.content = 'video' (latent records have one shape)")
+    d = cfg.data  # latent records: index rows are their buckets (data_pipelines/encode_latents.py --clip)
     batch_axes = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
     return buckets_lib.BucketPlan(
         index,
