@@ -193,3 +193,19 @@ def test_fsdp_and_sequence_parallel_step_compiles_without_files(tmp_path):
     out = train(cfg, tmp_path / "w", compile_only=True, progress=False, devices=jax.devices()[:4])
     assert out["compiled"] and out["peak_gib"] > 0
     assert not (tmp_path / "w").exists()
+
+
+def test_a_bfloat16_import_starts_float32_master_weights(wan_workdir, tmp_path):
+    """``import-diffusers --dtype bfloat16`` (as released) -> the recipe's float32 parameters, same values."""
+    from sora_jax import factory
+
+    wd = tmp_path / "bf16"
+    args = ["import-diffusers", "--from", str(wan_workdir.parent / "src"), "--workdir", str(wd)]
+    assert cli.main([*args, "--dtype", "bfloat16"]) == 0
+    cfg = loading.resolve_init(load_config(CONFIG, [f"model.init_from={wd}"]))
+    _, params = loading.init_params(wd, factory.abstract_state(cfg, loading.single_device_mesh()).params)
+    _, _, _, imported = loading.restore(wd, use_ema=False)
+    assert {str(a.dtype) for a in jax.tree.leaves(imported)} == {"bfloat16", "float32"}
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(imported)):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b, np.float32))

@@ -2,7 +2,8 @@
 
     mesh -> batch specs (from the config) -> abstract state + shardings (``build_train_fns``) -> compile the
     step for every batch shape, memory checked (the peak over all of them) -> [compile_only: stop] -> the
-    train stream -> resume or init -> loop (metrics, checkpoints, evaluation, time limit, preemption).
+    train stream -> resume, or init (fine-tuning: ``model.init_from``'s parameters, ``_initial_state``) -> loop
+    (metrics, checkpoints, evaluation, time limit, preemption).
 
 Each task has one step builder (``_STEP_BUILDERS``: the DiT's, the VAE's), all on the shared update of
 ``state.apply_update``. Extend through config, not forks.
