@@ -209,3 +209,19 @@ def test_a_bfloat16_import_starts_float32_master_weights(wan_workdir, tmp_path):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(imported)):
         assert a.dtype == np.float32
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b, np.float32))
+
+
+def test_training_loads_no_text_encoder(wan_workdir, latents, tmp_path, monkeypatch):
+    """With the captions' UMT5 table beside the latents, neither the captions nor the empty prompt (caption
+    dropout) load the encoder (UMT5-XXL: 11 GB); the step holds no VAE either (latent data)."""
+    from sora_jax import factory
+    from sora_jax.train.loop import train
+
+    monkeypatch.setattr(
+        factory, "frozen_embedder", lambda *a, **k: pytest.fail("the text encoder was loaded")
+    )
+    monkeypatch.setattr(loading, "load_autoencoder", lambda *a, **k: pytest.fail("the VAE was loaded"))
+    args = _args(wan_workdir, latents, tmp_path / "w")[5:]
+    cfg = load_config(CONFIG, [a.removeprefix("--config.") for a in args] + ["train.num_steps=2"])
+    out = train(cfg, tmp_path / "w", progress=False, devices=jax.devices()[:2])
+    assert out["step"] == 2 and np.isfinite(out["loss"])

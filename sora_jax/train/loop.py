@@ -73,10 +73,13 @@ class _TaskStep:
     extra_state: Callable[[], dict] = dict  # added to the initial state (a discriminator and its optimizer)
 
 
-def _null_text(cfg: ml_collections.ConfigDict, shapes_only: bool) -> tuple[np.ndarray, np.ndarray]:
+def _null_text(cfg: ml_collections.ConfigDict, shapes_only: bool, table) -> tuple[np.ndarray, np.ndarray]:
     """The empty prompt as the model's text input (``[1, L]`` ids or ``[1, L, F]`` frozen features, mask
-    ``[1, L]``): what caption dropout puts in. ``shapes_only`` (compile-only) gives zeros for a frozen encoder
-    instead of loading it (UMT5-XXL is 11 GB)."""
+    ``[1, L]``): what caption dropout puts in. A frozen encoder's comes from the captions' embedding
+    ``table`` (which holds "") when there is one; ``shapes_only`` (compile-only) gives zeros; either way the
+    encoder (UMT5-XXL: 11 GB) is not loaded."""
+    if table is not None:
+        return table.encode([""])
     frozen = factory.frozen_dim(cfg)
     if shapes_only and frozen:
         length = cfg.text.max_length
@@ -84,11 +87,13 @@ def _null_text(cfg: ml_collections.ConfigDict, shapes_only: bool) -> tuple[np.nd
     return factory.make_text_input(cfg).encode([""])
 
 
-def _t2v_step(cfg: ml_collections.ConfigDict, graphdef, tx, lr_fn, shapes_only: bool = False) -> _TaskStep:
+def _t2v_step(
+    cfg: ml_collections.ConfigDict, graphdef, tx, lr_fn, shapes_only: bool = False, table=None
+) -> _TaskStep:
     # precomputed latents (data_pipelines/encode_latents.py): the step never encodes, so no VAE weights
     latents = DataContent(cfg.data.get("content", "video")) is DataContent.LATENTS
     autoencoder = factory.make_autoencoder(cfg) if latents else loading.load_autoencoder(cfg)
-    null_text, null_mask = _null_text(cfg, shapes_only)
+    null_text, null_mask = _null_text(cfg, shapes_only, table)
     loss_fn = make_loss_fn(
         graphdef,
         factory.make_process(cfg),
@@ -103,7 +108,9 @@ def _t2v_step(cfg: ml_collections.ConfigDict, graphdef, tx, lr_fn, shapes_only: 
     return _TaskStep(step, frozen_autoencoder_params(autoencoder))
 
 
-def _vae_step(cfg: ml_collections.ConfigDict, graphdef, tx, lr_fn, shapes_only: bool = False) -> _TaskStep:
+def _vae_step(
+    cfg: ml_collections.ConfigDict, graphdef, tx, lr_fn, shapes_only: bool = False, table=None
+) -> _TaskStep:
     v = cfg.vae
     weights = VAELossWeights(v.l1_weight, v.l2_weight, v.kl_weight, v.get("perceptual_weight", 0.0))
     frozen = {}
@@ -142,12 +149,16 @@ def _vae_step(cfg: ml_collections.ConfigDict, graphdef, tx, lr_fn, shapes_only: 
 _STEP_BUILDERS: dict[Task, Callable[..., _TaskStep]] = {Task.T2V: _t2v_step, Task.VAE: _vae_step}
 
 
-def build_train_fns(cfg: ml_collections.ConfigDict, mesh, *, shapes_only: bool = False) -> TrainFns:
+def build_train_fns(
+    cfg: ml_collections.ConfigDict, mesh, *, shapes_only: bool = False, text_table=None
+) -> TrainFns:
     """The jitted init and step of ``cfg`` on ``mesh`` (``cfg`` resolved: ``loading.resolve_autoencoder``).
-    ``shapes_only``: for compiling alone (a frozen text encoder's empty prompt as zeros, nothing loaded)."""
+    ``shapes_only``: for compiling alone (a frozen text encoder's empty prompt as zeros, nothing loaded);
+    ``text_table``: the captions' ``EmbeddingTable`` of a frozen encoder, for the empty prompt's features."""
     model = factory.abstract_state(cfg, mesh)
     tx = make_optimizer(cfg)
-    built = _STEP_BUILDERS[task(cfg)](cfg, model.graphdef, tx, lr_schedule(cfg), shapes_only)
+    step_args = (cfg, model.graphdef, tx, lr_schedule(cfg), shapes_only, text_table)
+    built = _STEP_BUILDERS[task(cfg)](*step_args)
 
     def init_fn() -> TrainState:
         return init_state(factory.make_module(cfg, cfg.seed), tx, cfg.seed) | built.extra_state()
@@ -202,7 +213,9 @@ def train(
     mesh = make_mesh(cfg.mesh, devices)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     specs = data_lib.batch_specs(cfg, mesh)
-    fns = build_train_fns(cfg, mesh, shapes_only=compile_only)
+    frozen_text = task(cfg) is Task.T2V and factory.frozen_dim(cfg) > 0
+    table = data_lib.ensure_caption_table(cfg, workdir) if frozen_text and not compile_only else None
+    fns = build_train_fns(cfg, mesh, shapes_only=compile_only, text_table=table)
     _log_state_bytes(fns.abstract_state, mesh)
     t0 = time.perf_counter()
     executables, memory = _compile(fns, specs)
