@@ -26,11 +26,16 @@ def encode_text(
     path: str = "",
     max_length: int = 24,
     splits: Sequence[str] = ("train",),
+    tokenizer_path: str = "",
+    dtype: str = "float32",
 ) -> list[Path]:
-    """Writes one embedding table per split; returns their paths."""
+    """Writes one embedding table per split; returns their paths. ``tokenizer_path`` / ``dtype``: a UMT5
+    folder's separate tokenizer and compute dtype (Wan: ``config.text.tokenizer_path`` / ``text.dtype``)."""
     from sora_jax.text.frozen import FrozenTextEmbedder, table_file
 
-    embedder = FrozenTextEmbedder(encoder, path, max_length=max_length)
+    embedder = FrozenTextEmbedder(
+        encoder, path, max_length=max_length, tokenizer_path=tokenizer_path, dtype=dtype
+    )
     out = []
     for split in splits:
         table = embedder.table(split_captions(data, split), progress=True)

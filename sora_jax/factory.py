@@ -95,14 +95,17 @@ def frozen_embedder(kind: str, path: str, max_length: int, tokenizer_path: str =
 
 
 def frozen_dim(cfg: ml_collections.ConfigDict) -> int:
-    """Feature width of the frozen text encoder (0 for the trainable one), from its config.json alone: no
-    weights are loaded, so this is safe inside traced code (``jax.eval_shape`` of the model)."""
+    """Feature width of the frozen text encoder (0 for the trainable one), from its config.json alone (a Wan
+    config's ``model.wan.text_dim``, no file read): no weights are loaded, so this is safe inside traced code
+    (``jax.eval_shape`` of the model)."""
     import json
     from pathlib import Path
 
     kind, path = cfg.text.encoder, cfg.text.get("path", "")
     if TextEncoderKind(kind) is TextEncoderKind.TRAINABLE:
         return 0
+    if task(cfg) is Task.T2V and model_arch(cfg) is ModelArch.WAN:  # UMT5's d_model, recorded in the config
+        return int(cfg.model.wan.text_dim)
     if kind == "minilm":
         from sora_jax.text.minilm import default_model_dir
 

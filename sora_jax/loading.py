@@ -159,3 +159,60 @@ def load_wan_vae(path: str, vcfg: WanVAEConfig) -> WanVAECodec:
         )
     graphdef, params = nnx.split(model)
     return WanVAECodec(graphdef, jax.device_get(params), vcfg)
+
+
+# ------------------------------------------------------------------------------ fine-tuning from a workdir
+
+# what a fine-tune takes from its source workdir when the config leaves it empty (the frozen parts' files)
+_INIT_PATHS = ("text.path", "text.tokenizer_path", "autoencoder.path", "model.source")
+# what must be equal for the source's parameters to fit the config's model
+_INIT_SAME = ("model.arch", "model.wan", "model.patch_size", "autoencoder.kind", "autoencoder.wan_vae")
+
+
+def _dotted(cfg: ml_collections.ConfigDict, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node.get(part) if hasattr(node, "get") else None
+    return node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node
+
+
+def resolve_init(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A config with ``model.init_from`` (a workdir to fine-tune, e.g. one ``sora-jax import-diffusers``
+    wrote) with the source's file paths written in where it leaves them empty (``text.path``,
+    ``text.tokenizer_path``, ``autoencoder.path``, ``model.source``). UserError when the source is not a
+    workdir or holds another model (the first differing key named). Other configs are returned as they are."""
+    source = cfg.model.get("init_from", "")
+    if not source:
+        return cfg
+    try:
+        _, src = saved_config(source)
+    except (checkpoint.CheckpointError, OSError) as e:
+        raise UserError(f"config.model.init_from = {source!r}: {str(e).splitlines()[0]}") from None
+    for key in _INIT_SAME:
+        mine, theirs = _dotted(cfg, key), _dotted(src, key)
+        if key == "autoencoder.wan_vae" and mine and theirs:  # WanVAEConfig's defaults fill what is absent
+            mine, theirs = factory.wan_vae_config(cfg), factory.wan_vae_config(src)
+        else:  # tuples and the lists a saved config holds compare equal
+            mine, theirs = json.loads(json.dumps(mine)), json.loads(json.dumps(theirs))
+        if mine != theirs:
+            raise UserError(
+                f"config.model.init_from = {source!r} holds another model: config.{key} is {mine!r} here, "
+                f"{theirs!r} there"
+            )
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    for key in _INIT_PATHS:
+        group, leaf = key.split(".")
+        if group in out and leaf in out[group] and not out[group][leaf] and _dotted(src, key):
+            out[group][leaf] = _dotted(src, key)
+    return out
+
+
+def init_params(source: str | Path, abstract: nnx.State) -> tuple[int, nnx.State]:
+    """(step, parameters) of the latest checkpoint of the workdir ``source``: its ``params`` (the trained
+    weights, not the EMA: an imported workdir has no EMA) onto the shardings and dtypes of ``abstract``
+    (the train state's params, ``ShapeDtypeStruct``s); orbax casts a float32 source to bfloat16 storage and
+    back. UserError when the shapes differ."""
+    try:
+        return checkpoint.restore_subtree(source, "params", abstract)
+    except checkpoint.CheckpointError as e:
+        raise UserError(f"config.model.init_from = {str(source)!r}: {str(e).splitlines()[0]}") from None

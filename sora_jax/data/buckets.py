@@ -37,6 +37,7 @@ from sora_jax.errors import UserError
 __all__ = [
     "Bucket",
     "BucketPlan",
+    "is_video_record",
     "load_clip",
     "make_bucketed_dataset",
     "parse_buckets",
@@ -236,6 +237,12 @@ def load_clip(
     return _centre_crop(video, bucket), str(header["caption"])
 
 
+def is_video_record(record: bytes) -> bool:
+    """Whether a record holds a video (uint8 frames or an encoded stream), not precomputed latents."""
+    header, _ = read_record(record)
+    return "codec" in header or header.get("dtype", "uint8") == "uint8"
+
+
 def scan_index(source: Any) -> np.ndarray:
     """(frames, height, width, fps) of every record of a source, from the headers (reads every record)."""
     rows = []
@@ -258,14 +265,20 @@ class _ReadBatch:
         bucket = self.plan.buckets[k]
         b = len(ids) // self.process_count
         mine = ids[self.process_index * b : (self.process_index + 1) * b]
-        videos, captions = [], []
+        videos, captions, key = [], [], "video"
         for r in mine:
+            record = self.source[int(r)]
+            if not is_video_record(record):  # precomputed latents, already of their bucket's shape
+                clip, key = decode_clip(record), "latents"
+                videos.append(clip["latents"])
+                captions.append(str(clip["caption"]))
+                continue
             rng = np.random.default_rng([self.plan.seed, e, int(r), 3])
-            video, caption = load_clip(self.source[int(r)], bucket, target_fps=self.plan.target_fps, rng=rng)
+            video, caption = load_clip(record, bucket, target_fps=self.plan.target_fps, rng=rng)
             videos.append(video)
             captions.append(caption)
         return {
-            "video": np.stack(videos),
+            key: np.stack(videos),
             "caption": np.asarray(captions, dtype=object),
             "record": np.asarray(mine, np.int64),
             "bucket": np.full(len(mine), k, np.int32),
@@ -281,7 +294,8 @@ def make_bucketed_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
-    """Per-process batches of the plan's endless stream: video uint8 [b, T, H, W, 3] (one bucket per batch),
+    """Per-process batches of the plan's endless stream: video uint8 [b, T, H, W, 3] (one bucket per batch;
+    latents float32 [b, T', H', W', Z] from records of precomputed latents, their index rows their buckets),
     caption [b], record int64 [b] (source ids), bucket int32 [b], and tokens/text_mask with ``tokenize``."""
     from sora_jax.data.pipeline import _Tokenize, to_iter
 

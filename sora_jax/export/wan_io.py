@@ -19,8 +19,9 @@ raises ``UserError`` (one line) before anything is written.
 
 Sampling convention (``sora_jax/models/wan_t2v.py``): Wan predicts the velocity noise - x0 at model time
 1000 t, which is our rectified flow's (``diffusion.flow_prediction = v``); the shift is the scheduler's
-``flow_shift``; the sampler the scheduler's (UniPC or Euler). Not yet: training a Wan workdir (the checkpoint holds no optimizer
-state), frame conditioning (Wan 2.1 T2V takes one time per sample), the digits evaluators.
+``flow_shift``; the sampler the scheduler's (UniPC or Euler). Fine-tuning starts from such a workdir through
+``config.model.init_from`` (``configs/wan_t2v_1_3b.py``: fresh optimizer state, EMA = the imported weights).
+Not yet: frame conditioning (Wan 2.1 T2V takes one time per sample), the digits evaluators.
 """
 
 from __future__ import annotations

@@ -93,8 +93,8 @@ class FrozenTextEmbedder:
 
     @property
     def name(self) -> str:
-        """Identifies the encoder and its settings (cache files carry it)."""
-        return f"{self.kind}:{os.path.abspath(self.path) if self.path else 'bundled'}:L{self.max_length}"
+        """Identifies the encoder and its settings (cache files carry it): ``embedder_name``."""
+        return embedder_name(self.kind, self.path, self.max_length)
 
     def _tokenize(self, texts: list[str], warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
         out = self.tokenizer.encode(texts, self.max_length)
@@ -221,10 +221,20 @@ class EmbeddingTable:
             return cls(list(z["captions"]), z["emb"], z["mask"], name=str(z["name"]))
 
 
+def embedder_name(kind: str, path: str, max_length: int) -> str:
+    """What identifies a frozen encoder and its settings (``FrozenTextEmbedder.name``), known without loading it."""
+    return f"{kind}:{os.path.abspath(path) if path else 'bundled'}:L{int(max_length)}"
+
+
 def table_file(folder: str | Path, embedder: FrozenTextEmbedder, split: str) -> Path:
     """Where a dataset's table for ``embedder`` lives: ``<folder>/text_emb-<kind>-<hash>-<split>.npz``."""
-    digest = hashlib.sha1(embedder.name.encode()).hexdigest()[:10]
-    return Path(folder) / f"text_emb-{embedder.kind}-{digest}-{split}.npz"
+    return table_file_for(folder, embedder.kind, embedder.path, embedder.max_length, split)
+
+
+def table_file_for(folder: str | Path, kind: str, path: str, max_length: int, split: str) -> Path:
+    """``table_file`` of the encoder (kind, path, max_length), without loading it."""
+    digest = hashlib.sha1(embedder_name(kind, path, max_length).encode()).hexdigest()[:10]
+    return Path(folder) / f"text_emb-{kind}-{digest}-{split}.npz"
 
 
 class TextAdapter(nnx.Module):

@@ -34,8 +34,11 @@ def abstract_batch(
     d, b, length = cfg.data, cfg.data.batch_size, cfg.text.max_length
     if video_shape is not None:
         b = video_shape[0]
-    if DataContent(d.get("content", "video")) is DataContent.LATENTS:
-        shapes = {"latents": ((b, *factory.latent_shape(cfg)), jnp.float32)}
+    if DataContent(d.get("content", "video")) is DataContent.LATENTS:  # a bucket's, or the config's clip
+        latent = factory.latent_shape(cfg)
+        if video_shape is not None:
+            latent = factory.make_autoencoder(cfg).latent_shape(*video_shape[1:])
+        shapes = {"latents": ((b, *latent), jnp.float32)}
     else:
         t, h, w = video_shape[1:] if video_shape is not None else (d.num_frames, d.height, d.width)
         shapes = {"video": ((b, t, h, w, 3), jnp.uint8)}
@@ -55,9 +58,7 @@ def abstract_batch(
 def _bucket_plan(
     cfg: ml_collections.ConfigDict, mesh, index, check_batches: bool = True
 ) -> buckets_lib.BucketPlan:
-    d = cfg.data
-    if DataContent(d.get("content", "video")) is not DataContent.VIDEO:
-        raise ValueError("config.data.buckets needs data.content = 'video' (latent records have one shape)")
+    d = cfg.data  # latent records: index rows are their buckets (data_pipelines/encode_latents.py --clip)
     batch_axes = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
     return buckets_lib.BucketPlan(
         index,
@@ -151,22 +152,49 @@ def train_text_input(cfg: ml_collections.ConfigDict, workdir, source):
     """captions -> the model's text input for training: the tokenizer (trainable encoder), or a lookup in the
     train split's caption-embedding table (frozen encoder): ``<data>/text_emb-*.npz`` written by
     ``data_pipelines/encode_text.py``, else computed once here and kept in ``<workdir>/text_cache/``."""
-    tok = factory.make_text_input(cfg)
     if TextEncoderKind(cfg.text.encoder) is TextEncoderKind.TRAINABLE:
-        return tok.encode
-    from sora_jax.text.frozen import EmbeddingTable, table_file
+        return factory.make_text_input(cfg).encode
+    return ensure_caption_table(cfg, workdir, source).encode
 
-    places = [] if _tfds(cfg) else [table_file(pipeline.dataset_dir(cfg, workdir), tok, "train")]
-    places.append(table_file(Path(workdir) / "text_cache", tok, "train"))
-    for f in places:
-        if f.is_file():
-            log.info("caption embeddings from %s", f)
-            return EmbeddingTable.load(f).encode
+
+def ensure_caption_table(cfg: ml_collections.ConfigDict, workdir, source=None):
+    """``caption_table``, or the table computed now with the frozen encoder over the train split's captions
+    (``source``: its records, default ``train_source``) and kept in ``<workdir>/text_cache/``. The trainer
+    takes the empty prompt's features from it too, so a run and its resumption use the same ones."""
+    table = caption_table(cfg, workdir)
+    if table is not None:
+        return table
+    source = train_source(cfg, workdir)[0] if source is None else source
+    tok = factory.make_text_input(cfg)
     table = tok.table(_captions(cfg, workdir, source), progress=jax.process_index() == 0)
     if jax.process_index() == 0:
-        table.save(places[-1])
+        table.save(_table_places(cfg, workdir)[-1])
     log.info("embedded %d distinct captions with %s", len(table.captions), tok.name)
-    return table.encode
+    return table
+
+
+def _table_places(cfg: ml_collections.ConfigDict, workdir) -> list[Path]:
+    """Where the train split's caption-embedding table may be: beside the data, then ``<workdir>/text_cache``."""
+    from sora_jax.text.frozen import table_file_for
+
+    key = (cfg.text.encoder, cfg.text.get("path", ""), cfg.text.max_length, "train")
+    places = [] if _tfds(cfg) else [table_file_for(pipeline.dataset_dir(cfg, workdir), *key)]
+    return [*places, table_file_for(Path(workdir) / "text_cache", *key)]
+
+
+def caption_table(cfg: ml_collections.ConfigDict, workdir):
+    """The train split's ``EmbeddingTable`` of a frozen text encoder when one was written (by
+    ``data_pipelines/encode_text.py`` or an earlier run), else None; found by the encoder's name, so the
+    encoder itself (UMT5-XXL: 11 GB) is not loaded."""
+    if TextEncoderKind(cfg.text.encoder) is TextEncoderKind.TRAINABLE:
+        return None
+    from sora_jax.text.frozen import EmbeddingTable
+
+    for f in _table_places(cfg, workdir):
+        if f.is_file():
+            log.info("caption embeddings from %s", f)
+            return EmbeddingTable.load(f)
+    return None
 
 
 def make_bucketed_train_data(cfg: ml_collections.ConfigDict, source, index, mesh, tokenize):

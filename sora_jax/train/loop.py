@@ -2,7 +2,8 @@
 
     mesh -> batch specs (from the config) -> abstract state + shardings (``build_train_fns``) -> compile the
     step for every batch shape, memory checked (the peak over all of them) -> [compile_only: stop] -> the
-    train stream -> resume or init -> loop (metrics, checkpoints, evaluation, time limit, preemption).
+    train stream -> resume, or init (fine-tuning: ``model.init_from``'s parameters, ``_initial_state``) -> loop
+    (metrics, checkpoints, evaluation, time limit, preemption).
 
 Each task has one step builder (``_STEP_BUILDERS``: the DiT's, the VAE's), all on the shared update of
 ``state.apply_update``. Extend through config, not forks.
@@ -26,7 +27,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from sora_jax import factory, loading
-from sora_jax.choices import Task
+from sora_jax.choices import DataContent, Task
 from sora_jax.config import ConfigError, task
 from sora_jax.data import pipeline
 from sora_jax.eval import in_training
@@ -72,9 +73,27 @@ class _TaskStep:
     extra_state: Callable[[], dict] = dict  # added to the initial state (a discriminator and its optimizer)
 
 
-def _t2v_step(cfg: ml_collections.ConfigDict, graphdef, tx, lr_fn) -> _TaskStep:
-    autoencoder = loading.load_autoencoder(cfg)
-    null_text, null_mask = factory.make_text_input(cfg).encode([""])
+def _null_text(cfg: ml_collections.ConfigDict, shapes_only: bool, table) -> tuple[np.ndarray, np.ndarray]:
+    """The empty prompt as the model's text input (``[1, L]`` ids or ``[1, L, F]`` frozen features, mask
+    ``[1, L]``): what caption dropout puts in. A frozen encoder's comes from the captions' embedding
+    ``table`` (which holds "") when there is one; ``shapes_only`` (compile-only) gives zeros; either way the
+    encoder (UMT5-XXL: 11 GB) is not loaded."""
+    if table is not None:
+        return table.encode([""])
+    frozen = factory.frozen_dim(cfg)
+    if shapes_only and frozen:
+        length = cfg.text.max_length
+        return np.zeros((1, length, frozen), np.float32), np.zeros((1, length), bool)
+    return factory.make_text_input(cfg).encode([""])
+
+
+def _t2v_step(
+    cfg: ml_collections.ConfigDict, graphdef, tx, lr_fn, shapes_only: bool = False, table=None
+) -> _TaskStep:
+    # precomputed latents (data_pipelines/encode_latents.py): the step never encodes, so no VAE weights
+    latents = DataContent(cfg.data.get("content", "video")) is DataContent.LATENTS
+    autoencoder = factory.make_autoencoder(cfg) if latents else loading.load_autoencoder(cfg)
+    null_text, null_mask = _null_text(cfg, shapes_only, table)
     loss_fn = make_loss_fn(
         graphdef,
         factory.make_process(cfg),
@@ -89,7 +108,9 @@ def _t2v_step(cfg: ml_collections.ConfigDict, graphdef, tx, lr_fn) -> _TaskStep:
     return _TaskStep(step, frozen_autoencoder_params(autoencoder))
 
 
-def _vae_step(cfg: ml_collections.ConfigDict, graphdef, tx, lr_fn) -> _TaskStep:
+def _vae_step(
+    cfg: ml_collections.ConfigDict, graphdef, tx, lr_fn, shapes_only: bool = False, table=None
+) -> _TaskStep:
     v = cfg.vae
     weights = VAELossWeights(v.l1_weight, v.l2_weight, v.kl_weight, v.get("perceptual_weight", 0.0))
     frozen = {}
@@ -128,11 +149,16 @@ def _vae_step(cfg: ml_collections.ConfigDict, graphdef, tx, lr_fn) -> _TaskStep:
 _STEP_BUILDERS: dict[Task, Callable[..., _TaskStep]] = {Task.T2V: _t2v_step, Task.VAE: _vae_step}
 
 
-def build_train_fns(cfg: ml_collections.ConfigDict, mesh) -> TrainFns:
-    """The jitted init and step of ``cfg`` on ``mesh`` (``cfg`` resolved: ``loading.resolve_autoencoder``)."""
+def build_train_fns(
+    cfg: ml_collections.ConfigDict, mesh, *, shapes_only: bool = False, text_table=None
+) -> TrainFns:
+    """The jitted init and step of ``cfg`` on ``mesh`` (``cfg`` resolved: ``loading.resolve_autoencoder``).
+    ``shapes_only``: for compiling alone (a frozen text encoder's empty prompt as zeros, nothing loaded);
+    ``text_table``: the captions' ``EmbeddingTable`` of a frozen encoder, for the empty prompt's features."""
     model = factory.abstract_state(cfg, mesh)
     tx = make_optimizer(cfg)
-    built = _STEP_BUILDERS[task(cfg)](cfg, model.graphdef, tx, lr_schedule(cfg))
+    step_args = (cfg, model.graphdef, tx, lr_schedule(cfg), shapes_only, text_table)
+    built = _STEP_BUILDERS[task(cfg)](*step_args)
 
     def init_fn() -> TrainState:
         return init_state(factory.make_module(cfg, cfg.seed), tx, cfg.seed) | built.extra_state()
@@ -180,14 +206,16 @@ def train(
     evaluation's ``eval/*`` scalars and ``eval_seconds`` (all evaluations) join the result.
     """
     workdir = Path(workdir)
-    cfg = loading.resolve_autoencoder(cfg)
+    cfg = loading.resolve_init(loading.resolve_autoencoder(cfg))
     evaluating = cfg.get("eval") is not None and cfg.eval.every_steps > 0
     if evaluating:
         in_training.check_config(cfg)  # a metric's typo costs no compile
     mesh = make_mesh(cfg.mesh, devices)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     specs = data_lib.batch_specs(cfg, mesh)
-    fns = build_train_fns(cfg, mesh)
+    frozen_text = task(cfg) is Task.T2V and factory.frozen_dim(cfg) > 0
+    table = data_lib.ensure_caption_table(cfg, workdir) if frozen_text and not compile_only else None
+    fns = build_train_fns(cfg, mesh, shapes_only=compile_only, text_table=table)
     _log_state_bytes(fns.abstract_state, mesh)
     t0 = time.perf_counter()
     executables, memory = _compile(fns, specs)
@@ -204,7 +232,7 @@ def train(
         resumed = checkpoint.restore_latest_good(workdir, mgr, fns.abstract_state, cfg, data_iter=stream)
         if resumed is not None:
             log.info("resumed from step %d in %s", resumed[0], workdir)
-        start, state = resumed if resumed is not None else (0, fns.init())
+        start, state = resumed if resumed is not None else (0, _initial_state(cfg, fns))
         evals = _Evals(cfg, workdir, fns.graphdef, mesh) if evaluating else None
         last = _loop(cfg, workdir, mesh, fns, executables, state, start, stream, mgr, progress, evals)
     finally:
@@ -213,6 +241,20 @@ def train(
         if evals is not None:
             evals.close()
     return last | timings
+
+
+def _initial_state(cfg: ml_collections.ConfigDict, fns: TrainFns) -> TrainState:
+    """The state at step 0: ``fns.init()``, its parameters and EMA replaced by those of the workdir
+    ``config.model.init_from`` names when set (fine-tuning: fresh optimizer state, EMA = the loaded weights)."""
+    state = fns.init()
+    source = cfg.model.get("init_from", "")
+    if not source:
+        return state
+    step, params = loading.init_params(source, fns.abstract_state["params"])
+    log.info("fine-tuning: parameters of %s (its step %d); fresh optimizer state, EMA = them", source, step)
+    shardings = jax.tree.map(lambda a: a.sharding, fns.abstract_state["ema"])
+    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)
+    return state | {"params": params, "ema": copy(params)}
 
 
 def _batch_key(batch: dict) -> tuple:
