@@ -23,7 +23,7 @@ class ModelArch(enum.StrEnum):
     """``config.model.arch``: which text-to-video network (absent: the DiT)."""
 
     DIT = "dit"  # sora_jax/models/dit.py, with its variant table
-    WAN = "wan"  # Wan 2.1 (sora_jax/models/wan.py), sizes in config.model.wan; `sora-jax import-diffusers`
+    WAN = "wan"  # Wan 2.1 (sora_jax/models/wan_transformer.py), sizes in config.model.wan; `sora-jax import-diffusers`
 
 
 class SampleMode(enum.StrEnum):

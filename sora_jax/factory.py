@@ -23,8 +23,8 @@ from sora_jax.models.discriminator import PatchDiscriminator3D
 from sora_jax.models.dit import DiTConfig, dit_config
 from sora_jax.models.t2v import TextToVideo
 from sora_jax.models.vae import VAEConfig, VideoVAE
-from sora_jax.models.wan import WanConfig
 from sora_jax.models.wan_t2v import WanTextToVideo, WanVAECodec
+from sora_jax.models.wan_transformer import WanConfig
 from sora_jax.models.wan_vae import WanVAEConfig
 from sora_jax.parallel import sharding
 from sora_jax.text.encoder import TextEncoderConfig

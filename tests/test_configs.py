@@ -101,7 +101,7 @@ def test_wan_configs_hold_the_released_sizes_and_the_fine_tuning_recipe():
     """configs/wan_t2v_{1_3b,14b}.py: model.wan is wan_config("1.3B" / "14B"); latents, flow velocity with
     Wan's shifted uniform times, no frame conditioning, bf16 compute over fp32 weights, remat, FSDP; the
     smoke variant keeps the recipe."""
-    from sora_jax.models.wan import wan_config
+    from sora_jax.models.wan_transformer import wan_config
 
     for name, variant in (("wan_t2v_1_3b.py", "1.3B"), ("wan_t2v_14b.py", "14B")):
         full, smoke = (load_config(f"{ROOT}/configs/{name}{a}") for a in ("", ":smoke"))

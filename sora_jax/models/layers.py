@@ -203,6 +203,17 @@ class Mlp(nnx.Module):
         return self.fc2(h)
 
 
+def project_qkv(attn, x: jax.Array, context: jax.Array | None, dt) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q ``[B, N, K, H]`` from x ``[B, N, D]``, k and v ``[B, M, K, H]`` from context ``[B, M, Dc]`` (default
+    x) through ``attn``'s ``wq / bq``, ``wk / bk``, ``wv / bv`` (``[D, K, H]`` / ``[K, H]``), computed in ``dt``."""
+    ctx = x if context is None else context
+    x, ctx = x.astype(dt), ctx.astype(dt)
+    q = jnp.einsum("BND,DKH->BNKH", x, attn.wq[...].astype(dt)) + attn.bq[...].astype(dt)
+    k = jnp.einsum("BMD,DKH->BMKH", ctx, attn.wk[...].astype(dt)) + attn.bk[...].astype(dt)
+    v = jnp.einsum("BMD,DKH->BMKH", ctx, attn.wv[...].astype(dt)) + attn.bv[...].astype(dt)
+    return q, k, v
+
+
 class Attention(nnx.Module):
     """Multi-head attention with einsum kernels ``[D_in, K, H]`` (q from x, k/v from ``context``).
 
@@ -268,11 +279,7 @@ class Attention(nnx.Module):
         Returns ``[B, N, D]``.
         """
         dt = self.dtype
-        ctx = x if context is None else context
-        x, ctx = x.astype(dt), ctx.astype(dt)
-        q = jnp.einsum("BND,DKH->BNKH", x, self.wq[...].astype(dt)) + self.bq[...].astype(dt)
-        k = jnp.einsum("BMD,DKH->BMKH", ctx, self.wk[...].astype(dt)) + self.bk[...].astype(dt)
-        v = jnp.einsum("BMD,DKH->BMKH", ctx, self.wv[...].astype(dt)) + self.bv[...].astype(dt)
+        q, k, v = project_qkv(self, x, context, dt)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from sora_jax.models.wan import WanConfig, WanTransformer
+from sora_jax.models.wan_transformer import WanConfig, WanTransformer
 
 CLASS_NAME = "WanTransformer3DModel"
 SINGLE_FILE = "diffusion_pytorch_model.safetensors"

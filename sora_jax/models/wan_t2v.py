@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sora_jax.models.wan import WanConfig, WanTransformer
+from sora_jax.models.wan_transformer import WanConfig, WanTransformer
 from sora_jax.models.wan_vae import (
     WanVAE,
     WanVAEConfig,

@@ -27,7 +27,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from sora_jax import factory, loading
-from sora_jax.choices import DataContent, Task
+from sora_jax.choices import DataContent, Task, TextEncoderKind
 from sora_jax.config import ConfigError, task
 from sora_jax.data import pipeline
 from sora_jax.eval import in_training
@@ -75,10 +75,10 @@ class _TaskStep:
 
 def _null_text(cfg: ml_collections.ConfigDict, shapes_only: bool, table) -> tuple[np.ndarray, np.ndarray]:
     """The empty prompt as the model's text input (``[1, L]`` ids or ``[1, L, F]`` frozen features, mask
-    ``[1, L]``): what caption dropout puts in. A frozen encoder's comes from the captions' embedding
-    ``table`` (which holds "") when there is one; ``shapes_only`` (compile-only) gives zeros; either way the
-    encoder (UMT5-XXL: 11 GB) is not loaded."""
-    if table is not None:
+    ``[1, L]``): what caption dropout puts in. A T5 / UMT5 encoder's comes from the captions' embedding
+    ``table`` (which holds "", float16) when there is one, and ``shapes_only`` (compile-only) gives zeros, so
+    that encoder (UMT5-XXL: 11 GB) is not loaded; MiniLM (90 MB) computes it in float32, as it always did."""
+    if table is not None and TextEncoderKind(cfg.text.encoder) is TextEncoderKind.T5:
         return table.encode([""])
     frozen = factory.frozen_dim(cfg)
     if shapes_only and frozen:
