@@ -154,7 +154,7 @@ def test_causal_conv3d_true_3d_path_and_cpu_path_match_numpy(monkeypatch, kernel
         ref = _np_causal_conv3d(x, np.asarray(conv.kernel[...]), np.asarray(conv.bias[...]), stride, start)
         for backend in ("cpu", "gpu"):
             monkeypatch.setattr(vae_lib, "jax", _AsIfOn(backend))
-            caches = vae_lib._Caches(None if start is None else [start])
+            caches = vae_lib.CausalCaches(None if start is None else [start])
             got = np.asarray(conv(x, caches))
             assert got.shape == ref.shape, backend
             np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5, err_msg=backend)

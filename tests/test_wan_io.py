@@ -71,13 +71,10 @@ def _perturbed(model, seed: int):
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def wan_folder(tmp_path_factory):
-    """A float32 diffusers Wan 2.1 folder as ``WanPipeline.save_pretrained`` writes it, the transformer
-    sharded (an index and several safetensors)."""
-    root = tmp_path_factory.mktemp("wan_src")
+def tiny_pipeline(root) -> diffusers.WanPipeline:
+    """The tiny random float32 ``WanPipeline`` (seed 0; its tokenizer files under ``root``)."""
     torch.manual_seed(0)
-    pipe = diffusers.WanPipeline(
+    return diffusers.WanPipeline(
         tokenizer=_tokenizer(root),
         text_encoder=transformers.UMT5EncoderModel(transformers.UMT5Config(**UMT5)).eval(),
         transformer=_perturbed(diffusers.WanTransformer3DModel(**TRANSFORMER), 1),
@@ -86,6 +83,14 @@ def wan_folder(tmp_path_factory):
             prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
         ),
     )
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    """A float32 diffusers Wan 2.1 folder as ``WanPipeline.save_pretrained`` writes it, the transformer
+    sharded (an index and several safetensors)."""
+    root = tmp_path_factory.mktemp("wan_src")
+    pipe = tiny_pipeline(root)
     folder = root / "Wan2.1-T2V-tiny"
     pipe.save_pretrained(folder)
     shutil.rmtree(folder / "transformer")

@@ -26,7 +26,7 @@ pytest.importorskip("av")
 import jax  # noqa: E402
 from helpers import cli_env, run_cli, start_cli  # noqa: E402
 from test_ingest import source_frames, write_video  # noqa: E402
-from test_wan_io import TRANSFORMER, UMT5, VAE, _perturbed, _tokenizer  # noqa: E402
+from test_wan_io import tiny_pipeline  # noqa: E402
 
 from sora_jax import cli, loading  # noqa: E402
 from sora_jax.config import load_config  # noqa: E402
@@ -45,16 +45,7 @@ STEPS = 40
 def wan_workdir(tmp_path_factory):
     """The tiny Wan folder of test_wan_io (float32) imported with ``sora-jax import-diffusers``."""
     root = tmp_path_factory.mktemp("wan_ft")
-    torch.manual_seed(0)
-    pipe = diffusers.WanPipeline(
-        tokenizer=_tokenizer(root),
-        text_encoder=transformers.UMT5EncoderModel(transformers.UMT5Config(**UMT5)).eval(),
-        transformer=_perturbed(diffusers.WanTransformer3DModel(**TRANSFORMER), 1),
-        vae=_perturbed(diffusers.AutoencoderKLWan(**VAE), 2),
-        scheduler=diffusers.UniPCMultistepScheduler(
-            prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
-        ),
-    )
+    pipe = tiny_pipeline(root)
     pipe.save_pretrained(root / "src")
     wd = root / "wan"
     args = ["import-diffusers", "--from", str(root / "src"), "--workdir", str(wd), "--dtype", "float32"]

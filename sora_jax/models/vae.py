@@ -85,8 +85,9 @@ def vae_config(variant: str, **overrides) -> VAEConfig:
 # ----------------------------------------------------------------------------------------------- caches
 
 
-class _Caches:
-    """Causal-conv caches of one pass, in call order. ``incoming`` None: the pass starts the video."""
+class CausalCaches:
+    """Causal-conv caches of one pass, in call order (this VAE's and the Wan VAE's). ``incoming`` None: the
+    pass starts the video."""
 
     def __init__(self, incoming: list[jax.Array] | None):
         self.incoming, self.outgoing, self.index = incoming, [], 0
@@ -109,6 +110,38 @@ class _Caches:
 # ---------------------------------------------------------------------------------------------- modules
 
 
+def conv3d_params(cin: int, cout: int, kernel, param_dtype, rngs: nnx.Rngs) -> tuple[nnx.Param, nnx.Param]:
+    """A 3D convolution's kernel ``[kt, kh, kw, cin, cout]`` (fan-in truncated normal, axes ``conv_in`` /
+    ``conv_out``) and zero bias ``[cout]``, stored in ``param_dtype``."""
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2, 3))
+    pd = as_dtype(param_dtype)
+    k = nnx.with_partitioning(init, (None, None, None, "conv_in", "conv_out"))(
+        rngs.params(), (*kernel, cin, cout), pd
+    )
+    return nnx.Param(k), nnx.Param(jnp.zeros((cout,), pd))
+
+
+def conv3d_valid_time(x: jax.Array, kernel: jax.Array, stride, pad_hw) -> jax.Array:
+    """x ``[B, T, H, W, Cin]`` * kernel ``[kt, kh, kw, Cin, Cout]``, valid in time, ``pad_hw`` (two (lo, hi)
+    pairs) in space -> ``[B, (T - kt) // st + 1, H', W', Cout]``. On CPU as kt 2D convolutions over the temporal
+    taps (XLA CPU 3D convolutions are ~3x slower)."""
+    kt, st, (sh, sw) = kernel.shape[0], stride[0], stride[1:]
+    if jax.default_backend() != "cpu":
+        dims = ("NDHWC", "DHWIO", "NDHWC")
+        return jax.lax.conv_general_dilated(
+            x, kernel, tuple(stride), ((0, 0), *pad_hw), dimension_numbers=dims
+        )
+    B, Tp, H, W, C = x.shape
+    n = (Tp - kt) // st + 1
+    y = 0.0
+    for tau in range(kt):
+        frames = x[:, tau : tau + st * (n - 1) + 1 : st].reshape(B * n, H, W, C)
+        y = y + jax.lax.conv_general_dilated(
+            frames, kernel[tau], (sh, sw), tuple(pad_hw), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    return y.reshape(B, n, *y.shape[1:])
+
+
 class CausalConv3d(nnx.Module):
     """3D convolution, causal in time (front padding by repeating the first frame, or the cache), 'same' in
     space (stride 1) or right/bottom padded (stride 2). Kernel ``[kt, kh, kw, Cin, Cout]``."""
@@ -124,14 +157,7 @@ class CausalConv3d(nnx.Module):
         param_dtype="float32",
         rngs: nnx.Rngs,
     ):
-        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2, 3))
-        pd = as_dtype(param_dtype)
-        self.kernel = nnx.Param(
-            nnx.with_partitioning(init, (None, None, None, "conv_in", "conv_out"))(
-                rngs.params(), (*kernel, cin, cout), pd
-            )
-        )
-        self.bias = nnx.Param(jnp.zeros((cout,), pd))
+        self.kernel, self.bias = conv3d_params(cin, cout, kernel, param_dtype, rngs)
         self.kernel_size, self.stride = tuple(kernel), tuple(stride)
         self.dtype = as_dtype(dtype)
 
@@ -139,7 +165,7 @@ class CausalConv3d(nnx.Module):
     def cache_frames(self) -> int:
         return max(self.kernel_size[0] - self.stride[0], 0)
 
-    def __call__(self, x: jax.Array, caches: _Caches) -> jax.Array:
+    def __call__(self, x: jax.Array, caches: CausalCaches) -> jax.Array:
         """x ``[B, T, H, W, Cin]`` -> ``[B, T', H', W', Cout]``."""
         kt, kh, kw = self.kernel_size
         st, sh, sw = self.stride
@@ -152,26 +178,7 @@ class CausalConv3d(nnx.Module):
                 caches.put(x[:, x.shape[1] - self.cache_frames :])
         pad_h = (kh // 2, kh // 2) if sh == 1 else (0, kh - sh)
         pad_w = (kw // 2, kw // 2) if sw == 1 else (0, kw - sw)
-        kernel = self.kernel[...].astype(self.dtype)
-        if jax.default_backend() == "cpu":
-            # XLA CPU 3D convolutions are ~3x slower than kt 2D convolutions over the temporal taps
-            B, Tp, H, W, C = x.shape
-            n = (Tp - kt) // st + 1
-            y = 0.0
-            for tau in range(kt):
-                frames = x[:, tau : tau + st * (n - 1) + 1 : st].reshape(B * n, H, W, C)
-                y = y + jax.lax.conv_general_dilated(
-                    frames, kernel[tau], (sh, sw), (pad_h, pad_w), dimension_numbers=("NHWC", "HWIO", "NHWC")
-                )
-            y = y.reshape(B, n, *y.shape[1:])
-        else:
-            y = jax.lax.conv_general_dilated(
-                x,
-                kernel,
-                window_strides=(st, sh, sw),
-                padding=((0, 0), pad_h, pad_w),
-                dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
-            )
+        y = conv3d_valid_time(x, self.kernel[...].astype(self.dtype), self.stride, (pad_h, pad_w))
         return y + self.bias[...].astype(self.dtype)
 
 
@@ -186,7 +193,7 @@ class ResBlock(nnx.Module):
         self.conv2 = CausalConv3d(cout, cout, **kw)
         self.skip = CausalConv3d(cin, cout, (1, 1, 1), **kw) if cin != cout else None
 
-    def __call__(self, x: jax.Array, caches: _Caches) -> jax.Array:
+    def __call__(self, x: jax.Array, caches: CausalCaches) -> jax.Array:
         h = self.conv1(jax.nn.silu(self.norm1(x)), caches)
         h = self.conv2(jax.nn.silu(self.norm2(h)), caches)
         return (x if self.skip is None else self.skip(x, caches)) + h
@@ -200,7 +207,7 @@ class Downsample(nnx.Module):
         self.spatial = CausalConv3d(ch, ch, (1, 3, 3), (1, 2, 2), **kw)
         self.temporal = CausalConv3d(ch, ch, (3, 1, 1), (2, 1, 1), **kw) if temporal else None
 
-    def __call__(self, x: jax.Array, caches: _Caches) -> jax.Array:
+    def __call__(self, x: jax.Array, caches: CausalCaches) -> jax.Array:
         x = self.spatial(x, caches)
         return x if self.temporal is None else self.temporal(x, caches)
 
@@ -214,7 +221,7 @@ class Upsample(nnx.Module):
         self.temporal = CausalConv3d(ch, ch, (3, 1, 1), **kw) if temporal else None
         self.spatial = CausalConv3d(ch, ch, (1, 3, 3), **kw)
 
-    def __call__(self, x: jax.Array, caches: _Caches) -> jax.Array:
+    def __call__(self, x: jax.Array, caches: CausalCaches) -> jax.Array:
         if self.temporal is not None:
             x = jnp.repeat(x, 2, axis=1)
             if caches.start:
@@ -247,7 +254,7 @@ class Encoder(nnx.Module):
         self.norm_out = RMSNorm(cin, param_dtype=cfg.param_dtype, rngs=rngs)
         self.conv_out = CausalConv3d(cin, 2 * cfg.latent_channels, **kw)
 
-    def __call__(self, x: jax.Array, caches: _Caches) -> jax.Array:
+    def __call__(self, x: jax.Array, caches: CausalCaches) -> jax.Array:
         h = self.conv_in(x, caches)
         for level, level_blocks in enumerate(self.blocks):
             for block in level_blocks:
@@ -282,7 +289,7 @@ class Decoder(nnx.Module):
         self.norm_out = RMSNorm(cin, param_dtype=cfg.param_dtype, rngs=rngs)
         self.conv_out = CausalConv3d(cin, cfg.in_channels, **kw)
 
-    def __call__(self, z: jax.Array, caches: _Caches) -> jax.Array:
+    def __call__(self, z: jax.Array, caches: CausalCaches) -> jax.Array:
         h = self.conv_in(z, caches)
         for block in self.mid:
             h = block(h, caches)
@@ -334,7 +341,7 @@ class VideoVAE(nnx.Module):
         self, x: jax.Array, caches: list[jax.Array] | None = None
     ) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
         """x ``[B, T, H, W, C]`` -> (mean, logvar) ``[B, T', H', W', Z]`` and the caches after x."""
-        c = _Caches(caches)
+        c = CausalCaches(caches)
         moments = self.encoder(x, c)
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0), c.outgoing
@@ -347,7 +354,7 @@ class VideoVAE(nnx.Module):
     def decode_with_caches(
         self, z: jax.Array, caches: list[jax.Array] | None = None
     ) -> tuple[jax.Array, list[jax.Array]]:
-        c = _Caches(caches)
+        c = CausalCaches(caches)
         return self.decoder(z, c), c.outgoing
 
     def decode(self, z: jax.Array) -> jax.Array:

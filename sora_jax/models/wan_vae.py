@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sora_jax.models.layers import as_dtype, dot_product_attention
+from sora_jax.models.vae import CausalCaches, conv3d_params, conv3d_valid_time
 
 # fmt: off
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -91,26 +92,6 @@ class WanVAEConfig:
         return 2 ** (len(self.dim_mult) - 1)
 
 
-# ----------------------------------------------------------------------------------------------- caches
-
-
-class _Caches:
-    """Causal caches of one chunk, in call order. ``incoming`` None: the chunk starts the video."""
-
-    def __init__(self, incoming: list[jax.Array] | None):
-        self.incoming, self.outgoing, self.index = incoming, [], 0
-
-    def take(self) -> jax.Array | None:
-        if self.incoming is None:
-            return None
-        c = self.incoming[self.index]
-        self.index += 1
-        return c
-
-    def put(self, cache: jax.Array) -> None:
-        self.outgoing.append(cache)
-
-
 # ---------------------------------------------------------------------------------------------- layers
 
 
@@ -121,14 +102,7 @@ class CausalConv3d(nnx.Module):
     def __init__(self, cin, cout, kernel=3, stride=1, *, dtype="float32", param_dtype="float32", rngs):
         kernel = (kernel,) * 3 if isinstance(kernel, int) else tuple(kernel)
         stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
-        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2, 3))
-        pd = as_dtype(param_dtype)
-        self.kernel = nnx.Param(
-            nnx.with_partitioning(init, (None, None, None, "conv_in", "conv_out"))(
-                rngs.params(), (*kernel, cin, cout), pd
-            )
-        )
-        self.bias = nnx.Param(jnp.zeros((cout,), pd))
+        self.kernel, self.bias = conv3d_params(cin, cout, kernel, param_dtype, rngs)
         self.kernel_size, self.stride, self.dtype = kernel, stride, as_dtype(dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -137,25 +111,10 @@ class CausalConv3d(nnx.Module):
         st, sh, sw = self.stride
         x = x.astype(self.dtype)
         pad = ((kh // 2, kh // 2), (kw // 2, kw // 2))
-        kernel = self.kernel[...].astype(self.dtype)
-        if jax.default_backend() == "cpu" and kt > 1:
-            # XLA CPU 3D convolutions are ~3x slower than kt 2D convolutions over the temporal taps
-            B, Tp, H, W, C = x.shape
-            n = (Tp - kt) // st + 1
-            y = 0.0
-            for tau in range(kt):
-                frames = x[:, tau : tau + st * (n - 1) + 1 : st].reshape(B * n, H, W, C)
-                y = y + jax.lax.conv_general_dilated(
-                    frames, kernel[tau], (sh, sw), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
-                )
-            y = y.reshape(B, n, *y.shape[1:])
-        else:
-            y = jax.lax.conv_general_dilated(
-                x, kernel, (st, sh, sw), ((0, 0), *pad), dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
-            )
+        y = conv3d_valid_time(x, self.kernel[...].astype(self.dtype), self.stride, pad)
         return y + self.bias[...].astype(self.dtype)
 
-    def causal(self, x: jax.Array, caches: _Caches) -> jax.Array:
+    def causal(self, x: jax.Array, caches: CausalCaches) -> jax.Array:
         """The chunk x ``[B, T, H, W, Cin]`` after its past (the cache, or ``kt - 1`` zero frames at the
         start): ``[B, T, H, W, Cout]``; caches the last ``kt - 1`` frames of that padded input."""
         p = self.kernel_size[0] - 1
@@ -234,7 +193,7 @@ class ResidualBlock(nnx.Module):
         self.conv2 = CausalConv3d(cout, cout, 3, **_kw(cfg, rngs))
         self.conv_shortcut = CausalConv3d(cin, cout, 1, **_kw(cfg, rngs)) if cin != cout else None
 
-    def __call__(self, x: jax.Array, caches: _Caches) -> jax.Array:
+    def __call__(self, x: jax.Array, caches: CausalCaches) -> jax.Array:
         """x ``[B, T, H, W, Cin]`` -> ``[B, T, H, W, Cout]``."""
         h = x if self.conv_shortcut is None else self.conv_shortcut(x)
         x = self.conv1.causal(jax.nn.silu(self.norm1(x)), caches)
@@ -250,7 +209,7 @@ class AttentionBlock(nnx.Module):
         self.to_qkv = Conv2d(dim, 3 * dim, 1, **_kw(cfg, rngs))
         self.proj = Conv2d(dim, dim, 1, **_kw(cfg, rngs))
 
-    def __call__(self, x: jax.Array, caches: _Caches | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, caches: CausalCaches | None = None) -> jax.Array:
         """x ``[B, T, H, W, C]`` -> ``[B, T, H, W, C]``."""
         B, T, H, W, C = x.shape
         q, k, v = jnp.split(self.to_qkv(self.norm(x)).reshape(B * T, H * W, 1, 3 * C), 3, axis=-1)
@@ -270,7 +229,7 @@ class Resample(nnx.Module):
         cout, stride = (2 * dim, 1) if up else (dim, (2, 1, 1))
         self.time_conv = CausalConv3d(dim, cout, (3, 1, 1), stride, **_kw(cfg, rngs)) if temporal else None
 
-    def __call__(self, x: jax.Array, caches: _Caches) -> jax.Array:
+    def __call__(self, x: jax.Array, caches: CausalCaches) -> jax.Array:
         """x ``[B, T, H, W, C]`` -> up ``[B, T', 2H, 2W, C/2]`` / down ``[B, T', H/2, W/2, C]``."""
         if self.up:
             if self.time_conv is not None:
@@ -283,7 +242,7 @@ class Resample(nnx.Module):
         x = self.resample(x, stride=2, padding=((0, 1), (0, 1)))
         return x if self.time_conv is None else self._time_down(x, caches)
 
-    def _time_up(self, x: jax.Array, caches: _Caches) -> jax.Array:
+    def _time_up(self, x: jax.Array, caches: CausalCaches) -> jax.Array:
         past, head = caches.take(), None
         if past is None:  # diffusers' "Rep": frame 0 untouched, the time conv starts at frame 1 from zeros
             head, x = x[:, :1], x[:, 1:]
@@ -296,7 +255,7 @@ class Resample(nnx.Module):
             x = jnp.moveaxis(y, 4, 2).reshape(B, 2 * T, H, W, C)
         return x if head is None else jnp.concatenate([head, x.astype(head.dtype)], axis=1)
 
-    def _time_down(self, x: jax.Array, caches: _Caches) -> jax.Array:
+    def _time_down(self, x: jax.Array, caches: CausalCaches) -> jax.Array:
         past, head = caches.take(), None
         if past is None:  # the first frame passes through; windows (0, 1, 2), (2, 3, 4), ...
             head, xp = x[:, :1], x
@@ -316,7 +275,7 @@ class MidBlock(nnx.Module):
         self.resnets = nnx.List([ResidualBlock(dim, dim, cfg, rngs=rngs) for _ in range(2)])
         self.attentions = nnx.List([AttentionBlock(dim, cfg, rngs=rngs)])
 
-    def __call__(self, x: jax.Array, caches: _Caches) -> jax.Array:
+    def __call__(self, x: jax.Array, caches: CausalCaches) -> jax.Array:
         x = self.resnets[0](x, caches)
         return self.resnets[1](self.attentions[0](x), caches)
 
@@ -331,7 +290,7 @@ class UpBlock(nnx.Module):
             nnx.List([Resample(cout, cfg, up=True, temporal=temporal, rngs=rngs)]) if upsample else None
         )
 
-    def __call__(self, x: jax.Array, caches: _Caches) -> jax.Array:
+    def __call__(self, x: jax.Array, caches: CausalCaches) -> jax.Array:
         for resnet in self.resnets:
             x = resnet(x, caches)
         return x if self.upsamplers is None else self.upsamplers[0](x, caches)
@@ -358,7 +317,7 @@ class WanEncoder(nnx.Module):
         self.norm_out = WanRMSNorm(dims[-1], param_dtype=cfg.param_dtype)
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, **_kw(cfg, rngs))
 
-    def __call__(self, x: jax.Array, caches: _Caches) -> jax.Array:
+    def __call__(self, x: jax.Array, caches: CausalCaches) -> jax.Array:
         x = self.conv_in.causal(x, caches)
         for block in self.down_blocks:
             x = block(x, caches)
@@ -392,7 +351,7 @@ class WanDecoder(nnx.Module):
         self.norm_out = WanRMSNorm(dims[-1], param_dtype=cfg.param_dtype)
         self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, 3, **_kw(cfg, rngs))
 
-    def __call__(self, z: jax.Array, caches: _Caches) -> jax.Array:
+    def __call__(self, z: jax.Array, caches: CausalCaches) -> jax.Array:
         x = self.mid_block(self.conv_in.causal(z, caches), caches)
         for block in self.up_blocks:
             x = block(x, caches)
@@ -446,13 +405,13 @@ class WanVAE(nnx.Module):
     def encode_chunk(self, x: jax.Array, caches: list[jax.Array] | None = None):
         """One chunk x ``[B, t, H, W, Cin]`` (the start of the video when ``caches`` is None) -> (moments
         ``[B, t', H', W', 2Z]``, the caches after it)."""
-        c = _Caches(caches)
+        c = CausalCaches(caches)
         moments = self.quant_conv(self.encoder(x, c))
         return moments.astype(jnp.float32), c.outgoing
 
     def decode_chunk(self, z: jax.Array, caches: list[jax.Array] | None = None):
         """One chunk z ``[B, t', H', W', Z]`` -> (video ``[B, t, H, W, Cout]`` unclipped, the caches after it)."""
-        c = _Caches(caches)
+        c = CausalCaches(caches)
         x = self.decoder(self.post_quant_conv(z), c)
         return x.astype(jnp.float32), c.outgoing
 
