@@ -102,6 +102,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.diffusion.flow_shift = 6.0
     c.diffusion.flow_prediction = "x0"  # rectified_flow only: v | x0 (JiT; large pixel patches)
     c.diffusion.sampler = "euler"  # ddpm | ddim | euler
+    c.diffusion.time_grid = (
+        ""  # flow: "" (the sampler's own), "uniform" or "diffusers" (its scheduler's grid)
+    )
     c.diffusion.sample_steps = 32
     c.diffusion.cfg_scale = 6.0  # demo checkpoint, test digit accuracy: 0.115 at 6, 0.083 at 3
 

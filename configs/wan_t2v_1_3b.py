@@ -95,6 +95,7 @@ def wan_recipe(sizes: dict) -> ml_collections.ConfigDict:
     f.flow_timestep_sampling = "uniform"
     f.flow_shift = 3.0  # Wan's 480p shift
     f.sampler = "unipc"
+    f.time_grid = "diffusers"  # diffusers' scheduler grids: euler and unipc sample as WanPipeline does
     f.sample_steps = 50
     f.cfg_scale = 5.0
 

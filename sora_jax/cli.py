@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="report folder (default: <workdir>/eval)")
     p.add_argument(
+        "--data",
+        default=None,
+        help="dataset to draw captions and reference clips from (default: the workdir's; for precomputed "
+        "latents, the clips they were made from)",
+    )
+    p.add_argument(
         "--prompting",
         action="store_true",
         help="DiT: score i2v, extend, connect and --seconds long videos instead (sora_jax/eval/prompting.py)",
@@ -312,6 +318,7 @@ def run(argv: list[str]) -> int:
             use_ema=False if args.raw_params else None,
             compare=args.compare,
             compare_step=args.compare_step,
+            data=args.data,
         )
         print(report["table"])
         print(f"report: {report['path']}")
@@ -330,6 +337,7 @@ def run(argv: list[str]) -> int:
             seconds=args.seconds,
             num_long=args.num_long,
             overlap=args.overlap,
+            data=args.data,
         )
         _print_scalars(metrics)
     elif args.command == "export" and args.format == "diffusers":

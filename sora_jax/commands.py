@@ -14,6 +14,7 @@ Inputs are checked before anything heavy loads; bad input raises ``UserError`` w
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -239,6 +240,7 @@ def evaluate(
     seconds: float = 60.0,
     num_long: int = 8,
     overlap: int = 1,
+    data: str | Path | None = None,
 ) -> dict:
     """``sora-jax eval``: scores the latest checkpoint in ``workdir`` with the evaluator of its task, writes
     the report to ``out`` (default ``<workdir>/eval``) and returns its metrics.
@@ -248,7 +250,9 @@ def evaluate(
     - ``Task.T2V``: prompt adherence on ``num_prompts`` prompts of ``split`` (train | test | paraphrase:
       wordings the captions never use; ``eval.evaluate.evaluate_workdir``); with ``prompting``, image-to-video,
       extension, connection and ``num_long`` videos of ``seconds`` on ``num_prompts`` test clips
-      (``eval.prompting.evaluate_prompting``).
+      (``eval.prompting.evaluate_prompting``). Captions that are not moving digits' (a Wan fine-tune on
+      ingested videos) get FVD and the autoencoder's PSNR instead (``evaluate_metrics``); ``data``: the dataset
+      to draw captions and clips from (default: the workdir's, or the clips behind its latents).
 
     ``use_ema`` False scores the raw parameters (default: the config's ``sample.use_ema``)."""
     from sora_jax.config import task
@@ -278,11 +282,27 @@ def evaluate(
             out=out,
             split=split,
             use_ema=use_ema,
+            data=data,
         )
-    from sora_jax.eval.evaluate import evaluate_workdir
+    from sora_jax.eval.adherence import adherence_applies
+    from sora_jax.eval.clips import eval_dataset
+    from sora_jax.eval.evaluate import evaluate_workdir, split_prompts
 
+    if split != "paraphrase":
+        data = eval_dataset(cfg, workdir, data)
+        if not adherence_applies(split_prompts(data, split, num_prompts, seed)):
+            print(
+                f"the captions of {data} are not moving digits': scoring fvd and psnr instead of adherence "
+                "(choose with --metrics)",
+                file=sys.stderr,
+            )
+            report = evaluate_metrics(
+                workdir, "fvd,psnr", num_videos=num_prompts, split=split, seed=seed, out=out,
+                use_ema=use_ema, data=data,
+            )  # fmt: skip
+            return {r["metric"]: r["value"] for r in report["reports"][0]["rows"]}
     report = evaluate_workdir(
-        workdir, num_prompts=num_prompts, split=split, seed=seed, out=out, use_ema=use_ema
+        workdir, num_prompts=num_prompts, split=split, seed=seed, out=out, use_ema=use_ema, data=data
     )
     return report["metrics"]
 
@@ -300,6 +320,7 @@ def evaluate_metrics(
     use_ema: bool | None = None,
     compare: str | Path | None = None,
     compare_step: int | None = None,
+    data: str | Path | None = None,
 ) -> dict:
     """``sora-jax eval --metrics``: scores ``workdir`` (and ``compare``, the same way) with
     ``eval.evaluate.evaluate_metrics``; writes each run's report and, with ``compare``, ``compare.json`` holding
@@ -324,7 +345,7 @@ def evaluate_metrics(
     reports = []
     for (w, s), vae in zip(runs, is_vae):
         where = Path(out) / Path(w).name if out and compare else out
-        kw = dict(num_videos=num_videos, step=s, split=split, seed=seed, ref_count=ref_count)
+        kw = dict(num_videos=num_videos, step=s, split=split, seed=seed, ref_count=ref_count, data=data)
         if vae:
             reports.append(_vae_psnr_report(w, s, split, num_videos, where, use_ema))
         else:

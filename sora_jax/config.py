@@ -25,6 +25,7 @@ from sora_jax.choices import (
     DataContent,
     DType,
     FlowPrediction,
+    FlowTimeGrid,
     ModelArch,
     Objective,
     Prediction,
@@ -275,6 +276,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.diffusion.sampler = {sampler.value!r} does not fit objective {objective.value!r}: use {ok}"
         )
+    grid = cfg.diffusion.get("time_grid", "")
+    if grid:
+        allowed = [g.value for g in FlowTimeGrid]
+        if grid not in allowed:
+            raise ConfigError(f"config.diffusion.time_grid = {grid!r} is not one of {['', *allowed]}")
+        if objective is not Objective.RECTIFIED_FLOW:
+            raise ConfigError("config.diffusion.time_grid is for objective 'rectified_flow'; leave it ''")
+        if grid == FlowTimeGrid.DIFFUSERS and sampler not in (Sampler.EULER, Sampler.UNIPC):
+            raise ConfigError(
+                f"config.diffusion.time_grid = 'diffusers' has no {sampler.value!r} sampler: use euler or unipc"
+            )
     for key in ("data.batch_size", "data.num_frames", "data.height", "data.width", "train.num_steps"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"config.{key} must be positive, got {_get(cfg, key)}")

@@ -265,6 +265,8 @@ def test_evaluate_dispatches_on_the_task(monkeypatch, config, kwargs, called):
         module, name = target.split(".")
         fake = lambda *a, _t=f"sora_jax.eval.{target}", **k: calls.append(_t) or {"metrics": {}}  # noqa: E731
         monkeypatch.setattr(importlib.import_module(f"sora_jax.eval.{module}"), name, fake)
+    monkeypatch.setattr("sora_jax.eval.clips.eval_dataset", lambda cfg, workdir, data=None: "D")
+    monkeypatch.setattr("sora_jax.eval.evaluate.split_prompts", lambda *a: ["a 3 moving left"])
     if called.startswith("sora_jax"):
         commands.evaluate("W", **kwargs)
         assert calls == [called]

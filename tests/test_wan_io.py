@@ -6,6 +6,7 @@ loads without missing or unexpected keys; bad input is one line and exit 2."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import random
@@ -227,8 +228,8 @@ def test_bfloat16_folder_round_trip(wan_folder, tmp_path):
     src, ref = wan_folder
     folder = tmp_path / "bf16"
     shutil.copytree(src, folder, ignore=shutil.ignore_patterns("transformer"))
-    ref.transformer.to(torch.bfloat16).save_pretrained(folder / "transformer", max_shard_size="20KB")
-    ref.transformer.to(torch.float32)
+    bf16 = copy.deepcopy(ref.transformer).to(torch.bfloat16)  # the fixture's own stays float32
+    bf16.save_pretrained(folder / "transformer", max_shard_size="20KB")
     w, out = tmp_path / "w", tmp_path / "out"
     args = ["import-diffusers", "--from", str(folder), "--workdir", str(w), "--dtype", "bfloat16", *VIDEO]
     assert cli.main(args) == 0
@@ -294,3 +295,39 @@ def test_released_size_workdir_config_through_eval_shape():
     assert n == wan.param_count(wan.wan_config("1.3B")) and 1.4e9 < n < 1.45e9, n
     assert factory.latent_shape(cfg) == (21, 60, 104, 16)
     assert factory.tokens_per_clip(cfg, 81, 480, 832) == 21 * 30 * 52
+
+
+def test_an_euler_folder_samples_as_its_wan_pipeline(wan_folder, tmp_path):
+    """A folder whose scheduler is ``FlowMatchEulerDiscreteScheduler`` imports as sampler "euler" on
+    diffusers' grid (``config.diffusion.time_grid``): the workdir's pipeline, from the same initial noise,
+    ends on WanPipeline's final latents (prompt through UMT5, the empty negative prompt, CFG 5)."""
+    folder, _ = wan_folder
+    src = tmp_path / "euler_src"
+    shutil.copytree(folder, src)
+    shutil.rmtree(src / "scheduler")
+    diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(src / "scheduler")
+    index = json.loads((src / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    (src / "model_index.json").write_text(json.dumps(index))
+    w = tmp_path / "w"
+    assert (
+        cli.main(["import-diffusers", "--from", str(src), "--workdir", str(w), "--dtype", "float32", *VIDEO])
+        == 0
+    )
+    pipe = load_pipeline(w, sample_steps=4)
+    d = pipe.config.diffusion
+    assert (d.sampler, d.time_grid, d.flow_shift, d.cfg_scale) == ("euler", "diffusers", 3.0, 5.0)
+    noise = np.random.default_rng(1).standard_normal((1, 2, 4, 4, 4)).astype(np.float32)
+    ours = pipe.generate_latents(["a cat walks on the grass"], noise=noise)
+    wp = diffusers.WanPipeline.from_pretrained(src)  # the folder as diffusers loads it: Euler's scheduler
+    assert type(wp.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    wp.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        theirs = wp(
+            prompt="a cat walks on the grass", negative_prompt="", height=32, width=32, num_frames=5,
+            num_inference_steps=4, guidance_scale=5.0, latents=torch.from_numpy(np.moveaxis(noise, -1, 1)),
+            output_type="latent", max_sequence_length=512,
+        ).frames.numpy()  # fmt: skip
+    rel = np.abs(np.moveaxis(ours, -1, 1) - theirs).max() / np.abs(theirs).max()
+    print(f"euler folder, 4 steps: final latents max rel err {rel:.1e}")
+    assert rel < 1e-3

@@ -5,6 +5,8 @@ Euler) reproduced by our transformer + ``cfg_apply`` + ``Process.sample`` + chun
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -285,3 +287,31 @@ def test_wan_pipeline_sampling_loop_equals_ours(wan, sampler, num_steps):
     abs_err = float(np.abs(ours_video - video).max())
     print(f"WanPipeline {sampler}: decoded video max abs err {abs_err:.1e} (pixels in [0, 1])")
     assert abs_err < 1e-3
+
+
+def test_config_time_grid_reaches_the_process_and_is_checked():
+    """``config.diffusion.time_grid`` becomes the process's default grid; bad values are one line naming it."""
+    from sora_jax import factory
+    from sora_jax.config import ConfigError, load_config
+
+    cfg = load_config("configs/quickstart.py", ["diffusion.time_grid=diffusers"])
+    proc = factory.make_process(cfg)
+    plain = dataclasses.replace(proc, flow_time_grid=None)
+    x, key = jnp.asarray(np.random.default_rng(0).standard_normal(MU.shape), jnp.float32), jax.random.key(0)
+    ts = flow.flow_match_euler_times(5, proc.flow_shift)
+    apply = toy_apply(ts, ts[:-1] * 1000)
+    got = proc.sample(apply, x, key, sampler="euler", num_steps=5)
+    want = plain.sample(apply, x, key, sampler="euler", num_steps=5, time_grid="diffusers")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    uniform = plain.sample(apply, x, key, sampler="euler", num_steps=5)
+    assert rel_err(uniform, want) > 1e-3  # the grid matters
+    for overrides, match in (
+        (["diffusion.time_grid=karras"], "config.diffusion.time_grid = 'karras' is not one of"),
+        (["diffusion.time_grid=diffusers", "diffusion.sampler=heun"], "has no 'heun' sampler"),
+        (
+            ["diffusion.time_grid=uniform", "diffusion.objective=ddpm", "diffusion.sampler=ddim"],
+            "rectified_flow",
+        ),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_config("configs/quickstart.py", overrides)

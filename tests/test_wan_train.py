@@ -216,3 +216,52 @@ def test_training_loads_no_text_encoder(wan_workdir, latents, tmp_path, monkeypa
     cfg = load_config(CONFIG, [a.removeprefix("--config.") for a in args] + ["train.num_steps=2"])
     out = train(cfg, tmp_path / "w", progress=False, devices=jax.devices()[:2])
     assert out["step"] == 2 and np.isfinite(out["loss"])
+
+
+def test_eval_scores_a_wan_fine_tune_against_the_clips_behind_its_latents(
+    reference, wan_workdir, latents, tmp_path, capsys
+):
+    """``sora-jax eval`` on the fine-tuned workdir: its data are latents, so the captions and the reference
+    clips come from the ingested clips they were made from (native sizes, cut to the generated 5x32x32 at
+    8 fps); the captions are not moving digits', so FVD and the VAE's PSNR are scored instead of adherence.
+    The PSNR equals diffusers' ``AutoencoderKLWan`` round trip of the same clips."""
+    from diffusers import AutoencoderKLWan
+
+    from sora_jax.eval import clips as eval_clips
+    from sora_jax.eval.reconstruction import psnr
+    from sora_jax.models.autoencoder import float_to_video
+
+    out = tmp_path / "eval"
+    args = ["eval", "--workdir", str(reference), "--split", "train", "--num_prompts", "2", "--out", str(out)]
+    assert cli.main(args) == 0
+    captured = capsys.readouterr()
+    assert "not moving digits'" in captured.err and "fvd=" in captured.out and "psnr=" in captured.out
+    report = json.loads(next(out.glob("metrics_step*.json")).read_text())
+    rows = {r["metric"]: r for r in report["rows"]}
+    assert report["step"] == STEPS and report["num_videos"] == 2
+    assert rows["fvd"]["count"] == 2 and rows["fvd"]["ref_count"] == 6  # every 16-frame clip fits 5 frames
+    assert rows["fvd"]["frames"] == "repeat 5->16" and np.isfinite(rows["fvd"]["value"])
+    source = Path(json.loads((latents / "metadata.json").read_text())["source"])
+    assert [p.name for p in (source / "fd_stats").glob("fvd_*")] == ["fvd_train_all_5x32x32@8.npz"]
+
+    clips, _ = eval_clips.sample_clips(source, "train", 2, 0, clip=eval_clips.ClipShape(5, 32, 32, 8.0))
+    assert clips.shape == (2, 5, 32, 32, 3)
+    vae = AutoencoderKLWan.from_pretrained(wan_workdir.parent / "src" / "vae").eval()
+    x = torch.from_numpy(clips.astype(np.float32) / 127.5 - 1.0).permute(0, 4, 1, 2, 3)
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    recon = float_to_video(recon.permute(0, 2, 3, 4, 1).numpy())
+    want = float(np.mean(np.minimum(psnr(clips, recon), 100.0)))
+    assert rows["psnr"]["count"] == 2 and abs(rows["psnr"]["value"] - want) < 0.02, (rows["psnr"], want)
+
+
+def test_eval_refuses_what_it_cannot_score_in_one_line(reference, wan_workdir, capsys):
+    """Adherence on captions without digits, and a workdir with no dataset, are one line each, before any
+    weights load."""
+    args = ["eval", "--workdir", str(reference), "--metrics", "adherence", "--split", "train"]
+    assert cli.main([*args, "--num_videos", "2"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "adherence reads moving digits: 2 of 2 prompts" in err and "\n" not in err
+    assert cli.main(["eval", "--workdir", str(wan_workdir), "--metrics", "fvd", "--num_videos", "2"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "has no dataset to evaluate against" in err and "--data" in err and "\n" not in err

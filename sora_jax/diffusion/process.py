@@ -79,6 +79,7 @@ class Process:
     flow_timestep_sampling: TimestepSampling = TimestepSampling.LOGIT_NORMAL
     flow_shift: float = 1.0
     flow_prediction: FlowPrediction = FlowPrediction.V
+    flow_time_grid: FlowTimeGrid | None = None  # None: each flow sampler's default grid
 
     @property
     def num_timesteps(self) -> int:
@@ -182,9 +183,9 @@ class Process:
         ``clip_denoised``. Flow: "euler" or "heun" over ``num_steps`` uniform steps from t=1 to 0, shifted by
         ``shift`` (default: the process's ``flow_shift``); ``key``, ``eta`` and ``clip_denoised`` are unused.
         "unipc": UniPC multistep (order 2, bh2, predictor-corrector; ``unipc.py``) as Wan samples.
-        ``time_grid`` (flow): "uniform" (the default of euler and heun) or "diffusers" (the default of unipc):
-        the grid of diffusers' own scheduler, so that a ``WanPipeline`` run is reproduced (see
-        ``FlowTimeGrid``; heun has no diffusers grid).
+        ``time_grid`` (flow; default: the process's ``flow_time_grid``, else the sampler's): "uniform" (the
+        default of euler and heun) or "diffusers" (the default of unipc): the grid of diffusers' own
+        scheduler, so that a ``WanPipeline`` run is reproduced (see ``FlowTimeGrid``; heun has none).
 
         ``key``: one key, or typed keys ``[B]`` (one per sample) for the stochastic samplers.
         Conditioning on frames: ``cond`` (clean latents like ``noise``) on the frames where ``cond_mask``
@@ -215,7 +216,8 @@ class Process:
             shift = self.flow_shift if shift is None else shift
             if cond_mask is None:
                 apply_fn = self.velocity_fn(apply_fn)
-            ts, model_times = _flow_grid(s, time_grid, num_steps, shift)
+            grid = time_grid if time_grid is not None else self.flow_time_grid
+            ts, model_times = _flow_grid(s, grid, num_steps, shift)
             start = _first_at_or_below(ts[:-1], strength) if init is not None else 0
             x = (
                 noise
@@ -310,7 +312,7 @@ class Process:
         return x.astype(noise.dtype)
 
 
-def _flow_grid(sampler: Sampler, time_grid: str | None, num_steps: int, shift: float):
+def _flow_grid(sampler: Sampler, time_grid: str | FlowTimeGrid | None, num_steps: int, shift: float):
     """(times [num_steps + 1] float32 numpy, network times [num_steps] or None) of a flow sampler."""
     default = FlowTimeGrid.DIFFUSERS if sampler is Sampler.UNIPC else FlowTimeGrid.UNIFORM
     grid = default if time_grid is None else _parse(FlowTimeGrid, time_grid, "time_grid")
@@ -362,12 +364,13 @@ def make_process(
     flow_timestep_sampling: str = "logit_normal",
     flow_shift: float = 1.0,
     flow_prediction: str = "v",
+    time_grid: str = "",
 ) -> Process:
     """Validates the names once and builds the Process; ValueError names a bad value and the allowed ones.
 
     objective: "ddpm" | "rectified_flow". DDPM only: prediction "eps" | "v", schedule "linear" | "cosine",
     num_timesteps. Flow only: flow_timestep_sampling "uniform" | "logit_normal", flow_shift > 0,
-    flow_prediction "v" | "x0".
+    flow_prediction "v" | "x0", time_grid "" (each sampler's default) | "uniform" | "diffusers".
     """
     obj = _parse(Objective, objective, "objective")
     pred = _parse(Prediction, prediction, "prediction")
@@ -376,10 +379,17 @@ def make_process(
     flow_pred = _parse(FlowPrediction, flow_prediction, "flow_prediction")
     if not flow_shift > 0:
         raise ValueError(f"flow_shift must be > 0, got {flow_shift!r}")
+    grid = _parse(FlowTimeGrid, time_grid, "time_grid") if time_grid else None
     if obj is Objective.RECTIFIED_FLOW:
         return Process(
-            obj, flow_timestep_sampling=sampling, flow_shift=float(flow_shift), flow_prediction=flow_pred
+            obj,
+            flow_timestep_sampling=sampling,
+            flow_shift=float(flow_shift),
+            flow_prediction=flow_pred,
+            flow_time_grid=grid,
         )
+    if grid is not None:
+        raise ValueError(f"time_grid={time_grid!r} is for the rectified_flow objective only")
     if int(num_timesteps) < 2:
         raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps!r}")
     return Process(obj, prediction=pred, schedule=make_schedule(kind, int(num_timesteps)))
@@ -396,4 +406,5 @@ def process_from_config(diffusion_config) -> Process:
         flow_timestep_sampling=c.get("flow_timestep_sampling", "logit_normal"),
         flow_shift=c.get("flow_shift", 1.0),
         flow_prediction=c.get("flow_prediction", "v"),
+        time_grid=c.get("time_grid", ""),
     )

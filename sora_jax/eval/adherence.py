@@ -86,6 +86,26 @@ def _named(objects: Reading) -> list[list]:
     return [[int(d), DIRECTIONS[_direction_id(r)]] for d, r in sorted(_pairs(objects))]
 
 
+def adherence_applies(prompts: Sequence[str]) -> bool:
+    """Whether every prompt names at least one digit and its direction (what the digit reader can check)."""
+    from sora_jax.data.moving_digits import parse_prompt
+
+    return all(parse_prompt(p) for p in prompts)
+
+
+def check_digit_prompts(prompts: Sequence[str]) -> None:
+    """A one-line UserError when some prompt names no digit with a direction (adherence cannot score it)."""
+    from sora_jax.data.moving_digits import parse_prompt
+    from sora_jax.errors import UserError
+
+    bad = [p for p in prompts if not parse_prompt(p)]
+    if bad:
+        raise UserError(
+            f"adherence reads moving digits: {len(bad)} of {len(prompts)} prompts name no digit and direction "
+            f"(e.g. {bad[0][:60]!r}); score these videos with --metrics fvd,psnr"
+        )
+
+
 def evaluate_prompts(
     videos: np.ndarray, prompts: Sequence[str], reader: DigitReader | None = None
 ) -> tuple[dict, list[dict]]:

@@ -185,26 +185,24 @@ def _dataset_fingerprint(data_dir: Path, split: str) -> str:
     return h.hexdigest()
 
 
-def _split_videos(data_dir: Path, split: str, num: int | None) -> np.ndarray:
-    from sora_jax.data import pipeline
+def _split_videos(data_dir: Path, split: str, num: int | None, clip=None) -> np.ndarray:
+    from sora_jax.eval.clips import read_clips
 
-    videos, have = [], 0
-    for batch in pipeline.in_order(data_dir, split, 64):
-        videos.append(np.asarray(batch["video"]))
-        have += len(videos[-1])
-        if num is not None and have >= num:
-            break
-    if not videos:
-        raise UserError(f"split {split!r} of {data_dir} has no clips")
-    v = np.concatenate(videos)
-    return v if num is None else v[:num]
+    return read_clips(data_dir, split, limit=num, clip=clip)[0]
 
 
 def reference_stats(
-    name: str, data_dir: str | Path, split: str = "test", num: int | None = None, *, progress: bool = True
+    name: str,
+    data_dir: str | Path,
+    split: str = "test",
+    num: int | None = None,
+    *,
+    clip=None,
+    progress: bool = True,
 ) -> Stats:
     """Statistics of the first ``num`` clips (all if None) of ``split`` for distance ``name``, cached in
-    ``<data_dir>/fd_stats/`` (see the module docstring); ``meta`` holds the hash and the clip count."""
+    ``<data_dir>/fd_stats/`` (see the module docstring); ``meta`` holds the hash and the clip count.
+    ``clip`` (``eval.clips.ClipShape``): the shape native-size clips are cut to (``eval.clips.read_clips``)."""
     if name not in DISTANCES:
         raise UserError(f"unknown distance {name!r}; choose from {', '.join(DISTANCES)}")
     data_dir = Path(data_dir)
@@ -214,15 +212,17 @@ def reference_stats(
         "dataset": _dataset_fingerprint(data_dir, split),
         "split": split,
         "num": num,
+        **({"clip": clip.key()} if clip is not None else {}),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    path = data_dir / "fd_stats" / f"{name}_{split}_{'all' if num is None else num}.npz"
+    at = f"_{clip.key()}" if clip is not None else ""
+    path = data_dir / "fd_stats" / f"{name}_{split}_{'all' if num is None else num}{at}.npz"
     if path.is_file():
         cached = load_stats(path)
         if cached.meta.get("hash") == digest:
             return cached
         log.info("reference statistics %s were made by something else (hash differs): recomputing", path)
-    videos = _split_videos(data_dir, split, num)
+    videos = _split_videos(data_dir, split, num, clip)
     feats, info = features(name, videos, progress=progress)
     stats = gaussian_stats(feats, {"hash": digest, "videos": len(videos), **info, **key})
     try:

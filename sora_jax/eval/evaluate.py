@@ -28,12 +28,15 @@ def evaluate_workdir(
     out: str | Path | None = None,
     pipeline=None,
     use_ema: bool | None = None,
+    data: str | Path | None = None,
 ) -> dict:
     """Samples ``num_prompts`` captions of ``split`` (or, for ``"paraphrase"``, paraphrased prompts) with the
     workdir's latest checkpoint (EMA weights unless ``use_ema`` is False; or ``pipeline``), writes the report
-    to ``out`` (default ``<workdir>/eval``). Returns metrics, per-video rows, the uint8 videos
-    ``[B, T, H, W, 3]`` and the prompts."""
-    from sora_jax.data.pipeline import dataset_dir
+    to ``out`` (default ``<workdir>/eval``). ``data``: the dataset whose captions are drawn (default:
+    ``eval.clips.eval_dataset``'s). Returns metrics, per-video rows, the uint8 videos ``[B, T, H, W, 3]`` and
+    the prompts."""
+    from sora_jax.eval.adherence import check_digit_prompts
+    from sora_jax.eval.clips import eval_dataset
     from sora_jax.sample.pipeline import load_pipeline
 
     pipe = pipeline or load_pipeline(workdir, use_ema=use_ema)
@@ -42,7 +45,8 @@ def evaluate_workdir(
 
         prompts = paraphrase_prompts(num_prompts, seed)
     else:
-        prompts = split_prompts(dataset_dir(pipe.config, workdir), split, num_prompts, seed)
+        prompts = split_prompts(eval_dataset(pipe.config, workdir, data), split, num_prompts, seed)
+    check_digit_prompts(prompts)
     videos = pipe.generate(prompts, seed=seed, progress=True)
     metrics, rows = evaluate_prompts(videos, prompts)
     metrics = {"split": split, "step": pipe.step, **metrics}
@@ -51,15 +55,16 @@ def evaluate_workdir(
     return {"metrics": metrics, "per_video": rows, "videos": videos, "prompts": prompts}
 
 
-def _psnr_of_autoencoder(pipe, data_dir: Path, split: str, num: int, seed: int) -> dict:
-    """Reconstruction PSNR of the pipeline's autoencoder (a VAE, or a pixel codec) on ``num`` clips."""
+def _psnr_of_autoencoder(pipe, data_dir: Path, split: str, num: int, seed: int, clip=None) -> dict:
+    """Reconstruction PSNR of the pipeline's autoencoder (a VAE, or a pixel codec) on ``num`` clips (cut to
+    ``clip`` when the dataset's clips have native sizes)."""
     import jax
 
-    from sora_jax.eval.prompting import split_clips
+    from sora_jax.eval.clips import sample_clips
     from sora_jax.eval.reconstruction import psnr
     from sora_jax.models.autoencoder import float_to_video, video_to_float
 
-    clips, _ = split_clips(data_dir, split, num, seed)
+    clips, _ = sample_clips(data_dir, split, num, seed, clip=clip)
     ae = pipe.autoencoder
     fn = jax.jit(
         lambda p, v: float_to_video(ae.with_params(p).decode(ae.with_params(p).encode(video_to_float(v))))
@@ -82,27 +87,36 @@ def evaluate_metrics(
     use_ema: bool | None = None,
     pipeline=None,
     progress: bool = True,
+    data: str | Path | None = None,
 ) -> dict:
     """``sora-jax eval --metrics``: samples ``num_videos`` captions of ``split`` (drawn with ``seed``) with the
     checkpoint at ``step`` (latest if None) and scores them by ``metrics`` (``suite.METRICS``; the distances
-    against the first ``ref_count`` clips of ``split``, all if None). Writes ``<out>/metrics_step<N>.json``
-    (default ``out``: ``<workdir>/eval``) and returns it: {"workdir", "step", "split", "num_videos",
+    against the first ``ref_count`` clips of ``split``, all if None). The captions and clips come from
+    ``data`` (default ``eval.clips.eval_dataset``'s: the workdir's dataset, or the clips behind its latents);
+    clips of native sizes are cut to the generated shape (``eval.clips.read_clips``). Writes
+    ``<out>/metrics_step<N>.json`` (default ``out``: ``<workdir>/eval``) and returns it: {"workdir", "step", "split", "num_videos",
     "sampling_seconds", "rows": [{"metric", "value", "count", "step", "seconds", ...}]}."""
     import time
 
-    from sora_jax.data.pipeline import dataset_dir
     from sora_jax.eval import suite
+    from sora_jax.eval.adherence import check_digit_prompts
+    from sora_jax.eval.clips import clip_shape, eval_dataset, is_native_size
+    from sora_jax.loading import saved_config
     from sora_jax.sample.pipeline import load_pipeline
 
     names = suite.parse_metrics(metrics)
+    cfg = pipeline.config if pipeline is not None else saved_config(workdir, step)[1]
+    data = eval_dataset(cfg, workdir, data)  # the data and prompts are checked before any weights load
+    clip = clip_shape(cfg) if is_native_size(data, split) else None
+    prompts = split_prompts(data, split, num_videos, seed)
+    if "adherence" in names:
+        check_digit_prompts(prompts)
     pipe = pipeline or load_pipeline(workdir, step=step, use_ema=use_ema)
-    data = dataset_dir(pipe.config, workdir)
     report = {"workdir": str(workdir), "step": int(pipe.step), "split": split, "num_videos": num_videos}
     video_metrics = [n for n in names if n in suite.VIDEO_METRICS]
     results: dict[str, dict] = {}
     if video_metrics:
         t0 = time.perf_counter()
-        prompts = split_prompts(data, split, num_videos, seed)
         videos = pipe.generate(prompts, seed=seed, progress=progress)
         report["sampling_seconds"] = time.perf_counter() - t0
         report["num_videos"] = len(prompts)
@@ -113,11 +127,12 @@ def evaluate_metrics(
             data_dir=data,
             ref_split=split,
             ref_count=ref_count,
+            clip=clip,
             progress=progress,
         )
     if "psnr" in names:
         t0 = time.perf_counter()
-        results["psnr"] = _psnr_of_autoencoder(pipe, data, split, num_videos, seed)
+        results["psnr"] = _psnr_of_autoencoder(pipe, data, split, num_videos, seed, clip)
         results["psnr"]["seconds"] = time.perf_counter() - t0
     report["rows"] = [{"metric": n, **results[n], "step": int(pipe.step)} for n in names]
     out = Path(out) if out else Path(workdir) / "eval"

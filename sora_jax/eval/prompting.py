@@ -26,20 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from sora_jax.eval.adherence import evaluate_prompts
+from sora_jax.eval.clips import sample_clips as split_clips
 from sora_jax.eval.long_video import plot_long, score_long
 from sora_jax.eval.reconstruction import psnr
-
-
-def split_clips(data_dir: Path, split: str, num: int, seed: int) -> tuple[np.ndarray, list[str]]:
-    from sora_jax.data import pipeline
-
-    videos, captions = [], []
-    for batch in pipeline.in_order(data_dir, split, 64):
-        videos.append(batch["video"])
-        captions += [str(c) for c in batch["caption"]]
-    v = np.concatenate(videos)
-    idx = np.sort(np.random.default_rng(seed).choice(len(v), size=min(num, len(v)), replace=False))
-    return v[idx], [captions[i] for i in idx]
 
 
 def _seam_jump(video: np.ndarray, seam: int) -> float:
@@ -72,11 +61,12 @@ def evaluate_prompting(
     split: str = "test",
     pipeline=None,
     use_ema: bool | None = None,
+    data: str | Path | None = None,
 ) -> dict:
     """Runs the four checks (module docstring) on ``num`` clips of ``split`` and writes the report; returns
     the metrics. ``pipeline``: an already loaded one (else the workdir's, EMA weights unless ``use_ema`` is
-    False)."""
-    from sora_jax.data.pipeline import dataset_dir
+    False); ``data``: the dataset of the clips (default: ``eval.clips.eval_dataset``'s)."""
+    from sora_jax.eval.clips import eval_dataset
     from sora_jax.sample.pipeline import load_pipeline
     from sora_jax.sample.prompter import Prompter
     from sora_jax.sample.video_io import write_mp4
@@ -85,7 +75,7 @@ def evaluate_prompting(
     p = Prompter.from_pipeline(pipe)
     out = Path(out) if out else Path(workdir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    clips, captions = split_clips(dataset_dir(pipe.config, workdir), split, num, seed)
+    clips, captions = split_clips(eval_dataset(pipe.config, workdir, data), split, num, seed)
     T, P = p.frames, p.pixel_overlap(overlap)
     n = len(clips)
     m: dict = {

@@ -50,16 +50,18 @@ def score_videos(
     data_dir: str | Path | None = None,
     ref_split: str = "test",
     ref_count: int | None = None,
+    clip=None,
     progress: bool = False,
 ) -> dict[str, dict]:
     """Scores uint8 videos ``[B, T, H, W, 3]`` (generated for ``prompts``) by each metric of ``metrics``.
 
     ``data_dir`` / ``ref_split`` / ``ref_count``: the dataset, split and number of its clips (None: all)
-    whose statistics are the reference of the Fréchet distances (``eval.distances``, cached there).
+    whose statistics are the reference of the Fréchet distances (``eval.distances``, cached there); ``clip``
+    (``eval.clips.ClipShape``): the shape a native-size dataset's clips are cut to (the generated videos').
     Returns {metric: {"value", "count", "higher_is_better", "seconds", ...}}.
     """
     from sora_jax.eval import distances
-    from sora_jax.eval.adherence import evaluate_prompts
+    from sora_jax.eval.adherence import check_digit_prompts, evaluate_prompts
 
     names = parse_metrics(metrics)
     out: dict[str, dict] = {}
@@ -73,11 +75,14 @@ def score_videos(
         if name in distances.DISTANCES:
             if data_dir is None:
                 raise UserError(f"{name} compares with a dataset's clips: give data_dir")
-            ref = distances.reference_stats(name, data_dir, ref_split, ref_count, progress=progress)
+            ref = distances.reference_stats(
+                name, data_dir, ref_split, ref_count, clip=clip, progress=progress
+            )
             out[name] = distances.distance(name, videos, ref, progress=progress) | {
                 "higher_is_better": higher
             }
         elif name == "adherence":
+            check_digit_prompts(prompts)
             m, _ = evaluate_prompts(videos, list(prompts))
             out[name] = {
                 "value": m["both_accuracy"],

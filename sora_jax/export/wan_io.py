@@ -137,6 +137,7 @@ def workdir_config() -> ml_collections.ConfigDict:
     c.diffusion.flow_shift = 3.0  # scheduler_config.json flow_shift (3 for 480p, 5 for 720p)
     c.diffusion.flow_prediction = "v"  # Wan predicts the velocity noise - x0
     c.diffusion.sampler = "unipc"  # the folder's scheduler: UniPCMultistepScheduler, or "euler"
+    c.diffusion.time_grid = "diffusers"  # and its time grid: sampling reproduces WanPipeline's
     c.diffusion.sample_steps = 50
     c.diffusion.cfg_scale = 5.0
 
