@@ -8,8 +8,9 @@ Reads every split of ``--data`` in order, encodes the clips with the VAE's EMA w
 normalised by the VAE's ``latent_stats.json``) and writes the same records with float16 latents in place of
 the video (``sora_jax.data.records``; captions and labels kept) into ArrayRecord shards of ``--out``, plus a
 ``metadata.json`` naming the VAE and its checkpoint step. ``--text_encoder minilm | t5`` also writes the
-captions' embedding table for a frozen encoder (``data_pipelines/encode_text.py``). The output
-folder appears atomically: a crash leaves no half-written dataset.
+captions' embedding table for a frozen encoder (``data_pipelines/encode_text.py``). The source's data card
+(``datacard.json`` + ``datacard.md``, ``sora_jax.data.datacard``) is copied unchanged, so the latents train under
+the same card hash. The output folder appears atomically: a crash leaves no half-written dataset.
 
 Wan 2.1 (``configs/wan_t2v_1_3b.py``): ``--vae`` a Wan workdir (``sora-jax import-diffusers``) encodes with its
 VAE (normalised by the VAE's ``latents_mean`` / ``latents_std``, as ``WanPipeline`` does); ``--text_encoder
@@ -123,7 +124,7 @@ def encode_dataset(
     from array_record.python.array_record_module import ArrayRecordWriter
     from tqdm.auto import tqdm
 
-    from sora_jax.data import pipeline
+    from sora_jax.data import datacard, pipeline
     from sora_jax.data.records import encode_clip
     from sora_jax.models.autoencoder import video_to_float
 
@@ -131,6 +132,7 @@ def encode_dataset(
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new --out (latents are never overwritten)")
     meta = pipeline.read_metadata(data)
+    card = datacard.find_card(data)  # a damaged card stops here, before any encoding
     codec, vae_step, kind = load_codec(vae)
     # the VAE's weights are an argument of the compiled encoder, not constants baked into it
     encode_fn = jax.jit(lambda p, v: codec.with_params(p).encode(video_to_float(v)))
@@ -163,8 +165,9 @@ def encode_dataset(
                     index += [(*clips[int(k)], fps) for k in batch["bucket"]]
             bar.close()
             writer.close()
-            # the pixel-clip index (sizes per record) does not describe latents: dropped, or the buckets'
-            info = {k: v for k, v in info.items() if k != "index"}
+            # the pixel-clip index (sizes per record) and provenance codes (record order) do not describe
+            # latents: dropped (the card keeps the counts), or the buckets'
+            info = {k: v for k, v in info.items() if k not in ("index", "provenance")}
             splits[split] = {**info, "num_clips": written, "shards": [name]}
             if clips is not None:
                 np.save(tmp / f"{split}.index.npy", np.asarray(index, np.float32).reshape(-1, 4))
@@ -184,6 +187,8 @@ def encode_dataset(
             "splits": splits,
         }
         (tmp / "metadata.json").write_text(json.dumps(new_meta))
+        if card is not None:
+            datacard.write_card(tmp, card)
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

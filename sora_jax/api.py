@@ -153,7 +153,9 @@ def read_metrics(workdir: str | Path) -> list[dict]:
 
 def list_checkpoints(workdir: str | Path) -> list[dict]:
     """One dict per checkpoint of ``workdir`` (what ``sora-jax checkpoints`` prints): ``step`` (None for one
-    moved aside as unreadable), ``name``, ``time``, ``bytes``, ``complete``, ``config`` (a one-line summary)."""
+    moved aside as unreadable), ``name``, ``time``, ``bytes``, ``complete``, ``config`` (a one-line summary),
+    ``datacard`` ({"hash", "summary"} of the data card it was trained on, ``sora_jax.data.datacard``; None for
+    a checkpoint made before data cards)."""
     from sora_jax.train.checkpoint import list_checkpoints as _list
 
     return _list(workdir)

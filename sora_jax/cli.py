@@ -193,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None, help="video height (default 480)")
     p.add_argument("--width", type=int, default=None, help="video width (default 832)")
 
-    p = sub.add_parser("checkpoints", help="list a workdir's checkpoints: step, time, size, config summary")
+    p = sub.add_parser(
+        "checkpoints",
+        help="list a workdir's checkpoints: step, time, size, config summary, training data card",
+    )
     p.add_argument("--workdir", required=True)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -205,10 +208,14 @@ def _print_checkpoints(rows: list[dict], as_json: bool) -> None:
 
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'step':>8}  {'saved':19}  {'size':>9}  config")
+    print(f"{'step':>8}  {'saved':19}  {'size':>9}  config / data card")
     for r in rows:
         step = str(r["step"]) if r["complete"] else r["name"]
         print(f"{step:>8}  {r['time']:19}  {r['bytes'] / 2**20:7.2f} MB  {r['config']}")
+        if r["complete"]:
+            card = r.get("datacard")
+            data = f"data card {card['hash'][:12]}: {card['summary']}" if card else "no data card"
+            print(f"{'':>8}  {'':19}  {'':>9}  {data}")
 
 
 def _print_scalars(metrics: dict) -> None:
@@ -255,6 +262,7 @@ def run(argv: list[str]) -> int:
             videos_per_unit=args.videos_per_unit,
             workers=args.workers,
             progress=not args.no_progress,
+            require_license=args.require_license,
         )
         print(summary(report))
     elif args.command == "train":

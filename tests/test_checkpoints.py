@@ -212,8 +212,10 @@ def test_params_only_restore_and_the_checkpoints_command(trained, data_dir, caps
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert cli_main(["checkpoints", "--workdir", str(trained)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:2] == ["step", "saved"] and [ln.split()[0] for ln in lines[1:]] == ["3", "6"]
-    assert all("t2v smoke, 4x16x16, batch 8" in ln for ln in lines[1:])
+    rows, cards = lines[1::2], lines[2::2]  # each checkpoint's line, then its data card's
+    assert lines[0].split()[:2] == ["step", "saved"] and [ln.split()[0] for ln in rows] == ["3", "6"]
+    assert all("t2v smoke, 4x16x16, batch 8" in ln for ln in rows)
+    assert all(ln.split()[:2] == ["data", "card"] and "moving_digits: 80 clips" in ln for ln in cards)
     assert cli_main(["checkpoints", "--workdir", str(trained / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no checkpoints" in err[0]

@@ -1,7 +1,9 @@
 """Captions files of video collections: CSV with a header, or JSONL, one row per video (or segment).
 
-Keys: ``video`` (a path relative to the videos folder), ``caption``, optional ``start``/``end`` seconds and
-``split`` (letters, digits, '_'; default "train"). Shared by ``sora-jax ingest`` and the TFDS builder
+Keys: ``video`` (a path relative to the videos folder), ``caption``, optional ``start``/``end`` seconds,
+``split`` (letters, digits, '_'; default "train"), ``license`` and ``source`` (free text, e.g. "CC-BY-4.0" and
+"pexels.com/@someone"; ingest carries them per clip and counts them in the data card,
+``sora_jax.data.datacard``). Shared by ``sora-jax ingest`` and the TFDS builder
 (``data_pipelines/tfds_video.py``); a malformed file is one ``UserError`` line naming the file and line.
 """
 
@@ -33,6 +35,14 @@ class Row:
     split: str = DEFAULT_SPLIT
     start: float | None = None
     end: float | None = None
+    license: str | None = None
+    source: str | None = None
+
+    def spec(self) -> dict[str, Any]:
+        """The row as a dict, without an absent license/source (so rows from before those keys fingerprint
+        as they did)."""
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if not (k in ("license", "source") and v is None)}
 
 
 def _seconds(value: Any, key: str, where: str) -> float | None:
@@ -49,6 +59,14 @@ def _seconds(value: Any, key: str, where: str) -> float | None:
     return x
 
 
+def _text(value: Any, key: str, where: str) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise UserError(f"{where}: {key} must be text, got {value!r}")
+    return " ".join(value.split())
+
+
 def _row(d: dict[str, Any], where: str) -> Row:
     video, caption = d.get("video"), d.get("caption")
     if not isinstance(video, str) or not video.strip():
@@ -62,7 +80,15 @@ def _row(d: dict[str, Any], where: str) -> Row:
     start, end = _seconds(d.get("start"), "start", where), _seconds(d.get("end"), "end", where)
     if start is not None and end is not None and end <= start:
         raise UserError(f"{where}: end ({end}) must be after start ({start})")
-    return Row(video=video.strip(), caption=caption, split=split.strip(), start=start, end=end)
+    return Row(
+        video=video.strip(),
+        caption=caption,
+        split=split.strip(),
+        start=start,
+        end=end,
+        license=_text(d.get("license"), "license", where),
+        source=_text(d.get("source"), "source", where),
+    )
 
 
 def read_captions(path: str | os.PathLike) -> list[Row]:

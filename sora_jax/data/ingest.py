@@ -10,7 +10,9 @@ H.264 codec (``sora_jax.data.video_codec``), the captions reader (``sora_jax.dat
 cutting of one video into clips (``sora_jax.data.video_clips``) are used, not defined, here.
 
 Captions: CSV with a header, or JSONL (``.jsonl``); keys ``video`` (path relative to ``--videos``),
-``caption``, optional ``start``/``end`` seconds and ``split`` (default "train"). A row with start/end
+``caption``, optional ``start``/``end`` seconds, ``split`` (default "train"), ``license`` and ``source``
+(carried into each clip's record header as ``license`` / ``data_source``; ``--require_license`` refuses a
+file with a row that has no license, before any work starts). A row with start/end
 gives that segment, a row without gives the whole video; either is cut into consecutive clips of
 ``--clip_seconds`` (a shorter last piece is kept when it has >= ``--min_frames`` frames). Clips keep the
 source fps; a short side above ``--max_short_side`` is downscaled (area filter, aspect ratio kept) and odd
@@ -18,8 +20,11 @@ sizes lose their last row/column (yuv420p needs even sizes).
 
 Layout of ``--out``: shards ``<split>-u<unit>-<k>.array_record`` (one ``SJC1``/h264 record per clip, shards
 rolled over at ``--shard_mb``), ``<split>.index.npy`` (float32 [N, 4] = frames, height, width, fps of record
-i, in record order), ``metadata.json`` (read by ``sora_jax.data.pipeline``), ``report.json`` (counts and
-every skipped video with its reason) and ``.units/<split>-u<unit>.json`` (one per finished work unit).
+i, in record order), ``<split>.provenance.npy`` (int32 [N, 2] = license, source of record i as indices into
+the split's ``provenance`` lists in metadata.json, -1 = unspecified), ``metadata.json`` (read by
+``sora_jax.data.pipeline``), ``report.json`` (counts and every skipped video with its reason), the data card
+``datacard.json`` + ``datacard.md`` (``sora_jax.data.datacard``: clips and hours per license, source and split,
+caption statistics) and ``.units/<split>-u<unit>.json`` (one per finished work unit).
 
 Work is cut into units of ``--videos_per_unit`` rows in captions-file order, run in ``--workers`` spawned
 processes. A unit writes its shards under temporary names, renames them, and writes its unit json last, so a
@@ -45,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from sora_jax.data import datacard
 from sora_jax.data.captions import Row, read_captions
 from sora_jax.data.video_clips import (
     ClipOptions,
@@ -60,6 +66,7 @@ VERSION = 1
 RECORD_FORMAT = "sora_jax.data.records (SJC1, h264)"
 _SHARD_RE = re.compile(r"^[A-Za-z0-9_]+-u\d{5,}-\d{3,}\.array_record$")  # <split>-u<unit>-<k>
 _MAX_SKIPS_PRINTED = 20
+_PER_SPLIT_FILES = (".index.npy", ".provenance.npy")
 
 Progress = Callable[[int], None]
 
@@ -102,7 +109,7 @@ class Unit:
     def fingerprint(self) -> str:
         spec = {
             "version": VERSION,
-            "rows": [dataclasses.asdict(r) for r in self.rows],
+            "rows": [r.spec() for r in self.rows],
             "options": dataclasses.asdict(self.options),
             "shard_bytes": self.shard_bytes,
         }
@@ -130,6 +137,8 @@ def _finished(unit: Unit) -> dict[str, Any] | None:
         return None
     if not isinstance(done, dict) or done.get("fingerprint") != unit.fingerprint():
         return None
+    if "clip_rows" not in done:  # written before clips named their rows (data cards): redo
+        return None
     out = pathlib.Path(unit.out)
     if not all((out / s).is_file() for s in done.get("shards", [])):
         return None
@@ -155,6 +164,7 @@ def run_unit(unit: Unit, progress: Progress | None = None) -> dict[str, Any]:
     shards: list[str] = []
     counts: list[int] = []
     index: list[list[float]] = []
+    clip_rows: list[int] = []  # the row (index into unit.rows) of each clip, in record order
     skipped: list[dict[str, str]] = []
     videos_ok = 0
     writer = None
@@ -167,7 +177,7 @@ def run_unit(unit: Unit, progress: Progress | None = None) -> dict[str, Any]:
             os.replace(out / f".{shards[-1]}.partial", out / shards[-1])
             writer = None
 
-    for row in unit.rows:
+    for row_index, row in enumerate(unit.rows):
         try:
             clips = encode_video(pathlib.Path(unit.videos) / row.video, row, unit.options)
         except SkipVideo as e:
@@ -186,6 +196,7 @@ def run_unit(unit: Unit, progress: Progress | None = None) -> dict[str, Any]:
                 size += len(record)
                 counts[-1] += 1
                 index.append(idx)
+                clip_rows.append(row_index)
             videos_ok += 1
         if progress is not None:
             progress(1)
@@ -197,6 +208,7 @@ def run_unit(unit: Unit, progress: Progress | None = None) -> dict[str, Any]:
         "shards": shards,
         "records_per_shard": counts,
         "index": index,
+        "clip_rows": clip_rows,
         "videos": len(unit.rows),
         "videos_ok": videos_ok,
         "skipped": skipped,
@@ -299,12 +311,57 @@ def _remove_stale(out: pathlib.Path, units: list[Unit], results: list[dict[str, 
         m = _SHARD_RE.match(p.name)
         stale_shard = m is not None and p.name not in shards
         stale_tmp = p.name.startswith(".") and (p.name.endswith(".partial") or ".tmp-" in p.name)
-        stale_index = p.name.endswith(".index.npy") and p.name[: -len(".index.npy")] not in splits
+        stale_index = any(
+            p.name.endswith(suffix) and p.name[: -len(suffix)] not in splits for suffix in _PER_SPLIT_FILES
+        )
         if stale_shard or stale_tmp or stale_index:
             p.unlink(missing_ok=True)
     for p in (out / ".units").iterdir():
         if p.suffix != ".json" or p.stem not in names:
             p.unlink(missing_ok=True)
+
+
+def _check_licenses(rows: list[Row], captions: str | os.PathLike) -> None:
+    missing = [r for r in rows if r.license is None]
+    if missing:
+        raise UserError(
+            f"--require_license: {len(missing)} of {len(rows)} rows of {captions} have no license (first: "
+            f"{missing[0].video!r}); give every row a 'license' column/key, or drop --require_license"
+        )
+
+
+def _provenance(
+    split: str, mine: list[tuple[Unit, dict[str, Any]]]
+) -> tuple[np.ndarray, dict[str, Any], datacard.SplitClips]:
+    """(codes int32 [N, 2] = license, source index of each clip, -1 unspecified; the metadata entry that names
+    them; the clips for the data card) of one split's units and their results, in record order."""
+    rows = [u.rows[i] for u, r in mine for i in r["clip_rows"]]
+    index = np.asarray([row for _, r in mine for row in r["index"]], np.float64).reshape(-1, 4)
+    licenses = sorted({r.license for r in rows if r.license is not None})
+    sources = sorted({r.source for r in rows if r.source is not None})
+    lic_id, src_id = {k: i for i, k in enumerate(licenses)}, {k: i for i, k in enumerate(sources)}
+    codes = np.asarray(
+        [(lic_id.get(r.license, -1), src_id.get(r.source, -1)) for r in rows], np.int32
+    ).reshape(-1, 2)
+    entry = {
+        "file": f"{split}.provenance.npy",
+        "columns": ["license", "source"],
+        "license": licenses,
+        "source": sources,
+    }
+    clips = datacard.SplitClips(
+        seconds=index[:, 0] / np.maximum(index[:, 3], 1e-9),
+        licenses=[r.license for r in rows],
+        sources=[r.source for r in rows],
+        captions=[r.caption for r in rows],
+    )
+    return codes, entry, clips
+
+
+def _save_npy(path: pathlib.Path, a: np.ndarray) -> None:
+    buf = io.BytesIO()  # np.save on a path would append .npy to the temporary name
+    np.save(buf, a)
+    _write_atomic(path, buf.getvalue())
 
 
 def ingest(
@@ -320,10 +377,12 @@ def ingest(
     videos_per_unit: int = 32,
     workers: int | None = None,
     progress: bool = True,
+    require_license: bool = False,
 ) -> dict[str, Any]:
     """Writes (or finishes) the dataset folder ``out``; returns the report (also in ``out/report.json``).
 
-    Raises UserError for a malformed captions file, a missing videos folder or out-of-range options.
+    Raises UserError for a malformed captions file, a missing videos folder or out-of-range options, and
+    (``require_license``) for a row without a license; all before anything is written.
     """
     t_begin = time.perf_counter()
     opts = ClipOptions(float(clip_seconds), int(min_frames), int(max_short_side), int(crf))
@@ -338,6 +397,8 @@ def ingest(
     if not videos.is_dir():
         raise UserError(f"videos folder not found: {videos}")
     rows = read_captions(captions)
+    if require_license:
+        _check_licenses(rows, captions)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     meta_path = out / "metadata.json"
@@ -366,18 +427,20 @@ def ingest(
     results = [r if r is not None else next(fresh) for r in results]
 
     splits: dict[str, Any] = {}
+    card_clips: dict[str, datacard.SplitClips] = {}
     for split in dict.fromkeys(u.split for u in units):
-        mine = [r for u, r in zip(units, results) if u.split == split]
-        index = np.asarray([row for r in mine for row in r["index"]], np.float32).reshape(-1, 4)
-        buf = io.BytesIO()  # np.save on a path would append .npy to the temporary name
-        np.save(buf, index)
-        _write_atomic(out / f"{split}.index.npy", buf.getvalue())
+        mine = [(u, r) for u, r in zip(units, results) if u.split == split]
+        index = np.asarray([row for _, r in mine for row in r["index"]], np.float32).reshape(-1, 4)
+        _save_npy(out / f"{split}.index.npy", index)
+        codes, provenance, card_clips[split] = _provenance(split, mine)
+        _save_npy(out / provenance["file"], codes)
         splits[split] = {
-            "shards": [s for r in mine for s in r["shards"]],
+            "shards": [s for _, r in mine for s in r["shards"]],
             "num_clips": len(index),
             "index": f"{split}.index.npy",
             "index_columns": ["frames", "height", "width", "fps"],
-            "num_videos": sum(r["videos_ok"] for r in mine),
+            "provenance": provenance,
+            "num_videos": sum(r["videos_ok"] for _, r in mine),
         }
     params = {
         **dataclasses.asdict(opts),
@@ -393,6 +456,8 @@ def ingest(
         "params": params,
         "splits": splits,
     }
+    card = datacard.make_card("ingest", card_clips, params=dataclasses.asdict(opts))
+    datacard.write_card(out, card)
     _write_json_atomic(out / "metadata.json", meta)
     _remove_stale(out, units, results)
     report = {
@@ -407,6 +472,7 @@ def ingest(
         "seconds": round(time.perf_counter() - t_begin, 3),
         "splits": {k: {"clips": v["num_clips"], "videos_ok": v["num_videos"]} for k, v in splits.items()},
         "out": str(out),
+        "datacard": datacard.reference(card),
     }
     _write_json_atomic(out / "report.json", report)
     return report
@@ -419,6 +485,8 @@ def summary(report: dict[str, Any]) -> str:
         f"{report['out']} ({report['shards']} shards, {report['bytes'] / 2**20:.2f} MB, "
         f"{report['seconds']:.1f} s; {report['units_run']}/{report['units']} work units run)"
     ]
+    if report.get("datacard"):
+        lines.append(f"data card {report['datacard']['hash'][:12]}: {report['datacard']['summary']}")
     skipped = report["skipped"]
     if skipped:
         lines.append(f"skipped {len(skipped)} videos:")
@@ -437,7 +505,9 @@ def summary(report: dict[str, Any]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--videos", required=True, help="folder the captions file's video paths are relative to")
     p.add_argument(
-        "--captions", required=True, help="CSV (header: video,caption[,start,end,split]) or .jsonl"
+        "--captions",
+        required=True,
+        help="CSV (header: video,caption[,start,end,split,license,source]) or .jsonl with those keys",
     )
     p.add_argument("--out", required=True, help="dataset folder (shards, metadata.json, report.json)")
     p.add_argument("--clip_seconds", type=float, default=4.0, help="clip length (default 4.0)")
@@ -448,3 +518,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--videos_per_unit", type=int, default=32, help="rows per resumable work unit")
     p.add_argument("--workers", type=int, default=None, help="processes (default: min(4, CPUs))")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--require_license",
+        action="store_true",
+        help="refuse (before any work) a captions file with a row that has no license",
+    )

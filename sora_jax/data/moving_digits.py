@@ -2,13 +2,16 @@
 
 Owns the generator (``generate``: numpy arrays in memory), the caption grammar (``caption``) and its
 inverse (``parse_prompt``, also used on user prompts at sampling and evaluation time), and the on-disk
-build (``build``: ArrayRecord shards + ``metadata.json``, written atomically).
+build (``build``: ArrayRecord shards + ``metadata.json`` + the data card ``datacard.json``, written atomically).
 
 Source glyphs are the 1797 8x8 digits of ``sklearn.datasets.load_digits``: even indices feed train clips,
 odd indices test clips, so test clips show unseen handwriting. Each object moves in one of 8 directions
 (``DIRECTIONS``; the label is the *initial* direction, objects bounce off the walls). Ten (digit, direction)
 pairs (``HELD_OUT``) never appear in train clips and every test clip contains at least one of them, which
 measures compositional generalisation.
+
+Every clip is counted under ``LICENSE`` and ``SOURCE`` in the data card; ``LICENSE_NOTE`` says where the
+glyphs' licence comes from (scikit-learn's BSD-3-Clause copy of UCI's CC BY 4.0 optdigits test set).
 
     python -m data_pipelines.moving_digits --out data/moving_digits --num_train 6000 --num_test 512 \
         --num_frames 8 --height 32 --width 32 --fps 8 --seed 0
@@ -29,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from sora_jax.data import datacard
+
 GENERATOR = "moving_digits"
 VERSION = 1
 
@@ -46,6 +51,16 @@ _SIGNS_TO_DIRECTION = {
 # (digit, direction id) pairs never seen in training; one per digit.
 HELD_OUT_DIRECTION = tuple((3 * d + 1) % 8 for d in range(10))
 HELD_OUT = frozenset((d, HELD_OUT_DIRECTION[d]) for d in range(10))
+
+LICENSE = "BSD-3-Clause (scikit-learn digits)"
+SOURCE = "sklearn.datasets.load_digits, synthetic motion"
+LICENSE_NOTE = (
+    "Glyphs: the 1797 8x8 digits of sklearn.datasets.load_digits, shipped in scikit-learn's BSD-3-Clause "
+    "distribution (no separate licence stated for the data). scikit-learn's description says they are a copy "
+    "of the test set of the UCI 'Optical Recognition of Handwritten Digits' dataset (E. Alpaydin, C. Kaynak, "
+    "1998), which the UCI repository lists under CC BY 4.0: attribute it. Motion, composition and captions "
+    "are synthetic (this generator)."
+)
 
 SPLITS = ("train", "test")
 _SPLIT_ID = {"train": 0, "test": 1}
@@ -383,6 +398,47 @@ def _is_complete(out_dir: pathlib.Path, params: dict[str, Any]) -> bool:
     return all((out_dir / f).is_file() for s in SPLITS for f in meta["splits"][s]["shards"])
 
 
+def make_datacard(meta: dict[str, Any]) -> dict[str, Any]:
+    """The data card (``sora_jax.data.datacard``) of a build from its ``metadata.json`` alone: every clip under
+    ``LICENSE`` / ``SOURCE``, and per split the generator's labels: how many objects show each digit and each
+    initial direction, and how many clips hold 1 and 2 objects."""
+    seconds = float(meta["num_frames"]) / float(meta["fps"])
+    names = meta.get("directions", list(DIRECTIONS))
+    splits, labels = {}, {}
+    for split, entry in meta["splits"].items():
+        n = int(entry["num_clips"])
+        splits[split] = datacard.SplitClips(
+            np.full(n, seconds), [LICENSE] * n, [SOURCE] * n, entry["captions"]
+        )
+        digits = np.asarray(entry["digits"], np.int64).reshape(n, -1)
+        directions = np.asarray(entry["directions"], np.int64).reshape(n, -1)
+        present = digits >= 0
+        labels[split] = {
+            "digits": {str(d): int(c) for d, c in enumerate(np.bincount(digits[present], minlength=10))},
+            "directions": {
+                names[k]: int(c) for k, c in enumerate(np.bincount(directions[present], minlength=len(names)))
+            },
+            "objects_per_clip": {
+                str(k): int(c)
+                for k, c in enumerate(np.bincount(present.sum(1), minlength=MAX_OBJECTS + 1))
+                if k
+            },
+        }
+    return datacard.make_card(GENERATOR, splits, params=meta["params"], labels=labels, notes=LICENSE_NOTE)
+
+
+def ensure_card(out_dir: str | os.PathLike, *, write: bool = True) -> dict[str, Any]:
+    """The card of the complete build in ``out_dir``; made from its metadata when it has none (built before
+    cards), and then written there unless ``write`` is False (one process of many writes)."""
+    out_dir = pathlib.Path(out_dir)
+    card = datacard.read_card(out_dir)
+    if card is None:
+        card = make_datacard(json.loads((out_dir / "metadata.json").read_text()))
+        if write:
+            datacard.write_card(out_dir, card)
+    return card
+
+
 def build(
     out_dir: str | os.PathLike,
     *,
@@ -428,6 +484,7 @@ def build(
         speed=None if speed is None else [float(v) for v in speed],
     )
     if _is_complete(out_dir, params):
+        ensure_card(out_dir)
         return out_dir
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(
@@ -485,6 +542,7 @@ def build(
                 "directions": data["directions"].tolist(),
             }
         bar.close()
+        datacard.write_card(tmp, make_datacard(meta))
         (tmp / "metadata.json").write_text(json.dumps(meta))
         if out_dir.is_dir():
             out_dir.rmdir()  # empty (checked above)

@@ -5,7 +5,8 @@ Layout of one record (no pickle, readable from any language)::
     b"SJC1" | uint32 little-endian header length | JSON header (utf-8) | zlib(raw uint8 video bytes)
 
 An *encoded* record (``sora-jax ingest``) carries the bytes of an H.264 MP4 instead (``codec: "h264"``, not
-zlib-compressed), plus ``fps``, ``source`` and ``start`` seconds; ``decode_clip`` decodes all its frames and
+zlib-compressed), plus ``fps``, ``source`` (the video's path) and ``start`` seconds, and the captions row's
+``license`` and ``data_source`` when it gives them; ``decode_clip`` decodes all its frames and
 ``read_record`` hands the loader the header and the MP4 bytes so it decodes only the frames it samples.
 
 The header holds ``shape`` [T, H, W, C], ``dtype`` ("uint8" for a video [T, H, W, 3]; "float16" or
@@ -77,8 +78,11 @@ def encode_encoded_clip(
     source: str = "",
     start: float = 0.0,
     codec: str = "h264",
+    license: str | None = None,
+    data_source: str | None = None,
 ) -> bytes:
-    """A record holding an encoded clip: payload = MP4 bytes of ``shape`` (T, H, W) frames at ``fps``."""
+    """A record holding an encoded clip: payload = MP4 bytes of ``shape`` (T, H, W) frames at ``fps``;
+    ``license`` / ``data_source`` (where the video came from) go into the header when given."""
     if not isinstance(caption, str):
         raise ValueError(f"encode_encoded_clip: caption must be a str, got {type(caption).__name__}")
     t, h, w = (int(v) for v in shape)
@@ -96,6 +100,7 @@ def encode_encoded_clip(
         "directions": [-1] * NUM_LABELS,
         "payload_bytes": len(payload),
     }
+    header |= {k: v for k, v in (("license", license), ("data_source", data_source)) if v is not None}
     h_bytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return MAGIC + _LEN.pack(len(h_bytes)) + h_bytes + bytes(payload)
 

@@ -161,7 +161,14 @@ def encode_video(path: str | os.PathLike, row: Row, opts: ClipOptions) -> list[t
         t, h, w = frames.shape[:3]
         payload = encode_mp4(frames, fps, crf=opts.crf)
         record = encode_encoded_clip(
-            payload, shape=(t, h, w), fps=fps, caption=row.caption, source=row.video, start=round(start, 6)
+            payload,
+            shape=(t, h, w),
+            fps=fps,
+            caption=row.caption,
+            source=row.video,
+            start=round(start, 6),
+            license=row.license,
+            data_source=row.source,
         )
         out.append((record, [float(t), float(h), float(w), float(fps)]))
     return out

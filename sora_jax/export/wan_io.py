@@ -7,6 +7,7 @@ A diffusers Wan folder (what ``WanPipeline.save_pretrained`` writes)::
 
     model_index.json   transformer/ (WanTransformer3DModel)   vae/ (AutoencoderKLWan)
     text_encoder/ (UMT5EncoderModel)   tokenizer/   scheduler/ (UniPC / FlowMatchEuler, flow_shift)
+    datacard.json (export only, for a checkpoint trained here: the training data's card, sora_jax.data.datacard)
 
 The workdir (``sora_jax.loading`` reads it as any other): ``checkpoints/0/`` an orbax checkpoint whose state is
 ``{"params": ...}`` (the transformer, under ``transformer``; no optimizer state or EMA, so ``sample.use_ema``
@@ -381,6 +382,9 @@ def export_diffusers(
             "vae": ["diffusers", "AutoencoderKLWan"],
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        from sora_jax.export.writer import write_datacard
+
+        write_datacard(tmp, workdir, step, cfg)
         _finish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

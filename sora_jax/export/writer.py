@@ -11,6 +11,9 @@
       sora_torch/                      the twins and SoraPipeline (torch + diffusers, no JAX)
       generate.py                      python DIR/generate.py --prompt "..." --seed 0 --out a.mp4
       sora_jax.json                    what `sora-jax import` needs: the config, step, data position
+      datacard.json                    the training data's card (sora_jax.data.datacard), or the checkpoint's
+                                       {hash, summary} of it when the dataset's card changed or is gone;
+                                       absent for a checkpoint made before data cards
 
 The folder is written beside ``DIR`` under a temporary name, every tensor is read back and checked (names,
 shapes, dtypes, finite), and only then renamed to ``DIR``: a failed export leaves nothing behind.
@@ -298,6 +301,15 @@ def _data_iter_state(workdir: Path, step: int) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted(folder.iterdir()) if p.is_file() and p.suffix == ".json"}
 
 
+def write_datacard(folder: Path, workdir: str | Path, step: int, cfg) -> None:
+    """``folder/datacard.json``: the card checkpoint ``step`` was trained on (``datacard.write_export_card``)."""
+    from sora_jax.data import datacard
+    from sora_jax.data.pipeline import dataset_dir
+    from sora_jax.train.checkpoint import read_datacard
+
+    datacard.write_export_card(folder, read_datacard(workdir, step), dataset_dir(cfg, workdir))
+
+
 # ------------------------------------------------------------------------------------------------ export
 
 
@@ -378,6 +390,7 @@ def export(
             _, vae_saved = loading.saved_config(cfg.autoencoder.path, cfg.autoencoder.vae_step)
             meta["vae_config"] = json.loads(vae_saved.to_json_best_effort())
         (tmp / META).write_text(json.dumps(meta, indent=1))
+        write_datacard(tmp, workdir, step, cfg)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.rename(tmp, out)

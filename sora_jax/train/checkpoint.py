@@ -1,7 +1,9 @@
 """Orbax checkpoints of a workdir: train state, data-iterator state and the config, saved async, kept N.
 
-Layout: ``<workdir>/checkpoints/<step>/{state,data_iter,config}``. Orbax writes each step into a temporary
-folder and renames it when complete, so a crash mid-save never leaves a checkpoint that looks complete.
+Layout: ``<workdir>/checkpoints/<step>/{state,data_iter,config,datacard}``; ``datacard`` ({"hash", "summary"}
+of the training data's card, ``sora_jax.data.datacard``) is absent from checkpoints made before data cards
+or from data without one. Orbax writes each step into a temporary folder and renames it when complete, so
+a crash mid-save never leaves a checkpoint that looks complete.
 Kept: the last ``keep`` plus every ``keep_every``-th step.
 
 Resuming (``restore_latest_good``) checks the newest checkpoint against the state the config builds (a
@@ -59,6 +61,7 @@ def manager(
 
 
 BEST = "best"  # the ``step`` that names a workdir's best checkpoint
+DATACARD = "datacard"  # the checkpoint item holding the training data card's {"hash", "summary"}
 BEST_FILE = "best.json"
 
 
@@ -85,6 +88,7 @@ def save_best(
     config: ml_collections.ConfigDict,
     info: dict,
     data_iter: Any | None = None,
+    datacard: dict | None = None,
 ) -> None:
     """Saves ``state`` at ``step`` through ``best_manager``'s ``mgr`` (the items of ``save``), waits for it,
     then writes ``best.json`` = {"step": step, **info} atomically (process 0): best.json only ever names a
@@ -92,7 +96,7 @@ def save_best(
     for old in mgr.all_steps():
         if old >= step:
             mgr.delete(old)
-    save(mgr, step, state, config, data_iter, force=True)
+    save(mgr, step, state, config, data_iter, force=True, datacard=datacard)
     mgr.wait_until_finished()
     if jax.process_index() == 0:
         path = Path(mgr.directory) / BEST_FILE
@@ -147,12 +151,16 @@ def save(
     data_iter: Any | None = None,
     *,
     force: bool = False,
+    datacard: dict | None = None,
 ) -> None:
-    """Starts an async save of ``state`` (+ the grain iterator, + the config as JSON) at ``step``."""
+    """Starts an async save of ``state`` (+ the grain iterator, + the config as JSON, + ``datacard``: the
+    training data card's {"hash", "summary"}) at ``step``."""
     items = {
         "state": ocp.args.StandardSave(state),
         "config": ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
     }
+    if datacard is not None:
+        items[DATACARD] = ocp.args.JsonSave({"hash": datacard["hash"], "summary": datacard["summary"]})
     if data_iter is not None:
         items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     mgr.save(step, args=ocp.args.Composite(**items), force=force)
@@ -315,12 +323,32 @@ def restore_latest_good(
     return None
 
 
+def _read_datacard(mgr: ocp.CheckpointManager, step: int) -> dict | None:
+    if not (Path(mgr.directory) / str(step) / DATACARD).is_dir():
+        return None
+    card = mgr.restore(step, args=ocp.args.Composite(**{DATACARD: ocp.args.JsonRestore()}))[DATACARD]
+    return {"hash": str(card["hash"]), "summary": str(card["summary"])}
+
+
+def read_datacard(workdir: str | Path, step: int | str | None = None) -> dict | None:
+    """{"hash", "summary"} of the data card checkpoint ``step`` (as ``restore_subtree``'s) was trained on, or
+    None (made before data cards, or trained on data without one)."""
+    with _reader(workdir, step) as (mgr, step):
+        try:
+            return _read_datacard(mgr, step)
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {mgr.directory}/{step} has an unreadable data card: {e}"
+            ) from e
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def list_checkpoints(workdir: str | Path) -> list[dict[str, Any]]:
-    """One dict per checkpoint folder of ``workdir``: step, time, bytes, complete, config summary."""
+    """One dict per checkpoint folder of ``workdir``: step, time, bytes, complete, config summary, datacard
+    ({"hash", "summary"} of the training data's card, or None)."""
     root = checkpoint_dir(workdir)
     if not root.is_dir():
         raise CheckpointError(f"no checkpoints in {workdir} (no folder {root})")
@@ -337,6 +365,7 @@ def list_checkpoints(workdir: str | Path) -> list[dict[str, Any]]:
                 "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.stat().st_mtime)),
                 "bytes": _dir_bytes(entry),
                 "complete": step in complete,
+                "datacard": None,
             }
             if row["complete"]:
                 try:
@@ -353,6 +382,10 @@ def list_checkpoints(workdir: str | Path) -> list[dict[str, Any]]:
                     row["config"] = f"{task} {variant}, {shape}, batch {d.get('batch_size')}, mesh {mesh}"
                 except Exception as e:  # listed, not fatal
                     row["config"] = f"(config unreadable: {type(e).__name__})"
+                try:
+                    row["datacard"] = _read_datacard(mgr, step)
+                except Exception as e:  # listed, not fatal
+                    row["datacard"] = {"hash": "", "summary": f"(data card unreadable: {type(e).__name__})"}
             else:
                 row["config"] = "(incomplete: a save in progress or interrupted)"
             rows.append(row)
@@ -367,6 +400,7 @@ def list_checkpoints(workdir: str | Path) -> list[dict[str, Any]]:
                     "bytes": _dir_bytes(entry),
                     "complete": False,
                     "config": "(moved aside: unreadable)",
+                    "datacard": None,
                 }
             )
     return rows

@@ -2,7 +2,7 @@
 
     mesh -> batch specs (from the config) -> abstract state + shardings (``build_train_fns``) -> compile the
     step for every batch shape, memory checked (the peak over all of them) -> [compile_only: stop] -> the
-    train stream -> resume, or init (fine-tuning: ``model.init_from``'s parameters, ``_initial_state``) -> loop
+    train stream -> the data card (its {hash, summary} goes into every checkpoint) -> resume, or init (fine-tuning: ``model.init_from``'s parameters, ``_initial_state``) -> loop
     (metrics, checkpoints, evaluation, time limit, preemption).
 
 Each task has one step builder (``_STEP_BUILDERS``: the DiT's, the VAE's), all on the shared update of
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from sora_jax import factory, loading
 from sora_jax.choices import DataContent, Task, TextEncoderKind
 from sora_jax.config import ConfigError, task
-from sora_jax.data import pipeline
+from sora_jax.data import datacard, moving_digits, pipeline
 from sora_jax.eval import in_training
 from sora_jax.models.perceptual import load_perceptual
 from sora_jax.parallel import sharding
@@ -224,6 +224,7 @@ def train(
         return {"compiled": True, **timings, **memory}
 
     stream = iter(data_lib.open_train_stream(cfg, workdir, mesh))
+    card = _data_card(cfg, workdir)
     mgr = checkpoint.manager(
         workdir, keep=cfg.train.keep_checkpoints, keep_every=cfg.train.get("keep_every", 0)
     )
@@ -233,14 +234,35 @@ def train(
         if resumed is not None:
             log.info("resumed from step %d in %s", resumed[0], workdir)
         start, state = resumed if resumed is not None else (0, _initial_state(cfg, fns))
-        evals = _Evals(cfg, workdir, fns.graphdef, mesh) if evaluating else None
-        last = _loop(cfg, workdir, mesh, fns, executables, state, start, stream, mgr, progress, evals)
+        evals = _Evals(cfg, workdir, fns.graphdef, mesh, card) if evaluating else None
+        last = _loop(cfg, workdir, mesh, fns, executables, state, start, stream, mgr, progress, evals, card)
     finally:
         mgr.wait_until_finished()
         mgr.close()
         if evals is not None:
             evals.close()
     return last | timings
+
+
+def _data_card(cfg: ml_collections.ConfigDict, workdir: Path) -> dict | None:
+    """{hash, summary} of the training data's card (``sora_jax.data.datacard``; a latent dataset's is its
+    source's), or None: TFDS data, or a folder without a card (ingested before cards). A bundled moving-digits
+    build from before cards gets its card written now."""
+    tfds = cfg.data.get("tfds")
+    if tfds is not None and tfds.get("name"):
+        log.warning("no data card: TFDS data (%s)", tfds.name)
+        return None
+    path = pipeline.dataset_dir(cfg, workdir)
+    meta = pipeline.read_metadata(path)
+    if meta.get("generator") == moving_digits.GENERATOR and "source" not in meta:  # not its latents
+        card = moving_digits.ensure_card(path, write=jax.process_index() == 0)
+    else:
+        card = datacard.find_card(path)
+    if card is None:
+        log.warning("no data card in %s (re-ingest it to make one): checkpoints record none", path)
+        return None
+    log.info("data card %s: %s", card["hash"][:12], card["summary"])
+    return datacard.reference(card)
 
 
 def _initial_state(cfg: ml_collections.ConfigDict, fns: TrainFns) -> TrainState:
@@ -324,9 +346,11 @@ class _Window:
         return out
 
 
-def _loop(cfg, workdir, mesh, fns: TrainFns, executables, state, start, stream, mgr, progress, evals) -> dict:
+def _loop(
+    cfg, workdir, mesh, fns: TrainFns, executables, state, start, stream, mgr, progress, evals, card
+) -> dict:
     """Steps from ``start`` to ``train.num_steps``, or until the time limit or a preemption notice; ``evals``
-    (or None) evaluates when due."""
+    (or None) evaluates when due; ``card`` (the data card's {hash, summary}, or None) goes into each save."""
     total, log_every = cfg.train.num_steps, cfg.train.log_every
     time_limit = float(cfg.train.get("time_limit_s", 0.0))
     writer = metrics.MetricWriter(workdir)
@@ -367,7 +391,7 @@ def _loop(cfg, workdir, mesh, fns: TrainFns, executables, state, start, stream, 
                 elif stop or done % cfg.train.ckpt_every == 0:  # never save a state a NaN/Inf step produced
                     metrics.check_finite([(s, jax.device_get(m)) for s, m in window.pending])
                 if stop or done == total or done % cfg.train.ckpt_every == 0:
-                    checkpoint.save(mgr, done, state, cfg, stream, force=stop)
+                    checkpoint.save(mgr, done, state, cfg, stream, force=stop, datacard=card)
                 if evals is not None and not stop and evals.due(done):
                     window.started += evals.run(done, state, window.pending, writer, stream)  # not the steps'
                 if stop:
@@ -398,9 +422,9 @@ class _Evals:
     improvement of ``eval.best_metric`` saved as the best checkpoint (``checkpoint.save_best``; resuming keeps
     the best of best.json). It reads the state and the data stream's position, never changes them."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, workdir: Path, graphdef, mesh):
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: Path, graphdef, mesh, card: dict | None):
         e = cfg.eval
-        self.cfg, self.workdir = cfg, workdir
+        self.cfg, self.workdir, self.card = cfg, workdir, card
         self.every, self.total = e.every_steps, cfg.train.num_steps
         self.grid, self.metric = e.grid_videos, e.best_metric
         local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
@@ -432,7 +456,7 @@ class _Evals:
         if kept:
             higher = bool(ev.results[self.metric]["higher_is_better"])
             info = {"metric": self.metric, "value": scalars[self.metric], "higher_is_better": higher}
-            checkpoint.save_best(self.mgr, step, state, self.cfg, info, stream)
+            checkpoint.save_best(self.mgr, step, state, self.cfg, info, stream, datacard=self.card)
             self.best = {"step": step, **info}
         writer.write_videos(step, "eval/samples", ev.videos[: self.grid], fps=self.cfg.data.fps)
         if self.grid and jax.process_index() == 0:
