@@ -1,0 +1,1 @@
+"""Safeguards: watermark, provenance, prompt policy."""
