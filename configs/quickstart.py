@@ -9,6 +9,8 @@
 
 import ml_collections
 
+from sora_jax.config import safety_defaults
+
 DEMO_PROMPTS = (
     "a 3 moving left",
     "the digit 7 drifts down",
@@ -158,6 +160,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.eval.seed = 0  # the prompts' draw and the sampling noise
     c.eval.grid_videos = 8  # of the sampled videos, shown in TensorBoard and the contact sheet
     c.eval.best_metric = ""  # "": keep no best checkpoint; else one of eval.metrics (its own direction)
+
+    # Safeguards (sora_jax/safety/): the prompt policy (safety.policy: blocklist, regexes, MiniLM concepts and
+    # the calibrated threshold, defaults in sora_jax/config.py POLICY_*), checked before any sampling; on by
+    # default (--config.safety.policy.enabled=False switches it off for the workdir)
+    c.safety = safety_defaults()
 
     c.sample = ml_collections.ConfigDict()
     c.sample.prompts = DEMO_PROMPTS

@@ -40,7 +40,10 @@ Viewing: ``save_video(path, video, fps)`` (MP4 or GIF by suffix), ``video_grid(v
 the videos tiled. The notebooks in ``notebooks/`` use this module alone. The commands themselves, with typed
 arguments: ``sora_jax.commands.train / sample / evaluate``.
 
-Bad input raises ``sora_jax.errors.UserError`` (a ValueError) with one line saying what to fix.
+Bad input raises ``sora_jax.errors.UserError`` (a ValueError) with one line saying what to fix. Every prompt of
+``load_pipeline``'s and ``load_prompter``'s objects goes through the workdir config's safety policy before any
+sampling (``sora_jax/safety/policy.py``); a refused one raises ``sora_jax.errors.PromptRefused`` (a UserError)
+naming the rule, never the prompt.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from sora_jax.eval.digit_reader import DIRECTIONS
 from sora_jax.eval.suite import score_videos
 from sora_jax.loading import restore
 from sora_jax.models.autoencoder import Autoencoder, float_to_video, video_to_float
+from sora_jax.safety.policy import guard
 from sora_jax.sample import pipeline as _pipeline
 from sora_jax.sample.pipeline import MAX_PROMPT_CHARS, Pipeline, check_prompts
 from sora_jax.sample.prompter import Prompter
@@ -108,8 +112,9 @@ def load_pipeline(
     """The text-to-video pipeline of a workdir's latest (or ``step``; ``"best"``: ``best_checkpoint``'s)
     checkpoint (``sora_jax.sample.pipeline``): ``generate(prompts, seed=)`` -> uint8 ``[B, T, H, W, 3]``.
     ``sample_overrides``: ``sample_steps``, ``cfg_scale``, ``sampler``. A VAE workdir is a UserError (its
-    autoencoder: ``load_autoencoder``)."""
-    return _pipeline.load_pipeline(workdir, step=step, use_ema=use_ema, **sample_overrides)
+    autoencoder: ``load_autoencoder``). Prompts go through the config's safety policy first
+    (``config.safety.policy``; a refused one raises ``sora_jax.errors.PromptRefused``)."""
+    return guard(_pipeline.load_pipeline(workdir, step=step, use_ema=use_ema, **sample_overrides))
 
 
 def load_prompter(
@@ -117,10 +122,13 @@ def load_prompter(
 ) -> Prompter:
     """The video prompter (i2v, extend, connect, edit, loop, long videos) of a workdir's latest (or ``step``)
     checkpoint, or of an already loaded ``Pipeline``; ``kw`` go to ``Prompter.from_pipeline`` (``bucket``,
-    ``fsdp``, ``guidance_rescale``, ``history_guidance``). Its modes take and return uint8 ``[T, H, W, 3]``."""
+    ``fsdp``, ``guidance_rescale``, ``history_guidance``). Its modes take and return uint8 ``[T, H, W, 3]``;
+    prompts go through the safety policy first (the pipeline's, or its config's: ``PromptRefused``)."""
     pipe = workdir_or_pipeline
     if not isinstance(pipe, Pipeline):
         pipe = load_pipeline(pipe, step=step)
+    elif pipe.prompt_check is None:
+        pipe = guard(dataclasses.replace(pipe))
     return Prompter.from_pipeline(pipe, **kw)
 
 

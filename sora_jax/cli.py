@@ -3,7 +3,8 @@ arguments (``sora_jax.commands``, ``sora_jax.demo``, ``sora_jax.data.ingest``, `
 
 Errors: the project's user errors (``sora_jax.errors.UserError`` and its subclasses such as ``ConfigError``,
 the checkpoint errors, a NaN stop) and missing / unreadable user paths print one line,
-``sora-jax: error: ...``, and exit 2. Anything else is a bug: its traceback is printed and the exit is 1.
+``sora-jax: error: ...``, and exit 2 (3: a prompt the safety policy refuses, ``sora_jax.errors.PromptRefused``;
+the line names the rule, never the prompt). Anything else is a bug: its traceback is printed and the exit is 1.
 ``SORA_JAX_DEBUG=1`` re-raises every error (tracebacks for user errors too, post-mortem debugging).
 """
 
@@ -401,8 +402,8 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``sora-jax``: runs the command; 0 on success, 2 (one line on stderr) for a user error, 1 with the
-    traceback for anything else (a bug), 130 when interrupted."""
+    """``sora-jax``: runs the command; 0 on success, 2 (one line on stderr) for a user error (3 for a prompt the
+    safety policy refuses), 1 with the traceback for anything else (a bug), 130 when interrupted."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         return run(argv)
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, user_error_types()):
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             print(f"sora-jax: error: {msg}", file=sys.stderr)
-            return 2
+            return getattr(e, "exit_code", 2)
         traceback.print_exc()
         print(
             f"sora-jax: internal error ({type(e).__name__}): a bug, not your input; the traceback is above",

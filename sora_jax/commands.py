@@ -114,7 +114,9 @@ def sample(
     ``negative_prompt``, ``guidance_rescale`` (phi), ``history_guidance`` (w, the modes that give frames;
     ``Process.sample``), ``fsdp`` (shard the parameters over N local devices) and
     ``bucket`` ("TxHxW"; default the config's first) go to the jitted sampler; ``steps`` and ``cfg_scale``
-    replace the config's. Every input is checked, and the image and videos read, before the model loads."""
+    replace the config's. Every input is checked, and the image and videos read, before the model loads; the
+    prompts go through the workdir config's safety policy (``config.safety.policy``) then too, and a refused one
+    raises ``sora_jax.errors.PromptRefused`` (``sora-jax`` exits 3) with nothing written."""
     try:
         mode = SampleMode(mode)
     except ValueError:
@@ -137,9 +139,15 @@ def sample(
         parse_buckets(bucket)
 
     _check_model_takes(workdir, mode)
+    from sora_jax.loading import saved_config
+    from sora_jax.safety.policy import policy_for
+
+    policy = policy_for(saved_config(workdir)[1])
+    policy.check(prompts)  # PromptRefused (exit 3) before the model loads; negative prompts are not checked
     from sora_jax.sample.pipeline import load_pipeline
 
     pipe = load_pipeline(workdir, sample_steps=steps, cfg_scale=cfg_scale)
+    pipe.prompt_check = policy.check  # and at every sampling pass (decisions are remembered)
     out = Path(out)
     if mode is SampleMode.T2V and not (negative_prompt or guidance_rescale or fsdp or bucket):
         from sora_jax.sample.outputs import write_samples

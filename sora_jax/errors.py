@@ -14,6 +14,22 @@ from __future__ import annotations
 class UserError(ValueError):
     """Bad input the user can fix; the message is one line naming the input and what to do."""
 
+    exit_code = 2  # what `sora-jax` exits with
+
+
+class PromptRefused(UserError):
+    """A prompt the safety policy refuses (``sora_jax/safety/policy.py``). The message names the rule, never
+    the prompt: ``prompt refused by the safety policy (<kind>: <rule>)``; ``sora-jax`` exits 3."""
+
+    exit_code = 3
+
+    def __init__(self, kind: str, rule: str):
+        super().__init__(f"prompt refused by the safety policy ({kind}: {rule})")
+        self.kind, self.rule = kind, rule
+
+    def __reduce__(self):  # picklable (the base pickles its message, not these arguments)
+        return type(self), (self.kind, self.rule)
+
 
 # OS errors about paths a user gave (a missing file, a folder where a file was expected, no permission):
 # one line too. Other OSErrors (a full disk, a dropped network mount) keep their traceback.

@@ -10,6 +10,7 @@
       text_adapter/                    frozen encoders only: the trained adapter
       sora_torch/                      the twins and SoraPipeline (torch + diffusers, no JAX)
       generate.py                      python DIR/generate.py --prompt "..." --seed 0 --out a.mp4
+      policy.json                      the config's prompt policy (safety.policy), applied by SoraPipeline
       sora_jax.json                    what `sora-jax import` needs: the config, step, data position
       datacard.json                    the training data's card (sora_jax.data.datacard), or the checkpoint's
                                        {hash, summary} of it when the dataset's card changed or is gone;
@@ -48,6 +49,7 @@ DTYPES = ("float32", "bfloat16")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
 META = "sora_jax.json"
+POLICY = "policy.json"  # sora_torch/pipeline.py reads it under this name
 MAX_SHARD_BYTES = 10 * 2**30  # diffusers' save_pretrained default ("10GB")
 _HF_CLASSES = {  # config.json model_type -> (encoder class, tokenizer class) in transformers
     "bert": ("BertModel", "BertTokenizerFast"),
@@ -377,6 +379,10 @@ def export(
             ignore=shutil.ignore_patterns("__pycache__"),
         )
         (tmp / "generate.py").write_text(_GENERATE)
+        # the exported pipeline embeds prompts with the MiniLM it carries, else the installed package's
+        source = "text_encoder" if TextEncoderKind(cfg.text.encoder) is TextEncoderKind.MINILM else "package"
+        policy = config_lib.policy_json(cfg) | {"embedding_source": source}
+        (tmp / POLICY).write_text(json.dumps(policy, indent=1))
         index = _model_index(cfg, vae_entry, sched_name, text_entries)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         meta = {

@@ -10,6 +10,7 @@ pmap sampler, with ``generate(prompts)``. ``sora_jax.api.load_pipeline`` is this
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -31,6 +32,10 @@ class Pipeline:
     ``text_input`` turns prompts into what the model's text branch takes: the HashWordTokenizer's ids
     ``[B, L]`` for the trainable encoder, or a frozen encoder's features ``[B, L, F]`` (``FrozenTextEmbedder``:
     MiniLM, T5), each with a mask ``[B, L]``.
+
+    ``prompt_check``: called with the prompts before any sampling (``generate``, ``generate_latents`` and the
+    ``Prompter`` made from this pipeline); raises to refuse them. ``api.load_pipeline`` sets the config's safety
+    policy here (``sora_jax.safety.policy.guard``); None checks nothing beyond ``check_prompts``.
     """
 
     config: ml_collections.ConfigDict
@@ -40,6 +45,7 @@ class Pipeline:
     params: nnx.State | None
     step: int
     sampler: PmapSampler
+    prompt_check: Callable[[list[str]], None] | None = None
 
     def generate(
         self,
@@ -55,19 +61,24 @@ class Pipeline:
         ``pipe.autoencoder.encode``): the initial noise instead of the draw from ``seed`` (an exported
         ``SoraPipeline`` given the same numbers as ``latents=noise.transpose(0, 4, 1, 2, 3)`` makes the
         same videos)."""
-        check_prompts(prompts)
+        self._check(prompts)
         return self.sampler.generate(self.params, list(prompts), seed=seed, noise=noise, progress=progress)
 
     def generate_latents(
         self, prompts: list[str], *, seed: int = 0, noise: np.ndarray | None = None
     ) -> np.ndarray:
         """The sampled latents float32 ``[B, T', H', W', C]`` of ``generate`` (before decoding)."""
-        check_prompts(prompts)
+        self._check(prompts)
         inputs = sample_inputs(
             self.text_input, list(prompts), self.sampler.latent_shape, seed=seed, noise=noise
         )
         fn = jax.jit(lambda params, inputs: sample_latents(self.sampler.spec, params, inputs))
         return np.asarray(fn(self.params, inputs))
+
+    def _check(self, prompts: list[str]) -> None:
+        check_prompts(prompts)
+        if self.prompt_check is not None:
+            self.prompt_check(list(prompts))
 
     @property
     def model(self) -> nnx.Module:

@@ -110,13 +110,17 @@ def fsdp_placement(cfg, fsdp: int):
 
 @dataclasses.dataclass
 class Prompter:
-    """A ``JitSampler`` (with its autoencoder) at the model's clip shape ``frames x height x width``."""
+    """A ``JitSampler`` (with its autoencoder) at the model's clip shape ``frames x height x width``.
+
+    ``prompt_check`` (the pipeline's, ``Pipeline.prompt_check``): called with the prompts before every
+    sampling pass; raises to refuse them."""
 
     sampler: JitSampler
     frames: int
     height: int
     width: int
     fps: float
+    prompt_check: Callable[[list[str]], None] | None = None
 
     @classmethod
     def from_pipeline(
@@ -160,7 +164,7 @@ class Prompter:
             mesh=mesh,
             param_sharding=param_sharding,
         )
-        return cls(sampler, T, H, W, float(d.fps))
+        return cls(sampler, T, H, W, float(d.fps), getattr(pipe, "prompt_check", None))
 
     # ------------------------------------------------------------------------------------------ plumbing
 
@@ -201,6 +205,8 @@ class Prompter:
     ) -> np.ndarray:
         """uint8 ``[B, T, H, W, 3]``: one sampling pass per prompt, with ``given[b]`` = {pixel frame index:
         uint8 [H, W, 3]} as conditioning and/or ``init`` (uint8 ``[B, T, H, W, 3]``) edited at ``strength``."""
+        if self.prompt_check is not None:
+            self.prompt_check(list(prompts))
         n, T = len(prompts), self.frames
         cond = cond_mask = None
         if given is not None and any(given):

