@@ -67,7 +67,7 @@ from sora_jax.safety.policy import guard
 from sora_jax.sample import pipeline as _pipeline
 from sora_jax.sample.pipeline import MAX_PROMPT_CHARS, Pipeline, check_prompts
 from sora_jax.sample.prompter import Prompter
-from sora_jax.sample.video_io import save_video
+from sora_jax.sample.video_io import save_video as _save_video
 from sora_jax.text.loader import load_text_encoder
 
 __all__ = (
@@ -323,6 +323,37 @@ def load_autoencoder(workdir: str | Path, *, step: int | None = None) -> Workdir
 
 
 # ------------------------------------------------------------------------------------------------ viewing
+
+
+def save_video(
+    path: str | Path,
+    video: np.ndarray,
+    fps: float = 8,
+    *,
+    scale: int | None = None,
+    mark: bool = True,
+    pipeline: Pipeline | None = None,
+    prompt: str | None = None,
+    seed: int | None = None,
+) -> Path:
+    """Writes uint8 ``video`` [T, H, W, 3] as an MP4 or a GIF (by the suffix of ``path``), upscaled by
+    ``scale`` (default: shorter side >= 128). ``mark`` (the default): as ``sora-jax sample`` writes generated
+    videos, with the invisible watermark at the written size (``config.safety.watermark`` of ``pipeline``,
+    payload from its model and step) and, for an MP4 that ``pipeline`` made from ``prompt``, a provenance
+    record (``config.safety.provenance``: the prompt's sha256 only). ``mark=False``: as is (real clips)."""
+    if not mark:
+        return _save_video(path, video, fps, scale=scale)
+    from sora_jax.safety.stamp import Stamp
+
+    cfg = pipeline.config if pipeline is not None else None
+    sampler = {}
+    if cfg is not None:
+        d = cfg.diffusion
+        sampler = {"sampler": str(d.sampler), "steps": int(d.sample_steps), "cfg_scale": float(d.cfg_scale)}
+    stamp = Stamp.for_run(cfg, None, pipeline.step if pipeline is not None else 0, sampler=sampler)
+    if pipeline is None or prompt is None:
+        stamp = dataclasses.replace(stamp, provenance=False)  # nothing to state a generation's facts from
+    return stamp.write(path, video, fps, prompt=prompt or "", seed=seed, scale=scale)
 
 
 def video_grid(videos: np.ndarray, cols: int = 4, gap: int = 2, fill: int = 128) -> np.ndarray:

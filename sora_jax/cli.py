@@ -11,6 +11,7 @@ the line names the rule, never the prompt). Anything else is a bug: its tracebac
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -93,6 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's)")
     p.add_argument("--cfg_scale", type=float, default=None, help="classifier-free guidance scale")
+
+    p = sub.add_parser(
+        "detect",
+        help="does each video carry this system's watermark (p-value, payload) and a valid provenance record",
+        description="Blind watermark detection (sora_jax/safety/watermark.py) and provenance validation (the "
+        "MP4's C2PA manifest or its sidecar JSON, sora_jax/safety/provenance.py), one line per video.",
+    )
+    p.add_argument("videos", nargs="+", help="video files (MP4, GIF, ...)")
+    p.add_argument("--json", action="store_true", help="one JSON list with every number instead of lines")
+    p.add_argument(
+        "--trust_anchors", default=None, help="PEM file of the CA certificates whose C2PA signers are trusted"
+    )
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="also name the checkpoint of this workdir whose payload a video carries",
+    )
 
     p = sub.add_parser(
         "eval",
@@ -244,8 +262,10 @@ def run(argv: list[str]) -> int:
     unknown = [r for r in rest if not r.startswith("--config.")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if overrides and args.command != "train":
-        parser.error("--config.* overrides are only for `sora-jax train`")
+    if overrides and args.command not in ("train", "sample"):
+        parser.error("--config.* overrides are only for `sora-jax train` (and --config.safety.* for sample)")
+    if args.command == "sample" and any(not o.startswith("--config.safety.") for o in overrides):
+        parser.error("sample takes --config.safety.* overrides only (the safeguards of this run)")
     _setup_logging()
 
     if args.command == "ingest":  # before anything imports jax: ingest spawns worker processes
@@ -310,8 +330,18 @@ def run(argv: list[str]) -> int:
                 seed=args.seed,
                 steps=args.steps,
                 cfg_scale=args.cfg_scale,
+                safety_overrides=overrides,
             )
         )
+    elif args.command == "detect":
+        from sora_jax import commands
+
+        reports = commands.detect(args.videos, trust_anchors=args.trust_anchors, workdir=args.workdir)
+        if args.json:
+            print(json.dumps(reports, indent=2))
+        else:
+            for r in reports:
+                print(r["line"])
     elif args.command == "eval" and args.metrics is not None:
         from sora_jax import commands
 

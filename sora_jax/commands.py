@@ -14,6 +14,7 @@ Inputs are checked before anything heavy loads; bad input raises ``UserError`` w
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,6 +104,7 @@ def sample(
     seed: int = 0,
     steps: int | None = None,
     cfg_scale: float | None = None,
+    safety_overrides: Sequence[str] = (),
 ) -> str:
     """``sora-jax sample``: generates from the latest checkpoint in ``workdir``, writes MP4 + GIF per video
     and a contact sheet to ``out``; returns a one-line summary.
@@ -114,7 +116,8 @@ def sample(
     ``negative_prompt``, ``guidance_rescale`` (phi), ``history_guidance`` (w, the modes that give frames;
     ``Process.sample``), ``fsdp`` (shard the parameters over N local devices) and
     ``bucket`` ("TxHxW"; default the config's first) go to the jitted sampler; ``steps`` and ``cfg_scale``
-    replace the config's. Every input is checked, and the image and videos read, before the model loads; the
+    replace the config's; ``safety_overrides`` (``safety.watermark.enabled=False``, ...) change this run's
+    safeguards (``config.safety``: watermark, provenance, policy). Every input is checked, and the image and videos read, before the model loads; the
     prompts go through the workdir config's safety policy (``config.safety.policy``) then too, and a refused one
     raises ``sora_jax.errors.PromptRefused`` (``sora-jax`` exits 3) with nothing written."""
     try:
@@ -142,8 +145,16 @@ def sample(
     from sora_jax.loading import saved_config
     from sora_jax.safety.policy import policy_for
 
-    policy = policy_for(saved_config(workdir)[1])
+    saved_step, saved = saved_config(workdir)
+    if safety_overrides:
+        from sora_jax.config import apply_overrides, validate
+
+        saved = saved.copy_and_resolve_references()
+        apply_overrides(saved, safety_overrides)
+        validate(saved)
+    policy = policy_for(saved)
     policy.check(prompts)  # PromptRefused (exit 3) before the model loads; negative prompts are not checked
+    stamp = _stamp(workdir, saved_step, saved, mode, seed, steps, cfg_scale)  # reads any signing key now
     from sora_jax.sample.pipeline import load_pipeline
 
     pipe = load_pipeline(workdir, sample_steps=steps, cfg_scale=cfg_scale)
@@ -153,8 +164,9 @@ def sample(
         from sora_jax.sample.outputs import write_samples
 
         videos_out = pipe.generate(prompts, seed=seed, progress=True)  # the pmap sampler: the fast path
-        paths = write_samples(out, videos_out, prompts, fps=pipe.config.data.fps)
-        return f"wrote {len(paths['mp4'])} videos and {paths['contact_sheet']}"
+        write = functools.partial(stamp.write, seed=seed)
+        paths = write_samples(out, videos_out, prompts, fps=pipe.config.data.fps, write=write)
+        return f"wrote {len(paths['mp4'])} videos and {paths['contact_sheet']}{_marks(stamp)}"
 
     from sora_jax.sample.prompter import Prompter
 
@@ -184,8 +196,75 @@ def sample(
     else:
         video, _ = p.long_video([prompt], seconds=seconds, overlap=overlap, progress=True, **kw)
         results = [video[0]]
-    _write_videos(out, mode, results, prompts if mode is SampleMode.T2V else [prompt], p.fps)
-    return f"wrote {len(results)} {mode} video(s) of {len(results[0])} frames to {out}"
+    _write_videos(out, mode, results, prompts if mode is SampleMode.T2V else [prompt], p.fps, stamp, seed)
+    return f"wrote {len(results)} {mode} video(s) of {len(results[0])} frames to {out}{_marks(stamp)}"
+
+
+def _stamp(workdir, step: int, cfg, mode: SampleMode, seed: int, steps, cfg_scale):
+    """The run's ``safety.stamp.Stamp`` (watermark payload, provenance facts; the checkpoint hashed once)."""
+    from sora_jax.safety.stamp import Stamp
+    from sora_jax.train.checkpoint import checkpoint_dir
+
+    d = cfg.diffusion
+    sampler = {
+        "mode": str(mode),
+        "sampler": str(d.sampler),
+        "steps": int(steps or d.sample_steps),
+        "cfg_scale": float(cfg_scale if cfg_scale is not None else d.cfg_scale),
+        "seed": int(seed),
+    }
+    ckpt = checkpoint_dir(workdir) / str(step)
+    return Stamp.for_run(cfg, workdir, step, sampler=sampler, checkpoint=ckpt if ckpt.is_dir() else None)
+
+
+def detect(
+    videos: Sequence[str | Path],
+    *,
+    trust_anchors: str | Path | None = None,
+    workdir: str | Path | None = None,
+) -> list[dict]:
+    """``sora-jax detect``: per video ``safety.stamp.inspect_video``'s report plus ``line`` (one line for the
+    terminal) and, with ``workdir``, ``matches``: the checkpoint steps of ``workdir`` whose payload
+    (``stamp.model_id`` + ``stamp.run_id``) the watermark carries."""
+    from sora_jax.safety.stamp import inspect_video
+
+    known = _payloads(workdir) if workdir is not None else None
+    reports = []
+    for path in videos:
+        r = inspect_video(path, trust_anchors=trust_anchors)
+        wm = r["watermark"]
+        if wm["detected"]:
+            text = f"watermark DETECTED (p = 10^{wm['log10_p']:.1f}, payload {wm['payload']})"
+        else:
+            text = f"no watermark (p = {wm['p_value']:.2g})"
+        if known is not None:
+            r["matches"] = [step for step, hexa in known.items() if hexa == wm["payload"]]
+            text += f", from {Path(workdir).name} step {r['matches']}" if r["matches"] else ""
+        prov = r["provenance"]["summary"] if r["provenance"] else "no provenance (not an MP4)"
+        r["line"] = f"{path}: {text}; {prov}"
+        reports.append(r)
+    return reports
+
+
+def _payloads(workdir: str | Path) -> dict[int, str]:
+    """{step: payload hex} of every checkpoint of ``workdir`` (what its videos carry)."""
+    from sora_jax.loading import saved_config
+    from sora_jax.safety.stamp import model_id, run_id
+    from sora_jax.safety.watermark import bits_to_hex, payload_bits
+    from sora_jax.train.checkpoint import list_checkpoints
+
+    _, cfg = saved_config(workdir)
+    steps = [c["step"] for c in list_checkpoints(workdir) if c["step"] is not None]
+    return {s: bits_to_hex(payload_bits(model_id(cfg), run_id(workdir, s))) for s in steps}
+
+
+def _marks(stamp) -> str:
+    """How the run's videos are marked, for its summary line."""
+    wm = f"watermark {stamp.payload}" if stamp.watermark is not None else "no watermark"
+    rec = (
+        "no provenance" if not stamp.provenance else "C2PA signed" if stamp.signing else "provenance sidecars"
+    )
+    return f" ({wm}; {rec})"
 
 
 def _check_model_takes(workdir: str | Path, mode: SampleMode) -> None:
@@ -221,13 +300,17 @@ def _read_inputs(mode: SampleMode, image, videos: list) -> list[np.ndarray]:
         return [read_image(image)] if images_wanted else [read_video(v) for v in videos]
 
 
-def _write_videos(out: Path, mode: SampleMode, results: list[np.ndarray], prompts: list[str], fps) -> None:
-    """``<mode>_<i>.mp4`` / ``.gif`` per uint8 video ``[T, H, W, 3]`` and a contact sheet of up to 16 frames."""
-    from sora_jax.sample.video_io import contact_sheet, save_video
+def _write_videos(
+    out: Path, mode: SampleMode, results: list[np.ndarray], prompts: list[str], fps, stamp, seed: int
+) -> None:
+    """``<mode>_<i>.mp4`` / ``.gif`` per uint8 video ``[T, H, W, 3]`` through ``stamp`` (watermark, provenance)
+    and a contact sheet of up to 16 frames."""
+    from sora_jax.sample.video_io import contact_sheet
 
     for i, video in enumerate(results):
-        save_video(out / f"{mode}_{i:02d}.mp4", video, fps=fps)
-        save_video(out / f"{mode}_{i:02d}.gif", video, fps=fps)
+        prompt = prompts[min(i, len(prompts) - 1)]
+        stamp.write(out / f"{mode}_{i:02d}.mp4", video, fps, prompt=prompt, seed=seed)
+        stamp.write(out / f"{mode}_{i:02d}.gif", video, fps, prompt=prompt, seed=seed)
     sheet = np.stack([r[np.linspace(0, len(r) - 1, min(len(r), 16)).round().astype(int)] for r in results])
     contact_sheet(sheet, prompts, out / f"{mode}_contact_sheet.png")
 

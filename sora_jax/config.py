@@ -313,8 +313,36 @@ def policy_json(cfg: ml_collections.ConfigDict) -> dict:
 
 
 def safety_defaults() -> ml_collections.ConfigDict:
-    """``config.safety``: the safeguards' sections (``policy``: the prompt policy)."""
-    return ml_collections.ConfigDict({"policy": policy_defaults()})
+    """``config.safety``: the safeguards' sections, all on: ``policy`` (the prompt policy), ``watermark`` (the
+    invisible mark in every written video: ``strength``, the luma's RMS change in uint8 levels, 2.3 ~ 40.8 dB
+    PSNR; sora_jax/safety/watermark.py) and ``provenance`` (a record per MP4: a C2PA manifest signed with
+    ``cert_chain`` + ``private_key`` PEM files and ``algorithm`` es256 | ed25519 | ..., or a sidecar JSON
+    when they are empty; sora_jax/safety/provenance.py)."""
+    return ml_collections.ConfigDict(
+        {
+            "policy": policy_defaults(),
+            "watermark": {"enabled": True, "strength": 2.3},
+            "provenance": {"enabled": True, "cert_chain": "", "private_key": "", "algorithm": "es256"},
+        }
+    )
+
+
+def _validate_marks(safety: ml_collections.ConfigDict) -> None:
+    """``config.safety.watermark`` and ``.provenance``: switches are bools, the strength positive, the key and
+    certificate given together (their files are read when sampling starts)."""
+    for section in ("watermark", "provenance"):
+        if not isinstance(safety[section].get("enabled"), bool):
+            got = safety[section].get("enabled")
+            raise ConfigError(f"config.safety.{section}.enabled must be True or False, got {got!r}")
+    s = safety.watermark.get("strength")
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 < s <= 20.0:
+        raise ConfigError(f"config.safety.watermark.strength must be in (0, 20] uint8 levels, got {s!r}")
+    p = safety.provenance
+    if bool(p.cert_chain) != bool(p.private_key):
+        raise ConfigError(
+            "config.safety.provenance: give both cert_chain and private_key (PEM files) to sign, or neither "
+            "for an unsigned sidecar record"
+        )
 
 
 def _add_safety_defaults(config: dict | ml_collections.ConfigDict) -> None:
@@ -494,6 +522,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         _validate_eval(cfg)
     if cfg.get("safety") is not None and cfg.safety.get("policy") is not None:
         _validate_policy(cfg.safety.policy)
+        _validate_marks(cfg.safety)
     if not 0.0 <= cfg.text.caption_dropout < 1.0:
         raise ConfigError(f"config.text.caption_dropout must be in [0, 1), got {cfg.text.caption_dropout}")
     for axis in ("data", "fsdp", "tensor", "seq"):

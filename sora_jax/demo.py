@@ -7,6 +7,7 @@ clip's first frame animated, a test clip extended, a 20-second video) and writes
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -47,9 +48,12 @@ def run_demo(
 
     t0 = time.perf_counter()
     pipe = api.load_pipeline(workdir)
+    stamp = _stamp(workdir, pipe)
     prompts = list(cfg.sample.prompts)
     videos = pipe.generate(prompts, seed=cfg.sample.seed, progress=True)
-    paths = write_samples(workdir / "samples", videos, prompts, fps=cfg.data.fps)
+    write = functools.partial(stamp.write, seed=cfg.sample.seed)
+    paths = write_samples(workdir / "samples", videos, prompts, fps=cfg.data.fps, write=write)
+    marks = _check_marks(paths["mp4"], stamp)
     demo_metrics, demo_rows = evaluate_prompts(videos, prompts)
     write_report(workdir / "eval" / "adherence_demo_prompts.json", demo_metrics, demo_rows)
     timings["sample_s"] = time.perf_counter() - t0
@@ -60,7 +64,7 @@ def run_demo(
     timings["eval_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    prompting = _prompting_samples(workdir, pipe, long_seconds)
+    prompting = _prompting_samples(workdir, pipe, stamp, long_seconds)
     timings["prompting_s"] = time.perf_counter() - t0
 
     summary = {
@@ -73,12 +77,39 @@ def run_demo(
         "timings": timings,
         "contact_sheet": str(paths["contact_sheet"]),
         "prompting": prompting,
+        "marks": marks,
     }
     _write_report(workdir, summary, demo_rows)
     return summary
 
 
-def _prompting_samples(workdir: Path, pipe, long_seconds: float = 60.0) -> list[dict]:
+def _stamp(workdir: Path, pipe):
+    """The watermark and provenance of the demo's videos (``safety.stamp``; config.safety: both on)."""
+    from sora_jax.safety.stamp import Stamp
+    from sora_jax.train.checkpoint import checkpoint_dir
+
+    d = pipe.config.diffusion
+    sampler = {"sampler": str(d.sampler), "steps": int(d.sample_steps), "cfg_scale": float(d.cfg_scale)}
+    ckpt = checkpoint_dir(workdir) / str(pipe.step)
+    return Stamp.for_run(pipe.config, workdir, pipe.step, sampler=sampler, checkpoint=ckpt)
+
+
+def _check_marks(mp4s: list[Path], stamp) -> dict:
+    """``sora-jax detect``'s reading of the written MP4s: how many carry the watermark with the run's payload
+    and a valid provenance record."""
+    from sora_jax.safety.stamp import inspect_video
+
+    reports = [inspect_video(p) for p in mp4s]
+    return {
+        "videos": len(reports),
+        "payload": stamp.payload,
+        "watermarked": sum(r["watermark"]["payload"] == stamp.payload for r in reports),
+        "provenance_valid": sum(bool(r["provenance"] and r["provenance"]["valid"]) for r in reports),
+        "max_log10_p": max(r["watermark"]["log10_p"] for r in reports),
+    }
+
+
+def _prompting_samples(workdir: Path, pipe, stamp, long_seconds: float = 60.0) -> list[dict]:
     """i2v of a test clip's first frame, a test clip extended forward, a ``long_seconds`` video: MP4 + GIF in
     ``samples/prompting/`` and what the reader sees in each (the long video: per segment, with its consistency
     metrics of ``eval.long_video`` and a plot of them along the video)."""
@@ -87,7 +118,6 @@ def _prompting_samples(workdir: Path, pipe, long_seconds: float = 60.0) -> list[
     from sora_jax.eval.long_video import plot_long, score_long
     from sora_jax.eval.prompting import split_clips
     from sora_jax.sample.prompter import Prompter
-    from sora_jax.sample.video_io import save_video
 
     cfg = pipe.config
     p = Prompter.from_pipeline(pipe)
@@ -103,7 +133,7 @@ def _prompting_samples(workdir: Path, pipe, long_seconds: float = 60.0) -> list[
     T = p.frames
     for name, prompt, video in made:
         for suffix in (".mp4", ".gif"):
-            save_video(out / f"{name}{suffix}", video, fps=cfg.data.fps)
+            stamp.write(out / f"{name}{suffix}", video, cfg.data.fps, prompt=prompt, seed=cfg.sample.seed)
         windows = (
             [video[max(0, end - T) : max(0, end - T) + T] for _, end in segments]
             if name.startswith("long")
@@ -173,6 +203,14 @@ def _write_report(workdir: Path, summary: dict, rows: list[dict]) -> None:
         f"{c['identity_changes_per_minute']:.1f} | {c['seam_jump_ratio']:.2f} |",
         "",
         f"![accuracy along the video](samples/prompting/{long['mode']}_accuracy.png)",
+        "",
+        "## Safeguards",
+        "",
+        f"`sora-jax detect samples/*.mp4`: {summary['marks']['watermarked']} of {summary['marks']['videos']} "
+        f"written MP4s carry the watermark with this run's payload {summary['marks']['payload']} (the weakest "
+        f"at p = 10^{summary['marks']['max_log10_p']:.1f}); {summary['marks']['provenance_valid']} have a valid "
+        "provenance record (unsigned sidecars: set config.safety.provenance.cert_chain / private_key to sign "
+        "C2PA manifests).",
     ]
     text = "\n".join(lines) + "\n"
     for name, content in (("report.md", text), ("report.json", json.dumps(summary, indent=2, default=str))):

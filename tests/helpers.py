@@ -87,3 +87,21 @@ def start_cli(
         stderr=stderr,
         text=True,
     )
+
+
+def untrained_workdir(path: Path, config: str = f"{ROOT}/configs/quickstart.py:smoke") -> Path:
+    """A text-to-video workdir at ``path`` with one checkpoint at step 0 (the initial weights of ``config``):
+    for what does not depend on training (the safeguards: policy, watermark, provenance)."""
+    from sora_jax import factory
+    from sora_jax.config import load_config
+    from sora_jax.train import checkpoint
+    from sora_jax.train.state import init_state, make_optimizer
+
+    cfg = load_config(config)
+    mgr = checkpoint.manager(path)
+    try:
+        checkpoint.save(mgr, 0, init_state(factory.make_model(cfg), make_optimizer(cfg), 0), cfg, force=True)
+        mgr.wait_until_finished()
+    finally:
+        mgr.close()
+    return path

@@ -221,7 +221,9 @@ def test_sample_t2v_and_i2v_from_a_trained_workdir(trained, tmp_path, capsys):
     argv = ["sample", "--workdir", str(trained), "--prompt", "a 3 moving left", "--out", str(out)]
     assert main([*argv, "--mode", "i2v", "--image", str(tmp_path / "still.png")]) == 0
     assert "wrote 1 i2v video(s) of 8 frames" in capsys.readouterr().out
-    assert {p.name for p in out.iterdir()} == {"i2v_00.mp4", "i2v_00.gif", "i2v_contact_sheet.png"}
+    assert {p.name for p in out.iterdir()} == {
+        "i2v_00.mp4", "i2v_00.gif", "i2v_contact_sheet.png", "i2v_00.mp4.provenance.json"
+    }  # fmt: skip
 
 
 def test_evaluate_picks_the_evaluator_of_the_task(trained, tmp_path, capsys):

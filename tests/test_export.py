@@ -131,13 +131,21 @@ def test_same_noise_same_videos_ddim(tmp_path):
     assert r["mae"] < 1e-3
 
 
-def test_generate_py_writes_a_video(exported, tmp_path):
+def test_generate_py_writes_a_watermarked_video(demo_like, exported, tmp_path):
+    """The folder's generate.py (plain PyTorch) writes an MP4 upscaled to 128 px that ``sora-jax detect``
+    finds watermarked with the payload of the exported checkpoint (what ``sora-jax sample`` of it writes)."""
+    from sora_jax import commands
+    from sora_jax.train.checkpoint import latest_step
+
     out = tmp_path / "a.mp4"
     env = cli_env() | {"PYTHONPATH": ""}  # plain PyTorch: the folder alone
     r = run_python(
         exported / "generate.py", "--prompt", "a 3 moves left", "--seed", "0", "--out", out, env=env
     )
     assert out.is_file() and out.stat().st_size > 0, r.stdout
+    [report] = commands.detect([out], workdir=demo_like)
+    assert report["watermark"]["detected"] and report["watermark"]["log10_p"] < -10, report["watermark"]
+    assert report["matches"] == [latest_step(demo_like)]
 
 
 def test_import_is_bitwise_and_continues_with_the_same_loss(demo_like, exported, tmp_path):

@@ -61,6 +61,7 @@ SIDEWAYS_ALLOWED = {
         "sora_jax.train",
     ),  # import writes a train state (fresh optimizer) the trainer resumes
     ("sora_jax.safety", "sora_jax.sample"),
+    ("sora_jax.export", "sora_jax.safety"),  # an export carries the safeguards (watermark.json, policy.json)
     ("sora_jax.train", "sora_jax.loading"),
     # evaluation during training (config.eval): the loop runs the evaluator on the EMA weights; eval never
     # imports train (sora_jax.train.checkpoint is a lower layer)

@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 import pytest
-from helpers import run_cli, run_python
+from helpers import run_cli, run_python, untrained_workdir
 
 from configs.quickstart import DEMO_PROMPTS
 from sora_jax.config import load_config, policy_json
@@ -179,19 +179,7 @@ def test_semantic_filter_without_minilm_is_one_line_naming_the_switch(monkeypatc
 def workdir(tmp_path_factory):
     """A smoke text-to-video workdir with one checkpoint at step 0 (initial weights; nothing is trained: the
     policy refuses before any sampling)."""
-    from sora_jax import factory
-    from sora_jax.train import checkpoint
-    from sora_jax.train.state import init_state, make_optimizer
-
-    cfg = load_config(SMOKE)
-    w = tmp_path_factory.mktemp("policy") / "w"
-    mgr = checkpoint.manager(w)
-    try:
-        checkpoint.save(mgr, 0, init_state(factory.make_model(cfg), make_optimizer(cfg), 0), cfg, force=True)
-        mgr.wait_until_finished()
-    finally:
-        mgr.close()
-    return w
+    return untrained_workdir(tmp_path_factory.mktemp("policy") / "w")
 
 
 def test_sample_command_exits_3_with_one_line_and_writes_nothing(workdir, tmp_path, capsys, caplog):

@@ -11,6 +11,7 @@
       sora_torch/                      the twins and SoraPipeline (torch + diffusers, no JAX)
       generate.py                      python DIR/generate.py --prompt "..." --seed 0 --out a.mp4
       policy.json                      the config's prompt policy (safety.policy), applied by SoraPipeline
+      watermark.json                   the watermark generate.py puts in its videos (safety.watermark, payload)
       sora_jax.json                    what `sora-jax import` needs: the config, step, data position
       datacard.json                    the training data's card (sora_jax.data.datacard), or the checkpoint's
                                        {hash, summary} of it when the dataset's card changed or is gone;
@@ -50,6 +51,7 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
 META = "sora_jax.json"
 POLICY = "policy.json"  # sora_torch/pipeline.py reads it under this name
+WATERMARK = "watermark.json"  # generate.py reads it: the watermark its videos carry
 MAX_SHARD_BYTES = 10 * 2**30  # diffusers' save_pretrained default ("10GB")
 _HF_CLASSES = {  # config.json model_type -> (encoder class, tokenizer class) in transformers
     "bert": ("BertModel", "BertTokenizerFast"),
@@ -315,6 +317,20 @@ def write_datacard(folder: Path, workdir: str | Path, step: int, cfg) -> None:
 # ------------------------------------------------------------------------------------------------ export
 
 
+def _watermark_json(cfg, workdir, step: int) -> dict:
+    """``config.safety.watermark`` and the payload's ids (``safety.stamp``: the same as ``sora-jax sample``'s
+    videos of this checkpoint carry) for the folder's ``generate.py``."""
+    from sora_jax.safety.stamp import model_id, run_id, safety_section
+
+    wm = safety_section(cfg, "watermark")
+    return {
+        "enabled": bool(wm["enabled"]),
+        "strength": float(wm["strength"]),
+        "model_id": model_id(cfg),
+        "run_id": run_id(workdir, step),
+    }
+
+
 def export(
     workdir: str | Path,
     out: str | Path,
@@ -378,7 +394,11 @@ def export(
             tmp / "sora_torch",
             ignore=shutil.ignore_patterns("__pycache__"),
         )
+        shutil.copy2(
+            Path(__file__).parents[1] / "safety" / "watermark.py", tmp / "sora_torch" / "watermark.py"
+        )
         (tmp / "generate.py").write_text(_GENERATE)
+        (tmp / WATERMARK).write_text(json.dumps(_watermark_json(cfg, workdir, step), indent=1))
         # the exported pipeline embeds prompts with the MiniLM it carries, else the installed package's
         source = "text_encoder" if TextEncoderKind(cfg.text.encoder) is TextEncoderKind.MINILM else "package"
         policy = config_lib.policy_json(cfg) | {"embedding_source": source}

@@ -3,7 +3,10 @@
     python DIR/generate.py --prompt "a 3 moves left" --seed 0 --out a.mp4 [--steps N] [--guidance_scale S]
         [--image first_frame.png] [--video clip.mp4] [--negative_prompt "..."] [--device cpu|cuda]
 
-Writes MP4 / GIF with PyAV or imageio when installed, else the frames as ``.npy``.
+Writes MP4 / GIF with PyAV or imageio when installed, else the frames as ``.npy``; the frames are upscaled
+(nearest neighbour, shorter side >= 128) and carry the invisible watermark of ``watermark.json`` (the payload
+``sora-jax sample`` puts in this checkpoint's videos; ``sora_torch/watermark.py``, ``sora-jax detect`` reads
+it). A prompt the safety policy refuses (``policy.json``) is one line and exit code 3.
 """
 
 from __future__ import annotations
@@ -56,6 +59,27 @@ def write_video(path: str, frames: np.ndarray, fps: float) -> str:
         return path + ".npy"
 
 
+def mark(folder: str, video: np.ndarray) -> np.ndarray:
+    """uint8 ``[T, H, W, 3]`` -> upscaled to a shorter side >= 128 (nearest neighbour, as sora_jax writes
+    videos) with the watermark of ``<folder>/watermark.json`` when it is enabled."""
+    import json
+
+    from . import watermark as wm
+
+    scale = max(1, -(-128 // min(video.shape[1:3])))
+    video = np.repeat(np.repeat(video, scale, axis=1), scale, axis=2)
+    path = os.path.join(folder, "watermark.json")
+    if not os.path.isfile(path):
+        print(f"generate.py: warning: {path} is missing; the video is not watermarked", file=sys.stderr)
+        return video
+    with open(path) as f:
+        conf = json.load(f)
+    if not conf["enabled"]:
+        return video
+    bits = wm.payload_bits(conf["model_id"], conf["run_id"])
+    return wm.embed(video, bits, wm.Watermark(strength=float(conf["strength"])))
+
+
 def main(argv: list[str] | None = None, folder: str | None = None) -> int:
     folder = folder or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p = argparse.ArgumentParser(description="Generate a video with an exported sora_jax model (PyTorch).")
@@ -84,16 +108,22 @@ def main(argv: list[str] | None = None, folder: str | None = None) -> int:
                 f"generate.py: frames are {frames.shape[1:3]}, the model makes {c.height}x{c.width}"
             )
         given = {"image": frames[0]} if args.image else {"video": frames}
-    out = pipe(
-        args.prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        negative_prompt=args.negative_prompt,
-        generator=torch.Generator().manual_seed(args.seed),
-        **given,
-    )
+    from .pipeline import PromptRefused
+
+    try:
+        out = pipe(
+            args.prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            negative_prompt=args.negative_prompt,
+            generator=torch.Generator().manual_seed(args.seed),
+            **given,
+        )
+    except PromptRefused as e:
+        print(f"generate.py: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 3
     video = np.clip(np.round(out.frames[0] * 255.0), 0, 255).astype(np.uint8)
-    print(write_video(args.out, video, float(c.fps)))
+    print(write_video(args.out, mark(folder, video), float(c.fps)))
     return 0
 
 
