@@ -106,6 +106,22 @@ def test_api_save_video_marks_unless_told_not_to(workdir, tmp_path):
     assert not b["watermark"]["detected"] and b["provenance"]["kind"] == "none"
 
 
+def test_checkpoint_hash_is_read_once_and_follows_changes(tmp_path, monkeypatch):
+    from sora_jax.safety import stamp
+
+    ckpt = tmp_path / "checkpoints" / "7"
+    (ckpt / "params").mkdir(parents=True)
+    (ckpt / "params" / "a.bin").write_bytes(b"weights")
+    cache = tmp_path / stamp.HASH_CACHE
+    first = stamp.checkpoint_hash(ckpt, cache)
+    assert first == provenance.checkpoint_sha256(ckpt)
+    monkeypatch.setattr(provenance, "checkpoint_sha256", lambda p: pytest.fail("hashed again"))
+    assert stamp.checkpoint_hash(ckpt, cache) == first
+    monkeypatch.undo()
+    (ckpt / "params" / "a.bin").write_bytes(b"weights, changed")
+    assert stamp.checkpoint_hash(ckpt, cache) == provenance.checkpoint_sha256(ckpt) != first
+
+
 def test_detect_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a video")
     for path in (tmp_path / "missing.mp4", tmp_path / "notes.txt"):

@@ -14,6 +14,8 @@ The payload (32 bits, ``watermark.payload_bits``): 16 bits of a hash of the mode
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from sora_jax.sample.video_io import default_scale, read_video, upscale, write_g
 
 __all__ = [
     "Stamp",
+    "checkpoint_hash",
     "inspect_video",
     "model_id",
     "run_id",
@@ -54,6 +57,34 @@ def run_id(workdir: str | os.PathLike, step: int) -> str:
     return f"{Path(workdir).name}@{int(step)}"
 
 
+HASH_CACHE = "checkpoint_sha256.json"  # in a workdir: its checkpoints' hashes (``checkpoint_hash``)
+
+
+def checkpoint_hash(checkpoint: str | os.PathLike, cache: str | os.PathLike | None = None) -> str:
+    """``provenance.checkpoint_sha256`` of a checkpoint folder, remembered in the JSON file ``cache`` (keyed by
+    the folder's file names, sizes and modification times) so that a large checkpoint is read once, not at
+    every sampling run; a cache that cannot be written (a read-only workdir) is skipped."""
+    checkpoint = Path(checkpoint)
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
+    listing = [(f.relative_to(checkpoint).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    name, known = f"{checkpoint.parent.name}/{checkpoint.name}", {}
+    if cache is not None and Path(cache).is_file():
+        known = json.loads(Path(cache).read_text())
+    if known.get(name, {}).get("key") == key:
+        return known[name]["sha256"]
+    digest = provenance.checkpoint_sha256(checkpoint)
+    if cache is not None:
+        known[name] = {"key": key, "sha256": digest}
+        tmp = Path(cache).with_name(Path(cache).name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, cache)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    return digest
+
+
 @dataclasses.dataclass(frozen=True)
 class Stamp:
     """How one run's videos are written. ``watermark`` None: no watermark; ``provenance`` False: no record;
@@ -77,7 +108,8 @@ class Stamp:
         checkpoint: str | os.PathLike | None = None,
     ) -> Stamp:
         """The stamp of a run (``cfg`` None: the safeguards' defaults) of ``workdir``'s checkpoint ``step`` (folder ``checkpoint``, hashed once for the
-        record; None: not hashed) under ``cfg.safety``. ``sampler``: the settings the record states (see
+        record, remembered in ``<workdir>/checkpoint_sha256.json``: ``checkpoint_hash``; None: not hashed)
+        under ``cfg.safety``. ``sampler``: the settings the record states (see
         ``provenance.SAMPLER_KEYS``; ``seed`` is set per video). A configured key or certificate that cannot
         be read is a one-line UserError here, before anything is generated."""
         wm_cfg, prov_cfg = safety_section(cfg, "watermark"), safety_section(cfg, "provenance")
@@ -92,7 +124,7 @@ class Stamp:
             "model": model_id(cfg),
             "model_kind": "text-to-video",
             "checkpoint_sha256": (
-                provenance.checkpoint_sha256(checkpoint)
+                checkpoint_hash(checkpoint, Path(workdir) / HASH_CACHE if workdir is not None else None)
                 if prov_cfg["enabled"] and checkpoint is not None
                 else None
             ),
