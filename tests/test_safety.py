@@ -83,8 +83,9 @@ def test_signed_runs_carry_a_c2pa_manifest(workdir, tmp_path):
     )
     sampler = {"sampler": "euler", "steps": 2, "cfg_scale": 6.0}
     stamp = Stamp.for_run(cfg, workdir, 0, sampler=sampler)
-    texture = np.random.default_rng(0).normal(128, 40, (32, 48, 3)).clip(0, 255).astype(np.uint8)
-    video = np.stack([texture[:, t : t + 32] for t in range(8)])  # a texture panning left
+    video = np.zeros((8, 32, 32, 3), np.uint8)  # what the digits model writes: a bright block moving on black
+    for t in range(8):
+        video[t, 10:18, 2 + 3 * t : 10 + 3 * t] = 230
     path = stamp.write(tmp_path / "v.mp4", video, 8, prompt=PROMPT, seed=3)
     r = inspect_video(path, trust_anchors=tmp_path / "keys" / "test_ca.pem")
     assert r["watermark"]["detected"] and r["watermark"]["payload"] == _payload(workdir)
