@@ -225,8 +225,9 @@ def detect(
 ) -> list[dict]:
     """``sora-jax detect``: per video ``safety.stamp.inspect_video``'s report plus ``line`` (one line for the
     terminal) and, with ``workdir``, ``matches``: the checkpoint steps of ``workdir`` whose payload
-    (``stamp.model_id`` + ``stamp.run_id``) the watermark carries."""
-    from sora_jax.safety.stamp import inspect_video
+    (``stamp.model_id`` + ``stamp.run_id``) the watermark carries, allowing ``stamp.MATCH_BITS`` bit errors
+    (nearest first; ``bit_errors`` beside them)."""
+    from sora_jax.safety.stamp import MATCH_BITS, inspect_video, payload_distance
 
     known = _payloads(workdir) if workdir is not None else None
     reports = []
@@ -238,8 +239,14 @@ def detect(
         else:
             text = f"no watermark (p = {wm['p_value']:.2g})"
         if known is not None:
-            r["matches"] = [step for step, hexa in known.items() if hexa == wm["payload"]]
-            text += f", from {Path(workdir).name} step {r['matches']}" if r["matches"] else ""
+            near = sorted(
+                (payload_distance(hexa, wm["payload"]), step)
+                for step, hexa in known.items()
+                if wm["payload"] is not None and payload_distance(hexa, wm["payload"]) <= MATCH_BITS
+            )
+            r["matches"], r["bit_errors"] = [s for _, s in near], [d for d, _ in near]
+            if near:
+                text += f", from {Path(workdir).name} step {near[0][1]} ({near[0][0]} bit(s) off)"
         prov = r["provenance"]["summary"] if r["provenance"] else "no provenance (not an MP4)"
         r["line"] = f"{path}: {text}; {prov}"
         reports.append(r)

@@ -95,15 +95,18 @@ def _stamp(workdir: Path, pipe):
 
 
 def _check_marks(mp4s: list[Path], stamp) -> dict:
-    """``sora-jax detect``'s reading of the written MP4s: how many carry the watermark with the run's payload
-    and a valid provenance record."""
-    from sora_jax.safety.stamp import inspect_video
+    """``sora-jax detect``'s reading of the written MP4s: how many carry the watermark, how many with the run's
+    payload exactly and within ``stamp.MATCH_BITS`` bits, how many have a valid provenance record."""
+    from sora_jax.safety.stamp import MATCH_BITS, inspect_video, payload_distance
 
     reports = [inspect_video(p) for p in mp4s]
+    found = [r["watermark"]["payload"] for r in reports if r["watermark"]["detected"]]
     return {
         "videos": len(reports),
         "payload": stamp.payload,
-        "watermarked": sum(r["watermark"]["payload"] == stamp.payload for r in reports),
+        "watermarked": len(found),
+        "payload_exact": sum(p == stamp.payload for p in found),
+        "payload_near": sum(payload_distance(p, stamp.payload) <= MATCH_BITS for p in found),
         "provenance_valid": sum(bool(r["provenance"] and r["provenance"]["valid"]) for r in reports),
         "max_log10_p": max(r["watermark"]["log10_p"] for r in reports),
     }
@@ -207,8 +210,9 @@ def _write_report(workdir: Path, summary: dict, rows: list[dict]) -> None:
         "## Safeguards",
         "",
         f"`sora-jax detect samples/*.mp4`: {summary['marks']['watermarked']} of {summary['marks']['videos']} "
-        f"written MP4s carry the watermark with this run's payload {summary['marks']['payload']} (the weakest "
-        f"at p = 10^{summary['marks']['max_log10_p']:.1f}); {summary['marks']['provenance_valid']} have a valid "
+        f"written MP4s carry the watermark (the weakest at p = 10^{summary['marks']['max_log10_p']:.1f}), "
+        f"{summary['marks']['payload_exact']} with this run's payload {summary['marks']['payload']} exactly and "
+        f"{summary['marks']['payload_near']} within 4 of its 32 bits (`detect --workdir` names the run); {summary['marks']['provenance_valid']} have a valid "
         "provenance record (unsigned sidecars: set config.safety.provenance.cert_chain / private_key to sign "
         "C2PA manifests).",
     ]

@@ -123,6 +123,15 @@ def test_checkpoint_hash_is_read_once_and_follows_changes(tmp_path, monkeypatch)
     assert stamp.checkpoint_hash(ckpt, cache) == provenance.checkpoint_sha256(ckpt) != first
 
 
+def test_payload_distance_counts_differing_bits():
+    from sora_jax.safety.stamp import payload_distance
+
+    assert payload_distance("c2d3-8662", "c2d3-8662") == 0
+    assert (
+        payload_distance("c2d3-8662", "c2d3-8762") == 1 and payload_distance("0000-0000", "ffff-0001") == 17
+    )
+
+
 def test_detect_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a video")
     for path in (tmp_path / "missing.mp4", tmp_path / "notes.txt"):

@@ -33,6 +33,7 @@ __all__ = [
     "checkpoint_hash",
     "inspect_video",
     "model_id",
+    "payload_distance",
     "run_id",
     "safety_section",
 ]
@@ -176,6 +177,14 @@ class Stamp:
             )
             provenance.record(path, facts, self.signing)
         return path
+
+
+MATCH_BITS = 4  # payloads within this many of 32 bits name the same run (bit errors of a weak copy)
+
+
+def payload_distance(a: str, b: str) -> int:
+    """Bits that differ between two payloads as ``bits_to_hex`` writes them ('mmmm-rrrr')."""
+    return bin(int(a.replace("-", ""), 16) ^ int(b.replace("-", ""), 16)).count("1")
 
 
 def inspect_video(
