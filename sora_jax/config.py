@@ -99,6 +99,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         raise ConfigError(str(e)) from e
     cfg = ml_collections.ConfigDict(cfg)
     _add_safety_defaults(cfg)
+    _add_lora_defaults(cfg)
     cfg.lock()
     apply_overrides(cfg, overrides)
     validate(cfg)
@@ -184,6 +185,69 @@ def _validate_wan(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             "config.model.arch = 'wan': Wan 2.1 predicts the flow velocity: diffusion.objective = "
             "'rectified_flow' with diffusion.flow_prediction = 'v'"
+        )
+
+
+# config.lora (sora_jax/models/lora.py): adapters on the attention q/k/v/out and MLP projections, by regexes
+# over "/"-joined parameter paths; off unless a config switches it on (configs/finetune_lora.py)
+LORA_TARGETS = (
+    r"^(dit|transformer)/blocks/(attn|cross_attn|attn1|attn2)/w[qkvo]$",
+    r"^(dit|transformer)/blocks/(mlp|ffn)/fc[12]/kernel$",
+)
+
+
+def lora_defaults() -> ml_collections.ConfigDict:
+    """``config.lora``: ``enabled`` (False), ``rank``, ``alpha`` (the update is scaled by alpha / rank),
+    ``targets`` (regexes, ``re.search`` over paths such as ``dit/blocks/attn/wq``), ``dora`` (not implemented:
+    must stay False), ``init_from`` (the trained workdir whose parameters are the frozen base)."""
+    return ml_collections.ConfigDict(
+        {"enabled": False, "rank": 8, "alpha": 8.0, "targets": LORA_TARGETS, "dora": False, "init_from": ""}
+    )
+
+
+def _add_lora_defaults(config: dict | ml_collections.ConfigDict) -> None:
+    """Adds ``config.lora`` (off) to a config file's or a saved config's dict that lacks it."""
+    if config.get("lora") is None:
+        d = lora_defaults()
+        config["lora"] = d if isinstance(config, ml_collections.ConfigDict) else d.to_dict()
+
+
+def _validate_lora(cfg: ml_collections.ConfigDict) -> None:
+    """``config.lora``: types and ranges, the targets compile, DoRA refused (not implemented), LoRA only on a
+    text-to-video model, its base from ``lora.init_from`` (not ``model.init_from``)."""
+    import re
+
+    lo = cfg.lora
+    for key in ("enabled", "dora"):
+        if not isinstance(lo.get(key), bool):
+            raise ConfigError(f"config.lora.{key} must be True or False, got {lo.get(key)!r}")
+    r = lo.get("rank")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ConfigError(f"config.lora.rank must be a positive integer, got {r!r}")
+    a = lo.get("alpha")
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or a <= 0:
+        raise ConfigError(f"config.lora.alpha must be a positive number (scale = alpha / rank), got {a!r}")
+    t = lo.get("targets")
+    if isinstance(t, str) or not isinstance(t, (tuple, list)) or not t:
+        raise ConfigError(f"config.lora.targets must be a non-empty tuple of regexes, got {t!r}")
+    for pattern in t:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise ConfigError(f"config.lora.targets: {pattern!r} is not a regular expression ({e})") from None
+    if not isinstance(lo.get("init_from"), str):
+        raise ConfigError(f"config.lora.init_from must be a workdir path or '', got {lo.get('init_from')!r}")
+    if lo.dora:
+        raise ConfigError(
+            "config.lora.dora = True: DoRA is not implemented yet; set config.lora.dora = False"
+        )
+    if lo.enabled and task(cfg) is not Task.T2V:
+        raise ConfigError(
+            f"config.lora.enabled: LoRA adapts text-to-video models, not task {task(cfg).value!r}"
+        )
+    if lo.enabled and cfg.model.get("init_from", ""):
+        raise ConfigError(
+            "config.lora.enabled: name the base workdir in config.lora.init_from, not config.model.init_from"
         )
 
 
@@ -368,6 +432,7 @@ def upgrade(config: dict) -> dict:
     if "eval" not in config:
         config["eval"] = dict(EVAL_DEFAULTS)
     _add_safety_defaults(config)  # before the safeguards: on, with today's defaults
+    _add_lora_defaults(config)  # before LoRA: off
     return config
 
 
@@ -523,6 +588,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.get("safety") is not None and cfg.safety.get("policy") is not None:
         _validate_policy(cfg.safety.policy)
         _validate_marks(cfg.safety)
+    if cfg.get("lora") is not None:
+        _validate_lora(cfg)
     if not 0.0 <= cfg.text.caption_dropout < 1.0:
         raise ConfigError(f"config.text.caption_dropout must be in [0, 1), got {cfg.text.caption_dropout}")
     for axis in ("data", "fsdp", "tensor", "seq"):

@@ -21,6 +21,7 @@ from sora_jax.models import vae as vae_lib
 from sora_jax.models.autoencoder import Autoencoder, IdentityAutoencoder, LumaAutoencoder
 from sora_jax.models.discriminator import PatchDiscriminator3D
 from sora_jax.models.dit import DiTConfig, dit_config
+from sora_jax.models.lora import LoraSpec, add_adapters
 from sora_jax.models.t2v import TextToVideo
 from sora_jax.models.vae import VAEConfig, VideoVAE
 from sora_jax.models.wan_t2v import WanTextToVideo, WanVAECodec
@@ -181,11 +182,30 @@ def wan_model_config(cfg: ml_collections.ConfigDict) -> WanConfig:
     )
 
 
+def lora_spec(cfg: ml_collections.ConfigDict) -> LoraSpec | None:
+    """The ``LoraSpec`` of ``config.lora`` when it is enabled (a text-to-video config), else None."""
+    lo = cfg.get("lora")
+    if lo is None or not lo.enabled or task(cfg) is not Task.T2V:
+        return None
+    return LoraSpec(int(lo.rank), float(lo.alpha), tuple(lo.targets))
+
+
 def make_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> TextToVideo | WanTextToVideo:
-    """The config's text-to-video model: the DiT with its text branch, or Wan 2.1 (``model.arch = wan``)."""
+    """The config's text-to-video model: the DiT with its text branch, or Wan 2.1 (``model.arch = wan``);
+    with ``config.lora.enabled``, LoRA adapters (``nnx.LoRAParam``) beside the targeted kernels."""
     if model_arch(cfg) is ModelArch.WAN:
-        return WanTextToVideo(wan_model_config(cfg), rngs=nnx.Rngs(seed))
-    return TextToVideo(model_config(cfg), text_config(cfg), rngs=nnx.Rngs(seed), frozen_dim=frozen_dim(cfg))
+        model = WanTextToVideo(wan_model_config(cfg), rngs=nnx.Rngs(seed))
+    else:
+        model = TextToVideo(
+            model_config(cfg), text_config(cfg), rngs=nnx.Rngs(seed), frozen_dim=frozen_dim(cfg)
+        )
+    spec = lora_spec(cfg)
+    if spec is not None:
+        try:
+            add_adapters(model, spec, seed=seed + 1)
+        except ValueError as e:
+            raise ConfigError(f"config.lora.targets: {e}") from None
+    return model
 
 
 def vae_config(cfg: ml_collections.ConfigDict) -> VAEConfig:

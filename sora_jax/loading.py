@@ -6,6 +6,7 @@ weights into them. Nothing here builds an optimizer or a train step:
 
     cfg, step, abstract, params = restore(workdir)         # the EMA parameters, onto one device
     cfg, step, abstract, params = restore(workdir, step="best")   # the best step evaluation kept
+    base = lora_base(cfg, abstract_base)                   # a LoRA run's frozen base (lora.init_from)
     codec = load_vae_codec("runs/vae")                     # a trained VAE as an Autoencoder, with its weights
     cfg = resolve_autoencoder(cfg)                         # a latent config records its VAE's shape and stats
     ae = load_autoencoder(cfg)                             # the config's autoencoder, weights included
@@ -73,12 +74,16 @@ def restore(
     cfg = resolve_autoencoder(cfg)
     abstract = factory.abstract_state(cfg, mesh or single_device_mesh())
     use_ema = cfg.sample.use_ema if use_ema is None else use_ema
+    lora = factory.lora_spec(cfg) is not None  # the checkpoint holds adapters; the base is lora.init_from's
+    adapters, base = nnx.split_state(abstract.params, nnx.LoRAParam, ...) if lora else (abstract.params, None)
     step, params = checkpoint.restore_subtree(
         workdir,
         "ema" if use_ema else "params",
-        abstract.params,
+        adapters,
         step=which if which == checkpoint.BEST else step,
     )
+    if lora:
+        params = nnx.merge_state(lora_base(cfg, base), params)
     return cfg, step, abstract, params
 
 
@@ -178,16 +183,22 @@ def _dotted(cfg: ml_collections.ConfigDict, key: str):
 
 def resolve_init(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A config with ``model.init_from`` (a workdir to fine-tune, e.g. one ``sora-jax import-diffusers``
-    wrote) with the source's file paths written in where it leaves them empty (``text.path``,
-    ``text.tokenizer_path``, ``autoencoder.path``, ``model.source``). UserError when the source is not a
-    workdir or holds another model (the first differing key named). Other configs are returned as they are."""
-    source = cfg.model.get("init_from", "")
+    wrote) or, with LoRA, ``lora.init_from`` (its frozen base) with the source's file paths written in where
+    it leaves them empty (``text.path``, ``text.tokenizer_path``, ``autoencoder.path``, ``model.source``).
+    UserError when the source is not a workdir, is itself a LoRA run, or holds another model (the first
+    differing key named). Other configs are returned as they are."""
+    name, source = "config.model.init_from", cfg.model.get("init_from", "")
+    lora = cfg.get("lora")
+    if not source and lora is not None and lora.enabled and lora.init_from:  # a LoRA run's frozen base
+        name, source = "config.lora.init_from", lora.init_from
     if not source:
         return cfg
     try:
         _, src = saved_config(source)
     except (checkpoint.CheckpointError, OSError) as e:
-        raise UserError(f"config.model.init_from = {source!r}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{name} = {source!r}: {str(e).splitlines()[0]}") from None
+    if src.get("lora") is not None and src.lora.enabled:
+        raise UserError(f"{name} = {source!r} is a LoRA run; start from the workdir of its base")
     for key in _INIT_SAME:
         mine, theirs = _dotted(cfg, key), _dotted(src, key)
         if key == "autoencoder.wan_vae" and mine and theirs:  # WanVAEConfig's defaults fill what is absent
@@ -196,8 +207,7 @@ def resolve_init(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             mine, theirs = json.loads(json.dumps(mine)), json.loads(json.dumps(theirs))
         if mine != theirs:
             raise UserError(
-                f"config.model.init_from = {source!r} holds another model: config.{key} is {mine!r} here, "
-                f"{theirs!r} there"
+                f"{name} = {source!r} holds another model: config.{key} is {mine!r} here, {theirs!r} there"
             )
     out = ml_collections.ConfigDict(cfg.to_dict())
     for key in _INIT_PATHS:
@@ -207,12 +217,29 @@ def resolve_init(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return out
 
 
-def init_params(source: str | Path, abstract: nnx.State) -> tuple[int, nnx.State]:
+def init_params(
+    source: str | Path, abstract: nnx.State, *, key: str = "config.model.init_from"
+) -> tuple[int, nnx.State]:
     """(step, parameters) of the latest checkpoint of the workdir ``source``: its ``params`` (the trained
     weights, not the EMA: an imported workdir has no EMA) onto the shardings and dtypes of ``abstract``
-    (the train state's params, ``ShapeDtypeStruct``s); orbax casts a float32 source to bfloat16 storage and
-    back. UserError when the shapes differ."""
+    (the train state's params, or a LoRA run's base: ``ShapeDtypeStruct``s); orbax casts a float32 source
+    to bfloat16 storage and back. UserError (naming ``key``) when the shapes differ."""
     try:
         return checkpoint.restore_subtree(source, "params", abstract)
     except checkpoint.CheckpointError as e:
-        raise UserError(f"config.model.init_from = {str(source)!r}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{key} = {str(source)!r}: {str(e).splitlines()[0]}") from None
+
+
+def lora_base(cfg: ml_collections.ConfigDict, abstract_base: nnx.State) -> nnx.State:
+    """A LoRA run's frozen base (every ``nnx.Param`` but the adapters) onto ``abstract_base``'s shardings: the
+    ``params`` of ``config.lora.init_from``'s latest checkpoint, or (no source) the model's initialisation
+    from ``config.seed``, as training had it."""
+    source = cfg.lora.init_from
+    if source:
+        return init_params(source, abstract_base, key="config.lora.init_from")[1]
+
+    def init() -> nnx.State:
+        params = nnx.state(factory.make_module(cfg, cfg.seed), nnx.Param)
+        return nnx.split_state(params, nnx.LoRAParam, ...)[1]
+
+    return jax.jit(init, out_shardings=jax.tree.map(lambda a: a.sharding, abstract_base))()

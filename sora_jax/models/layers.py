@@ -22,6 +22,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from sora_jax.choices import AttentionImpl
+from sora_jax.models import lora
 from sora_jax.parallel import sequence
 from sora_jax.parallel.sharding import constrain
 
@@ -184,6 +185,8 @@ def linear(
 class Mlp(nnx.Module):
     """Transformer MLP: Linear(D -> F), GELU (tanh approximation), Linear(F -> D)."""
 
+    LORA_KERNELS = lora.MLP_KERNELS  # the kernels a LoRA adapter can go on (sora_jax/models/lora.py)
+
     def __init__(
         self,
         dim: int,
@@ -198,9 +201,9 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x ``[B, N, D]`` -> ``[B, N, D]``."""
-        h = jax.nn.gelu(self.fc1(x), approximate=True)
-        h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
-        return self.fc2(h)
+        h = lora.plus(self.fc1(x), lora.lora_delta(self.fc1, "kernel", x, 1, self.fc1.dtype or x.dtype))
+        h = constrain(jax.nn.gelu(h, approximate=True), ("act_batch", "act_seq", "act_mlp"))
+        return lora.plus(self.fc2(h), lora.lora_delta(self.fc2, "kernel", h, 1, self.fc2.dtype or h.dtype))
 
 
 def project_qkv(attn, x: jax.Array, context: jax.Array | None, dt) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -211,7 +214,17 @@ def project_qkv(attn, x: jax.Array, context: jax.Array | None, dt) -> tuple[jax.
     q = jnp.einsum("BND,DKH->BNKH", x, attn.wq[...].astype(dt)) + attn.bq[...].astype(dt)
     k = jnp.einsum("BMD,DKH->BMKH", ctx, attn.wk[...].astype(dt)) + attn.bk[...].astype(dt)
     v = jnp.einsum("BMD,DKH->BMKH", ctx, attn.wv[...].astype(dt)) + attn.bv[...].astype(dt)
+    q = lora.plus(q, lora.lora_delta(attn, "wq", x, 1, dt))  # LoRA adapters, when the model has them
+    k = lora.plus(k, lora.lora_delta(attn, "wk", ctx, 1, dt))
+    v = lora.plus(v, lora.lora_delta(attn, "wv", ctx, 1, dt))
     return q, k, v
+
+
+def project_out(attn, out: jax.Array, dt) -> jax.Array:
+    """The output projection: out ``[B, N, K, H]`` through ``attn``'s ``wo [K, H, D]`` and ``bo [D]`` (plus its
+    LoRA adapter, when it has one) -> ``[B, N, D]`` in ``dt``."""
+    y = jnp.einsum("BNKH,KHD->BND", out, attn.wo[...].astype(dt)) + attn.bo[...].astype(dt)
+    return lora.plus(y, lora.lora_delta(attn, "wo", out, 2, dt))
 
 
 class Attention(nnx.Module):
@@ -220,6 +233,8 @@ class Attention(nnx.Module):
     Self-attention when ``context`` is None. Optional QK RMSNorm over H (one scale shared by all heads) and
     rotary embedding of q and k (self-attention only). ``zero_out`` zero-initialises the output projection.
     """
+
+    LORA_KERNELS = lora.ATTENTION_KERNELS  # the kernels a LoRA adapter can go on (sora_jax/models/lora.py)
 
     def __init__(
         self,
@@ -291,7 +306,7 @@ class Attention(nnx.Module):
         else:
             out = kernel(q, k, v)
         out = checkpoint_name(constrain(out, ("act_batch", "act_seq", "act_heads", "act_kv")), "attn_out")
-        return jnp.einsum("BNKH,KHD->BND", out, self.wo[...].astype(dt)) + self.bo[...].astype(dt)
+        return project_out(self, out, dt)
 
 
 # ---------------------------------------------------------------------------------------------------- RoPE

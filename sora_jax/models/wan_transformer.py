@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from sora_jax.models import lora
 from sora_jax.models.dit import REMAT_POLICIES
 from sora_jax.models.layers import (
     ATTENTION_IMPLEMENTATIONS,
@@ -43,6 +44,7 @@ from sora_jax.models.layers import (
     layer_norm,
     linear,
     patchify,
+    project_out,
     project_qkv,
     rope_3d_angles,
     rope_split,
@@ -174,6 +176,8 @@ class WanAttention(nnx.Module):
     """Wan's attention: q/k/v/o as einsum kernels ``[D, K, H]`` / ``[K, H, D]`` with biases, an RMSNorm on q
     and on k over the full width (all heads at once, before RoPE), optional RoPE, no mask."""
 
+    LORA_KERNELS = lora.ATTENTION_KERNELS  # the kernels a LoRA adapter can go on (sora_jax/models/lora.py)
+
     def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
         D, K, H = cfg.width, cfg.num_heads, cfg.head_dim
         pd = cfg.param_dtype
@@ -212,7 +216,7 @@ class WanAttention(nnx.Module):
         else:
             out = kernel(q, k, v)
         out = checkpoint_name(constrain(out, ("act_batch", "act_seq", "act_heads", "act_kv")), "attn_out")
-        return jnp.einsum("BNKH,KHD->BND", out, self.wo[...].astype(dt)) + self.bo[...].astype(dt)
+        return project_out(self, out, dt)
 
 
 class WanBlock(nnx.Module):

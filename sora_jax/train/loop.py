@@ -5,6 +5,9 @@
     train stream -> the data card (its {hash, summary} goes into every checkpoint) -> resume, or init (fine-tuning: ``model.init_from``'s parameters, ``_initial_state``) -> loop
     (metrics, checkpoints, evaluation, time limit, preemption).
 
+LoRA (``config.lora``): the state (optimizer, EMA, checkpoints) holds the adapters alone; the frozen base
+(``lora.init_from``'s parameters) enters the step as ``frozen["base"]``, like a latent model's VAE.
+
 Each task has one step builder (``_STEP_BUILDERS``: the DiT's, the VAE's), all on the shared update of
 ``state.apply_update``. Extend through config, not forks.
 """
@@ -37,7 +40,14 @@ from sora_jax.parallel.mesh import make_mesh
 from sora_jax.train import checkpoint, metrics
 from sora_jax.train import data as data_lib
 from sora_jax.train.preemption import PreemptionWatch
-from sora_jax.train.state import TrainState, init_state, lr_schedule, make_optimizer
+from sora_jax.train.state import (
+    TrainState,
+    init_state,
+    lr_schedule,
+    make_optimizer,
+    split_lora,
+    with_base,
+)
 from sora_jax.train.step import (
     Step,
     VAELossWeights,
@@ -159,14 +169,19 @@ def build_train_fns(
     tx = make_optimizer(cfg)
     step_args = (cfg, model.graphdef, tx, lr_schedule(cfg), shapes_only, text_table)
     built = _STEP_BUILDERS[task(cfg)](*step_args)
+    lora = factory.lora_spec(cfg) is not None
+    trainable = nnx.LoRAParam if lora else nnx.Param  # LoRA: the optimizer and the EMA see adapters alone
 
     def init_fn() -> TrainState:
-        return init_state(factory.make_module(cfg, cfg.seed), tx, cfg.seed) | built.extra_state()
+        return init_state(factory.make_module(cfg, cfg.seed), tx, cfg.seed, trainable) | built.extra_state()
 
     abstract = jax.eval_shape(init_fn)
     state_sharding = sharding.state_shardings(abstract, mesh)
     frozen_sharding = sharding.state_shardings(built.frozen, mesh)
     frozen = jax.jit(lambda f: f, out_shardings=frozen_sharding)(built.frozen) if built.frozen else {}
+    if lora:  # the frozen base: a step argument like a VAE's weights, outside the state and its checkpoints
+        base = _lora_base(cfg, split_lora(model.params)[1], shapes_only)
+        frozen, frozen_sharding = frozen | {"base": base}, frozen_sharding | {"base": _shardings(base)}
     batch_sharding = {k: v.sharding for k, v in data_lib.abstract_batch(cfg, mesh).items()}
 
     def sharded_step(state, batch, frozen):
@@ -184,6 +199,21 @@ def build_train_fns(
     )
     init = jax.jit(init_fn, out_shardings=state_sharding)
     return TrainFns(init, step, placed, model.graphdef, frozen, frozenset(batch_sharding))
+
+
+def _shardings(tree):
+    return jax.tree.map(lambda a: a.sharding, tree)
+
+
+def _lora_base(cfg: ml_collections.ConfigDict, abstract_base: nnx.State, shapes_only: bool) -> nnx.State:
+    """A LoRA run's frozen base on the mesh (``loading.lora_base``); ``shapes_only``: ``abstract_base``."""
+    if shapes_only:
+        return abstract_base
+    if not cfg.lora.init_from:
+        log.warning("LoRA without config.lora.init_from: the frozen base is the seed's random initialisation")
+    base = loading.lora_base(cfg, abstract_base)
+    log.info("LoRA: frozen base from %s", cfg.lora.init_from or f"seed {cfg.seed}")
+    return base
 
 
 # ------------------------------------------------------------------------------------------- the trainer
@@ -217,6 +247,9 @@ def train(
     table = data_lib.ensure_caption_table(cfg, workdir) if frozen_text and not compile_only else None
     fns = build_train_fns(cfg, mesh, shapes_only=compile_only, text_table=table)
     _log_state_bytes(fns.abstract_state, mesh)
+    if "base" in fns.frozen:
+        total, local = sharding.bytes_per_device(fns.frozen["base"])
+        log.info("LoRA: frozen base %.3f GiB in all, %.3f GiB per device", total / 2**30, local / 2**30)
     t0 = time.perf_counter()
     executables, memory = _compile(fns, specs)
     timings = {"compiled_steps": len(executables), "compile_seconds": time.perf_counter() - t0}
@@ -234,7 +267,7 @@ def train(
         if resumed is not None:
             log.info("resumed from step %d in %s", resumed[0], workdir)
         start, state = resumed if resumed is not None else (0, _initial_state(cfg, fns))
-        evals = _Evals(cfg, workdir, fns.graphdef, mesh, card) if evaluating else None
+        evals = _Evals(cfg, workdir, fns.graphdef, mesh, card, fns.frozen) if evaluating else None
         last = _loop(cfg, workdir, mesh, fns, executables, state, start, stream, mgr, progress, evals, card)
     finally:
         mgr.wait_until_finished()
@@ -267,7 +300,8 @@ def _data_card(cfg: ml_collections.ConfigDict, workdir: Path) -> dict | None:
 
 def _initial_state(cfg: ml_collections.ConfigDict, fns: TrainFns) -> TrainState:
     """The state at step 0: ``fns.init()``, its parameters and EMA replaced by those of the workdir
-    ``config.model.init_from`` names when set (fine-tuning: fresh optimizer state, EMA = the loaded weights)."""
+    ``config.model.init_from`` names when set (fine-tuning: fresh optimizer state, EMA = the loaded weights).
+    A LoRA run's state is its adapters (B = 0: step 0 is the base); its base is ``fns.frozen["base"]``."""
     state = fns.init()
     source = cfg.model.get("init_from", "")
     if not source:
@@ -422,9 +456,11 @@ class _Evals:
     improvement of ``eval.best_metric`` saved as the best checkpoint (``checkpoint.save_best``; resuming keeps
     the best of best.json). It reads the state and the data stream's position, never changes them."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, workdir: Path, graphdef, mesh, card: dict | None):
+    def __init__(
+        self, cfg: ml_collections.ConfigDict, workdir: Path, graphdef, mesh, card: dict | None, frozen: dict
+    ):
         e = cfg.eval
-        self.cfg, self.workdir, self.card = cfg, workdir, card
+        self.cfg, self.workdir, self.card, self.frozen = cfg, workdir, card, frozen
         self.every, self.total = e.every_steps, cfg.train.num_steps
         self.grid, self.metric = e.grid_videos, e.best_metric
         local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
@@ -448,7 +484,7 @@ class _Evals:
         """Evaluates ``state`` after ``step``; returns the seconds it took."""
         metrics.check_finite([(s, jax.device_get(m)) for s, m in pending])  # never a NaN state
         t0 = time.perf_counter()
-        ev = self.evaluator(_host_tree(state["ema"]), step)
+        ev = self.evaluator(_host_tree(with_base(state["ema"], self.frozen)), step)  # LoRA: over its base
         scalars = _agreed(ev.scalars)  # every process decides on process 0's numbers
         kept = bool(self.metric) and in_training.improves(
             scalars[self.metric], ev.results[self.metric]["higher_is_better"], self.best

@@ -42,9 +42,16 @@ def make_optimizer(cfg: ml_collections.ConfigDict, lr: float | None = None) -> o
     )
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    """The initial state of ``model`` (already built): params, zeroed optimizer state, EMA = params."""
-    params = nnx.state(model, nnx.Param)
+def init_state(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    seed: int,
+    trainable: nnx.filterlib.Filter = nnx.Param,
+) -> TrainState:
+    """The initial state of ``model`` (already built): its ``trainable`` params (all ``nnx.Param``s, or with
+    LoRA only the adapters, ``nnx.LoRAParam``: the frozen base is not in the state, see ``split_lora``),
+    zeroed optimizer state and EMA of those alone."""
+    params = nnx.state(model, trainable)
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
@@ -72,3 +79,13 @@ def apply_update(
         "opt_state": opt_state,
         "ema": ema_update(state["ema"], params, ema_decay),
     }
+
+
+def split_lora(params: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """A LoRA model's full params -> (adapters: the ``nnx.LoRAParam``s, base: every other ``nnx.Param``)."""
+    return nnx.split_state(params, nnx.LoRAParam, ...)
+
+
+def with_base(params: nnx.State, frozen: dict) -> nnx.State:
+    """The full parameters of the model: ``params`` and, with LoRA, the frozen base ``frozen["base"]``."""
+    return nnx.merge_state(frozen["base"], params) if "base" in frozen else params

@@ -1,7 +1,8 @@
 """The train steps, one builder per task: the DiT's loss (caption dropout, encode, diffusion loss), the VAE's
 (reconstruction + KL [+ LPIPS]) and the VAE's with a PatchGAN. All share ``make_step`` / ``state.apply_update``
 (gradients, AdamW, EMA, metrics) and the signature ``step(state, batch, frozen) -> (state, metrics)``:
-``frozen`` holds the parameters that are used but not trained (a latent model's VAE, the LPIPS network), so
+``frozen`` holds the parameters that are used but not trained (a latent model's VAE, the LPIPS network, a LoRA
+model's base weights ``frozen["base"]``: then ``state["params"]`` holds only the adapters), so
 they are arguments of the compiled step, placed by the rules table, never constants baked into it."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from sora_jax.diffusion import masks
 from sora_jax.models.autoencoder import Autoencoder, video_to_float
 from sora_jax.models.discriminator import adaptive_weight, hinge_d_loss, hinge_g_loss
 from sora_jax.models.vae import kl_divergence
-from sora_jax.train.state import TrainState, apply_update
+from sora_jax.train.state import TrainState, apply_update, with_base
 
 Step = Callable[[TrainState, dict, dict], tuple[TrainState, dict]]
 LossFn = Callable[[nnx.State, dict, dict, jax.Array], tuple[jax.Array, dict]]
@@ -55,7 +56,7 @@ def make_loss_fn(
     use_masks = mask_probs is not None and masks.conditions_frames(mask_probs)
 
     def loss_fn(params, batch, frozen, key):
-        model = nnx.merge(graphdef, params)
+        model = nnx.merge(graphdef, with_base(params, frozen))  # LoRA: the adapters over the frozen base
         k_drop, k_diff, k_mask = jax.random.split(key, 3)
         # token ids [B, L], or a frozen encoder's features [B, L, F] (sora_jax/text/frozen.py)
         text = batch["tokens"] if "tokens" in batch else batch["text_emb"]

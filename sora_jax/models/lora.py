@@ -1,0 +1,142 @@
+"""LoRA adapters on the attention and MLP projections of a built model (Hu et al. 2021, "LoRA: Low-Rank
+Adaptation of Large Language Models").
+
+Owns: ``LoraSpec`` (rank, alpha, target regexes: the models' only LoRA input), ``add_adapters`` (puts
+adapters beside the kernels whose parameter path matches) and ``lora_delta`` (what the projections add).
+
+For a kernel ``W`` with input axes ``I`` and output axes ``O`` (``wq/wk/wv [D, K, H]``: I = D; ``wo [K, H, D]``:
+I = K, H; an MLP's ``fc1/fc2 kernel [Din, Dout]``)::
+
+    y = x W + (alpha / rank) * (x A) B        A [*I, r] (he-uniform), B [r, *O] (zeros: step 0 == the base)
+
+Stacked blocks: a kernel stored ``[L, *I, *O]`` (the scanned blocks' leading ``"layers"`` axis) gets
+``A [L, *I, r]`` and ``B [L, r, *O]``, so the blocks' ``lax.scan`` slices adapters with their kernels. The
+adapters carry the kernel's logical names on their I / O / layer axes and ``None`` on the rank axis
+(replicated: it is small), so the rules table shards them as it shards the kernel. They are
+``nnx.LoRAParam`` variables named ``<kernel>_lora_a`` / ``<kernel>_lora_b`` on the kernel's module, so
+``nnx.LoRAParam`` filters them (trainable) from every other ``nnx.Param`` (the frozen base).
+
+Why not ``nnx.LoRA`` / ``nnx.LoRALinear`` or qwix's ``LoraProvider`` (both read, flax 0.12.8 and qwix 0.1.8):
+- ``nnx.LoRA`` computes ``x @ A @ B`` on 2D matrices and wraps a module (``base_module``): our attention
+  kernels are einsum tensors ``[D, K, H]`` held by the attention module, not ``nnx.Linear``s; wrapping would
+  move the base parameters (``fc1/kernel`` -> ``fc1/base_module/kernel``), breaking ``model.init_from``,
+  the checkpoints and the diffusers/PyTorch converters; it has no ``alpha``. We keep its variable type,
+  ``nnx.LoRAParam``, which is what makes the trainable/frozen split one filter.
+- qwix's ``LoraProvider`` intercepts ``dot_general``/``einsum`` calls by module path and creates adapters
+  lazily on the first call: here the blocks run inside ``jax.lax.scan`` over ``nnx.split``/``nnx.merge``d
+  stacked state, where lazily created parameters would be per-slice, not stacked ``[L, ...]``; it is also a
+  dependency for what is a few lines. Its win, quantizing the frozen base (QLoRA), is a later step.
+DoRA is not implemented (the config refuses it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sora_jax.config import LORA_TARGETS
+
+# the kernels of a module class whose forward adds ``lora_delta``: ``LORA_KERNELS = {"wq": 1, "fc1/kernel": 1,
+# ...}`` on the class, attribute path (below the module) -> number of input axes (layers.Attention, layers.Mlp,
+# wan_transformer.WanAttention); only those can take an adapter
+ATTENTION_KERNELS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2}  # [D, K, H] x 3, [K, H, D]
+MLP_KERNELS = {"fc1/kernel": 1, "fc2/kernel": 1}  # nnx.Linear kernels [Din, Dout]
+_KERNEL_NDIM = {"wq": 3, "wk": 3, "wv": 3, "wo": 3, "kernel": 2}
+
+DEFAULT_TARGETS = LORA_TARGETS  # the q/k/v/out and MLP kernels of the DiT's and Wan's blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Adapters of rank ``rank`` scaled by ``alpha / rank`` on every projection kernel whose "/"-joined
+    parameter path (e.g. ``dit/blocks/attn/wq``, ``transformer/blocks/ffn/fc1/kernel``) one of ``targets``
+    (regular expressions, ``re.search``) matches."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoraSpec.rank must be a positive int, got {self.rank!r}")
+        if not self.targets:
+            raise ValueError("LoraSpec.targets is empty: give regexes over parameter paths")
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+
+def _candidates(model: nnx.Module) -> dict[str, tuple[nnx.Module, str, int]]:
+    """path -> (owning module, attribute, input axes) of every kernel an adapter can go on: those a module
+    class lists in its ``LORA_KERNELS``."""
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        for sub, n_in in getattr(type(node), "LORA_KERNELS", {}).items():
+            *owners, name = sub.split("/")
+            owner = node
+            for o in owners:
+                owner = getattr(owner, o)
+            out["/".join([*map(str, path), sub])] = (owner, name, n_in)
+    return out
+
+
+def add_adapters(model: nnx.Module, spec: LoraSpec, *, seed: int = 0) -> list[str]:
+    """Adds ``<kernel>_lora_a`` / ``_lora_b`` (``nnx.LoRAParam``) beside every targeted kernel of ``model``
+    (in place) and returns their paths, sorted. ValueError when a target matches a parameter that is not a
+    projection kernel, or when no kernel matches."""
+    patterns = [re.compile(t) for t in spec.targets]
+    hits = lambda p: any(r.search(p) for r in patterns)  # noqa: E731
+    kernels = _candidates(model)
+    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        joined = "/".join(str(p) for p in path)
+        if hits(joined) and joined not in kernels:
+            raise ValueError(
+                f"LoRA target matches {joined}, which is not an attention or MLP projection kernel "
+                f"(adaptable: {', '.join(sorted(kernels)) or 'none'})"
+            )
+    chosen = sorted(p for p in kernels if hits(p))
+    if not chosen:
+        raise ValueError(f"LoRA targets {list(spec.targets)} match no projection kernel of the model")
+    key = jax.random.key(seed)
+    for i, path in enumerate(chosen):
+        module, name, n_in = kernels[path]
+        kernel = getattr(module, name)
+        shape, lead = kernel.value.shape, kernel.value.ndim - _KERNEL_NDIM[name]
+        names = tuple(getattr(kernel, "out_sharding", None) or (None,) * len(shape))
+        a_shape = (*shape[: lead + n_in], spec.rank)
+        b_shape = (*shape[:lead], spec.rank, *shape[lead + n_in :])
+        a_names = (*names[: lead + n_in], None)
+        b_names = (*names[:lead], None, *names[lead + n_in :])
+        init = nnx.initializers.variance_scaling(
+            2.0, "fan_in", "uniform", in_axis=tuple(range(lead, lead + n_in)), out_axis=-1,
+            batch_axis=tuple(range(lead)),
+        )  # fmt: skip
+        a = init(jax.random.fold_in(key, i), a_shape, kernel.value.dtype)
+        setattr(module, f"{name}_lora_a", nnx.LoRAParam(a, out_sharding=a_names))
+        b = jnp.zeros(b_shape, kernel.value.dtype)
+        setattr(module, f"{name}_lora_b", nnx.LoRAParam(b, out_sharding=b_names))
+        setattr(module, f"{name}_lora_scale", spec.scale)
+    return chosen
+
+
+def lora_delta(module: nnx.Module, name: str, x: jax.Array, n_in: int, dtype) -> jax.Array | None:
+    """``scale * (x A) B`` for ``module``'s kernel ``name``, or None when it has no adapter: x ``[..., *I]``
+    (its last ``n_in`` axes contract with A ``[*I, r]``), B ``[r, *O]`` -> ``[..., *O]``, in ``dtype``."""
+    a = getattr(module, f"{name}_lora_a", None)
+    if a is None:
+        return None
+    b = getattr(module, f"{name}_lora_b")
+    h = jnp.tensordot(x.astype(dtype), a[...].astype(dtype), axes=n_in)  # [..., r]
+    out = jnp.tensordot(h, b[...].astype(dtype), axes=1)  # [..., *O]
+    return out * jnp.asarray(getattr(module, f"{name}_lora_scale"), dtype)
+
+
+def plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
+    """``y + delta`` (``y`` itself when there is no adapter)."""
+    return y if delta is None else y + delta.astype(y.dtype)
