@@ -40,3 +40,7 @@ PATH_ERRORS: tuple[type[OSError], ...] = (
     PermissionError,
     FileExistsError,
 )
+
+
+class ConfigError(UserError):
+    """A config problem the user can fix; the message names the key or file (``sora_jax.config``)."""

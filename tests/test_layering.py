@@ -21,6 +21,7 @@ RANKS = {
     "sora_jax.errors": -1,  # UserError: the bottom, imports nothing
     "sora_jax": 0,  # the package's __init__: a docstring and the version
     "sora_jax.config": 0,
+    "sora_jax.config_safety": 0,  # config.safety's sections: rules, defaults, validation
     "sora_jax.choices": 0,
     "sora_jax.models": 1,
     "sora_jax.text": 1,
@@ -48,6 +49,7 @@ SIDEWAYS_ALLOWED = {
     ("sora_jax.text", "sora_jax.models"),  # the text encoders reuse the attention blocks
     ("sora_jax.models", "sora_jax.text"),  # the text-to-video model holds its text encoder (no module cycle)
     ("sora_jax.config", "sora_jax.choices"),
+    ("sora_jax.config", "sora_jax.config_safety"),
     ("sora_jax.commands", "sora_jax.api"),
     ("sora_jax.demo", "sora_jax.api"),
     ("sora_jax.text", "sora_jax.parallel"),
