@@ -35,7 +35,6 @@ from sora_jax.eval.evaluate import split_prompts  # noqa: E402
 from sora_jax.safety.stamp import Stamp, inspect_video  # noqa: E402
 from sora_jax.safety.watermark import Watermark, detect  # noqa: E402
 from sora_jax.sample.video_io import read_video  # noqa: E402
-from sora_jax.train.checkpoint import checkpoint_dir  # noqa: E402
 
 
 def shrink(video: np.ndarray, k: int) -> np.ndarray:
@@ -133,10 +132,7 @@ def main() -> None:
     prompts = split_prompts(data, "test", args.num, args.seed)
     videos = pipe.generate(prompts, seed=args.seed, progress=True)
     clips, _ = sample_clips(data, "test", args.num, args.seed + 1)
-    d = pipe.config.diffusion
-    sampler = {"sampler": str(d.sampler), "steps": int(d.sample_steps), "cfg_scale": float(d.cfg_scale)}
-    ckpt = checkpoint_dir(args.workdir) / str(pipe.step)
-    stamp_on = Stamp.for_run(pipe.config, args.workdir, pipe.step, sampler=sampler, checkpoint=ckpt)
+    stamp_on = Stamp.for_run(pipe.config, args.workdir, pipe.step)
     stamp_off = Stamp(None, None, False, None, stamp_on.facts)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -346,11 +346,7 @@ def save_video(
     from sora_jax.safety.stamp import Stamp
 
     cfg = pipeline.config if pipeline is not None else None
-    sampler = {}
-    if cfg is not None:
-        d = cfg.diffusion
-        sampler = {"sampler": str(d.sampler), "steps": int(d.sample_steps), "cfg_scale": float(d.cfg_scale)}
-    stamp = Stamp.for_run(cfg, None, pipeline.step if pipeline is not None else 0, sampler=sampler)
+    stamp = Stamp.for_run(cfg, None, pipeline.step if pipeline is not None else 0)
     if pipeline is None or prompt is None:
         stamp = dataclasses.replace(stamp, provenance=False)  # nothing to state a generation's facts from
     return stamp.write(path, video, fps, prompt=prompt or "", seed=seed, scale=scale)

@@ -154,7 +154,12 @@ def sample(
         validate(saved)
     policy = policy_for(saved)
     policy.check(prompts)  # PromptRefused (exit 3) before the model loads; negative prompts are not checked
-    stamp = _stamp(workdir, saved_step, saved, mode, seed, steps, cfg_scale)  # reads any signing key now
+    from sora_jax.safety.stamp import Stamp
+
+    # the run's watermark payload and provenance facts; reads any signing key now, hashes the checkpoint once
+    stamp = Stamp.for_run(
+        saved, workdir, saved_step, steps=steps, cfg_scale=cfg_scale, mode=str(mode), seed=seed
+    )
     from sora_jax.sample.pipeline import load_pipeline
 
     pipe = load_pipeline(workdir, sample_steps=steps, cfg_scale=cfg_scale)
@@ -198,23 +203,6 @@ def sample(
         results = [video[0]]
     _write_videos(out, mode, results, prompts if mode is SampleMode.T2V else [prompt], p.fps, stamp, seed)
     return f"wrote {len(results)} {mode} video(s) of {len(results[0])} frames to {out}{_marks(stamp)}"
-
-
-def _stamp(workdir, step: int, cfg, mode: SampleMode, seed: int, steps, cfg_scale):
-    """The run's ``safety.stamp.Stamp`` (watermark payload, provenance facts; the checkpoint hashed once)."""
-    from sora_jax.safety.stamp import Stamp
-    from sora_jax.train.checkpoint import checkpoint_dir
-
-    d = cfg.diffusion
-    sampler = {
-        "mode": str(mode),
-        "sampler": str(d.sampler),
-        "steps": int(steps or d.sample_steps),
-        "cfg_scale": float(cfg_scale if cfg_scale is not None else d.cfg_scale),
-        "seed": int(seed),
-    }
-    ckpt = checkpoint_dir(workdir) / str(step)
-    return Stamp.for_run(cfg, workdir, step, sampler=sampler, checkpoint=ckpt if ckpt.is_dir() else None)
 
 
 def detect(

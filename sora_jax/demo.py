@@ -20,6 +20,7 @@ from sora_jax.config import load_config
 from sora_jax.data.pipeline import dataset_dir
 from sora_jax.eval.adherence import evaluate_prompts, write_report
 from sora_jax.eval.evaluate import evaluate_workdir
+from sora_jax.safety.stamp import Stamp
 from sora_jax.sample.outputs import write_samples
 from sora_jax.train.loop import train
 
@@ -48,7 +49,7 @@ def run_demo(
 
     t0 = time.perf_counter()
     pipe = api.load_pipeline(workdir)
-    stamp = _stamp(workdir, pipe)
+    stamp = Stamp.for_run(pipe.config, workdir, pipe.step)  # the videos' watermark and provenance
     prompts = list(cfg.sample.prompts)
     videos = pipe.generate(prompts, seed=cfg.sample.seed, progress=True)
     write = functools.partial(stamp.write, seed=cfg.sample.seed)
@@ -81,17 +82,6 @@ def run_demo(
     }
     _write_report(workdir, summary, demo_rows)
     return summary
-
-
-def _stamp(workdir: Path, pipe):
-    """The watermark and provenance of the demo's videos (``safety.stamp``; config.safety: both on)."""
-    from sora_jax.safety.stamp import Stamp
-    from sora_jax.train.checkpoint import checkpoint_dir
-
-    d = pipe.config.diffusion
-    sampler = {"sampler": str(d.sampler), "steps": int(d.sample_steps), "cfg_scale": float(d.cfg_scale)}
-    ckpt = checkpoint_dir(workdir) / str(pipe.step)
-    return Stamp.for_run(pipe.config, workdir, pipe.step, sampler=sampler, checkpoint=ckpt)
 
 
 def _check_marks(mp4s: list[Path], stamp) -> dict:

@@ -81,8 +81,7 @@ def test_signed_runs_carry_a_c2pa_manifest(workdir, tmp_path):
             f"safety.provenance.private_key={creds.private_key}",
         ],
     )
-    sampler = {"sampler": "euler", "steps": 2, "cfg_scale": 6.0}
-    stamp = Stamp.for_run(cfg, workdir, 0, sampler=sampler)
+    stamp = Stamp.for_run(cfg, workdir, 0, steps=2)
     video = np.zeros((8, 32, 32, 3), np.uint8)  # what the digits model writes: a bright block moving on black
     for t in range(8):
         video[t, 10:18, 2 + 3 * t : 10 + 3 * t] = 230

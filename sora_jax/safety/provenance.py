@@ -26,7 +26,6 @@ Writes are atomic: ``<path>.tmp`` in the same folder, then ``os.replace``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import enum
@@ -34,12 +33,13 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from sora_jax import __version__
 from sora_jax.errors import PATH_ERRORS, UserError
+from sora_jax.sample.video_io import atomic_target
 
 __all__ = [
     "GENERATION_LABEL",
@@ -286,18 +286,6 @@ class SigningConfig:
             )
 
 
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """Yields ``<path>.tmp`` (same folder) to write; replaces ``path`` on success, removes the tmp on error."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 def _manifest(facts: GenerationFacts) -> dict[str, Any]:
     agent = {"name": facts.generator, "version": facts.generator_version}
     created = {
@@ -343,7 +331,7 @@ def sign_mp4(path: str | os.PathLike, facts: GenerationFacts, signing: SigningCo
         with (
             c2pa.Signer.from_info(info) as signer,
             c2pa.Builder(_manifest(facts)) as builder,
-            _atomic(path) as tmp,
+            atomic_target(path) as tmp,
             open(path, "rb") as src,
             open(tmp, "w+b") as dst,
         ):
@@ -371,7 +359,7 @@ def write_sidecar(path: str | os.PathLike, facts: GenerationFacts) -> Path:
         "facts": facts.to_dict(),
     }
     out = sidecar_path(path)
-    with _atomic(out) as tmp:
+    with atomic_target(out) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return out
 

@@ -4,7 +4,7 @@ or a sidecar JSON when no key is configured) beside each MP4. ``Stamp`` is built
 the config's ``safety`` section; ``sora-jax sample``, ``api.save_video`` and the exported pipeline's
 ``generate.py`` write through it. ``inspect_video`` is what ``sora-jax detect`` reports for one file.
 
-    stamp = Stamp.for_run(cfg, "runs/demo", step=4000, sampler={...})
+    stamp = Stamp.for_run(cfg, "runs/demo", 4000, steps=32, seed=0)   # settings the record states
     stamp.write("out/000.mp4", video, fps=8, prompt="a 3 moving left")   # marked, upscaled, recorded
 
 The payload (32 bits, ``watermark.payload_bits``): 16 bits of a hash of the model id
@@ -13,6 +13,7 @@ The payload (32 bits, ``watermark.payload_bits``): 16 bits of a hash of the mode
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,7 +27,7 @@ from sora_jax.config import safety_defaults
 from sora_jax.errors import UserError
 from sora_jax.safety import provenance
 from sora_jax.safety.watermark import Watermark, bits_to_hex, detect, embed, payload_bits
-from sora_jax.sample.video_io import default_scale, read_video, upscale, write_gif, write_mp4
+from sora_jax.sample.video_io import atomic_target, default_scale, read_video, upscale, write_gif, write_mp4
 
 __all__ = [
     "Stamp",
@@ -77,12 +78,8 @@ def checkpoint_hash(checkpoint: str | os.PathLike, cache: str | os.PathLike | No
     digest = provenance.checkpoint_sha256(checkpoint)
     if cache is not None:
         known[name] = {"key": key, "sha256": digest}
-        tmp = Path(cache).with_name(Path(cache).name + ".tmp")
-        try:
+        with contextlib.suppress(OSError), atomic_target(cache) as tmp:  # a read-only workdir: not remembered
             tmp.write_text(json.dumps(known, indent=1))
-            os.replace(tmp, cache)
-        except OSError:
-            tmp.unlink(missing_ok=True)
     return digest
 
 
@@ -105,14 +102,27 @@ class Stamp:
         workdir: str | os.PathLike | None,
         step: int,
         *,
-        sampler: dict[str, Any],
-        checkpoint: str | os.PathLike | None = None,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        **settings: Any,
     ) -> Stamp:
-        """The stamp of a run (``cfg`` None: the safeguards' defaults) of ``workdir``'s checkpoint ``step`` (folder ``checkpoint``, hashed once for the
-        record, remembered in ``<workdir>/checkpoint_sha256.json``: ``checkpoint_hash``; None: not hashed)
-        under ``cfg.safety``. ``sampler``: the settings the record states (see
-        ``provenance.SAMPLER_KEYS``; ``seed`` is set per video). A configured key or certificate that cannot
-        be read is a one-line UserError here, before anything is generated."""
+        """The stamp of a sampling run of ``workdir``'s checkpoint ``step`` under ``cfg.safety`` (``cfg`` None:
+        the safeguards' defaults; ``workdir`` None: no checkpoint to name). The record states the config's
+        sampler with ``steps`` / ``cfg_scale`` where the run replaces them, and ``settings`` (``mode``,
+        ``seed``, ...; ``seed`` is also set per video by ``write``); the checkpoint folder is hashed once
+        (``checkpoint_hash``, remembered in ``<workdir>/checkpoint_sha256.json``). A configured key or
+        certificate that cannot be read is a one-line UserError here, before anything is generated."""
+        from sora_jax.train.checkpoint import checkpoint_dir
+
+        sampler = dict(settings)
+        if cfg is not None:
+            d = cfg.diffusion
+            sampler |= {
+                "sampler": str(d.sampler),
+                "steps": int(steps or d.sample_steps),
+                "cfg_scale": float(cfg_scale if cfg_scale is not None else d.cfg_scale),
+            }
+        checkpoint = checkpoint_dir(workdir) / str(step) if workdir is not None else None
         wm_cfg, prov_cfg = safety_section(cfg, "watermark"), safety_section(cfg, "provenance")
         wm = Watermark(strength=float(wm_cfg["strength"])) if wm_cfg["enabled"] else None
         bits = payload_bits(model_id(cfg), run_id(workdir or "api", step)) if wm is not None else None
@@ -125,11 +135,11 @@ class Stamp:
             "model": model_id(cfg),
             "model_kind": "text-to-video",
             "checkpoint_sha256": (
-                checkpoint_hash(checkpoint, Path(workdir) / HASH_CACHE if workdir is not None else None)
-                if prov_cfg["enabled"] and checkpoint is not None
+                checkpoint_hash(checkpoint, Path(workdir) / HASH_CACHE)
+                if prov_cfg["enabled"] and checkpoint is not None and checkpoint.is_dir()
                 else None
             ),
-            "sampler": dict(sampler),
+            "sampler": sampler,
         }
         return cls(wm, bits, bool(prov_cfg["enabled"]), signing, facts)
 

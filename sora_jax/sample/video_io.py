@@ -23,7 +23,16 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sora_jax.data.video_codec import gif_bytes
 
-__all__ = ["contact_sheet", "default_scale", "read_video", "save_video", "upscale", "write_gif", "write_mp4"]
+__all__ = [
+    "atomic_target",
+    "contact_sheet",
+    "default_scale",
+    "read_video",
+    "save_video",
+    "upscale",
+    "write_gif",
+    "write_mp4",
+]
 
 _MP4_MIN_SIDE = 128
 _SHEET_MIN_SIDE = 64
@@ -59,7 +68,7 @@ def upscale(video: np.ndarray, scale: int) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
     """Yields ``<path>.tmp`` (same folder) to write; replaces ``path`` on success, removes it on error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +99,7 @@ def write_mp4(
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
     rate = Fraction(fps).limit_denominator(1001)
-    with _atomic_target(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+    with atomic_target(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
@@ -115,7 +124,7 @@ def write_gif(
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
     scale = default_scale(*video.shape[1:3]) if scale is None else scale
-    with _atomic_target(path) as tmp:
+    with atomic_target(path) as tmp:
         Path(tmp).write_bytes(gif_bytes(upscale(video, scale), fps))
     return Path(path)
 
@@ -170,7 +179,7 @@ def contact_sheet(
         font = ImageFont.load_default()
         for i, caption in enumerate(captions):
             draw.text((g + 1, g + i * (cap_h + fh + g)), str(caption), fill=(255, 255, 255), font=font)
-    with _atomic_target(path) as tmp:
+    with atomic_target(path) as tmp:
         image.save(tmp, format="PNG")
     return np.asarray(image)
 
