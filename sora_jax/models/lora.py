@@ -32,10 +32,12 @@ DoRA is not implemented (the config refuses it).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sora_jax.config import LORA_TARGETS
@@ -140,3 +142,138 @@ def lora_delta(module: nnx.Module, name: str, x: jax.Array, n_in: int, dtype) ->
 def plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
     """``y + delta`` (``y`` itself when there is no adapter)."""
     return y if delta is None else y + delta.astype(y.dtype)
+
+
+# ------------------------------------------------------------------------- adapters from files: merge / attach
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelAdapter:
+    """One kernel's adapter, stacked like the kernel: ``a [L, *I, r]``, ``b [L, r, *O]`` (no ``L`` for an
+    unstacked kernel); the kernel gets ``scale * x a b``."""
+
+    a: np.ndarray | jax.Array
+    b: np.ndarray | jax.Array
+    scale: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapters:
+    """A set of adapters read from a file (``sora_jax.export.lora_files.read_adapters``) or a model: our kernel
+    path (as in the model it was read for, e.g. ``transformer/blocks/attn1/wq``) -> ``KernelAdapter``;
+    ``source`` names the file (or model) for messages."""
+
+    kernels: dict[str, KernelAdapter]
+    source: str = ""
+
+
+def adaptable_kernels(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], int, int]]:
+    """Every kernel of ``model`` an adapter can go on: path -> (kernel shape, leading stacked axes, input axes)."""
+    out = {}
+    for path, (module, name, n_in) in _candidates(model).items():
+        shape = tuple(getattr(module, name).get_value().shape)
+        out[path] = (shape, len(shape) - _KERNEL_NDIM[name], n_in)
+    return out
+
+
+def model_adapters(model: nnx.Module) -> Adapters:
+    """The adapters ``model`` carries (its ``<kernel>_lora_a/_lora_b`` LoRAParams and scales), as ``Adapters``."""
+    out = {}
+    for path, (module, name, _) in sorted(_candidates(model).items()):
+        a = getattr(module, f"{name}_lora_a", None)
+        if a is not None:
+            b = getattr(module, f"{name}_lora_b")
+            out[path] = KernelAdapter(a[...], b[...], float(getattr(module, f"{name}_lora_scale")))
+    return Adapters(out, source=type(model).__name__)
+
+
+def _checked(model: nnx.Module, adapters: Adapters) -> dict[str, tuple[nnx.Module, str, int]]:
+    kernels = _candidates(model)
+    for path, ka in adapters.kernels.items():
+        if path not in kernels:
+            raise ValueError(
+                f"adapter for {path} ({adapters.source}): the model has no such adaptable kernel"
+            )
+        module, name, n_in = kernels[path]
+        shape = getattr(module, name).get_value().shape
+        lead = len(shape) - _KERNEL_NDIM[name]
+        want_a, want_b = (*shape[: lead + n_in], ka.rank), (*shape[:lead], ka.rank, *shape[lead + n_in :])
+        if tuple(ka.a.shape) != want_a or tuple(ka.b.shape) != want_b:
+            raise ValueError(
+                f"adapter for {path} ({adapters.source}): A {tuple(ka.a.shape)}, B {tuple(ka.b.shape)}; the "
+                f"kernel {tuple(shape)} wants A {want_a}, B {want_b}"
+            )
+    return kernels
+
+
+def merge_adapters(model: nnx.Module, adapters_and_weights) -> None:
+    """Merges adapters into the base kernels of ``model``, in place: ``W += w * scale * A @ B`` for each
+    ``(Adapters, w)`` in ``adapters_and_weights`` (float32 accumulation, cast back to W's dtype).
+
+    W ``[L, *I, *O]``, A ``[L, *I, r]``, B ``[L, r, *O]`` (``L`` absent for unstacked kernels); the product
+    contracts r per layer. The model's own adapters (a LoRA workdir), if any, stay as they are."""
+    pairs = list(adapters_and_weights)
+    deltas: dict[str, jax.Array] = {}
+    kernels = _candidates(model)
+    for adapters, w in pairs:
+        _checked(model, adapters)
+        for path, ka in adapters.kernels.items():
+            module, name, n_in = kernels[path]
+            shape = getattr(module, name).get_value().shape
+            lead = len(shape) - _KERNEL_NDIM[name]
+            a = jnp.asarray(ka.a, jnp.float32)
+            b = jnp.asarray(ka.b, jnp.float32)
+            n_lead = math.prod(shape[:lead])
+            a2 = a.reshape(n_lead, -1, ka.rank)  # [L, I, r]
+            b2 = b.reshape(n_lead, ka.rank, -1)  # [L, r, O]
+            d = jnp.einsum("lir,lro->lio", a2, b2).reshape(shape) * (float(w) * ka.scale)
+            deltas[path] = deltas[path] + d if path in deltas else d
+    for path, d in deltas.items():
+        module, name, _ = kernels[path]
+        kernel = getattr(module, name)
+        w0 = kernel.get_value()
+        kernel.set_value((w0.astype(jnp.float32) + d).astype(w0.dtype))
+
+
+def attach_adapters(model: nnx.Module, adapters_and_weights) -> list[str]:
+    """Attaches adapters to ``model`` unmerged, in place, and returns the kernel paths that changed.
+
+    Per kernel, the adapters of every ``(Adapters, w)`` (and the kernel's own adapter, when the model has one:
+    a LoRA workdir) are concatenated along the rank axis: A ``[L, *I, sum r]``, B ``[L, sum r, *O]`` with each
+    one's ``w * scale`` folded into its B rows, and ``<kernel>_lora_scale = 1.0``; so the kernel adds exactly
+    the sum of the deltas. The new LoRAParams keep the kernel's logical axis names (rank replicated) and its
+    dtype. Their rank differs from a trained workdir's: for inference, not to resume training."""
+    pairs = list(adapters_and_weights)
+    for adapters, _ in pairs:
+        _checked(model, adapters)
+    kernels = _candidates(model)
+    touched = sorted({p for adapters, _ in pairs for p in adapters.kernels})
+    for path in touched:
+        module, name, n_in = kernels[path]
+        kernel = getattr(module, name)
+        dtype, shape = kernel.get_value().dtype, kernel.get_value().shape
+        lead = len(shape) - _KERNEL_NDIM[name]
+        parts = []
+        own = getattr(module, f"{name}_lora_a", None)
+        if own is not None:
+            own_b = getattr(module, f"{name}_lora_b")[...]
+            parts.append((own[...], own_b, float(getattr(module, f"{name}_lora_scale"))))
+        for adapters, w in pairs:
+            ka = adapters.kernels.get(path)
+            if ka is not None:
+                parts.append((ka.a, ka.b, float(w) * ka.scale))
+        a = jnp.concatenate([jnp.asarray(p[0], dtype) for p in parts], axis=-1)
+        b = jnp.concatenate(
+            [(jnp.asarray(p[1], jnp.float32) * p[2]).astype(dtype) for p in parts], axis=lead
+        )  # fmt: skip
+        names = tuple(getattr(kernel, "out_sharding", None) or (None,) * len(shape))
+        a_names = (*names[: lead + n_in], None)
+        b_names = (*names[:lead], None, *names[lead + n_in :])
+        setattr(module, f"{name}_lora_a", nnx.LoRAParam(a, out_sharding=a_names))
+        setattr(module, f"{name}_lora_b", nnx.LoRAParam(b, out_sharding=b_names))
+        setattr(module, f"{name}_lora_scale", 1.0)
+    return touched

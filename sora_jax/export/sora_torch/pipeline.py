@@ -279,6 +279,11 @@ class SoraPipeline(DiffusionPipeline):
         pipe.safety_policy = load_policy(str(pretrained_model_name_or_path), pipe)
         return pipe
 
+    def load_lora_weights(self, path, weight: float = 1.0) -> list[str]:
+        """Merges a LoRA file (a folder's ``pytorch_lora_weights.safetensors``) into the transformer's weights;
+        see ``SoraTransformer3DModel.load_lora_weights``."""
+        return self.transformer.load_lora_weights(path, weight)
+
     # ------------------------------------------------------------------------------------------ text
 
     @torch.no_grad()

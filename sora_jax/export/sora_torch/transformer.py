@@ -139,3 +139,47 @@ class SoraTransformer3DModel(ModelMixin, ConfigMixin):
             tokens = block(tokens, c, text, mask, rope)
         out = unpatchify(self.final_layer(tokens, c), cfg.patch_size, grid)
         return out.permute(0, 4, 1, 2, 3)
+
+    @torch.no_grad()
+    def load_lora_weights(self, path, weight: float = 1.0) -> list[str]:
+        """Merges a LoRA file into the Linear weights, in place: ``W += weight * scale * B @ A`` per module.
+
+        ``path``: a ``.safetensors`` file, or a folder holding ``pytorch_lora_weights.safetensors`` (what
+        ``sora_jax.export.lora_files.write_adapters`` writes): keys ``[transformer.]<module>.lora_A.weight``
+        ``[r, in]`` and ``.lora_B.weight`` ``[out, r]``, ``<module>`` this model's module names
+        (``blocks.0.attn.to_q``, ``blocks.0.mlp.fc1``, ...); ``lora_down``/``lora_up`` also read. ``scale`` is a
+        module's ``.alpha`` / r when the file has one, else 1 (the writer folds alpha / rank into lora_B).
+        No peft: merged, so unloading means reloading the weights. Returns the modules changed.
+        """
+        import os
+
+        from safetensors.torch import load_file
+
+        if os.path.isdir(path):
+            path = os.path.join(path, "pytorch_lora_weights.safetensors")
+        tensors = load_file(str(path))
+        modules = dict(self.named_modules())
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            name = key.removeprefix("transformer.")
+            for end, part in ((".lora_A.weight", "A"), (".lora_down.weight", "A"), (".lora_B.weight", "B"),
+                              (".lora_up.weight", "B"), (".alpha", "alpha")):  # fmt: skip
+                if name.endswith(end):
+                    parts.setdefault(name.removesuffix(end), {})[part] = value
+                    break
+            else:
+                raise ValueError(f"{path}: tensor {key!r} is not a LoRA lora_A/lora_B weight or alpha")
+        for name, p in parts.items():
+            linear = modules.get(name)
+            if not isinstance(linear, nn.Linear) or "A" not in p or "B" not in p:
+                raise ValueError(f"{path}: {name!r} is not a Linear of this model with lora_A and lora_B")
+            a, b = p["A"].double(), p["B"].double()  # [r, in], [out, r]
+            scale = float(p["alpha"]) / a.shape[0] if "alpha" in p else 1.0
+            if (b.shape[0], a.shape[1]) != tuple(linear.weight.shape) or b.shape[1] != a.shape[0]:
+                raise ValueError(
+                    f"{path}: {name!r} lora_B {list(b.shape)} @ lora_A {list(a.shape)} does not fit its weight "
+                    f"{list(linear.weight.shape)}"
+                )
+            delta = (weight * scale) * (b @ a)
+            linear.weight.copy_((linear.weight.double() + delta).to(linear.weight.dtype))
+        return sorted(parts)
