@@ -279,3 +279,23 @@ def test_bad_files_are_one_line(wan, tmp_path):
     plain = DiT(DIT_VARIANTS["pixel"], rngs=nnx.Rngs(0))
     with pytest.raises(LoraFileError, match="has no LoRA adapters"):
         lora_files.write_adapters(plain, tmp_path / "none")
+
+
+def test_text_to_video_dit_workdir_model_round_trip(tmp_path):
+    """The factory's text-to-video DiT with config.lora (parameters under ``dit/``, a text encoder beside):
+    the file names the twin's modules (no ``dit.``) and reads back onto the abstract model."""
+    from configs import finetune_lora
+    from sora_jax import factory
+    from sora_jax.config import load_config
+
+    cfg = load_config(f"{finetune_lora.__file__}:smoke")
+    model = factory.make_model(cfg, seed=0)
+    _random_adapters(model, seed=4)
+    lora_files.write_adapters(model, tmp_path)
+    keys = load_file(tmp_path / lora_files.FILES[Layout.DIFFUSERS])
+    assert all(k.startswith("transformer.blocks.") for k in keys), sorted(keys)[:3]
+    back = lora_files.read_adapters(tmp_path, nnx.eval_shape(lambda: factory.make_model(cfg)))
+    own = lora.model_adapters(model).kernels
+    assert set(back.kernels) == set(own) and all(p.startswith("dit/blocks/") for p in own)
+    for path, ka in own.items():
+        np.testing.assert_allclose(back.kernels[path].b, ka.scale * np.asarray(ka.b), rtol=1e-6, atol=1e-7)

@@ -198,11 +198,11 @@ def write_adapters(model: nnx.Module, out_dir, *, metadata: Mapping[str, str] | 
         path = out_dir / FILES[layout]
         _atomic_write(path, lambda p, t=tensors: save_file(t, str(p), metadata=header))
         written.append(path)
-    ranks = {p: ka.rank for p, ka in adapters.kernels.items()}
-    scales = {p: ka.scale for p, ka in adapters.kernels.items()}
+    _, prefix = _root(model)
+    ranks = {p.removeprefix(prefix): ka.rank for p, ka in adapters.kernels.items()}
+    scales = {p.removeprefix(prefix): ka.scale for p, ka in adapters.kernels.items()}
     uniform = len(set(ranks.values())) == 1 and len(set(scales.values())) == 1
     rank = max(ranks.values())
-    _, prefix = _root(model)
     cfg = next(n.cfg for _, n in nnx.iter_graph(model) if isinstance(n, (WanTransformer, DiT)))
     config = {
         "format": "sora_jax.lora/1",
@@ -210,7 +210,7 @@ def write_adapters(model: nnx.Module, out_dir, *, metadata: Mapping[str, str] | 
         "base_config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None,
         "rank": rank,
         "alpha": scales[next(iter(scales))] * rank if uniform else None,
-        "targets": sorted(p.removeprefix(prefix) for p in adapters.kernels),
+        "targets": sorted(ranks),
         "ranks": ranks,
         "scales": scales,
         "layouts": {layout.value: FILES[layout] for layout in layouts},

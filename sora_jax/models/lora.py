@@ -210,33 +210,44 @@ def _checked(model: nnx.Module, adapters: Adapters) -> dict[str, tuple[nnx.Modul
     return kernels
 
 
-def merge_adapters(model: nnx.Module, adapters_and_weights) -> None:
-    """Merges adapters into the base kernels of ``model``, in place: ``W += w * scale * A @ B`` for each
-    ``(Adapters, w)`` in ``adapters_and_weights`` (float32 accumulation, cast back to W's dtype).
+@jax.jit
+def _merged(w: jax.Array, factors: list) -> jax.Array:
+    """``w + sum_j s_j * A_j @ B_j`` in float32, cast back: w ``[L, I, O]``, factors ``[(A [L, I, r], B [L, r, O],
+    s)]``; one jitted expression per kernel, so the float32 product is not kept beside it."""
+    acc = w.astype(jnp.float32)
+    for a, b, s in factors:
+        acc = acc + s * jnp.einsum("lir,lro->lio", a.astype(jnp.float32), b.astype(jnp.float32))
+    return acc.astype(w.dtype)
+
+
+def merge_adapters(model: nnx.Module, adapters_and_weights) -> list[str]:
+    """Merges adapters into the base kernels of ``model``, in place, and returns the kernel paths changed:
+    ``W += w * scale * A @ B`` for each ``(Adapters, w)`` in ``adapters_and_weights`` (float32 accumulation,
+    cast back to W's dtype once, kernel by kernel).
 
     W ``[L, *I, *O]``, A ``[L, *I, r]``, B ``[L, r, *O]`` (``L`` absent for unstacked kernels); the product
-    contracts r per layer. The model's own adapters (a LoRA workdir), if any, stay as they are."""
+    contracts r per layer. The model's own adapters (a LoRA workdir), if any, stay as they are (live)."""
     pairs = list(adapters_and_weights)
-    deltas: dict[str, jax.Array] = {}
-    kernels = _candidates(model)
-    for adapters, w in pairs:
+    for adapters, _ in pairs:
         _checked(model, adapters)
-        for path, ka in adapters.kernels.items():
-            module, name, n_in = kernels[path]
-            shape = getattr(module, name).get_value().shape
-            lead = len(shape) - _KERNEL_NDIM[name]
-            a = jnp.asarray(ka.a, jnp.float32)
-            b = jnp.asarray(ka.b, jnp.float32)
-            n_lead = math.prod(shape[:lead])
-            a2 = a.reshape(n_lead, -1, ka.rank)  # [L, I, r]
-            b2 = b.reshape(n_lead, ka.rank, -1)  # [L, r, O]
-            d = jnp.einsum("lir,lro->lio", a2, b2).reshape(shape) * (float(w) * ka.scale)
-            deltas[path] = deltas[path] + d if path in deltas else d
-    for path, d in deltas.items():
+    kernels = _candidates(model)
+    touched = sorted({p for adapters, _ in pairs for p in adapters.kernels})
+    for path in touched:
         module, name, _ = kernels[path]
         kernel = getattr(module, name)
         w0 = kernel.get_value()
-        kernel.set_value((w0.astype(jnp.float32) + d).astype(w0.dtype))
+        shape, lead = w0.shape, w0.ndim - _KERNEL_NDIM[name]
+        n_lead, n_io = math.prod(shape[:lead]), math.prod(shape[lead:])
+        factors = []
+        for adapters, w in pairs:
+            ka = adapters.kernels.get(path)
+            if ka is not None:
+                a = jnp.asarray(ka.a).reshape(n_lead, -1, ka.rank)  # [L, I, r]
+                b = jnp.asarray(ka.b).reshape(n_lead, ka.rank, -1)  # [L, r, O]
+                factors.append((a, b, jnp.float32(float(w) * ka.scale)))
+        w_in = w0.reshape(n_lead, a.shape[1], n_io // a.shape[1])
+        kernel.set_value(_merged(w_in, factors).reshape(shape))
+    return touched
 
 
 def attach_adapters(model: nnx.Module, adapters_and_weights) -> list[str]:
