@@ -278,7 +278,10 @@ def _peft_scale(meta: Mapping[str, str], file: Path):
     raw = meta.get("lora_adapter_metadata")
     if not raw:
         return None
-    conf = json.loads(raw)
+    try:
+        conf = json.loads(raw)
+    except json.JSONDecodeError:
+        raise LoraFileError(f"{file}: its lora_adapter_metadata header is not JSON") from None
     conf = {k.removeprefix("transformer."): v for k, v in conf.items()}
     if conf.get("alpha_pattern") or conf.get("rank_pattern"):
         raise LoraFileError(

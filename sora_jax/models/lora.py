@@ -145,6 +145,9 @@ def plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
 
 
 # ------------------------------------------------------------------------- adapters from files: merge / attach
+# ``Adapters`` (adapters apart from a model: read from a file by sora_jax/export/lora_files.py, or taken from a
+# model by ``model_adapters``) go into a model merged (``merge_adapters``: W += w * scale * A B, the forward
+# costs nothing more) or unmerged (``attach_adapters``: concatenated along the rank axis, exact, reversible).
 
 
 @dataclasses.dataclass(frozen=True)
