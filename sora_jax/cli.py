@@ -85,6 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=60.0, help="long: length at the model's fps")
     p.add_argument("--overlap", type=int, default=1, help="latent frames given at each seam")
     p.add_argument("--negative_prompt", default=None, help="the unconditional branch of guidance")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        help="a LoRA adapter file or folder (diffusers / ComfyUI / kohya layout), optionally :WEIGHT "
+        "(A.safetensors:0.8); repeat for several",
+    )
+    p.add_argument(
+        "--lora_unmerged",
+        action="store_true",
+        help="keep the --lora adapters beside the kernels (exact, slower per step) instead of merging them",
+    )
     p.add_argument("--guidance_rescale", type=float, default=0.0, help="phi of guidance rescale (e.g. 0.7)")
     p.add_argument(
         "--history_guidance", type=float, default=0.0, help="given-frame modes: history guidance scale w"
@@ -331,6 +343,8 @@ def run(argv: list[str]) -> int:
                 steps=args.steps,
                 cfg_scale=args.cfg_scale,
                 safety_overrides=overrides,
+                loras=args.lora or (),
+                lora_unmerged=args.lora_unmerged,
             )
         )
     elif args.command == "detect":
@@ -379,6 +393,17 @@ def run(argv: list[str]) -> int:
             data=args.data,
         )
         _print_scalars(metrics)
+    elif args.command == "export" and _is_lora_workdir(args.workdir):
+        from sora_jax.export.lora_export import export_adapters
+
+        if args.dtype not in (None, "float32"):
+            parser.error("a LoRA workdir's adapters are written in float32 (leave --dtype out)")
+        r = export_adapters(args.workdir, args.out, raw_params=args.raw_params)
+        print(
+            f"exported the adapters of step {r['step']} ({r['parameters']:,} parameters, {r['files']} files) "
+            f"to {r['out']} in {r['seconds']:.1f} s; the base: `sora-jax export --workdir {r['base']}`, then "
+            "load_lora_weights"
+        )
     elif args.command == "export" and args.format == "diffusers":
         from sora_jax.export.wan_io import MAX_SHARD_BYTES, export_diffusers
 
@@ -429,6 +454,14 @@ def run(argv: list[str]) -> int:
                 f"(checkpoints_best/; load with step='best')"
             )
     return 0
+
+
+def _is_lora_workdir(workdir: str) -> bool:
+    """Whether ``workdir``'s latest checkpoint is a LoRA run (its export is the adapters alone)."""
+    from sora_jax.export.lora_export import is_lora_workdir
+    from sora_jax.loading import saved_config
+
+    return is_lora_workdir(saved_config(workdir)[1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,6 +106,8 @@ def sample(
     steps: int | None = None,
     cfg_scale: float | None = None,
     safety_overrides: Sequence[str] = (),
+    loras: Sequence[str] = (),
+    lora_unmerged: bool = False,
 ) -> str:
     """``sora-jax sample``: generates from the latest checkpoint in ``workdir``, writes MP4 + GIF per video
     and a contact sheet to ``out``; returns a one-line summary.
@@ -117,7 +120,9 @@ def sample(
     ``Process.sample``), ``fsdp`` (shard the parameters over N local devices) and
     ``bucket`` ("TxHxW"; default the config's first) go to the jitted sampler; ``steps`` and ``cfg_scale``
     replace the config's; ``safety_overrides`` (``safety.watermark.enabled=False``, ...) change this run's
-    safeguards (``config.safety``: watermark, provenance, policy). Every input is checked, and the image and videos read, before the model loads; the
+    safeguards (``config.safety``: watermark, provenance, policy). ``loras``: LoRA adapter files or folders,
+    each ``PATH`` or ``PATH:WEIGHT`` (diffusers, ComfyUI or kohya layout; ``export.lora_files``), merged into
+    the weights (``lora_unmerged``: attached beside them) and named in the provenance record. Every input is checked, and the image and videos read, before the model loads; the
     prompts go through the workdir config's safety policy (``config.safety.policy``) then too, and a refused one
     raises ``sora_jax.errors.PromptRefused`` (``sora-jax`` exits 3) with nothing written."""
     try:
@@ -154,15 +159,19 @@ def sample(
         validate(saved)
     policy = policy_for(saved)
     policy.check(prompts)  # PromptRefused (exit 3) before the model loads; negative prompts are not checked
+    adapters = _read_loras(saved, loras)  # every file checked against the model before its weights load
     from sora_jax.safety.stamp import Stamp
 
     # the run's watermark payload and provenance facts; reads any signing key now, hashes the checkpoint once
+    lora_record = {"lora": [f"{a.source}:{w:g}" for a, w in adapters]} if adapters else {}
     stamp = Stamp.for_run(
-        saved, workdir, saved_step, steps=steps, cfg_scale=cfg_scale, mode=str(mode), seed=seed
+        saved, workdir, saved_step, steps=steps, cfg_scale=cfg_scale, mode=str(mode), seed=seed, **lora_record
     )
     from sora_jax.sample.pipeline import load_pipeline
 
-    pipe = load_pipeline(workdir, sample_steps=steps, cfg_scale=cfg_scale)
+    pipe = load_pipeline(
+        workdir, sample_steps=steps, cfg_scale=cfg_scale, adapters=adapters, merge_adapters=not lora_unmerged
+    )
     pipe.prompt_check = policy.check  # and at every sampling pass (decisions are remembered)
     out = Path(out)
     if mode is SampleMode.T2V and not (negative_prompt or guidance_rescale or fsdp or bucket):
@@ -260,6 +269,40 @@ def _marks(stamp) -> str:
         "no provenance" if not stamp.provenance else "C2PA signed" if stamp.signing else "provenance sidecars"
     )
     return f" ({wm}; {rec})"
+
+
+def parse_lora(spec: str) -> tuple[Path, float]:
+    """``"PATH"`` or ``"PATH:WEIGHT"`` (``--lora``) -> (path, weight); UserError in one line when the path
+    does not exist or the weight is not a finite number."""
+    path, weight = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            path, weight = head, float(tail)
+        except ValueError:
+            path, weight = spec, 1.0  # a ':' inside the path
+    if not math.isfinite(weight):
+        raise UserError(f"--lora {spec}: the weight must be a finite number")
+    if not Path(path).exists():
+        raise UserError(f"--lora {spec}: {path} does not exist")
+    return Path(path), weight
+
+
+def _read_loras(cfg, specs: Sequence[str]) -> list:
+    """``--lora`` specs -> ``[(lora.Adapters, weight)]`` read for ``cfg``'s model (shapes only, nothing
+    allocated); a file that does not fit the model is a one-line ``LoraFileError``."""
+    if not specs:
+        return []
+    from flax import nnx
+
+    from sora_jax import factory
+    from sora_jax.export.lora_files import read_adapters
+    from sora_jax.loading import resolve_autoencoder
+
+    parsed = [parse_lora(s) for s in specs]
+    resolved = resolve_autoencoder(cfg)
+    abstract = nnx.eval_shape(lambda: factory.make_module(resolved, resolved.seed))
+    return [(read_adapters(path, abstract), weight) for path, weight in parsed]
 
 
 def _check_model_takes(workdir: str | Path, mode: SampleMode) -> None:

@@ -56,6 +56,7 @@ def restore(
     step: int | str | None = None,
     use_ema: bool | None = None,
     mesh=None,
+    with_base: bool = True,
     **diffusion_overrides,
 ) -> tuple[ml_collections.ConfigDict, int, factory.AbstractState, nnx.State]:
     """(config, step, abstract state, params) of the latest (or given) checkpoint in ``workdir``; ``step="best"``
@@ -64,6 +65,8 @@ def restore(
     Reads the EMA parameters unless ``use_ema`` is False (default: the config's ``sample.use_ema``), and
     nothing else (no optimizer state), onto ``mesh`` (default: one local device) as the rules table places
     them. ``diffusion_overrides`` (``sample_steps``, ``cfg_scale``, ``sampler``) replace the config's values.
+    A LoRA workdir's params are its adapters merged with the frozen base of ``lora.init_from``; with
+    ``with_base=False`` its adapters alone (``nnx.LoRAParam``s; the base left out, nothing of it read).
     """
     which = step
     step, cfg = saved_config(workdir, which)
@@ -82,7 +85,7 @@ def restore(
         adapters,
         step=which if which == checkpoint.BEST else step,
     )
-    if lora:
+    if lora and with_base:
         params = nnx.merge_state(lora_base(cfg, base), params)
     return cfg, step, abstract, params
 

@@ -10,7 +10,7 @@ pmap sampler, with ``generate(prompts)``. ``sora_jax.api.load_pipeline`` is this
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -20,6 +20,7 @@ from flax import nnx
 
 from sora_jax import factory, loading
 from sora_jax.errors import UserError
+from sora_jax.models import lora
 from sora_jax.models.autoencoder import Autoencoder
 from sora_jax.sample.sampler import PmapSampler, sample_inputs, sample_latents
 
@@ -105,11 +106,16 @@ def load_pipeline(
     *,
     step: int | str | None = None,
     use_ema: bool | None = None,
+    adapters: Sequence[tuple[lora.Adapters, float]] = (),
+    merge_adapters: bool = True,
     **sample_overrides,
 ) -> Pipeline:
     """Loads config + params of the latest (or given) checkpoint in ``workdir`` onto the local devices;
     ``step="best"``: the best checkpoint kept by evaluation during training (``config.eval.best_metric``).
 
+    ``adapters``: LoRA adapters with their weights (``(Adapters, w)``, read for this workdir's model by
+    ``sora_jax.export.lora_files.read_adapters``), merged into the kernels (``merge_adapters``: no cost per
+    step) or attached unmerged (one rank-concatenated adapter per kernel; exact, slower per step).
     ``sample_overrides``: ``sample_steps``, ``cfg_scale``, ``sampler`` replace the config's diffusion values.
     """
     from sora_jax.choices import Task
@@ -122,7 +128,12 @@ def load_pipeline(
             "sora_jax.api.load_autoencoder)"
         )
     cfg, step, abstract, params = loading.restore(workdir, step=step, use_ema=use_ema, **sample_overrides)
-    return pipeline_from_params(cfg, abstract.graphdef, jax.device_get(params), step)
+    graphdef = abstract.graphdef
+    if adapters:
+        model = nnx.merge(graphdef, params)
+        (lora.merge_adapters if merge_adapters else lora.attach_adapters)(model, adapters)
+        graphdef, params = nnx.split(model, nnx.Param)
+    return pipeline_from_params(cfg, graphdef, jax.device_get(params), step)
 
 
 def pipeline_from_params(
