@@ -34,6 +34,8 @@ from sora_jax.choices import DataContent, Task, TextEncoderKind
 from sora_jax.config import ConfigError, task
 from sora_jax.data import datacard, moving_digits, pipeline
 from sora_jax.eval import in_training
+from sora_jax.models import lora as lora_lib
+from sora_jax.models import quant
 from sora_jax.models.perceptual import load_perceptual
 from sora_jax.parallel import sharding
 from sora_jax.parallel.mesh import make_mesh
@@ -206,9 +208,10 @@ def _shardings(tree):
 
 
 def _lora_base(cfg: ml_collections.ConfigDict, abstract_base: nnx.State, shapes_only: bool) -> nnx.State:
-    """A LoRA run's frozen base on the mesh (``loading.lora_base``); ``shapes_only``: ``abstract_base``."""
+    """A LoRA run's frozen base on the mesh (``loading.lora_base``), stored as ``lora.base_dtype`` says;
+    ``shapes_only``: its shapes (``quant.stored_abstract``)."""
     if shapes_only:
-        return abstract_base
+        return quant.stored_abstract(abstract_base, cfg.lora.get("base_dtype", ""))
     if not cfg.lora.init_from:
         log.warning("LoRA without config.lora.init_from: the frozen base is the seed's random initialisation")
     base = loading.lora_base(cfg, abstract_base)
@@ -247,14 +250,22 @@ def train(
     table = data_lib.ensure_caption_table(cfg, workdir) if frozen_text and not compile_only else None
     fns = build_train_fns(cfg, mesh, shapes_only=compile_only, text_table=table)
     _log_state_bytes(fns.abstract_state, mesh)
+    state_total, state_local = sharding.bytes_per_device(fns.abstract_state)
+    sizes = {"state_gib": state_total / 2**30, "state_gib_per_device": state_local / 2**30}
     if "base" in fns.frozen:
         total, local = sharding.bytes_per_device(fns.frozen["base"])
-        log.info("LoRA: frozen base %.3f GiB in all, %.3f GiB per device", total / 2**30, local / 2**30)
+        log.info(
+            "LoRA: frozen base (%s) %.3f GiB in all, %.3f GiB per device",
+            cfg.lora.get("base_dtype", "") or "param_dtype",
+            total / 2**30,
+            local / 2**30,
+        )
+        sizes |= {"lora_base_gib": total / 2**30, "lora_base_gib_per_device": local / 2**30}
     t0 = time.perf_counter()
     executables, memory = _compile(fns, specs)
     timings = {"compiled_steps": len(executables), "compile_seconds": time.perf_counter() - t0}
     if compile_only:
-        return {"compiled": True, **timings, **memory}
+        return {"compiled": True, **timings, **memory, **sizes}
 
     stream = iter(data_lib.open_train_stream(cfg, workdir, mesh))
     card = _data_card(cfg, workdir)
@@ -303,12 +314,29 @@ def _initial_state(cfg: ml_collections.ConfigDict, fns: TrainFns) -> TrainState:
     ``config.model.init_from`` names when set (fine-tuning: fresh optimizer state, EMA = the loaded weights).
     A LoRA run's state is its adapters (B = 0: step 0 is the base); its base is ``fns.frozen["base"]``."""
     state = fns.init()
+    if cfg.lora.get("dora", False) and "base" in fns.frozen:  # DoRA: m = ||W||_I of the frozen base
+        return _dora_start(fns, state)
     source = cfg.model.get("init_from", "")
     if not source:
         return state
     step, params = loading.init_params(source, fns.abstract_state["params"])
     log.info("fine-tuning: parameters of %s (its step %d); fresh optimizer state, EMA = them", source, step)
     shardings = jax.tree.map(lambda a: a.sharding, fns.abstract_state["ema"])
+    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)
+    return state | {"params": params, "ema": copy(params)}
+
+
+def _dora_start(fns: TrainFns, state: TrainState) -> TrainState:
+    """``state`` with its DoRA magnitudes (params and EMA) set from the frozen base ``fns.frozen["base"]``
+    (``lora.init_magnitudes``): the adapters' initialisation saw the seed's base, not ``lora.init_from``'s."""
+
+    def start(adapters, base):
+        model = nnx.merge(fns.graphdef, with_base(adapters, {"base": base}))
+        lora_lib.init_magnitudes(model)
+        return nnx.state(model, nnx.LoRAParam)
+
+    shardings = jax.tree.map(lambda a: a.sharding, fns.abstract_state["params"])
+    params = jax.jit(start, out_shardings=shardings)(state["params"], fns.frozen["base"])
     copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)
     return state | {"params": params, "ema": copy(params)}
 
