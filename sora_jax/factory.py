@@ -17,6 +17,7 @@ from flax import nnx
 from sora_jax import diffusion
 from sora_jax.choices import AutoencoderKind, ModelArch, Task, TextEncoderKind
 from sora_jax.config import WAN_MODEL_KEYS, ConfigError, model_arch, task
+from sora_jax.models import lora as lora_lib
 from sora_jax.models import quant
 from sora_jax.models import vae as vae_lib
 from sora_jax.models.autoencoder import Autoencoder, IdentityAutoencoder, LumaAutoencoder
@@ -208,7 +209,7 @@ def make_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> TextToVideo | W
         except ValueError as e:
             raise ConfigError(f"config.lora.targets: {e}") from None
         if cfg.lora.get("base_dtype", "") in quant.QUANTIZED:  # int8 / fp8 base: a scale beside each kernel
-            quant.add_scales(model)
+            quant.add_scales(lora_lib.adaptable(model))
     return model
 
 

@@ -28,7 +28,7 @@ def _wan():
     """A tiny Wan with adapters and scales, its graph, base and adapters, and an input (latents, t, text)."""
     model = WanTextToVideo(wan_config("tiny"), rngs=nnx.Rngs(0))
     lora.add_adapters(model, lora.LoraSpec(rank=4, alpha=4.0), seed=3)
-    quant.add_scales(model)
+    quant.add_scales(lora.adaptable(model))
     graph, params = nnx.split(model, nnx.Param)
     adapters, base = nnx.split_state(params, nnx.LoRAParam, ...)
     lat = jax.random.normal(jax.random.key(1), (2, 2, 4, 4, 4))

@@ -224,6 +224,15 @@ def lora_delta(module: nnx.Module, name: str, x: jax.Array, n_in: int, dtype) ->
     return out * jnp.asarray(getattr(module, f"{name}_lora_scale"), dtype)
 
 
+def adaptable(model: nnx.Module) -> dict[str, tuple[nnx.Module, str, int, int]]:
+    """path -> (owning module, attribute, input axes |I|, leading stacked axes |L|) of every kernel of ``model``
+    an adapter (or ``quant.add_scales``' scale) can go on: those its module classes list in ``LORA_KERNELS``."""
+    out = {}
+    for path, (module, name, n_in) in _candidates(model).items():
+        out[path] = (module, name, n_in, getattr(module, name).value.ndim - _KERNEL_NDIM[name])
+    return out
+
+
 def plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
     """``y + delta`` (``y`` itself when there is no adapter)."""
     return y if delta is None else y + delta.astype(y.dtype)

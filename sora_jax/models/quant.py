@@ -1,8 +1,8 @@
 """The frozen base of a LoRA run stored small (QLoRA-style, Dettmers et al. 2023; weight-only): ``config.lora.
 base_dtype`` = ``bfloat16``, ``int8`` or ``float8_e4m3fn``, computed in the model's dtype (bfloat16).
 
-Owns: ``add_scales`` (puts a ``<kernel>_qscale`` parameter beside every block projection kernel of a built
-model), ``store_base`` / ``stored_abstract`` (a full-precision base state -> the stored one, or its shapes),
+Owns: ``add_scales`` (puts a ``<kernel>_qscale`` parameter beside the block projection kernels of a built
+model, ``lora.adaptable``), ``store_base`` / ``stored_abstract`` (a full-precision base state -> the stored one, or its shapes),
 ``quantize`` / ``dequantize`` (one kernel) and ``is_scale`` (the filter of the scales).
 
 int8 / fp8: each kernel ``W [*L, *I, *O]`` that has a ``<kernel>_qscale`` (every attention q/k/v/out and MLP
@@ -46,22 +46,19 @@ def is_scale(path, _value=None) -> bool:
     return str(path[-1]).endswith(SCALE)
 
 
-def add_scales(model: nnx.Module) -> list[str]:
+def add_scales(kernels: dict) -> list[str]:
     """Adds ``<kernel>_qscale`` (``nnx.Param`` float32 ``[*L, 1 x |I|, *O]``, ones: ``store_base`` computes it)
-    beside every kernel an adapter can go on (``lora._candidates``: the modules' ``LORA_KERNELS``), in place;
-    returns their kernels' paths, sorted."""
-    from sora_jax.models.lora import _KERNEL_NDIM, _candidates  # the kernel layouts live with the adapters
-
-    candidates = _candidates(model)
-    for module, name, n_in in candidates.values():
+    beside every kernel of ``kernels`` (``lora.adaptable(model)``: path -> (module, name, |I|, |L|)), in place;
+    returns their paths, sorted."""
+    for module, name, n_in, lead in kernels.values():
         kernel = getattr(module, name)
-        shape, lead = kernel.value.shape, kernel.value.ndim - _KERNEL_NDIM[name]
+        shape = kernel.value.shape
         names = tuple(getattr(kernel, "out_sharding", None) or (None,) * len(shape))
         keep = range(lead, lead + n_in)
         s_shape = tuple(1 if i in keep else d for i, d in enumerate(shape))
         s_names = tuple(None if i in keep else n for i, n in enumerate(names))
         setattr(module, name + SCALE, nnx.Param(jnp.ones(s_shape, jnp.float32), out_sharding=s_names))
-    return sorted(candidates)
+    return sorted(kernels)
 
 
 def quantize(w: jax.Array, scale_shape: tuple[int, ...], dtype: str) -> tuple[jax.Array, jax.Array]:

@@ -6,7 +6,8 @@
     (metrics, checkpoints, evaluation, time limit, preemption).
 
 LoRA (``config.lora``): the state (optimizer, EMA, checkpoints) holds the adapters alone; the frozen base
-(``lora.init_from``'s parameters) enters the step as ``frozen["base"]``, like a latent model's VAE.
+(``lora.init_from``'s parameters, stored as ``lora.base_dtype`` says: float32 / bfloat16 / int8 / fp8) enters
+the step as ``frozen["base"]``, like a latent model's VAE; DoRA's magnitudes start from that base.
 
 Each task has one step builder (``_STEP_BUILDERS``: the DiT's, the VAE's), all on the shared update of
 ``state.apply_update``. Extend through config, not forks.
@@ -34,7 +35,6 @@ from sora_jax.choices import DataContent, Task, TextEncoderKind
 from sora_jax.config import ConfigError, task
 from sora_jax.data import datacard, moving_digits, pipeline
 from sora_jax.eval import in_training
-from sora_jax.models import lora as lora_lib
 from sora_jax.models import quant
 from sora_jax.models.perceptual import load_perceptual
 from sora_jax.parallel import sharding
@@ -44,6 +44,7 @@ from sora_jax.train import data as data_lib
 from sora_jax.train.preemption import PreemptionWatch
 from sora_jax.train.state import (
     TrainState,
+    dora_start,
     init_state,
     lr_schedule,
     make_optimizer,
@@ -315,28 +316,14 @@ def _initial_state(cfg: ml_collections.ConfigDict, fns: TrainFns) -> TrainState:
     A LoRA run's state is its adapters (B = 0: step 0 is the base); its base is ``fns.frozen["base"]``."""
     state = fns.init()
     if cfg.lora.get("dora", False) and "base" in fns.frozen:  # DoRA: m = ||W||_I of the frozen base
-        return _dora_start(fns, state)
+        shardings = jax.tree.map(lambda a: a.sharding, fns.abstract_state["params"])
+        return dora_start(fns.graphdef, state, fns.frozen["base"], shardings)
     source = cfg.model.get("init_from", "")
     if not source:
         return state
     step, params = loading.init_params(source, fns.abstract_state["params"])
     log.info("fine-tuning: parameters of %s (its step %d); fresh optimizer state, EMA = them", source, step)
     shardings = jax.tree.map(lambda a: a.sharding, fns.abstract_state["ema"])
-    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)
-    return state | {"params": params, "ema": copy(params)}
-
-
-def _dora_start(fns: TrainFns, state: TrainState) -> TrainState:
-    """``state`` with its DoRA magnitudes (params and EMA) set from the frozen base ``fns.frozen["base"]``
-    (``lora.init_magnitudes``): the adapters' initialisation saw the seed's base, not ``lora.init_from``'s."""
-
-    def start(adapters, base):
-        model = nnx.merge(fns.graphdef, with_base(adapters, {"base": base}))
-        lora_lib.init_magnitudes(model)
-        return nnx.state(model, nnx.LoRAParam)
-
-    shardings = jax.tree.map(lambda a: a.sharding, fns.abstract_state["params"])
-    params = jax.jit(start, out_shardings=shardings)(state["params"], fns.frozen["base"])
     copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)
     return state | {"params": params, "ema": copy(params)}
 
