@@ -10,13 +10,13 @@ import pytest
 from flax import nnx
 
 from configs import quickstart
-from sora_jax import factory
+from sora_jax import factory, loading
 from sora_jax.config import ConfigError, load_config
 from sora_jax.models import lora, quant
 from sora_jax.models.wan_t2v import WanTextToVideo
 from sora_jax.models.wan_transformer import wan_config
 from sora_jax.parallel.mesh import make_mesh
-from sora_jax.train.loop import _initial_state, build_train_fns
+from sora_jax.train.loop import _initial_state, build_train_fns, train
 from tests.test_lora import _base_workdir, _batch, _lora_config, _perturbed
 
 # max |quantized - base| / max |base| of a tiny model's output (float32 compute): measured 0.5% (int8) and 2.3%
@@ -179,3 +179,22 @@ def test_dora_in_training_starts_from_the_loaded_base(tmp_path):
     np.testing.assert_array_equal(np.asarray(state["ema"]["dit"]["blocks"]["attn"]["wq_lora_m"].value), m)
     state, metrics = fns.step(state, _batch(cfg, mesh, 0), fns.frozen)
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_an_int8_lora_run_trains_and_loads_for_inference(data_dir, tmp_path):
+    base_wd = _base_workdir(tmp_path / "base")
+    over = {
+        "lora.init_from": str(base_wd),
+        "data.path": str(data_dir),
+        "mesh.data": 1,
+        "lora.base_dtype": "int8",
+    }
+    out = train(_lora_config(**over), tmp_path / "run", progress=False, devices=jax.devices()[:1])
+    assert np.isfinite(out["loss"])
+    _, step, _, params = loading.restore(tmp_path / "run", use_ema=False)  # adapters over the int8 base
+    mlp = params["dit"]["blocks"]["mlp"]["fc1"]
+    assert (
+        step == 4
+        and mlp["kernel"].value.dtype == jnp.int8
+        and mlp["kernel_qscale"].value.dtype == jnp.float32
+    )
