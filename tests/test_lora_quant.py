@@ -90,8 +90,8 @@ def test_int8_base_trains_adapters_only_and_the_compiled_base_shrinks(tmp_path):
         spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                             _batch(cfg, mesh, 0))  # fmt: skip
         mem = fns.step.lower(fns.abstract_state, spec, fns.frozen).compile().memory_analysis()
-        args[dtype] = (mem.argument_size_in_bytes, quant.nbytes(fns.frozen["base"]))
-    print(f"compiled step arguments (bytes, base bytes): f32 base {args['']}, int8 base {args['int8']}")
+        args[dtype] = (mem.argument_size_in_bytes, quant.nbytes(fns.frozen["base"]), mem.temp_size_in_bytes)
+    print(f"compiled step (argument, base, temp bytes): f32 base {args['']}, int8 base {args['int8']}")
     assert args["int8"][1] < 0.5 * args[""][1]  # the tiny DiT: embedders and adaLN (bf16) weigh a lot
     assert args[""][0] - args["int8"][0] >= 0.9 * (args[""][1] - args["int8"][1])  # the saving is the base's
 
