@@ -30,7 +30,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         r"^dit/blocks/(attn|cross_attn)/w[qkvo]$",
         r"^dit/blocks/mlp/fc[12]/kernel$",
     )
-    c.lora.dora = False  # DoRA is not implemented yet (the config refuses True)
+    c.lora.dora = False  # DoRA (Liu et al. 2024): a learned magnitude per output channel
+    c.lora.base_dtype = ""  # the frozen base's storage: "" (model.param_dtype), bfloat16, int8, float8_e4m3fn
     c.lora.init_from = ""  # the trained digits workdir (configs/quickstart.py) whose weights stay frozen
 
     # a few clips of a new style: short, a small constant rate, no decay to speak of

@@ -208,24 +208,42 @@ LORA_TARGETS = (
 )
 
 
+# config.lora.base_dtype: how the frozen base is stored (sora_jax/models/quant.py); "" = the model's param_dtype
+LORA_BASE_DTYPES = ("", "bfloat16", "int8", "float8_e4m3fn")
+
+
 def lora_defaults() -> ml_collections.ConfigDict:
     """``config.lora``: ``enabled`` (False), ``rank``, ``alpha`` (the update is scaled by alpha / rank),
-    ``targets`` (regexes, ``re.search`` over paths such as ``dit/blocks/attn/wq``), ``dora`` (not implemented:
-    must stay False), ``init_from`` (the trained workdir whose parameters are the frozen base)."""
+    ``targets`` (regexes, ``re.search`` over paths such as ``dit/blocks/attn/wq``), ``dora`` (DoRA magnitudes),
+    ``init_from`` (the trained workdir whose parameters are the frozen base), ``base_dtype`` (the frozen base's
+    storage: ``LORA_BASE_DTYPES``; int8 / fp8 with a per-output-channel scale, computed in ``model.dtype``)."""
     return ml_collections.ConfigDict(
-        {"enabled": False, "rank": 8, "alpha": 8.0, "targets": LORA_TARGETS, "dora": False, "init_from": ""}
+        {
+            "enabled": False,
+            "rank": 8,
+            "alpha": 8.0,
+            "targets": LORA_TARGETS,
+            "dora": False,
+            "init_from": "",
+            "base_dtype": "",
+        }
     )
 
 
 def _add_lora_defaults(config: dict | ml_collections.ConfigDict) -> None:
-    """Adds ``config.lora`` (off) to a config file's or a saved config's dict that lacks it."""
+    """Adds ``config.lora`` (off) to a config file's or a saved config's dict that lacks it, and the keys a
+    ``config.lora`` written before them lacks (``base_dtype``)."""
+    d = lora_defaults()
     if config.get("lora") is None:
-        d = lora_defaults()
         config["lora"] = d if isinstance(config, ml_collections.ConfigDict) else d.to_dict()
+        return
+    for key in d:
+        if key not in config["lora"]:
+            config["lora"][key] = d[key]
 
 
 def _validate_lora(cfg: ml_collections.ConfigDict) -> None:
-    """``config.lora``: types and ranges, the targets compile, DoRA refused (not implemented), LoRA only on a
+    """``config.lora``: types and ranges, the targets compile, a known ``base_dtype``, LoRA only on a
     text-to-video model, its base from ``lora.init_from`` (not ``model.init_from``)."""
     import re
 
@@ -249,9 +267,10 @@ def _validate_lora(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.lora.targets: {pattern!r} is not a regular expression ({e})") from None
     if not isinstance(lo.get("init_from"), str):
         raise ConfigError(f"config.lora.init_from must be a workdir path or '', got {lo.get('init_from')!r}")
-    if lo.dora:
+    if lo.get("base_dtype", "") not in LORA_BASE_DTYPES:
         raise ConfigError(
-            "config.lora.dora = True: DoRA is not implemented yet; set config.lora.dora = False"
+            f"config.lora.base_dtype = {lo.get('base_dtype')!r}: use one of "
+            f"{', '.join(repr(v) for v in LORA_BASE_DTYPES)} ('' keeps model.param_dtype)"
         )
     if lo.enabled and task(cfg) is not Task.T2V:
         raise ConfigError(

@@ -17,6 +17,8 @@ from flax import nnx
 from sora_jax import diffusion
 from sora_jax.choices import AutoencoderKind, ModelArch, Task, TextEncoderKind
 from sora_jax.config import WAN_MODEL_KEYS, ConfigError, model_arch, task
+from sora_jax.models import lora as lora_lib
+from sora_jax.models import quant
 from sora_jax.models import vae as vae_lib
 from sora_jax.models.autoencoder import Autoencoder, IdentityAutoencoder, LumaAutoencoder
 from sora_jax.models.discriminator import PatchDiscriminator3D
@@ -187,12 +189,13 @@ def lora_spec(cfg: ml_collections.ConfigDict) -> LoraSpec | None:
     lo = cfg.get("lora")
     if lo is None or not lo.enabled or task(cfg) is not Task.T2V:
         return None
-    return LoraSpec(int(lo.rank), float(lo.alpha), tuple(lo.targets))
+    return LoraSpec(int(lo.rank), float(lo.alpha), tuple(lo.targets), dora=bool(lo.get("dora", False)))
 
 
 def make_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> TextToVideo | WanTextToVideo:
     """The config's text-to-video model: the DiT with its text branch, or Wan 2.1 (``model.arch = wan``);
-    with ``config.lora.enabled``, LoRA adapters (``nnx.LoRAParam``) beside the targeted kernels."""
+    with ``config.lora.enabled``, LoRA adapters (``nnx.LoRAParam``) beside the targeted kernels (and with an int8 /
+    fp8 ``lora.base_dtype``, ``quant.add_scales``: a ``<kernel>_qscale`` beside every block kernel)."""
     if model_arch(cfg) is ModelArch.WAN:
         model = WanTextToVideo(wan_model_config(cfg), rngs=nnx.Rngs(seed))
     else:
@@ -205,6 +208,8 @@ def make_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> TextToVideo | W
             add_adapters(model, spec, seed=seed + 1)
         except ValueError as e:
             raise ConfigError(f"config.lora.targets: {e}") from None
+        if cfg.lora.get("base_dtype", "") in quant.QUANTIZED:  # int8 / fp8 base: a scale beside each kernel
+            quant.add_scales(lora_lib.adaptable(model))
     return model
 
 

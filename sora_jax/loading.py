@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -27,6 +28,7 @@ from sora_jax import config as config_lib
 from sora_jax import factory
 from sora_jax.choices import AutoencoderKind, Task
 from sora_jax.errors import UserError
+from sora_jax.models import quant
 from sora_jax.models.autoencoder import Autoencoder
 from sora_jax.models.vae import LATENT_STATS, VAECodec
 from sora_jax.models.wan_t2v import WanVAECodec
@@ -236,13 +238,24 @@ def init_params(
 def lora_base(cfg: ml_collections.ConfigDict, abstract_base: nnx.State) -> nnx.State:
     """A LoRA run's frozen base (every ``nnx.Param`` but the adapters) onto ``abstract_base``'s shardings: the
     ``params`` of ``config.lora.init_from``'s latest checkpoint, or (no source) the model's initialisation
-    from ``config.seed``, as training had it."""
-    source = cfg.lora.init_from
-    if source:
-        return init_params(source, abstract_base, key="config.lora.init_from")[1]
+    from ``config.seed``, as training had it; stored as ``config.lora.base_dtype`` says (``quant.store_base``:
+    the full-precision base passes through the device once, then only the stored one is kept)."""
+    source, stored = cfg.lora.init_from, cfg.lora.get("base_dtype", "")
+    shardings = lambda tree: jax.tree.map(lambda a: a.sharding, tree)  # noqa: E731
+    out = shardings(quant.stored_abstract(abstract_base, stored))
+    if source:  # the checkpoint holds no scales: they are computed from its kernels
+        scales, plain = nnx.split_state(abstract_base, quant.is_scale, ...)
+        params = init_params(source, plain, key="config.lora.init_from")[1]
+        store = lambda p, s: quant.store_base(nnx.merge_state(p, s), stored)  # noqa: E731
+        return jax.jit(store, out_shardings=out)(params, _placeholders(scales))
 
     def init() -> nnx.State:
         params = nnx.state(factory.make_module(cfg, cfg.seed), nnx.Param)
-        return nnx.split_state(params, nnx.LoRAParam, ...)[1]
+        return quant.store_base(nnx.split_state(params, nnx.LoRAParam, ...)[1], stored)
 
-    return jax.jit(init, out_shardings=jax.tree.map(lambda a: a.sharding, abstract_base))()
+    return jax.jit(init, out_shardings=out)()
+
+
+def _placeholders(abstract: nnx.State) -> nnx.State:
+    """Ones of ``abstract``'s shapes (a quantized base's scales before ``quant.store_base`` computes them)."""
+    return jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), abstract)

@@ -187,7 +187,7 @@ def test_lora_run_resumes_exactly(data_dir, tmp_path):
     [
         ("lora.rank=0", "config.lora.rank"),
         ("lora.alpha=-1.0", "config.lora.alpha"),
-        ("lora.dora=True", "DoRA is not implemented"),
+        ("lora.base_dtype=int4", "config.lora.base_dtype"),
         ("lora.targets=('(',)", "config.lora.targets"),
     ],
 )

@@ -201,30 +201,28 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x ``[B, N, D]`` -> ``[B, N, D]``."""
-        h = lora.plus(self.fc1(x), lora.lora_delta(self.fc1, "kernel", x, 1, self.fc1.dtype or x.dtype))
+        # nnx.Linear's x @ kernel + bias, through lora.project: a quantized base kernel, adapters, DoRA
+        fc1, fc2 = self.fc1, self.fc2
+        h = lora.project(fc1, "kernel", x, 1, fc1.dtype or x.dtype, fc1.bias[...])
         h = constrain(jax.nn.gelu(h, approximate=True), ("act_batch", "act_seq", "act_mlp"))
-        return lora.plus(self.fc2(h), lora.lora_delta(self.fc2, "kernel", h, 1, self.fc2.dtype or h.dtype))
+        return lora.project(fc2, "kernel", h, 1, fc2.dtype or h.dtype, fc2.bias[...])
 
 
 def project_qkv(attn, x: jax.Array, context: jax.Array | None, dt) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q ``[B, N, K, H]`` from x ``[B, N, D]``, k and v ``[B, M, K, H]`` from context ``[B, M, Dc]`` (default
     x) through ``attn``'s ``wq / bq``, ``wk / bk``, ``wv / bv`` (``[D, K, H]`` / ``[K, H]``), computed in ``dt``."""
     ctx = x if context is None else context
-    x, ctx = x.astype(dt), ctx.astype(dt)
-    q = jnp.einsum("BND,DKH->BNKH", x, attn.wq[...].astype(dt)) + attn.bq[...].astype(dt)
-    k = jnp.einsum("BMD,DKH->BMKH", ctx, attn.wk[...].astype(dt)) + attn.bk[...].astype(dt)
-    v = jnp.einsum("BMD,DKH->BMKH", ctx, attn.wv[...].astype(dt)) + attn.bv[...].astype(dt)
-    q = lora.plus(q, lora.lora_delta(attn, "wq", x, 1, dt))  # LoRA adapters, when the model has them
-    k = lora.plus(k, lora.lora_delta(attn, "wk", ctx, 1, dt))
-    v = lora.plus(v, lora.lora_delta(attn, "wv", ctx, 1, dt))
+    # "BND,DKH->BNKH" through lora.project: a quantized base kernel, LoRA adapters, DoRA, the bias
+    q = lora.project(attn, "wq", x, 1, dt, attn.bq[...])
+    k = lora.project(attn, "wk", ctx, 1, dt, attn.bk[...])
+    v = lora.project(attn, "wv", ctx, 1, dt, attn.bv[...])
     return q, k, v
 
 
 def project_out(attn, out: jax.Array, dt) -> jax.Array:
     """The output projection: out ``[B, N, K, H]`` through ``attn``'s ``wo [K, H, D]`` and ``bo [D]`` (plus its
-    LoRA adapter, when it has one) -> ``[B, N, D]`` in ``dt``."""
-    y = jnp.einsum("BNKH,KHD->BND", out, attn.wo[...].astype(dt)) + attn.bo[...].astype(dt)
-    return lora.plus(y, lora.lora_delta(attn, "wo", out, 2, dt))
+    LoRA adapter, when it has one: ``lora.project``) -> ``[B, N, D]`` in ``dt``."""
+    return lora.project(attn, "wo", out, 2, dt, attn.bo[...])  # "BNKH,KHD->BND"
 
 
 class Attention(nnx.Module):

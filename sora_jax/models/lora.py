@@ -25,8 +25,21 @@ Why not ``nnx.LoRA`` / ``nnx.LoRALinear`` or qwix's ``LoraProvider`` (both read,
 - qwix's ``LoraProvider`` intercepts ``dot_general``/``einsum`` calls by module path and creates adapters
   lazily on the first call: here the blocks run inside ``jax.lax.scan`` over ``nnx.split``/``nnx.merge``d
   stacked state, where lazily created parameters would be per-slice, not stacked ``[L, ...]``; it is also a
-  dependency for what is a few lines. Its win, quantizing the frozen base (QLoRA), is a later step.
-DoRA is not implemented (the config refuses it).
+  dependency for what is a few lines. Quantizing the frozen base (QLoRA, ``config.lora.base_dtype``) lives in
+  ``sora_jax.models.quant`` (why not qwix's PTQ there).
+
+Every use site computes its projection with ``project`` (base kernel through ``kernel``: dequantized per layer
+inside the blocks' scan when stored int8 / fp8, plus the adapter, DoRA's rescaling, the bias).
+
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"; ``LoraSpec.dora``): a magnitude
+``m [*L, *O]`` (``nnx.LoRAParam`` ``<kernel>_lora_m``, initialised to ``||W||_I``, the norm of each output
+channel over the input axes, so step 0 is the base) rescales the adapted projection::
+
+    y = m / ||W + s A B||_I * (x W + s (x A) B) + b          == x (m (W + s A B) / ||W + s A B||_I) + b
+
+The norm is computed per layer (one kernel-sized float32 temporary inside the scan) and not detached (the paper's
+section 4.3 detaches it to save memory; we keep the exact gradient). A trainer whose base comes from a checkpoint
+re-initialises m from it (``init_magnitudes``).
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ import numpy as np
 from flax import nnx
 
 from sora_jax.config import LORA_TARGETS
+from sora_jax.models import quant
 
 # the kernels of a module class whose forward adds ``lora_delta``: ``LORA_KERNELS = {"wq": 1, "fc1/kernel": 1,
 # ...}`` on the class, attribute path (below the module) -> number of input axes (layers.Attention, layers.Mlp,
@@ -61,6 +75,7 @@ class LoraSpec:
     rank: int
     alpha: float
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    dora: bool = False  # a DoRA magnitude <kernel>_lora_m beside each adapter
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -124,7 +139,79 @@ def add_adapters(model: nnx.Module, spec: LoraSpec, *, seed: int = 0) -> list[st
         b = jnp.zeros(b_shape, kernel.value.dtype)
         setattr(module, f"{name}_lora_b", nnx.LoRAParam(b, out_sharding=b_names))
         setattr(module, f"{name}_lora_scale", spec.scale)
+        if spec.dora:  # m = ||W||_I: step 0 is the base
+            m = column_norm(kernel.value, lead, n_in).astype(kernel.value.dtype)
+            m_names = (*names[:lead], *names[lead + n_in :])
+            setattr(module, f"{name}_lora_m", nnx.LoRAParam(m, out_sharding=m_names))
     return chosen
+
+
+def column_norm(w: jax.Array, lead: int, n_in: int) -> jax.Array:
+    """``||w||`` over the input axes, float32: w ``[*L, *I, *O]`` (``lead`` = |L|, ``n_in`` = |I|) -> ``[*L, *O]``."""
+    axes = tuple(range(lead, lead + n_in))
+    return jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=axes))
+
+
+def init_magnitudes(model: nnx.Module) -> list[str]:
+    """Sets every DoRA magnitude ``<kernel>_lora_m`` of ``model`` (in place) to ``||W + s A B||_I`` of its
+    current kernel (dequantized) and adapter: the model's output is then its DoRA-free LoRA output (at B = 0:
+    the base). For a base that was not the one ``add_adapters`` saw (``lora.init_from``). Returns the paths."""
+    done = []
+    for path, (module, name, n_in) in _candidates(model).items():
+        if getattr(module, f"{name}_lora_m", None) is None:
+            continue
+        w = merged_kernel(module, name, n_in)
+        lead = w.ndim - _KERNEL_NDIM[name]
+        m = getattr(module, f"{name}_lora_m")
+        m.value = column_norm(w, lead, n_in).astype(m.value.dtype)
+        done.append(path)
+    return sorted(done)
+
+
+def kernel(module: nnx.Module, name: str, dtype) -> jax.Array:
+    """``module``'s kernel ``name`` in ``dtype``: dequantized (``quant.dequantize``) when the frozen base stores
+    it int8 / fp8 (a ``<name>_qscale`` beside it holds a quantized value), else cast."""
+    w = getattr(module, name)[...]
+    s = getattr(module, name + quant.SCALE, None)
+    if s is None or (jnp.issubdtype(w.dtype, jnp.floating) and w.dtype.itemsize > 1):
+        return w.astype(dtype)
+    return quant.dequantize(w, s[...], dtype)
+
+
+def merged_kernel(module: nnx.Module, name: str, n_in: int, dtype=jnp.float32) -> jax.Array:
+    """``W + s A B`` (``[*L, *I, *O]`` stacked or one layer's ``[*I, *O]``) in ``dtype``; W alone without an
+    adapter."""
+    w = kernel(module, name, dtype)
+    a = getattr(module, f"{name}_lora_a", None)
+    if a is None:
+        return w
+    b = getattr(module, f"{name}_lora_b")[...].astype(dtype)
+    a = a[...].astype(dtype)
+    lead = a.ndim - n_in - 1
+    if lead:  # stacked: contract the rank per layer
+        ab = jnp.einsum("lir,lro->lio", a.reshape(a.shape[0], -1, a.shape[-1]), b.reshape(*b.shape[:2], -1))
+    else:
+        ab = jnp.tensordot(a.reshape(-1, a.shape[-1]), b.reshape(b.shape[0], -1), axes=1)
+    scale = jnp.asarray(getattr(module, f"{name}_lora_scale"), dtype)
+    return w + scale * ab.reshape(w.shape)
+
+
+def project(
+    module: nnx.Module, name: str, x: jax.Array, n_in: int, dtype, bias: jax.Array | None = None
+) -> jax.Array:
+    """A projection with everything LoRA adds: x ``[..., *I]`` through ``module``'s kernel ``name``
+    ``[*I, *O]`` (``kernel``: dequantized when stored quantized), plus ``lora_delta``, rescaled by DoRA's
+    ``m / ||W + s A B||_I`` when it has a magnitude, plus ``bias [*O]`` -> ``[..., *O]`` in ``dtype``."""
+    x = x.astype(dtype)
+    y = jnp.tensordot(x, kernel(module, name, dtype), axes=n_in)
+    delta = lora_delta(module, name, x, n_in, dtype)
+    m = getattr(module, f"{name}_lora_m", None)
+    if m is not None:
+        norm = column_norm(merged_kernel(module, name, n_in), 0, n_in)  # [*O], float32
+        y = (plus(y, delta) * (m[...].astype(jnp.float32) / norm)).astype(dtype)
+    else:
+        y = plus(y, delta)
+    return y if bias is None else y + bias.astype(dtype)
 
 
 def lora_delta(module: nnx.Module, name: str, x: jax.Array, n_in: int, dtype) -> jax.Array | None:
@@ -137,6 +224,15 @@ def lora_delta(module: nnx.Module, name: str, x: jax.Array, n_in: int, dtype) ->
     h = jnp.tensordot(x.astype(dtype), a[...].astype(dtype), axes=n_in)  # [..., r]
     out = jnp.tensordot(h, b[...].astype(dtype), axes=1)  # [..., *O]
     return out * jnp.asarray(getattr(module, f"{name}_lora_scale"), dtype)
+
+
+def adaptable(model: nnx.Module) -> dict[str, tuple[nnx.Module, str, int, int]]:
+    """path -> (owning module, attribute, input axes |I|, leading stacked axes |L|) of every kernel of ``model``
+    an adapter (or ``quant.add_scales``' scale) can go on: those its module classes list in ``LORA_KERNELS``."""
+    out = {}
+    for path, (module, name, n_in) in _candidates(model).items():
+        out[path] = (module, name, n_in, getattr(module, name).value.ndim - _KERNEL_NDIM[name])
+    return out
 
 
 def plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:

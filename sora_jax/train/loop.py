@@ -6,7 +6,8 @@
     (metrics, checkpoints, evaluation, time limit, preemption).
 
 LoRA (``config.lora``): the state (optimizer, EMA, checkpoints) holds the adapters alone; the frozen base
-(``lora.init_from``'s parameters) enters the step as ``frozen["base"]``, like a latent model's VAE.
+(``lora.init_from``'s parameters, stored as ``lora.base_dtype`` says: float32 / bfloat16 / int8 / fp8) enters
+the step as ``frozen["base"]``, like a latent model's VAE; DoRA's magnitudes start from that base.
 
 Each task has one step builder (``_STEP_BUILDERS``: the DiT's, the VAE's), all on the shared update of
 ``state.apply_update``. Extend through config, not forks.
@@ -34,6 +35,7 @@ from sora_jax.choices import DataContent, Task, TextEncoderKind
 from sora_jax.config import ConfigError, task
 from sora_jax.data import datacard, moving_digits, pipeline
 from sora_jax.eval import in_training
+from sora_jax.models import quant
 from sora_jax.models.perceptual import load_perceptual
 from sora_jax.parallel import sharding
 from sora_jax.parallel.mesh import make_mesh
@@ -42,6 +44,7 @@ from sora_jax.train import data as data_lib
 from sora_jax.train.preemption import PreemptionWatch
 from sora_jax.train.state import (
     TrainState,
+    dora_start,
     init_state,
     lr_schedule,
     make_optimizer,
@@ -206,9 +209,10 @@ def _shardings(tree):
 
 
 def _lora_base(cfg: ml_collections.ConfigDict, abstract_base: nnx.State, shapes_only: bool) -> nnx.State:
-    """A LoRA run's frozen base on the mesh (``loading.lora_base``); ``shapes_only``: ``abstract_base``."""
+    """A LoRA run's frozen base on the mesh (``loading.lora_base``), stored as ``lora.base_dtype`` says;
+    ``shapes_only``: its shapes (``quant.stored_abstract``)."""
     if shapes_only:
-        return abstract_base
+        return quant.stored_abstract(abstract_base, cfg.lora.get("base_dtype", ""))
     if not cfg.lora.init_from:
         log.warning("LoRA without config.lora.init_from: the frozen base is the seed's random initialisation")
     base = loading.lora_base(cfg, abstract_base)
@@ -247,14 +251,22 @@ def train(
     table = data_lib.ensure_caption_table(cfg, workdir) if frozen_text and not compile_only else None
     fns = build_train_fns(cfg, mesh, shapes_only=compile_only, text_table=table)
     _log_state_bytes(fns.abstract_state, mesh)
+    state_total, state_local = sharding.bytes_per_device(fns.abstract_state)
+    sizes = {"state_gib": state_total / 2**30, "state_gib_per_device": state_local / 2**30}
     if "base" in fns.frozen:
         total, local = sharding.bytes_per_device(fns.frozen["base"])
-        log.info("LoRA: frozen base %.3f GiB in all, %.3f GiB per device", total / 2**30, local / 2**30)
+        log.info(
+            "LoRA: frozen base (%s) %.3f GiB in all, %.3f GiB per device",
+            cfg.lora.get("base_dtype", "") or "param_dtype",
+            total / 2**30,
+            local / 2**30,
+        )
+        sizes |= {"lora_base_gib": total / 2**30, "lora_base_gib_per_device": local / 2**30}
     t0 = time.perf_counter()
     executables, memory = _compile(fns, specs)
     timings = {"compiled_steps": len(executables), "compile_seconds": time.perf_counter() - t0}
     if compile_only:
-        return {"compiled": True, **timings, **memory}
+        return {"compiled": True, **timings, **memory, **sizes}
 
     stream = iter(data_lib.open_train_stream(cfg, workdir, mesh))
     card = _data_card(cfg, workdir)
@@ -303,6 +315,9 @@ def _initial_state(cfg: ml_collections.ConfigDict, fns: TrainFns) -> TrainState:
     ``config.model.init_from`` names when set (fine-tuning: fresh optimizer state, EMA = the loaded weights).
     A LoRA run's state is its adapters (B = 0: step 0 is the base); its base is ``fns.frozen["base"]``."""
     state = fns.init()
+    if cfg.lora.get("dora", False) and "base" in fns.frozen:  # DoRA: m = ||W||_I of the frozen base
+        shardings = jax.tree.map(lambda a: a.sharding, fns.abstract_state["params"])
+        return dora_start(fns.graphdef, state, fns.frozen["base"], shardings)
     source = cfg.model.get("init_from", "")
     if not source:
         return state

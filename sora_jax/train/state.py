@@ -14,6 +14,8 @@ import ml_collections
 import optax
 from flax import nnx
 
+from sora_jax.models import lora
+
 TrainState = dict[
     str, Any
 ]  # {"step": i32[], "params": nnx.State, "opt_state": ..., "ema": nnx.State, "rng": key}
@@ -89,3 +91,18 @@ def split_lora(params: nnx.State) -> tuple[nnx.State, nnx.State]:
 def with_base(params: nnx.State, frozen: dict) -> nnx.State:
     """The full parameters of the model: ``params`` and, with LoRA, the frozen base ``frozen["base"]``."""
     return nnx.merge_state(frozen["base"], params) if "base" in frozen else params
+
+
+def dora_start(graphdef: nnx.GraphDef, state: TrainState, base: nnx.State, shardings) -> TrainState:
+    """``state`` (a DoRA run's, at step 0) with its magnitudes ``<kernel>_lora_m`` (params and EMA) set from
+    the frozen ``base`` (``lora.init_magnitudes``: ``m = ||W||_I``, step 0 is the base): the adapters'
+    initialisation saw the seed's base, not ``lora.init_from``'s. ``shardings``: of ``state["params"]``."""
+
+    def start(adapters, base):
+        model = nnx.merge(graphdef, nnx.merge_state(base, adapters))
+        lora.init_magnitudes(model)
+        return nnx.state(model, nnx.LoRAParam)
+
+    params = jax.jit(start, out_shardings=shardings)(state["params"], base)
+    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)
+    return state | {"params": params, "ema": copy(params)}
