@@ -198,3 +198,32 @@ def test_an_int8_lora_run_trains_and_loads_for_inference(data_dir, tmp_path):
         and mlp["kernel"].value.dtype == jnp.int8
         and mlp["kernel_qscale"].value.dtype == jnp.float32
     )
+
+
+def test_an_adapter_merges_into_an_int8_base_like_it_attaches():
+    """``--lora`` on a workdir whose base is int8: merging dequantizes, adds and quantizes again (new scales);
+    as close to the float32 model with the adapter as attaching it unmerged is (int8's error, a fraction of
+    what the adapter changes)."""
+    graph, base, adapters, x = _wan()
+    flat = nnx.to_flat_state(adapters)
+    keys = jax.random.split(jax.random.key(7), len(flat))
+    adapters = nnx.from_flat_state(
+        [(p, v.replace(0.05 * jax.random.normal(k, v.value.shape)) if str(p[-1]).endswith("_lora_b") else v)
+         for (p, v), k in zip(flat, keys)]
+    )  # fmt: skip
+    make = lambda b: nnx.clone(nnx.merge(graph, nnx.merge_state(b, adapters)))  # noqa: E731 (no shared Variables)
+    extra = lora.model_adapters(make(base))  # a second adapter: the model's own, as a file would bring it
+    out = lambda m: np.asarray(m.transformer(*x))  # noqa: E731
+    ref = make(base)
+    lora.merge_adapters(ref, [(extra, 0.5)])
+    want = out(ref)
+    stored = quant.store_base(base, "int8")
+    merged, attached = make(stored), make(stored)
+    lora.merge_adapters(merged, [(extra, 0.5)])
+    lora.attach_adapters(attached, [(extra, 0.5)])
+    assert merged.transformer.blocks.attn1.wq.get_value().dtype == jnp.int8
+    err = {k: float(np.abs(out(m) - want).max() / np.abs(want).max()) for k, m in
+           [("merged", merged), ("attached", attached), ("without", make(stored))]}  # fmt: skip
+    print("int8 base, adapter at 0.5, max |out - out_f32| / max |out_f32|:", err)
+    assert err["merged"] < REL_TOL["int8"] and err["attached"] < REL_TOL["int8"]
+    assert err["without"] > 4 * max(err["merged"], err["attached"])  # the adapter's change is well resolved

@@ -319,13 +319,18 @@ def _merged(w: jax.Array, factors: list) -> jax.Array:
     return acc.astype(w.dtype)
 
 
+_QUANTIZED = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
+
+
 def merge_adapters(model: nnx.Module, adapters_and_weights) -> list[str]:
     """Merges adapters into the base kernels of ``model``, in place, and returns the kernel paths changed:
     ``W += w * scale * A @ B`` for each ``(Adapters, w)`` in ``adapters_and_weights`` (float32 accumulation,
     cast back to W's dtype once, kernel by kernel).
 
     W ``[L, *I, *O]``, A ``[L, *I, r]``, B ``[L, r, *O]`` (``L`` absent for unstacked kernels); the product
-    contracts r per layer. The model's own adapters (a LoRA workdir), if any, stay as they are (live)."""
+    contracts r per layer. The model's own adapters (a LoRA workdir), if any, stay as they are (live). A
+    quantized kernel (``config.lora.base_dtype`` int8 / fp8) is merged in float32 and quantized again (new
+    per-channel scales)."""
     pairs = list(adapters_and_weights)
     for adapters, _ in pairs:
         _checked(model, adapters)
@@ -344,8 +349,15 @@ def merge_adapters(model: nnx.Module, adapters_and_weights) -> list[str]:
                 a = jnp.asarray(ka.a).reshape(n_lead, -1, ka.rank)  # [L, I, r]
                 b = jnp.asarray(ka.b).reshape(n_lead, ka.rank, -1)  # [L, r, O]
                 factors.append((a, b, jnp.float32(float(w) * ka.scale)))
-        w_in = w0.reshape(n_lead, a.shape[1], n_io // a.shape[1])
-        kernel.set_value(_merged(w_in, factors).reshape(shape))
+        qs = getattr(module, name + quant.SCALE, None)  # an int8 / fp8 base: merge, then quantize again
+        full = quant.dequantize(w0, qs.get_value(), jnp.float32) if w0.dtype in _QUANTIZED else w0
+        merged = _merged(full.reshape(n_lead, a.shape[1], n_io // a.shape[1]), factors).reshape(shape)
+        if w0.dtype in _QUANTIZED:
+            q, scale = quant.quantize(merged, qs.get_value().shape, str(w0.dtype))
+            kernel.set_value(q)
+            qs.set_value(scale)
+        else:
+            kernel.set_value(merged)
     return touched
 
 
@@ -366,6 +378,9 @@ def attach_adapters(model: nnx.Module, adapters_and_weights) -> list[str]:
         module, name, n_in = kernels[path]
         kernel = getattr(module, name)
         dtype, shape = kernel.get_value().dtype, kernel.get_value().shape
+        if dtype in _QUANTIZED:  # an int8 / fp8 base: the adapters keep a float dtype (their own, or float32)
+            own_a = getattr(module, f"{name}_lora_a", None)
+            dtype = own_a.get_value().dtype if own_a is not None else jnp.dtype(jnp.float32)
         lead = len(shape) - _KERNEL_NDIM[name]
         parts = []
         own = getattr(module, f"{name}_lora_a", None)
