@@ -9,7 +9,7 @@ Steps, each a real user path:
   1. clips   8 moving-digits clips (the generator of the base's data, its clip shape and speeds, a seed the base
              never drew) recoloured to ``--style_rgb``, their captions with ``--trigger`` put before them, plus
              ``--prior_clips`` clips of the base's own data with their plain captions; written as MP4s with
-             PyAV (the 8 style clips ``--style_repeat`` times each, so a batch holds ~1/4 style) with a
+             PyAV (the 8 style clips ``--style_repeat`` times each: 16 of 208 clips) with a
              ``captions.csv``; ``sora-jax ingest`` turns them into one dataset folder.
   2. train   ``sora-jax train --config configs/finetune_lora.py --config.lora.init_from=<base>
              --config.data.path=<ingested>`` (plus ``--set key=value`` overrides), adapters over the frozen base.
@@ -186,6 +186,13 @@ def _generate(workdir: Path, prompts: list[str], seed: int) -> dict:
     return {"metrics": metrics, "videos": videos, "prompts": prompts, "seconds": time.perf_counter() - t0}
 
 
+def _with_trigger(trigger: str, caption: str) -> str:
+    """``trigger`` with ``{}`` is a template for the caption ("{}, in grey"); else it goes before it."""
+    if not trigger:
+        return caption
+    return trigger.replace("{}", caption) if "{}" in trigger else f"{trigger} {caption}"
+
+
 KEYS = ("digit_accuracy", "direction_accuracy", "both_accuracy", "count_accuracy")
 
 
@@ -198,18 +205,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--num_clips", type=int, default=8, help="clips of the style")
     ap.add_argument(
-        "--trigger", default="grey style:", help="put before the style clips' captions ('': none; see above)"
+        "--trigger",
+        default="grey style:",
+        help="put before the style clips' captions, or a template with {} ('': none; see above)",
     )
     ap.add_argument(
         "--prior_clips",
         type=int,
-        default=24,
+        default=192,
         help="clips of the base's own data mixed in (0: none; see above)",
     )
     ap.add_argument(
         "--style_repeat",
         type=int,
-        default=8,
+        default=2,
         help="each style clip is ingested this many times (oversampling)",
     )
     ap.add_argument("--num_prompts", type=int, default=96, help="test prompts (the demo report's 96)")
@@ -254,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = dict(num_frames=base_cfg.data.num_frames, height=base_cfg.data.height, width=base_cfg.data.width)
     speed = tuple(base_cfg.data.speed) or None
     videos, captions = style_clips(args.num_clips, rgb, speed=speed, **shape)
-    captions = [f"{args.trigger} {c}" if args.trigger else c for c in captions]
+    captions = [_with_trigger(args.trigger, c) for c in captions]
     if not (data_dir / "metadata.json").exists():
         prior = moving_digits.generate("train", args.prior_clips, seed=0, speed=speed, **shape)
         rep = max(1, args.style_repeat)
@@ -278,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     assert rows["base"]["prompts"] == rows["lora"]["prompts"] == plain
     styled = {who: rows[who] for who in rows}
     if args.trigger:
-        asked = [f"{args.trigger} {p}" for p in plain]
+        asked = [_with_trigger(args.trigger, p) for p in plain]
         styled = {"base": _generate(base, asked, args.seed), "lora": _generate(lora_dir, asked, args.seed)}
     for k, r in {
         **{f"{w}_plain": rows[w] for w in rows},

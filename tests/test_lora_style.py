@@ -61,3 +61,9 @@ def test_style_clips_are_written_as_mp4s_and_ingested(bench, tmp_path):
     a, b = bench.style_score(videos), bench.style_score(back)
     assert abs(a["fg_luma"] - b["fg_luma"]) < 6.0
     assert a["fg_luma"] < 128.5  # grey digits, not white
+
+
+def test_a_missing_base_is_one_line_and_exit_2(bench, tmp_path, capsys):
+    assert bench.main(["--base", str(tmp_path / "nope"), "--work", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no trained base" in err and not (tmp_path / "w").exists()
