@@ -98,7 +98,8 @@ def style_clips(num: int, rgb: tuple[int, int, int], *, num_frames: int, height:
 
 def write_clips(folder: str | os.PathLike, videos: np.ndarray, captions: list[str], fps: float) -> Path:
     """Writes ``videos`` uint8 [N, T, H, W, 3] as ``clip_<i>.mp4`` (PyAV, H.264, native size) and a
-    ``captions.csv`` (header ``video,caption,split``, the format ``sora-jax ingest`` reads); returns its path."""
+    ``captions.csv`` (``video,caption,split,license,source``: the format ``sora-jax ingest`` reads); returns
+    its path."""
     from sora_jax.sample.video_io import write_mp4
 
     folder = Path(folder)
@@ -163,8 +164,13 @@ def _adherence(workdir: Path, out: Path, num: int, seed: int, data: Path) -> dic
 
 
 def _base_adherence(base: Path, work: Path, num: int, seed: int, data: Path) -> dict:
-    """``_adherence`` of the base, kept in ``work`` for the next setting (the base does not change)."""
-    cache = work / f"base_eval_{num}_{seed}.npz"
+    """``_adherence`` of the base, kept in ``work`` for the next setting (keyed by the base's path and its
+    checkpoints, so another or a retrained base is sampled again)."""
+    import hashlib
+
+    steps = sorted(p.name for p in (base / "checkpoints").iterdir())
+    key = hashlib.sha256(json.dumps([str(base), steps, num, seed, str(data)]).encode()).hexdigest()[:12]
+    cache = work / f"base_eval_{key}.npz"
     if cache.exists():
         z = np.load(cache)
         meta = json.loads(str(z["meta"]))
