@@ -350,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     old = json.loads(path.read_text()) if path.exists() else {}
     runs = [r for r in old.get("runs", []) if r["tag"] != args.tag] + [run]
     report = {
+        **old,  # notes added to the file by hand stay
         "command": "python benchmarks/lora_style.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "base": str(args.base),
         "eval": {"split": "test", "num_prompts": args.num_prompts, "seed": args.seed, "data": str(base_data)},
