@@ -218,8 +218,8 @@ def write_adapters(model: nnx.Module, out_dir, *, metadata: Mapping[str, str] | 
     """Writes ``model``'s adapters to ``out_dir``: ``pytorch_lora_weights.safetensors`` (diffusers/peft; what
     ``WanPipeline.load_lora_weights`` and the twin's ``SoraTransformer3DModel.load_lora_weights`` load), for a
     Wan model also ``wan_lora_comfyui.safetensors`` (ComfyUI / original Wan names), and ``adapter_config.json``
-    (rank, alpha, targets, base model, layouts written, ``metadata``). ``metadata`` (str -> str) also goes
-    into each safetensors header. Returns the paths written (each one replaced atomically)."""
+    (rank, alpha, targets, the DoRA targets, base model, layouts written, ``metadata``). ``metadata`` (str -> str)
+    also goes into each safetensors header. Returns the paths written (each one replaced atomically)."""
     from safetensors.numpy import save_file
 
     kind, table, adapters = _adapters_of(model)
@@ -250,6 +250,7 @@ def write_adapters(model: nnx.Module, out_dir, *, metadata: Mapping[str, str] | 
         "scales": scales,
         "layouts": {layout.value: FILES[layout] for layout in layouts},
         "diffusers_scale_folded_into_lora_B": True,
+        "dora": sorted(p.removeprefix(prefix) for p, ka in adapters.kernels.items() if ka.m is not None),
         "metadata": dict(header),
     }
     path = out_dir / CONFIG_FILE
