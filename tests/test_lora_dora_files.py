@@ -167,6 +167,13 @@ def test_merged_and_attached_dora_equal_the_live_model(wan):
     y = np.asarray(merged(*x))
     assert rel_err(y, out) > 1e-3
     assert rel_err(np.asarray(attached(*x)), y) < 1e-5
+    peft_model = copy.deepcopy(wan[0])  # peft at adapter weight 0.5 (its scaling halved) gives the same
+    state_dict = diffusers.WanPipeline.lora_state_dict(str(folder / lora_files.FILES[Layout.DIFFUSERS]))
+    diffusers.WanPipeline.load_lora_into_transformer(state_dict, transformer=peft_model, adapter_name="ours")
+    peft_model.set_adapters(["ours"], [0.5])
+    err = rel_err(_torch_forward(peft_model, *inputs), y)
+    print(f"wan dora merged at weight 0.5 vs diffusers+peft set_adapters 0.5: {err:.2e}")
+    assert err < TOL, err
     # a layer without magnitude (NaN row) is plain LoRA there: drop block 1's magnitudes from the file
     tensors = load_file(folder / lora_files.FILES[Layout.DIFFUSERS])
     part = {k: v for k, v in tensors.items() if not (".blocks.1." in k and k.endswith("magnitude_vector"))}
