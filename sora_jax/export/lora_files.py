@@ -417,27 +417,29 @@ def read_adapters(path, model: nnx.Module) -> lora.Adapters:
         M = None
         if kpath in magnitudes:
             M = np.full((t.layers, *O), np.nan, np.float32)  # NaN: a layer without a magnitude
+            base = None if layout == Layout.DIFFUSERS else _base_kernel(model, t, file)  # [L, in, out]
             for i, m in magnitudes[kpath].items():
-                M[i] = m if layout == Layout.DIFFUSERS else _from_comfy(m, model, t, i, layers[i], file)
+                M[i] = m if base is None else _from_comfy(m, base[i], layers[i])
         out[kpath] = lora.KernelAdapter(A, B, one if one is not None else 1.0, M)
     return lora.Adapters(out, source=str(file))
 
 
-def _from_comfy(
-    dora_scale: np.ndarray, model: nnx.Module, t: _Target, i: int, layer, file: Path
-) -> np.ndarray:
-    """ComfyUI's per-output-channel ``dora_scale`` of layer ``i`` ``[*O]`` -> our magnitude ``m [*O]``: ComfyUI's
-    kernel is ``dora_scale (W + s A B) / (||W||_I + eps)``, ours ``m (W + s A B) / ||W + s A B||_I``; ``layer``
-    is that layer's ``(A [*I, r], B [r, *O], s)`` from the file."""
+def _base_kernel(model: nnx.Module, t: _Target, file: Path) -> np.ndarray:
+    """``t``'s base kernel of ``model`` (dequantized) as float32 ``[L, in, out]``; a ComfyUI ``dora_scale`` needs it."""
     module, name, _, _ = lora.adaptable(model)[t.path]
     if isinstance(getattr(module, name).get_value(), jax.ShapeDtypeStruct):
         raise LoraFileError(
             f"{file}: a ComfyUI DoRA file (dora_scale) needs the model's base weights to be read: pass a "
             f"model with values, not an abstract (eval_shape) one"
         )
+    return np.asarray(lora.kernel(module, name, np.float32)).reshape(t.layers, math.prod(t.io[0]), -1)
+
+
+def _from_comfy(dora_scale: np.ndarray, w: np.ndarray, layer) -> np.ndarray:
+    """ComfyUI's per-output-channel ``dora_scale [*O]`` of one layer -> our magnitude ``m [*O]``: ComfyUI's kernel
+    is ``dora_scale (W + s A B) / (||W||_I + eps)``, ours ``m (W + s A B) / ||W + s A B||_I``; ``w`` is the
+    layer's base kernel ``[in, out]``, ``layer`` its ``(A [*I, r], B [r, *O], s)`` from the file."""
     a, b, s = layer
-    n_in = math.prod(t.io[0])
-    w = np.asarray(lora.kernel(module, name, np.float32))[i].reshape(n_in, -1)  # [in, out]
-    merged = w + np.float32(s) * (a.reshape(n_in, -1) @ b.reshape(b.shape[0], -1))
+    merged = w + np.float32(s) * (a.reshape(w.shape[0], -1) @ b.reshape(b.shape[0], -1))
     ratio = np.linalg.norm(merged, axis=0) / (np.linalg.norm(w, axis=0) + np.float32(_EPS))
     return dora_scale * ratio.reshape(dora_scale.shape)
