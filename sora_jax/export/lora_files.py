@@ -17,6 +17,20 @@ Layouts (A ``[L, *I, r]`` and B ``[L, r, *O]`` here; per layer ``i`` in a file, 
                        Wan 2.1 module names; what diffusers' ``_convert_non_diffusers_wan_lora_to_diffusers`` reads)
     kohya / musubi     lora_unet_blocks_0_self_attn_q.lora_down.weight, ... (the ComfyUI names flattened): read only
 
+DoRA (a ``<kernel>_lora_m [L, *O]`` magnitude, ``lora.KernelAdapter.m``): the kernel is ``m (W + s A B) /
+||W + s A B||_I``, the norm per output channel (peft's convention). Folding ``s`` into B keeps this exact.
+
+    diffusers / peft   transformer.<module>.lora_magnitude_vector [out]: peft's own key (``get_peft_model_state_dict``);
+                       diffusers' ``get_peft_kwargs`` sets ``use_dora`` when a key holds ``lora_magnitude_vector``
+    ComfyUI            diffusion_model.<module>.dora_scale [out, 1]. ComfyUI's ``weight_decompose``
+                       (comfy/weight_adapter/base.py, v0.3.77) takes a dora_scale whose first axis is ``out`` as
+                       per output channel but divides by the BASE norm ``||W||_I + eps`` (float32 eps), not by
+                       ``||W + s A B||_I``; so the writer stores ``m (||W||_I + eps) / ||W + s A B||_I`` (from the
+                       model's base kernel), which ComfyUI turns into exactly our kernel, and the reader inverts it
+                       (needs a model with values). A ``[1, in]`` dora_scale (LyCORIS' per-input-column DoRA) is
+                       refused. diffusers 0.42's Wan converter (``_convert_non_diffusers_wan_lora_to_diffusers``)
+                       does not map dora_scale: it raises on such a file (load the diffusers file there instead).
+
 Scale. The ComfyUI file carries ``alpha = scale * r`` per module. The diffusers file carries no alpha: diffusers
 0.42 builds peft's LoraConfig from ``lora_adapter_metadata`` in the safetensors header when there is one, else
 with ``lora_alpha = r`` (scale 1) inferred from the tensors; other tools (ComfyUI reading diffusers keys) read
@@ -35,6 +49,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -67,6 +82,12 @@ WAN_MODULES = {
 _DOWN = (".lora_A.weight", ".lora_down.weight")
 _UP = (".lora_B.weight", ".lora_up.weight")
 _ALPHA = ".alpha"
+_MAGNITUDE = {
+    Layout.DIFFUSERS: ".lora_magnitude_vector",
+    Layout.COMFYUI: ".dora_scale",
+    Layout.KOHYA: ".dora_scale",
+}
+_EPS = float(np.finfo(np.float32).eps)  # ComfyUI's weight_decompose adds it to ||W|| (float32 weights)
 
 
 class LoraFileError(UserError):
@@ -147,9 +168,11 @@ def _adapters_of(model: nnx.Module) -> tuple[str, dict[str, _Target], lora.Adapt
 
 def adapter_tensors(model: nnx.Module, layout: Layout) -> dict[str, np.ndarray]:
     """The adapters ``model`` carries as a file's tensors (float32 numpy, contiguous) in ``layout``
-    (``DIFFUSERS``: scale folded into ``lora_B``; ``COMFYUI``: Wan only, ``alpha = scale * r`` per module)."""
+    (``DIFFUSERS``: scale folded into ``lora_B``, DoRA ``lora_magnitude_vector [out]``; ``COMFYUI``: Wan only,
+    ``alpha = scale * r`` per module, DoRA ``dora_scale [out, 1]`` in ComfyUI's convention, see the module doc)."""
     layout = Layout(layout)
     kind, table, adapters = _adapters_of(model)
+    owners = lora.adaptable(model)
     if layout == Layout.KOHYA or (layout == Layout.COMFYUI and kind != "wan"):
         raise LoraFileError(
             f"LoRA files are written in the {layout.value} layout for Wan models only, not kohya"
@@ -160,16 +183,28 @@ def adapter_tensors(model: nnx.Module, layout: Layout) -> dict[str, np.ndarray]:
         a = np.asarray(ka.a, np.float32)
         b = np.asarray(ka.b, np.float32)
         r = ka.rank
+        m = None if ka.m is None else np.asarray(ka.m, np.float32).reshape(t.layers, -1)  # [L, out]
+        if m is not None and layout == Layout.COMFYUI:  # ComfyUI divides by ||W|| + eps, not ||W + s A B||
+            module_, name, n_in, _ = owners[path]
+            base = np.asarray(lora.kernel(module_, name, np.float32)).reshape(
+                t.layers, math.prod(t.io[0]), -1
+            )
+            merged = np.asarray(lora.merged_kernel(module_, name, n_in)).reshape(base.shape)
+            m = m * (np.linalg.norm(base, axis=1) + np.float32(_EPS)) / np.linalg.norm(merged, axis=1)
         for i, module in enumerate(t.modules[layout]):
             down = np.ascontiguousarray(a[i].reshape(-1, r).T)  # [r, in]
             up = np.ascontiguousarray(b[i].reshape(r, -1).T)  # [out, r]
             if layout == Layout.DIFFUSERS:
                 out[f"{prefix}{module}.lora_A.weight"] = down
                 out[f"{prefix}{module}.lora_B.weight"] = up * np.float32(ka.scale)
+                if m is not None:
+                    out[f"{prefix}{module}{_MAGNITUDE[layout]}"] = np.ascontiguousarray(m[i])
             else:
                 out[f"{prefix}{module}.lora_down.weight"] = down
                 out[f"{prefix}{module}.lora_up.weight"] = up
                 out[f"{prefix}{module}.alpha"] = np.asarray(ka.scale * r, np.float32)
+                if m is not None:
+                    out[f"{prefix}{module}{_MAGNITUDE[layout]}"] = np.ascontiguousarray(m[i][:, None])
     return out
 
 
@@ -183,8 +218,8 @@ def write_adapters(model: nnx.Module, out_dir, *, metadata: Mapping[str, str] | 
     """Writes ``model``'s adapters to ``out_dir``: ``pytorch_lora_weights.safetensors`` (diffusers/peft; what
     ``WanPipeline.load_lora_weights`` and the twin's ``SoraTransformer3DModel.load_lora_weights`` load), for a
     Wan model also ``wan_lora_comfyui.safetensors`` (ComfyUI / original Wan names), and ``adapter_config.json``
-    (rank, alpha, targets, base model, layouts written, ``metadata``). ``metadata`` (str -> str) also goes
-    into each safetensors header. Returns the paths written (each one replaced atomically)."""
+    (rank, alpha, targets, the DoRA targets, base model, layouts written, ``metadata``). ``metadata`` (str -> str)
+    also goes into each safetensors header. Returns the paths written (each one replaced atomically)."""
     from safetensors.numpy import save_file
 
     kind, table, adapters = _adapters_of(model)
@@ -215,6 +250,7 @@ def write_adapters(model: nnx.Module, out_dir, *, metadata: Mapping[str, str] | 
         "scales": scales,
         "layouts": {layout.value: FILES[layout] for layout in layouts},
         "diffusers_scale_folded_into_lora_B": True,
+        "dora": sorted(p.removeprefix(prefix) for p, ka in adapters.kernels.items() if ka.m is not None),
         "metadata": dict(header),
     }
     path = out_dir / CONFIG_FILE
@@ -315,11 +351,13 @@ def read_adapters(path, model: nnx.Module) -> lora.Adapters:
         name = key
         for p in strip:
             name = name.removeprefix(p)
-        kinds = (("down", _DOWN), ("up", _UP), ("alpha", (_ALPHA,)))
+        kinds = (("down", _DOWN), ("up", _UP), ("alpha", (_ALPHA,)), ("m", (_MAGNITUDE[layout],)))
         part = next((s for s, ends in kinds if name.endswith(ends)), None)
         if part is None:
-            raise LoraFileError(f"{file}: tensor {key!r} is not a LoRA down/up weight or alpha (unsupported)")
-        module = name.removesuffix(next(e for e in (*_DOWN, *_UP, _ALPHA) if name.endswith(e)))
+            raise LoraFileError(
+                f"{file}: tensor {key!r} is not a LoRA down/up weight, alpha or DoRA magnitude (unsupported)"
+            )
+        module = name.removesuffix(next(e for _, ends in kinds for e in ends if name.endswith(e)))
         if module not in by_module:
             raise LoraFileError(
                 f"{file}: {key!r} names no adaptable kernel of this {kind} model ({layout.value} layout; "
@@ -328,6 +366,7 @@ def read_adapters(path, model: nnx.Module) -> lora.Adapters:
         parts.setdefault(by_module[module], {})[part] = (key, value)
     scale_of = _peft_scale(meta, file) if layout == Layout.DIFFUSERS else None
     found: dict[str, dict[int, tuple[np.ndarray, np.ndarray, float]]] = {}
+    magnitudes: dict[str, dict[int, np.ndarray]] = {}  # as in the file: ComfyUI's convention there
     for (kpath, i), got in parts.items():
         t = table[kpath]
         if "down" not in got or "up" not in got:
@@ -352,6 +391,15 @@ def read_adapters(path, model: nnx.Module) -> lora.Adapters:
         else:
             scale = scale_of(r) if scale_of else 1.0
         found.setdefault(kpath, {})[i] = (down.T.reshape(*I, r), up.T.reshape(r, *O), scale)
+        if "m" in got:
+            mkey, m = got["m"]
+            want = (math.prod(O),) if layout == Layout.DIFFUSERS else (math.prod(O), 1)
+            if m.shape != want:
+                raise LoraFileError(
+                    f"{file}: DoRA magnitude {mkey!r} has shape {list(m.shape)}; the model wants {list(want)} "
+                    f"(per output channel; a per-input-column [1, in] DoRA is not supported)"
+                )
+            magnitudes.setdefault(kpath, {})[i] = m.reshape(O)
     if not found:
         raise LoraFileError(f"{file}: no LoRA weights for this {kind} model")
     out = {}
@@ -366,5 +414,32 @@ def read_adapters(path, model: nnx.Module) -> lora.Adapters:
         for i, (a, b, s) in layers.items():
             A[i, ..., : a.shape[-1]] = a
             B[i, : b.shape[0]] = b if one is not None else b * np.float32(s)
-        out[kpath] = lora.KernelAdapter(A, B, one if one is not None else 1.0)
+        M = None
+        if kpath in magnitudes:
+            M = np.full((t.layers, *O), np.nan, np.float32)  # NaN: a layer without a magnitude
+            base = None if layout == Layout.DIFFUSERS else _base_kernel(model, t, file)  # [L, in, out]
+            for i, m in magnitudes[kpath].items():
+                M[i] = m if base is None else _from_comfy(m, base[i], layers[i])
+        out[kpath] = lora.KernelAdapter(A, B, one if one is not None else 1.0, M)
     return lora.Adapters(out, source=str(file))
+
+
+def _base_kernel(model: nnx.Module, t: _Target, file: Path) -> np.ndarray:
+    """``t``'s base kernel of ``model`` (dequantized) as float32 ``[L, in, out]``; a ComfyUI ``dora_scale`` needs it."""
+    module, name, _, _ = lora.adaptable(model)[t.path]
+    if isinstance(getattr(module, name).get_value(), jax.ShapeDtypeStruct):
+        raise LoraFileError(
+            f"{file}: a ComfyUI DoRA file (dora_scale) needs the model's base weights to be read: pass a "
+            f"model with values, not an abstract (eval_shape) one"
+        )
+    return np.asarray(lora.kernel(module, name, np.float32)).reshape(t.layers, math.prod(t.io[0]), -1)
+
+
+def _from_comfy(dora_scale: np.ndarray, w: np.ndarray, layer) -> np.ndarray:
+    """ComfyUI's per-output-channel ``dora_scale [*O]`` of one layer -> our magnitude ``m [*O]``: ComfyUI's kernel
+    is ``dora_scale (W + s A B) / (||W||_I + eps)``, ours ``m (W + s A B) / ||W + s A B||_I``; ``w`` is the
+    layer's base kernel ``[in, out]``, ``layer`` its ``(A [*I, r], B [r, *O], s)`` from the file."""
+    a, b, s = layer
+    merged = w + np.float32(s) * (a.reshape(w.shape[0], -1) @ b.reshape(b.shape[0], -1))
+    ratio = np.linalg.norm(merged, axis=0) / (np.linalg.norm(w, axis=0) + np.float32(_EPS))
+    return dora_scale * ratio.reshape(dora_scale.shape)

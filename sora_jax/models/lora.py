@@ -242,18 +242,25 @@ def plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
 
 # ------------------------------------------------------------------------- adapters from files: merge / attach
 # ``Adapters`` (adapters apart from a model: read from a file by sora_jax/export/lora_files.py, or taken from a
-# model by ``model_adapters``) go into a model merged (``merge_adapters``: W += w * scale * A B, the forward
-# costs nothing more) or unmerged (``attach_adapters``: concatenated along the rank axis, exact, reversible).
+# model by ``model_adapters``) go into a model merged (``merge_adapters``: W += w * scale * A B, or DoRA's
+# m (W + w s A B) / ||W + w s A B||_I; the forward costs nothing more) or unmerged (``attach_adapters``:
+# concatenated along the rank axis, exact, reversible).
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelAdapter:
     """One kernel's adapter, stacked like the kernel: ``a [L, *I, r]``, ``b [L, r, *O]`` (no ``L`` for an
-    unstacked kernel); the kernel gets ``scale * x a b``."""
+    unstacked kernel); the kernel gets ``scale * x a b``.
+
+    ``m [L, *O]`` (optional): DoRA magnitudes (peft's ``lora_magnitude_vector``, per output channel): the kernel
+    becomes ``m (W + scale a b) / ||W + scale a b||_I``. A NaN row is a layer without a magnitude (a file that
+    gives DoRA for some layers only): plain LoRA there. Folding ``scale`` into ``b`` changes nothing (the
+    normalisation sees the same ``W + scale a b``)."""
 
     a: np.ndarray | jax.Array
     b: np.ndarray | jax.Array
     scale: float = 1.0
+    m: np.ndarray | jax.Array | None = None
 
     @property
     def rank(self) -> int:
@@ -280,13 +287,16 @@ def adaptable_kernels(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], int
 
 
 def model_adapters(model: nnx.Module) -> Adapters:
-    """The adapters ``model`` carries (its ``<kernel>_lora_a/_lora_b`` LoRAParams and scales), as ``Adapters``."""
+    """The adapters ``model`` carries (its ``<kernel>_lora_a/_lora_b`` LoRAParams, scales and DoRA magnitudes
+    ``_lora_m``), as ``Adapters``."""
     out = {}
     for path, (module, name, _) in sorted(_candidates(model).items()):
         a = getattr(module, f"{name}_lora_a", None)
         if a is not None:
             b = getattr(module, f"{name}_lora_b")
-            out[path] = KernelAdapter(a[...], b[...], float(getattr(module, f"{name}_lora_scale")))
+            m = getattr(module, f"{name}_lora_m", None)
+            scale = float(getattr(module, f"{name}_lora_scale"))
+            out[path] = KernelAdapter(a[...], b[...], scale, None if m is None else m[...])
     return Adapters(out, source=type(model).__name__)
 
 
@@ -306,16 +316,32 @@ def _checked(model: nnx.Module, adapters: Adapters) -> dict[str, tuple[nnx.Modul
                 f"adapter for {path} ({adapters.source}): A {tuple(ka.a.shape)}, B {tuple(ka.b.shape)}; the "
                 f"kernel {tuple(shape)} wants A {want_a}, B {want_b}"
             )
+        want_m = (*shape[:lead], *shape[lead + n_in :])
+        if ka.m is not None and tuple(ka.m.shape) != want_m:
+            raise ValueError(
+                f"adapter for {path} ({adapters.source}): DoRA magnitude {tuple(ka.m.shape)}; the kernel "
+                f"{tuple(shape)} wants {want_m}"
+            )
     return kernels
+
+
+def _rescaled(w: jax.Array, m: jax.Array) -> jax.Array:
+    """DoRA: ``m w / ||w||_I`` for w ``[L, I, O]`` float32, m ``[L, O]`` (NaN entries: ``w`` unchanged)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=1))  # [L, O]
+    m = m.astype(jnp.float32)
+    return w * jnp.where(jnp.isnan(m), 1.0, m / norm)[:, None, :]
 
 
 @jax.jit
 def _merged(w: jax.Array, factors: list) -> jax.Array:
-    """``w + sum_j s_j * A_j @ B_j`` in float32, cast back: w ``[L, I, O]``, factors ``[(A [L, I, r], B [L, r, O],
-    s)]``; one jitted expression per kernel, so the float32 product is not kept beside it."""
+    """Each factor applied in turn to ``w`` in float32, cast back: w ``[L, I, O]``, factors ``[(A [L, I, r],
+    B [L, r, O], s, m [L, O] or None)]``: ``w += s A @ B``, then for DoRA (m given) ``w = m w / ||w||_I``; one
+    jitted expression per kernel, so the float32 product is not kept beside it."""
     acc = w.astype(jnp.float32)
-    for a, b, s in factors:
+    for a, b, s, m in factors:
         acc = acc + s * jnp.einsum("lir,lro->lio", a.astype(jnp.float32), b.astype(jnp.float32))
+        if m is not None:
+            acc = _rescaled(acc, m)
     return acc.astype(w.dtype)
 
 
@@ -327,9 +353,14 @@ def merge_adapters(model: nnx.Module, adapters_and_weights) -> list[str]:
     ``W += w * scale * A @ B`` for each ``(Adapters, w)`` in ``adapters_and_weights`` (float32 accumulation,
     cast back to W's dtype once, kernel by kernel).
 
-    W ``[L, *I, *O]``, A ``[L, *I, r]``, B ``[L, r, *O]`` (``L`` absent for unstacked kernels); the product
-    contracts r per layer. The model's own adapters (a LoRA workdir), if any, stay as they are (live). A
-    quantized kernel (``config.lora.base_dtype`` int8 / fp8) is merged in float32 and quantized again (new
+    DoRA (a ``KernelAdapter`` with magnitudes ``m``): ``W = m (W + w s A B) / ||W + w s A B||_I``, as peft merges
+    a DoRA adapter whose scaling was multiplied by ``w`` (diffusers' ``set_adapters(weights)``): the weight scales
+    the low-rank direction only; the magnitude is applied in full (``w = 0`` gives ``m W / ||W||_I``, not W).
+    With several adapters each is applied in the order given (a DoRA one normalises what the earlier ones left).
+
+    W ``[L, *I, *O]``, A ``[L, *I, r]``, B ``[L, r, *O]``, m ``[L, *O]`` (``L`` absent for unstacked kernels); the
+    product contracts r per layer. The model's own adapters (a LoRA workdir), if any, stay as they are (live).
+    A quantized kernel (``config.lora.base_dtype`` int8 / fp8) is merged in float32 and quantized again (new
     per-channel scales)."""
     pairs = list(adapters_and_weights)
     for adapters, _ in pairs:
@@ -348,7 +379,8 @@ def merge_adapters(model: nnx.Module, adapters_and_weights) -> list[str]:
             if ka is not None:
                 a = jnp.asarray(ka.a).reshape(n_lead, -1, ka.rank)  # [L, I, r]
                 b = jnp.asarray(ka.b).reshape(n_lead, ka.rank, -1)  # [L, r, O]
-                factors.append((a, b, jnp.float32(float(w) * ka.scale)))
+                m = None if ka.m is None else jnp.asarray(ka.m).reshape(n_lead, -1)  # [L, O]
+                factors.append((a, b, jnp.float32(float(w) * ka.scale), m))
         qs = getattr(module, name + quant.SCALE, None)  # an int8 / fp8 base: merge, then quantize again
         full = quant.dequantize(w0, qs.get_value(), jnp.float32) if w0.dtype in _QUANTIZED else w0
         merged = _merged(full.reshape(n_lead, a.shape[1], n_io // a.shape[1]), factors).reshape(shape)
@@ -368,12 +400,30 @@ def attach_adapters(model: nnx.Module, adapters_and_weights) -> list[str]:
     a LoRA workdir) are concatenated along the rank axis: A ``[L, *I, sum r]``, B ``[L, sum r, *O]`` with each
     one's ``w * scale`` folded into its B rows, and ``<kernel>_lora_scale = 1.0``; so the kernel adds exactly
     the sum of the deltas. The new LoRAParams keep the kernel's logical axis names (rank replicated) and its
-    dtype. Their rank differs from a trained workdir's: for inference, not to resume training."""
+    dtype. Their rank differs from a trained workdir's: for inference, not to resume training.
+
+    DoRA: a kernel whose only adapter (no other one given, none of its own) has magnitudes gets them as its
+    ``<kernel>_lora_m`` (NaN rows filled with ``||W + w s A B||_I``: plain LoRA there), exactly
+    ``merge_adapters``' result. Mixing a DoRA adapter with any other on one kernel has no exact unmerged form
+    (one normalisation over the sum is not the sequence of them): ValueError, naming the kernel; merge instead."""
     pairs = list(adapters_and_weights)
     for adapters, _ in pairs:
         _checked(model, adapters)
     kernels = _candidates(model)
     touched = sorted({p for adapters, _ in pairs for p in adapters.kernels})
+    for path in touched:
+        module, name, n_in = kernels[path]
+        given = [(adapters, ka, w) for adapters, w in pairs if (ka := adapters.kernels.get(path)) is not None]
+        own = getattr(module, f"{name}_lora_a", None)
+        own_m = getattr(module, f"{name}_lora_m", None)
+        dora = [a.source for a, ka, _ in given if ka.m is not None] + (
+            ["the model's own"] if own_m is not None else []
+        )
+        if dora and len(given) + (own is not None) > 1:
+            raise ValueError(
+                f"attach_adapters: {path} has a DoRA adapter ({dora[0]}) and others; DoRA cannot be mixed "
+                f"exactly unmerged: merge them (merge_adapters) or attach the DoRA adapter alone"
+            )
     for path in touched:
         module, name, n_in = kernels[path]
         kernel = getattr(module, name)
@@ -386,11 +436,11 @@ def attach_adapters(model: nnx.Module, adapters_and_weights) -> list[str]:
         own = getattr(module, f"{name}_lora_a", None)
         if own is not None:
             own_b = getattr(module, f"{name}_lora_b")[...]
-            parts.append((own[...], own_b, float(getattr(module, f"{name}_lora_scale"))))
+            parts.append((own[...], own_b, float(getattr(module, f"{name}_lora_scale")), None))
         for adapters, w in pairs:
             ka = adapters.kernels.get(path)
             if ka is not None:
-                parts.append((ka.a, ka.b, float(w) * ka.scale))
+                parts.append((ka.a, ka.b, float(w) * ka.scale, ka.m))
         a = jnp.concatenate([jnp.asarray(p[0], dtype) for p in parts], axis=-1)
         b = jnp.concatenate(
             [(jnp.asarray(p[1], jnp.float32) * p[2]).astype(dtype) for p in parts], axis=lead
@@ -401,4 +451,11 @@ def attach_adapters(model: nnx.Module, adapters_and_weights) -> list[str]:
         setattr(module, f"{name}_lora_a", nnx.LoRAParam(a, out_sharding=a_names))
         setattr(module, f"{name}_lora_b", nnx.LoRAParam(b, out_sharding=b_names))
         setattr(module, f"{name}_lora_scale", 1.0)
+        m = parts[-1][3]
+        if m is not None:  # the kernel's one adapter is DoRA (checked above)
+            norm = column_norm(merged_kernel(module, name, n_in), lead, n_in)  # [*L, *O]
+            m = jnp.asarray(m, jnp.float32)
+            m = jnp.where(jnp.isnan(m), norm, m).astype(dtype)
+            m_names = (*names[:lead], *names[lead + n_in :])
+            setattr(module, f"{name}_lora_m", nnx.LoRAParam(m, out_sharding=m_names))
     return touched

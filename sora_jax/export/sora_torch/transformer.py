@@ -149,7 +149,10 @@ class SoraTransformer3DModel(ModelMixin, ConfigMixin):
         ``[r, in]`` and ``.lora_B.weight`` ``[out, r]``, ``<module>`` this model's module names
         (``blocks.0.attn.to_q``, ``blocks.0.mlp.fc1``, ...); ``lora_down``/``lora_up`` also read. ``scale`` is a
         module's ``.alpha`` / r when the file has one, else 1 (the writer folds alpha / rank into lora_B).
-        No peft: merged, so unloading means reloading the weights. Returns the modules changed.
+        DoRA: a ``<module>.lora_magnitude_vector`` ``m [out]`` (peft's key) makes it
+        ``W = m (W + weight * scale * B @ A) / ||W + weight * scale * B @ A||`` (norm of each output row; the
+        weight scales the low-rank direction, as peft's scaling does). No peft: merged, so unloading means
+        reloading the weights. Returns the modules changed.
         """
         import os
 
@@ -163,12 +166,15 @@ class SoraTransformer3DModel(ModelMixin, ConfigMixin):
         for key, value in tensors.items():
             name = key.removeprefix("transformer.")
             for end, part in ((".lora_A.weight", "A"), (".lora_down.weight", "A"), (".lora_B.weight", "B"),
-                              (".lora_up.weight", "B"), (".alpha", "alpha")):  # fmt: skip
+                              (".lora_up.weight", "B"), (".alpha", "alpha"),
+                              (".lora_magnitude_vector", "m")):  # fmt: skip
                 if name.endswith(end):
                     parts.setdefault(name.removesuffix(end), {})[part] = value
                     break
             else:
-                raise ValueError(f"{path}: tensor {key!r} is not a LoRA lora_A/lora_B weight or alpha")
+                raise ValueError(
+                    f"{path}: tensor {key!r} is not a LoRA lora_A/lora_B weight, alpha or lora_magnitude_vector"
+                )
         for name, p in parts.items():
             linear = modules.get(name)
             if not isinstance(linear, nn.Linear) or "A" not in p or "B" not in p:
@@ -180,6 +186,12 @@ class SoraTransformer3DModel(ModelMixin, ConfigMixin):
                     f"{path}: {name!r} lora_B {list(b.shape)} @ lora_A {list(a.shape)} does not fit its weight "
                     f"{list(linear.weight.shape)}"
                 )
-            delta = (weight * scale) * (b @ a)
-            linear.weight.copy_((linear.weight.double() + delta).to(linear.weight.dtype))
+            merged = linear.weight.double() + (weight * scale) * (b @ a)
+            if "m" in p:  # DoRA: each output row rescaled to its magnitude
+                if p["m"].shape != (b.shape[0],):
+                    raise ValueError(
+                        f"{path}: {name!r} lora_magnitude_vector {list(p['m'].shape)}, want [{b.shape[0]}]"
+                    )
+                merged = merged * (p["m"].double() / merged.norm(dim=1))[:, None]
+            linear.weight.copy_(merged.to(linear.weight.dtype))
         return sorted(parts)
