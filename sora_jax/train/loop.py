@@ -315,7 +315,9 @@ def _initial_state(cfg: ml_collections.ConfigDict, fns: TrainFns) -> TrainState:
     ``config.model.init_from`` names when set (fine-tuning: fresh optimizer state, EMA = the loaded weights).
     A LoRA run's state is its adapters (B = 0: step 0 is the base); its base is ``fns.frozen["base"]``."""
     state = fns.init()
-    if cfg.lora.get("dora", False) and "base" in fns.frozen:  # DoRA: m = ||W||_I of the frozen base
+    if (cfg.get("lora") or {}).get(
+        "dora", False
+    ) and "base" in fns.frozen:  # DoRA: m = ||W||_I of the frozen base
         shardings = jax.tree.map(lambda a: a.sharding, fns.abstract_state["params"])
         return dora_start(fns.graphdef, state, fns.frozen["base"], shardings)
     source = cfg.model.get("init_from", "")
