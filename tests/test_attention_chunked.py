@@ -1,0 +1,83 @@
+"""``attention_impl="chunked"`` (layers.chunked_attention): forward and gradients equal the reference path, and
+its compiled forward+backward holds far fewer temporaries than the XLA path, whose scores are ``[B, K, N, M]``."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sora_jax.models import layers
+
+
+def _qkv(seed=0, B=2, N=13, M=11, K=3, H=8, dtype=jnp.float32):
+    r = np.random.default_rng(seed)
+    shapes = ((B, N, K, H), (B, M, K, H), (B, M, K, H))
+    return tuple(jnp.asarray(r.standard_normal(s), dtype) for s in shapes)
+
+
+def _masks(B=2, N=13, M=11, K=3):
+    r = np.random.default_rng(7)
+    key = np.ones((B, M), bool)
+    key[0, 6:] = False  # padding at the end
+    key[1, [0, 4, 9]] = False  # holes, one in the first key block
+    full = r.random((B, K, N, M)) < 0.7
+    full[0, 1, 3] = False  # a query row with every key masked
+    causal = np.tril(np.ones((N, M), bool))[None, None]  # [1, 1, N, M]
+    return {"none": None, "key": key, "full": full, "causal": causal}
+
+
+def _loss(impl, chunks):
+    def f(q, k, v, mask):
+        if impl == "chunked":
+            out = layers.chunked_attention(q, k, v, mask=layers._expand_mask(mask, q, k), **chunks)
+        else:
+            out = layers.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+        return jnp.sum(out.astype(jnp.float32) * w), out
+
+    return f
+
+
+@pytest.mark.parametrize("mask_name", ["none", "key", "full", "causal"])
+@pytest.mark.parametrize("chunks", [{"q_chunk": 4, "k_chunk": 3}, {"q_chunk": 5, "k_chunk": 11}, {}])
+def test_chunked_matches_reference_forward_and_grads(mask_name, chunks):
+    """Odd N = 13, M = 11, blocks that do not divide them (padded queries, masked padded keys)."""
+    q, k, v = _qkv()
+    mask = _masks()[mask_name]
+    mask = None if mask is None else jnp.asarray(mask)
+    grad = jax.value_and_grad(_loss("chunked", chunks), argnums=(0, 1, 2), has_aux=True)
+    (_, out), g = jax.jit(grad)(q, k, v, mask)
+    (_, ref), g_ref = jax.value_and_grad(_loss("reference", {}), argnums=(0, 1, 2), has_aux=True)(
+        q, k, v, mask
+    )
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, rtol=1e-5)
+    for a, b in zip(g, g_ref, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
+
+
+def test_chunked_dispatch_bf16_and_masked_keys_ignored():
+    q, k, v = _qkv(1, dtype=jnp.bfloat16)
+    key = jnp.asarray(_masks()["key"])
+    out = layers.dot_product_attention(q, k, v, mask=key, implementation="chunked")
+    ref = layers.dot_product_attention(q, k, v, mask=key, implementation="reference")
+    assert out.dtype == jnp.bfloat16 and out.shape == q.shape
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=1e-2)
+    k2 = k.at[0, 8].add(100.0)  # a masked key
+    out2 = layers.dot_product_attention(q, k2, v, mask=key, implementation="chunked")
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(out2, np.float32))
+
+
+def _temp_bytes(impl, n, **chunks):
+    q, k, v = (jax.ShapeDtypeStruct((1, n, 4, 64), jnp.bfloat16) for _ in range(3))
+    grad = jax.grad(lambda q, k, v: _loss(impl, chunks)(q, k, v, None)[0], argnums=(0, 1, 2))
+    return jax.jit(grad).lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_temporaries_far_below_xla():
+    """N = 4096, 4 heads: XLA holds scores [1, 4, N, N] (and their backward); chunked one 512 x 512 tile."""
+    xla = _temp_bytes("xla", 4096)
+    chunked = _temp_bytes("chunked", 4096, q_chunk=512, k_chunk=512)
+    print(
+        f"temp bytes xla {xla / 2**20:.1f} MiB, chunked {chunked / 2**20:.1f} MiB, ratio {xla / chunked:.1f}"
+    )
+    assert chunked * 8 < xla  # measured 788 MiB vs 47 MiB (ratio 16.9) on jax 0.10.2 CPU; 8 leaves margin
