@@ -153,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             "what trains, remat full, LoRA rank 8 on the blocks' attention and FFN kernels. "
             + _ATTENTION_NOTES[attention]
             + " The count is XLA's buffer assignment for this backend: no CUDA context, cuBLAS/cuDNN workspaces "
-            "or allocator fragmentation (add ~1-2 GiB on a GPU); GPU fusion and scheduling differ."
+            "or allocator fragmentation; GPU fusion and scheduling differ. Seen in the CPU HLO after optimization "
+            "(not checked on a GPU): XLA CPU converts the scan's bf16 stack of saved block inputs (depth x N x D) "
+            "and a bf16 base's stacked kernels to float32 outside the loops, so temp_gib holds float32 copies "
+            "of both."
         ),
     }
     rows = []

@@ -119,14 +119,14 @@ def chunked_attention(
     v: jax.Array,
     *,
     mask: jax.Array | None = None,
-    q_chunk: int = CHUNK_Q,
-    k_chunk: int = CHUNK_K,
+    q_chunk: int | None = None,
+    k_chunk: int | None = None,
 ) -> jax.Array:
     """Flash-style attention in plain JAX: q ``[B, N, K, H]``, k/v ``[B, M, K, H]`` -> ``[B, N, K, H]``.
 
     ``mask`` (bool, True = attend) broadcastable to ``[B, K, N, M]`` (``dot_product_attention`` expands a key
     mask ``[B, M]`` to ``[B, 1, 1, M]``). Queries go in blocks of ``q_chunk`` (``lax.map``); inside one, keys in
-    blocks of ``k_chunk`` (``lax.scan``) with an online softmax in float32 (running max ``m``, normaliser ``l``,
+    blocks of ``k_chunk`` (``lax.scan``; defaults ``CHUNK_Q``, ``CHUNK_K``) with an online softmax in float32 (running max ``m``, normaliser ``l``,
     accumulator). Both bodies are under ``jax.checkpoint``: the backward pass recomputes a block's scores from
     q/k/v, so the step holds one ``[B, q_chunk, K, k_chunk]`` tile of scores, plus per query block the
     ``[M / k_chunk]`` running accumulators, never ``[B, K, N, M]``. N and M need not divide the chunks: queries
@@ -135,7 +135,7 @@ def chunked_attention(
     """
     B, N, K, H = q.shape
     M = k.shape[1]
-    cq, ck = min(q_chunk, N), min(k_chunk, M)
+    cq, ck = min(q_chunk or CHUNK_Q, N), min(k_chunk or CHUNK_K, M)
     nq, nk = -(-N // cq), -(-M // ck)
     pad_n, pad_m = nq * cq - N, nk * ck - M
     scale = 1.0 / math.sqrt(H)
