@@ -9,6 +9,8 @@ and compiled for one device and XLA's memory analysis of the executable is read 
     python -m benchmarks.lora_memory --backend gpu --out benchmarks/results/lora_memory_gpu.json  # cudnn attention
     python -m benchmarks.lora_memory --attention chunked --options full,lora_bf16_base,lora_int8_base,lora_fp8_base \
         --out benchmarks/results/lora_memory_cpu_chunked.json   # flash-style attention in plain JAX, on the CPU
+    python -m benchmarks.lora_memory --attention chunked --ffn_chunk 4096 \
+        --out benchmarks/results/lora_memory_cpu_chunked_ffn4096.json   # and the FFN over 4096-token blocks
 
 One clip per step (``data.batch_size = 1``), latents and UMT5 caption features precomputed (``data.content =
 latents``: no VAE, no text encoder in the step), the configs' recipe otherwise: bfloat16 compute, float32
@@ -22,7 +24,9 @@ compute dtype; a flash kernel such as cuDNN's, ``model.attention_impl = "cudnn"`
 ``--attention chunked`` sets ``model.attention_impl = "chunked"`` (``layers.chunked_attention``: query and key
 blocks with an online softmax, recomputed in the backward pass), which runs on the CPU and holds one tile of
 scores instead: the CPU count then approaches what a flash kernel holds. ``peak`` is arguments + temporaries +
-outputs not aliased to (donated) arguments.
+outputs not aliased to (donated) arguments. ``--ffn_chunk C`` sets ``model.ffn_chunk = C``: each block's FFN
+runs over blocks of C tokens, so the backward pass never holds its hidden ``[N, ffn_dim]`` whole (on the CPU,
+several float32 copies of it set the step's peak).
 """
 
 from __future__ import annotations
@@ -77,7 +81,9 @@ def _scores_gib(config: str, overrides: list[str]) -> tuple[int, float]:
     return n, cfg.model.wan.num_heads * n * n * itemsize / 2**30
 
 
-def measure(model: str, option: str, frames: int, backend: str, attention: str, timeout: float) -> dict:
+def measure(
+    model: str, option: str, frames: int, backend: str, attention: str, timeout: float, ffn_chunk: int = 0
+) -> dict:
     """One (model, option) compiled for one device of ``backend`` in a child process."""
     config = CONFIGS[model]
     overrides = [
@@ -85,6 +91,8 @@ def measure(model: str, option: str, frames: int, backend: str, attention: str, 
         "data.width=832", *OPTIONS[option],
     ]  # fmt: skip
     overrides.append(f"model.attention_impl={attention}")
+    if ffn_chunk:
+        overrides.append(f"model.ffn_chunk={ffn_chunk}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         proc = subprocess.run(
@@ -134,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=("xla", "chunked", "cudnn"),
         help="model.attention_impl (default: xla on cpu, cudnn on gpu)",
     )
+    p.add_argument("--ffn_chunk", type=int, default=0, help="model.ffn_chunk: FFN token blocks (0: whole)")
     p.add_argument("--out", default="benchmarks/results/lora_memory_cpu.json")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per row")
     args = p.parse_args(argv)
@@ -146,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "what": "per-device memory of one compiled training step on one device (XLA memory analysis)",
         "backend": args.backend,
         "attention": attention,
+        "ffn_chunk": args.ffn_chunk,
         "jax": jax.__version__,
         "options": OPTIONS,
         "note": (
@@ -164,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'scores':>7} {'compile s':>9}")  # fmt: skip
     for model, n in ((m, f) for m in models for f in frames):
         for option in args.options.split(","):
-            row = measure(model, option, n, args.backend, attention, args.timeout)
+            row = measure(model, option, n, args.backend, attention, args.timeout, args.ffn_chunk)
             rows.append(row)
             if "error" in row:
                 print(f"{model:>5} {option:>15} {n:>6} error: {row['error']}")

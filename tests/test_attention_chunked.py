@@ -110,3 +110,22 @@ def test_wan_remat_step_chunked_equals_xla(monkeypatch):
     np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+
+
+def test_mlp_token_chunks_equal_whole():
+    """layers.Mlp with token_chunk=5 over 13 tokens (padded): output and gradients equal the unchunked MLP."""
+    from flax import nnx
+
+    mlp = layers.Mlp(8, 24, rngs=nnx.Rngs(0))
+    chunked = layers.Mlp(8, 24, token_chunk=5, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 13, 8)), jnp.float32)
+
+    def loss_and_grad(m):
+        gdef, p = nnx.split(m, nnx.Param)
+        return jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(nnx.merge(gdef, p)(x))), (0, 1)))(p, x)
+
+    (loss, (gp, gx)), (loss_ref, (gp_ref, gx_ref)) = loss_and_grad(chunked), loss_and_grad(mlp)
+    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(gx_ref), atol=1e-6)
+    for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gp_ref), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)

@@ -272,7 +272,11 @@ def linear(
 
 
 class Mlp(nnx.Module):
-    """Transformer MLP: Linear(D -> F), GELU (tanh approximation), Linear(F -> D)."""
+    """Transformer MLP: Linear(D -> F), GELU (tanh approximation), Linear(F -> D).
+
+    ``token_chunk > 0``: the tokens go through in blocks of that many (``lax.map``, each under
+    ``jax.checkpoint``), so a long sequence never holds the hidden ``[B, N, F]`` whole, forward or backward;
+    the same numbers (the MLP is per token)."""
 
     LORA_KERNELS = lora.MLP_KERNELS  # the kernels a LoRA adapter can go on (sora_jax/models/lora.py)
 
@@ -283,18 +287,31 @@ class Mlp(nnx.Module):
         *,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        token_chunk: int = 0,
         rngs: nnx.Rngs,
     ):
         self.fc1 = linear(dim, hidden, ("embed", "mlp"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.fc2 = linear(hidden, dim, ("mlp", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.token_chunk = token_chunk
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x ``[B, N, D]`` -> ``[B, N, D]``."""
-        # nnx.Linear's x @ kernel + bias, through lora.project: a quantized base kernel, adapters, DoRA
         fc1, fc2 = self.fc1, self.fc2
-        h = lora.project(fc1, "kernel", x, 1, fc1.dtype or x.dtype, fc1.bias[...])
-        h = constrain(jax.nn.gelu(h, approximate=True), ("act_batch", "act_seq", "act_mlp"))
-        return lora.project(fc2, "kernel", h, 1, fc2.dtype or h.dtype, fc2.bias[...])
+
+        def mlp(x):
+            # nnx.Linear's x @ kernel + bias, through lora.project: a quantized base kernel, adapters, DoRA
+            h = lora.project(fc1, "kernel", x, 1, fc1.dtype or x.dtype, fc1.bias[...])
+            h = constrain(jax.nn.gelu(h, approximate=True), ("act_batch", "act_seq", "act_mlp"))
+            return lora.project(fc2, "kernel", h, 1, fc2.dtype or h.dtype, fc2.bias[...])
+
+        c = self.token_chunk
+        B, N, D = x.shape
+        if not c or c >= N:
+            return mlp(x)
+        n = -(-N // c)
+        xs = jnp.pad(x, ((0, 0), (0, n * c - N), (0, 0))).reshape(B, n, c, D).swapaxes(0, 1)  # [n, B, c, D]
+        out = jax.lax.map(jax.checkpoint(mlp), xs)
+        return out.swapaxes(0, 1).reshape(B, n * c, out.shape[-1])[:, :N]
 
 
 def project_qkv(attn, x: jax.Array, context: jax.Array | None, dt) -> tuple[jax.Array, jax.Array, jax.Array]:
