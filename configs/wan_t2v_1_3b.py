@@ -71,7 +71,8 @@ def wan_recipe(sizes: dict) -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights, Adam moments and EMA (the import may be bfloat16)
     c.model.remat = "full"
     c.model.seq_parallel = "none"  # none | ulysses | ring over mesh.seq
-    c.model.attention_impl = "xla"  # cudnn on NVIDIA GPUs
+    c.model.attention_impl = "xla"  # cudnn on NVIDIA GPUs; chunked: flash-style blocks, any backend
+    c.model.ffn_chunk = 0  # > 0: the FFN over blocks of that many tokens (long clips; 0: all at once)
     c.model.init_from = ""  # the workdir to fine-tune (sora-jax import-diffusers wrote it)
     c.model.source = ""  # the diffusers folder (export --format diffusers copies text/tokenizer/scheduler)
 

@@ -166,6 +166,7 @@ class SeqParallel(enum.StrEnum):  # self-attention over the mesh's seq axis: sor
 class AttentionImpl(enum.StrEnum):  # sora_jax.models.layers.dot_product_attention
     XLA = "xla"
     CUDNN = "cudnn"  # flash attention on NVIDIA GPUs (bf16/fp16)
+    CHUNKED = "chunked"  # flash-style blocks in plain JAX, any backend: scores never held whole (layers.py)
     REFERENCE = "reference"  # naive float32 einsums, for tests
 
 

@@ -181,6 +181,7 @@ def wan_model_config(cfg: ml_collections.ConfigDict) -> WanConfig:
         remat=_remat(m.remat),
         seq_parallel=m.get("seq_parallel", "none"),
         attention_impl=m.get("attention_impl", "xla"),
+        ffn_chunk=int(m.get("ffn_chunk", 0)),
     )
 
 

@@ -79,7 +79,8 @@ def dot_product_attention(
     ``mask`` (bool, True = attend) is a key mask ``[B, M]`` or anything broadcastable to ``[B, K, N, M]``.
     ``implementation``: ``None``/``"xla"`` -> ``jax.nn.dot_product_attention`` XLA path; ``"cudnn"`` -> the
     cuDNN flash kernel (needs bf16/fp16 inputs; raises otherwise rather than silently falling back);
-    ``"reference"`` -> a naive einsum path used by the tests.
+    ``"reference"`` -> a naive einsum path used by the tests; ``"chunked"`` -> ``chunked_attention``, flash-style
+    blocks in plain JAX (any backend, any dtype), memory linear in N instead of quadratic.
 
     On cuDNN a key mask ``[B, M]`` goes in as per-sample key lengths (``mask.sum(-1)``), never as a dense
     mask (cuDNN is slow with an explicit one): key masks must then be prefixes (padding at the end, as every
@@ -93,6 +94,8 @@ def dot_product_attention(
     mask4 = _expand_mask(mask, q, k)
     if impl == "reference":
         return _reference_attention(q, k, v, mask4)
+    if impl == "chunked":
+        return chunked_attention(q, k, v, mask=mask4)
     if impl == "cudnn":
         if q.dtype not in (jnp.bfloat16, jnp.float16) or not (q.dtype == k.dtype == v.dtype):
             raise ValueError(
@@ -104,6 +107,92 @@ def dot_product_attention(
         if mask4 is not None:
             mask4 = jnp.broadcast_to(mask4, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
     return jax.nn.dot_product_attention(q, k, v, mask=mask4, implementation=impl)
+
+
+CHUNK_Q = 1024  # query tokens per block of ``chunked_attention``
+CHUNK_K = 1024  # key tokens per block
+
+
+def chunked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    q_chunk: int | None = None,
+    k_chunk: int | None = None,
+) -> jax.Array:
+    """Flash-style attention in plain JAX: q ``[B, N, K, H]``, k/v ``[B, M, K, H]`` -> ``[B, N, K, H]``.
+
+    ``mask`` (bool, True = attend) broadcastable to ``[B, K, N, M]`` (``dot_product_attention`` expands a key
+    mask ``[B, M]`` to ``[B, 1, 1, M]``). Queries go in blocks of ``q_chunk`` (``lax.map``); inside one, keys in
+    blocks of ``k_chunk`` (``lax.scan``; defaults ``CHUNK_Q``, ``CHUNK_K``) with an online softmax in float32 (running max ``m``, normaliser ``l``,
+    accumulator). Both bodies are under ``jax.checkpoint``: the backward pass recomputes a block's scores from
+    q/k/v, so the step holds one ``[B, q_chunk, K, k_chunk]`` tile of scores, plus per query block the
+    ``[M / k_chunk]`` running accumulators, never ``[B, K, N, M]``. N and M need not divide the chunks: queries
+    are padded (rows dropped), padded keys are masked out. Masked logits are the float32 minimum, as in the
+    reference path (a row with every key masked averages all its real keys).
+    """
+    B, N, K, H = q.shape
+    M = k.shape[1]
+    cq, ck = min(q_chunk or CHUNK_Q, N), min(k_chunk or CHUNK_K, M)
+    nq, nk = -(-N // cq), -(-M // ck)
+    pad_n, pad_m = nq * cq - N, nk * ck - M
+    scale = 1.0 / math.sqrt(H)
+    f32 = jnp.float32
+
+    qs = jnp.pad(q, ((0, 0), (0, pad_n), (0, 0), (0, 0))).reshape(B, nq, cq, K, H).swapaxes(0, 1)
+    ks, vs = (
+        jnp.pad(a, ((0, 0), (0, pad_m), (0, 0), (0, 0))).reshape(B, nk, ck, K, H).swapaxes(0, 1)
+        for a in (k, v)
+    )
+    valid = (jnp.arange(nk * ck) < M).reshape(nk, 1, 1, 1, ck) if pad_m else None  # padded keys
+    mq = mk = None  # the mask per query block (map xs) or shared by all of them (closed over)
+    if mask is not None:
+        mb, mh, mn = mask.shape[:3]
+        m4 = jnp.broadcast_to(mask, (mb, mh, mn, M)).transpose(
+            0, 2, 1, 3
+        )  # [mb, mn, mh, M]: the scores' layout
+        m4 = jnp.pad(m4, ((0, 0), (0, 0), (0, 0), (0, pad_m)))
+        m4 = m4.reshape(mb, mn, mh, nk, ck).transpose(3, 0, 1, 2, 4)  # [nk, mb, mn, mh, ck]
+        if mn == 1:
+            mk = m4
+        else:
+            m4 = jnp.pad(m4, ((0, 0), (0, 0), (0, pad_n), (0, 0), (0, 0)))
+            mq = m4.reshape(nk, mb, nq, cq, mh, ck).transpose(2, 0, 1, 3, 4, 5)  # [nq, nk, mb, cq, mh, ck]
+
+    @jax.checkpoint
+    def query_block(xs):
+        qc, mask_q = xs  # [B, cq, K, H], [nk, mb, cq, mh, ck] or None
+
+        @jax.checkpoint
+        def key_block(carry, xs):
+            m, l, acc = carry  # [B, cq, K], [B, cq, K], [B, cq, K, H] float32
+            kc, vc, valid_c, mask_c = xs
+            s = jnp.einsum("BNKH,BMKH->BNKM", qc, kc, preferred_element_type=f32) * scale
+            if mask_c is not None:
+                s = jnp.where(mask_c, s, jnp.finfo(f32).min)
+            if valid_c is not None:
+                s = jnp.where(valid_c, s, -jnp.inf)
+            m_new = jnp.maximum(
+                m, jax.lax.stop_gradient(jnp.max(s, axis=-1))
+            )  # the result does not depend on m
+            p = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            l = l * corr + jnp.sum(p, axis=-1)
+            acc = acc * corr[..., None] + jnp.einsum("BNKM,BMKH->BNKH", p, vc.astype(f32))
+            return (m_new, l, acc), None
+
+        init = (
+            jnp.full((B, cq, K), -jnp.inf, f32),
+            jnp.zeros((B, cq, K), f32),
+            jnp.zeros((B, cq, K, H), f32),
+        )
+        (_, l, acc), _ = jax.lax.scan(key_block, init, (ks, vs, valid, mk if mask_q is None else mask_q))
+        return (acc / l[..., None]).astype(q.dtype)
+
+    out = jax.lax.map(query_block, (qs, mq))  # [nq, B, cq, K, H]
+    return out.swapaxes(0, 1).reshape(B, nq * cq, K, H)[:, :N]
 
 
 def prefix_key_attention(
@@ -183,7 +272,11 @@ def linear(
 
 
 class Mlp(nnx.Module):
-    """Transformer MLP: Linear(D -> F), GELU (tanh approximation), Linear(F -> D)."""
+    """Transformer MLP: Linear(D -> F), GELU (tanh approximation), Linear(F -> D).
+
+    ``token_chunk > 0``: the tokens go through in blocks of that many (``lax.map``, each under
+    ``jax.checkpoint``), so a long sequence never holds the hidden ``[B, N, F]`` whole, forward or backward;
+    the same numbers (the MLP is per token)."""
 
     LORA_KERNELS = lora.MLP_KERNELS  # the kernels a LoRA adapter can go on (sora_jax/models/lora.py)
 
@@ -194,18 +287,31 @@ class Mlp(nnx.Module):
         *,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        token_chunk: int = 0,
         rngs: nnx.Rngs,
     ):
         self.fc1 = linear(dim, hidden, ("embed", "mlp"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.fc2 = linear(hidden, dim, ("mlp", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.token_chunk = token_chunk
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x ``[B, N, D]`` -> ``[B, N, D]``."""
-        # nnx.Linear's x @ kernel + bias, through lora.project: a quantized base kernel, adapters, DoRA
         fc1, fc2 = self.fc1, self.fc2
-        h = lora.project(fc1, "kernel", x, 1, fc1.dtype or x.dtype, fc1.bias[...])
-        h = constrain(jax.nn.gelu(h, approximate=True), ("act_batch", "act_seq", "act_mlp"))
-        return lora.project(fc2, "kernel", h, 1, fc2.dtype or h.dtype, fc2.bias[...])
+
+        def mlp(x):
+            # nnx.Linear's x @ kernel + bias, through lora.project: a quantized base kernel, adapters, DoRA
+            h = lora.project(fc1, "kernel", x, 1, fc1.dtype or x.dtype, fc1.bias[...])
+            h = constrain(jax.nn.gelu(h, approximate=True), ("act_batch", "act_seq", "act_mlp"))
+            return lora.project(fc2, "kernel", h, 1, fc2.dtype or h.dtype, fc2.bias[...])
+
+        c = self.token_chunk
+        B, N, D = x.shape
+        if not c or c >= N:
+            return mlp(x)
+        n = -(-N // c)
+        xs = jnp.pad(x, ((0, 0), (0, n * c - N), (0, 0))).reshape(B, n, c, D).swapaxes(0, 1)  # [n, B, c, D]
+        out = jax.lax.map(jax.checkpoint(mlp), xs)
+        return out.swapaxes(0, 1).reshape(B, n * c, out.shape[-1])[:, :N]
 
 
 def project_qkv(attn, x: jax.Array, context: jax.Array | None, dt) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -79,6 +79,9 @@ class WanConfig:
     attention_impl: str | None = None  # None/"xla" | "cudnn" | "reference"
     remat: str = "none"  # a name in dit.REMAT_POLICIES
     seq_parallel: str = "none"  # self-attention over the mesh's seq axis: none | ulysses | ring
+    ffn_chunk: int = (
+        0  # > 0: the FFN runs over blocks of this many tokens (layers.Mlp), never [N, ffn_dim] whole
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -87,6 +90,10 @@ class WanConfig:
         if min(self.width, self.depth, self.num_heads, self.ffn_dim, self.text_dim, self.freq_dim) < 1:
             raise ValueError(
                 "WanConfig: width, depth, num_heads, ffn_dim, text_dim, freq_dim must be positive"
+            )
+        if self.ffn_chunk < 0:
+            raise ValueError(
+                f"WanConfig.ffn_chunk={self.ffn_chunk} must be >= 0 (0: the whole sequence at once)"
             )
         if min(self.in_channels, self.out_channels) < 1:
             raise ValueError("WanConfig: in_channels and out_channels must be positive")
@@ -230,7 +237,9 @@ class WanBlock(nnx.Module):
         if cfg.cross_attn_norm:  # diffusers' FP32LayerNorm(elementwise_affine=True): float32 parameters
             self.norm2_scale = _param(nnx.initializers.ones_init(), ("norm",), rngs, (D,), F32)
             self.norm2_bias = _param(nnx.initializers.zeros_init(), ("norm",), rngs, (D,), F32)
-        self.ffn = Mlp(D, cfg.ffn_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.ffn = Mlp(
+            D, cfg.ffn_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, token_chunk=cfg.ffn_chunk, rngs=rngs
+        )
         init = nnx.initializers.normal(stddev=D**-0.5)  # torch.randn(1, 6, D) / D**0.5
         self.scale_shift_table = _param(init, (None, "norm"), rngs, (6, D), F32)
         self.cross_attn_norm = cfg.cross_attn_norm
