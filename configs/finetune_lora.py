@@ -22,7 +22,9 @@ the base data: 174); adherence on the plain test prompts moved by digits -0.021,
 count -0.031 (base 0.292 / 0.218 / 0.229 / 0.552); the styled videos themselves read 0.167 digits right vs the
 base's 0.219 on the same triggered prompts (some grey digits come out broken). lr 1e-3 drew the style fully but cost 0.04 digit accuracy;
 rank 4 kept adherence but drew half the style; without the base's clips every setting that drew the style
-cost 0.12-0.18 digit accuracy on plain prompts.
+cost 0.12-0.18 digit accuracy on plain prompts. On all 512 test prompts (row "default_512prompts": the same
+LoRA) the foreground luma went from 130 to 101 and plain-prompt adherence moved by -0.006 / -0.012 / -0.002 /
+-0.021 (digits / direction / both / count).
 """
 
 import ml_collections

@@ -28,7 +28,8 @@ def runs(data_dir, tmp_path_factory):
     """(base workdir, LoRA workdir trained 4 steps on it, the LoRA's export folder)."""
     root = tmp_path_factory.mktemp("lora_cli")
     base = _base_workdir(root / "base")
-    cfg = _lora_config(**{"lora.init_from": str(base), "data.path": str(data_dir), "mesh.data": 1})
+    overrides = {"lora.init_from": str(base), "data.path": str(data_dir), "mesh.data": 1, "optim.lr": 5e-3}
+    cfg = _lora_config(**overrides)  # a large lr: 4 steps move the adapters visibly
     train(cfg, root / "lora", progress=False, devices=jax.devices()[:1])
     assert main(["export", "--workdir", str(root / "lora"), "--out", str(root / "export")]) == 0
     return base, root / "lora", root / "export"
@@ -71,7 +72,9 @@ def test_base_with_the_exported_adapter_samples_like_the_lora_workdir(runs, merg
     pipe = load_pipeline(base, use_ema=False, adapters=_adapters(base, export), merge_adapters=merge)
     got = pipe.generate_latents(PROMPTS, seed=3)
     scale = np.abs(want).max()
-    assert np.abs(plain - want).max() > 100 * 1e-5 * scale  # the adapter changes the samples
+    assert (
+        np.abs(plain - want).max() > 50 * 1e-5 * scale
+    )  # the adapter changes the samples: 50x the tolerance
     np.testing.assert_allclose(got, want, atol=1e-5 * scale, rtol=0)
 
 
