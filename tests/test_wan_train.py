@@ -265,3 +265,50 @@ def test_eval_refuses_what_it_cannot_score_in_one_line(reference, wan_workdir, c
     assert cli.main(["eval", "--workdir", str(wan_workdir), "--metrics", "fvd", "--num_videos", "2"]) != 0
     err = capsys.readouterr().err.strip()
     assert "has no dataset to evaluate against" in err and "--data" in err and "\n" not in err
+
+
+def test_a_lora_fine_tune_exports_adapters_that_diffusers_loads(wan_workdir, latents, tmp_path):
+    """Wan LoRA end to end: the trainer fits adapters over the imported Wan (frozen, ``lora.init_from``),
+    ``sora-jax export`` writes them alone, and diffusers' ``WanTransformer3DModel`` of the same base with the
+    file loaded the way ``WanPipeline.load_lora_weights`` does (peft) gives the LoRA workdir's transformer
+    output within 1e-4 (float32); the ComfyUI file too."""
+    pytest.importorskip("peft")
+    import copy
+
+    from flax import nnx
+    from test_wan import _inputs, _torch_forward
+
+    from sora_jax import factory
+    from sora_jax.models import wan_convert
+
+    wd, out = tmp_path / "lora", tmp_path / "adapters"
+    run_cli(
+        "train", "--config", CONFIG, "--workdir", str(wd), "--config.lora.enabled=True",
+        f"--config.lora.init_from={wan_workdir}", f"--config.data.path={latents}", "--config.train.num_steps=4",
+        "--config.train.ckpt_every=4", f"--config.data.buckets={BUCKETS}", "--config.data.batch_size=2",
+        "--config.optim.lr=3e-2", "--config.optim.warmup_steps=1", env=cli_env(devices=1),
+    )  # fmt: skip
+    assert cli.main(["export", "--workdir", str(wd), "--out", str(out)]) == 0
+    assert not (out / "transformer").exists()  # the adapters alone
+    saved, _, _, params = loading.restore(wd)  # the adapters (EMA) over the imported base
+    saved.model.dtype = "float32"  # the config computes in bfloat16: the same weights in float32
+    model = factory.make_module(saved, 0)
+    nnx.update(model, params)
+    ours = model.transformer
+    _, _, base_abstract, base_params = loading.restore(wan_workdir, use_ema=False)
+    base = nnx.merge(base_abstract.graphdef, base_params).transformer
+    config = {k: v for k, v in wan_convert.config_to_diffusers(base.cfg).items() if not k.startswith("_")}
+    ref = diffusers.WanTransformer3DModel(**config).eval()
+    sd = {k: torch.from_numpy(v.copy()) for k, v in wan_convert.to_diffusers_state_dict(base).items()}
+    ref.load_state_dict(sd, strict=True)
+    inputs = _inputs({"in_channels": base.cfg.in_channels, "text_dim": base.cfg.text_dim}, (2, 4, 4), seed=1)
+    want = np.asarray(ours(*map(jax.numpy.asarray, inputs)))
+    plain = _torch_forward(ref, *inputs)
+    scale = np.abs(want).max()
+    assert np.abs(plain - want).max() > 1e-3 * scale  # the trained adapters change the output
+    for name in ("pytorch_lora_weights.safetensors", "wan_lora_comfyui.safetensors"):
+        model = copy.deepcopy(ref)
+        state_dict = diffusers.WanPipeline.lora_state_dict(str(out / name))
+        diffusers.WanPipeline.load_lora_into_transformer(state_dict, transformer=model, adapter_name="ours")
+        got = _torch_forward(model, *inputs)
+        assert np.abs(got - want).max() <= 1e-4 * scale, (name, np.abs(got - want).max() / scale)
