@@ -1,4 +1,5 @@
-"""Running the project's command lines in a child process, as a user would: the one copy of that set-up.
+"""Running the project's command lines in a child process, as a user would: the one copy of that set-up (and
+``load_benchmark``, a benchmark script imported for its functions).
 
     from helpers import run_cli
     out = run_cli("train", "--config", "configs/quickstart.py:smoke", "--workdir", str(tmp_path))
@@ -12,6 +13,7 @@ tests/conftest.py gives the test process) and the test run's XLA compilation cac
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -105,3 +107,11 @@ def untrained_workdir(path: Path, config: str = f"{ROOT}/configs/quickstart.py:s
     finally:
         mgr.close()
     return path
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` imported as a module (a script, not a package member) for its functions."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import numpy as np
 import pytest
-from helpers import ROOT
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sample_bench():
-    spec = importlib.util.spec_from_file_location("bench_sample", ROOT / "benchmarks" / "sample.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("sample")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the RSS peak is reset through /proc")

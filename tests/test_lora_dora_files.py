@@ -22,7 +22,7 @@ pytest.importorskip("peft")
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from test_export_twins import DIT_VARIANTS, load_twin, randomized, rel_err  # noqa: E402
-from test_lora_files import DIT_TARGETS, TOL, WAN_TARGETS, _random_adapters  # noqa: E402
+from test_lora_files import DIT_TARGETS, TOL, WAN_TARGETS, _random_adapters, dit_inputs  # noqa: E402
 from test_wan import TINY_A, _inputs, _torch_forward, _torch_model  # noqa: E402
 
 from sora_jax.export import configs, lora_files  # noqa: E402
@@ -206,18 +206,11 @@ def test_dit_dora_file_merged_into_the_torch_twin_matches_jax(tmp_path):
     assert keys["transformer.blocks.0.mlp.fc2.lora_magnitude_vector"].ndim == 1
     twin = SoraTransformer3DModel(**configs.transformer_config(cfg))
     load_twin(twin, flat)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 4, 16, 16, cfg.in_channels)).astype(np.float32)
-    text = rng.standard_normal((2, 5, cfg.text_dim)).astype(np.float32)
-    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
-    t = np.array([310.0, 870.0], np.float32)
-    args = [torch.from_numpy(x).permute(0, 4, 1, 2, 3), torch.from_numpy(t), torch.from_numpy(text)]
-    args.append(torch.from_numpy(mask))
+    args, jx = dit_inputs(cfg)
     changed = twin.load_lora_weights(str(tmp_path), weight=1.0)
     assert len(changed) == cfg.depth * 10
     with torch.no_grad():
         got = twin(*args).permute(0, 2, 3, 4, 1).numpy()
-    jx = (jnp.asarray(x), jnp.asarray(t), jnp.asarray(text), jnp.asarray(mask))
     want = np.asarray(model(*jx))
     m, wq = np.asarray(model.blocks.attn.wq_lora_m[...]), model.blocks.attn.wq[...]
     assert np.abs(m / np.asarray(lora.column_norm(wq, 1, 1)) - 1).max() > 0.1  # m is not the base's norms

@@ -148,7 +148,8 @@ def _two_adapters(wan, tmp_path):
         assert not np.any(ka.b[1]) and np.any(ka.b[0])
     rng = np.random.default_rng(6)  # rank 2, alpha 1 on attn2 only, built directly
     kernels = {}
-    for path, (shape, lead, n_in) in lora.adaptable_kernels(model).items():
+    for path, (module, name, n_in, lead) in lora.adaptable(model).items():
+        shape = getattr(module, name).get_value().shape
         if path.startswith("blocks/attn2/"):
             a = rng.standard_normal((*shape[: lead + n_in], 2)).astype(np.float32) * 0.3
             b = rng.standard_normal((*shape[:lead], 2, *shape[lead + n_in :])).astype(np.float32) * 0.3
@@ -195,6 +196,18 @@ def test_merged_and_attached_adapters_agree(wan, tmp_path):
     assert rel_err(np.asarray(plain(*x)), np.asarray(model(*x))) < 1e-5
 
 
+def dit_inputs(cfg) -> tuple[list, tuple]:
+    """One DiT input (x ``[2, 4, 16, 16, C]``, t, text ``[2, 5, Dt]``, a key mask) as the PyTorch twin takes it
+    (channels first) and as the JAX model does."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 16, 16, cfg.in_channels)).astype(np.float32)
+    text = rng.standard_normal((2, 5, cfg.text_dim)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    t = np.array([310.0, 870.0], np.float32)
+    args = [torch.from_numpy(x).permute(0, 4, 1, 2, 3), *map(torch.from_numpy, (t, text, mask))]
+    return args, tuple(map(jnp.asarray, (x, t, text, mask)))
+
+
 def test_dit_file_merged_into_the_torch_twin_matches_jax(tmp_path):
     cfg = DIT_VARIANTS["pixel"]
     model = DiT(cfg, rngs=nnx.Rngs(0))
@@ -208,24 +221,14 @@ def test_dit_file_merged_into_the_torch_twin_matches_jax(tmp_path):
     assert "transformer.blocks.0.mlp.fc2.lora_B.weight" in keys
     twin = SoraTransformer3DModel(**configs.transformer_config(cfg))
     load_twin(twin, flat)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 4, 16, 16, cfg.in_channels)).astype(np.float32)
-    text = rng.standard_normal((2, 5, cfg.text_dim)).astype(np.float32)
-    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
-    t = np.array([310.0, 870.0], np.float32)
-    args = [
-        torch.from_numpy(x).permute(0, 4, 1, 2, 3),
-        torch.from_numpy(t),
-        torch.from_numpy(text),
-        torch.from_numpy(mask),
-    ]
+    args, jx = dit_inputs(cfg)
     with torch.no_grad():
         base = twin(*args).permute(0, 2, 3, 4, 1).numpy()
     changed = twin.load_lora_weights(str(tmp_path), weight=1.0)
     assert len(changed) == cfg.depth * 10
     with torch.no_grad():
         got = twin(*args).permute(0, 2, 3, 4, 1).numpy()
-    want = np.asarray(model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(text), jnp.asarray(mask)))
+    want = np.asarray(model(*jx))
     assert rel_err(base, want) > 1e-2
     err = rel_err(got, want)
     print(f"dit lora via the torch twin: max abs diff / max abs output {err:.2e}")

@@ -4,20 +4,16 @@ and the clips -> MP4 (PyAV) -> captions.csv -> ``sora-jax ingest`` -> decoded cl
 from __future__ import annotations
 
 import csv
-import importlib.util
 
 import ml_collections
 import numpy as np
 import pytest
-from helpers import ROOT
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_lora_style", ROOT / "benchmarks" / "lora_style.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("lora_style")
 
 
 def test_style_score_is_the_mean_of_the_pixels_above_the_threshold(bench):

@@ -12,15 +12,13 @@ final name and renamed when complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from sora_jax.errors import UserError
 from sora_jax.export import names
-from sora_jax.export.writer import META, ExportError, read_weights
+from sora_jax.export.writer import META, ExportError, read_weights, staged_folder
 
 
 def _read_meta(src: Path) -> dict:
@@ -125,11 +123,7 @@ def import_folder(src: str | Path, workdir: str | Path) -> dict:
     params = _state(abstract, flat)
 
     workdir = workdir.absolute()
-    workdir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = workdir.parent / f".{workdir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(workdir) as tmp:
         if cfg.autoencoder.kind == AutoencoderKind.VAE and not Path(cfg.autoencoder.get("path", "")).is_dir():
             _vae_workdir(src, meta, cfg, tmp, workdir)
         tx = make_optimizer(cfg)
@@ -141,12 +135,6 @@ def import_folder(src: str | Path, workdir: str | Path) -> dict:
             "rng": jax.random.key_data(jax.random.key(cfg.seed)),
         }
         _save(tmp, int(meta["step"]), state, cfg, meta.get("data_iter", {}))
-        if workdir.exists():
-            workdir.rmdir()
-        os.rename(tmp, workdir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n = sum(a.size for a in flat.values())
     return {"workdir": str(workdir), "step": int(meta["step"]), "parameters": n}
 

@@ -16,16 +16,15 @@ on top of it. The folder appears whole (written beside it, renamed) or not at al
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 
+import jax
 import ml_collections
 from flax import nnx
 
 from sora_jax.export.lora_files import write_adapters
-from sora_jax.export.writer import check_out, write_datacard
+from sora_jax.export.writer import check_out, staged_folder, write_datacard
 
 ADAPTER_CHECKPOINT = "adapter"
 
@@ -48,11 +47,7 @@ def export_adapters(workdir: str | Path, out: str | Path, *, raw_params: bool = 
     cfg, step, abstract, adapters = loading.restore(workdir, use_ema=not raw_params, with_base=False)
     _, base = nnx.split_state(abstract.params, nnx.LoRAParam, ...)
     model = nnx.merge(abstract.graphdef, nnx.merge_state(base, adapters))  # the base as shapes only
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = (out.parent / f".{out.name}.tmp-{os.getpid()}").absolute()
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(out) as tmp:
         metadata = {
             "sora_jax_workdir": str(workdir),
             "sora_jax_step": str(step),
@@ -64,19 +59,11 @@ def export_adapters(workdir: str | Path, out: str | Path, *, raw_params: bool = 
             ckpt.save(tmp / ADAPTER_CHECKPOINT, nnx.to_pure_dict(adapters))
             ckpt.wait_until_finished()
         write_datacard(tmp, workdir, step, cfg)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    leaves = [a for a in nnx.to_flat_state(adapters)]
     return {
         "out": str(out),
         "step": int(step),
-        "parameters": int(sum(v.get_value().size for _, v in leaves)),
-        "files": len(files),
+        "parameters": int(sum(a.size for a in jax.tree.leaves(adapters))),
+        "files": sum(1 for p in out.rglob("*") if p.is_file()),
         "seconds": time.perf_counter() - t0,
         "base": str(cfg.lora.init_from),
     }

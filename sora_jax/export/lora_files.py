@@ -132,7 +132,8 @@ def targets(model: nnx.Module) -> tuple[str, dict[str, _Target]]:
     transformer blocks (a concrete or ``nnx.eval_shape`` model)."""
     kind, prefix = _root(model)
     out = {}
-    for path, (shape, lead, n_in) in lora.adaptable_kernels(model).items():
+    for path, (module, name, n_in, lead) in lora.adaptable(model).items():
+        shape = getattr(module, name).get_value().shape
         rel = path[len(prefix) :] if path.startswith(prefix) else None
         if rel is None or not rel.startswith("blocks/") or lead != 1:
             continue

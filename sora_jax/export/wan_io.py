@@ -36,6 +36,7 @@ from pathlib import Path
 import ml_collections
 
 from sora_jax.errors import UserError
+from sora_jax.export.writer import staged_folder
 
 PIPELINE = "WanPipeline"
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -203,20 +204,6 @@ def _check_new(path: Path, flag: str) -> Path:
     return path
 
 
-def _building(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def _finish(tmp: Path, final: Path) -> None:
-    if final.exists():
-        final.rmdir()  # empty (checked first)
-    os.rename(tmp, final)
-
-
 def import_diffusers(
     src: str | Path,
     workdir: str | Path,
@@ -258,8 +245,7 @@ def import_diffusers(
     if have != want:  # a bug: the config the importer wrote builds another model
         raise RuntimeError("import-diffusers: the converted transformer differs from the config's model")
 
-    tmp = _building(workdir)
-    try:
+    with staged_folder(workdir) as tmp:
         shutil.copytree(src / "vae", tmp / "vae")
         mgr = checkpoint.manager(tmp)
         try:
@@ -267,10 +253,6 @@ def import_diffusers(
             mgr.wait_until_finished()
         finally:
             mgr.close()
-        _finish(tmp, workdir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n = sum(int(a.size) for a in jax.tree.leaves(params))
     return {"workdir": str(workdir), "step": 0, "parameters": n, "seconds": time.perf_counter() - t0}
 
@@ -364,8 +346,7 @@ def export_diffusers(
     transformer = nnx.merge(abstract.graphdef, params).transformer
     vae = loading.load_autoencoder(cfg)
 
-    tmp = _building(out)
-    try:
+    with staged_folder(out) as tmp:
         files = _write_streamed(
             tmp / "transformer", wan_convert.iter_diffusers_tensors(transformer), dtype, max_shard_bytes
         )
@@ -385,10 +366,6 @@ def export_diffusers(
         from sora_jax.export.writer import write_datacard
 
         write_datacard(tmp, workdir, step, cfg)
-        _finish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     import jax
 
     n = sum(int(a.size) for a in jax.tree.leaves(params))

@@ -23,11 +23,13 @@ shapes, dtypes, finite), and only then renamed to ``DIR``: a failed export leave
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +85,26 @@ def check_out(out: str | Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out} already exists and is not an empty folder: choose a new one")
     return out
+
+
+@contextlib.contextmanager
+def staged_folder(final: str | Path) -> Iterator[Path]:
+    """Yields a hidden folder beside ``final`` to write into; when the block ends it becomes ``final`` (absent
+    or an empty folder, checked by the caller), when it raises it is removed: a folder appears whole or not at
+    all (``video_io.atomic_target`` is the same for one file)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = (final.parent / f".{final.name}.tmp-{os.getpid()}").absolute()
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            final.rmdir()  # empty (checked first)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def check_dtype(dtype: str) -> str:
@@ -359,11 +381,7 @@ def export(
     dit = {p[1:]: a for p, a in flat.items() if p[0] == "dit"}
     text = {p[1:]: a for p, a in flat.items() if p[0] == "text_encoder"}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(out) as tmp:
         _component(
             tmp / "transformer",
             "SoraTransformer3DModel",
@@ -417,12 +435,6 @@ def export(
             meta["vae_config"] = json.loads(vae_saved.to_json_best_effort())
         (tmp / META).write_text(json.dumps(meta, indent=1))
         write_datacard(tmp, workdir, step, cfg)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     n_params = sum(a.size for a in flat.values())
     return {

@@ -277,15 +277,6 @@ class Adapters:
     source: str = ""
 
 
-def adaptable_kernels(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], int, int]]:
-    """Every kernel of ``model`` an adapter can go on: path -> (kernel shape, leading stacked axes, input axes)."""
-    out = {}
-    for path, (module, name, n_in) in _candidates(model).items():
-        shape = tuple(getattr(module, name).get_value().shape)
-        out[path] = (shape, len(shape) - _KERNEL_NDIM[name], n_in)
-    return out
-
-
 def model_adapters(model: nnx.Module) -> Adapters:
     """The adapters ``model`` carries (its ``<kernel>_lora_a/_lora_b`` LoRAParams, scales and DoRA magnitudes
     ``_lora_m``), as ``Adapters``."""
@@ -300,8 +291,8 @@ def model_adapters(model: nnx.Module) -> Adapters:
     return Adapters(out, source=type(model).__name__)
 
 
-def _checked(model: nnx.Module, adapters: Adapters) -> dict[str, tuple[nnx.Module, str, int]]:
-    kernels = _candidates(model)
+def _checked(kernels: dict[str, tuple[nnx.Module, str, int]], adapters: Adapters) -> None:
+    """ValueError naming the first adapter of ``adapters`` that is not on one of ``kernels`` or misfits it."""
     for path, ka in adapters.kernels.items():
         if path not in kernels:
             raise ValueError(
@@ -322,7 +313,6 @@ def _checked(model: nnx.Module, adapters: Adapters) -> dict[str, tuple[nnx.Modul
                 f"adapter for {path} ({adapters.source}): DoRA magnitude {tuple(ka.m.shape)}; the kernel "
                 f"{tuple(shape)} wants {want_m}"
             )
-    return kernels
 
 
 def _rescaled(w: jax.Array, m: jax.Array) -> jax.Array:
@@ -348,6 +338,15 @@ def _merged(w: jax.Array, factors: list) -> jax.Array:
 _QUANTIZED = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
 
+def _touched(model: nnx.Module, adapters_and_weights) -> tuple[list, dict, list[str]]:
+    """(the ``(Adapters, w)`` pairs as a list, the model's adaptable kernels, the kernel paths the adapters
+    touch, sorted), every adapter checked against the model first."""
+    pairs, kernels = list(adapters_and_weights), _candidates(model)
+    for adapters, _ in pairs:
+        _checked(kernels, adapters)
+    return pairs, kernels, sorted({p for adapters, _ in pairs for p in adapters.kernels})
+
+
 def merge_adapters(model: nnx.Module, adapters_and_weights) -> list[str]:
     """Merges adapters into the base kernels of ``model``, in place, and returns the kernel paths changed:
     ``W += w * scale * A @ B`` for each ``(Adapters, w)`` in ``adapters_and_weights`` (float32 accumulation,
@@ -362,11 +361,7 @@ def merge_adapters(model: nnx.Module, adapters_and_weights) -> list[str]:
     product contracts r per layer. The model's own adapters (a LoRA workdir), if any, stay as they are (live).
     A quantized kernel (``config.lora.base_dtype`` int8 / fp8) is merged in float32 and quantized again (new
     per-channel scales)."""
-    pairs = list(adapters_and_weights)
-    for adapters, _ in pairs:
-        _checked(model, adapters)
-    kernels = _candidates(model)
-    touched = sorted({p for adapters, _ in pairs for p in adapters.kernels})
+    pairs, kernels, touched = _touched(model, adapters_and_weights)
     for path in touched:
         module, name, _ = kernels[path]
         kernel = getattr(module, name)
@@ -406,11 +401,7 @@ def attach_adapters(model: nnx.Module, adapters_and_weights) -> list[str]:
     ``<kernel>_lora_m`` (NaN rows filled with ``||W + w s A B||_I``: plain LoRA there), exactly
     ``merge_adapters``' result. Mixing a DoRA adapter with any other on one kernel has no exact unmerged form
     (one normalisation over the sum is not the sequence of them): ValueError, naming the kernel; merge instead."""
-    pairs = list(adapters_and_weights)
-    for adapters, _ in pairs:
-        _checked(model, adapters)
-    kernels = _candidates(model)
-    touched = sorted({p for adapters, _ in pairs for p in adapters.kernels})
+    pairs, kernels, touched = _touched(model, adapters_and_weights)
     for path in touched:
         module, name, n_in = kernels[path]
         given = [(adapters, ka, w) for adapters, w in pairs if (ka := adapters.kernels.get(path)) is not None]

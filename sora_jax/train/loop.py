@@ -250,18 +250,7 @@ def train(
     frozen_text = task(cfg) is Task.T2V and factory.frozen_dim(cfg) > 0
     table = data_lib.ensure_caption_table(cfg, workdir) if frozen_text and not compile_only else None
     fns = build_train_fns(cfg, mesh, shapes_only=compile_only, text_table=table)
-    _log_state_bytes(fns.abstract_state, mesh)
-    state_total, state_local = sharding.bytes_per_device(fns.abstract_state)
-    sizes = {"state_gib": state_total / 2**30, "state_gib_per_device": state_local / 2**30}
-    if "base" in fns.frozen:
-        total, local = sharding.bytes_per_device(fns.frozen["base"])
-        log.info(
-            "LoRA: frozen base (%s) %.3f GiB in all, %.3f GiB per device",
-            cfg.lora.get("base_dtype", "") or "param_dtype",
-            total / 2**30,
-            local / 2**30,
-        )
-        sizes |= {"lora_base_gib": total / 2**30, "lora_base_gib_per_device": local / 2**30}
+    sizes = _state_sizes(cfg, fns, mesh)
     t0 = time.perf_counter()
     executables, memory = _compile(fns, specs)
     timings = {"compiled_steps": len(executables), "compile_seconds": time.perf_counter() - t0}
@@ -570,15 +559,23 @@ def _agree(flag: bool) -> bool:
     return bool(np.max(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
 
 
-def _log_state_bytes(abstract_state, mesh) -> None:
-    """Logs the train state's bytes per device; warns when FSDP leaves parameters unsharded."""
-    total, local = sharding.bytes_per_device(abstract_state)
-    log.info("train state: %.3f GiB in all, %.3f GiB per device", total / 2**30, local / 2**30)
+def _state_sizes(cfg: ml_collections.ConfigDict, fns: TrainFns, mesh) -> dict[str, float]:
+    """The train state's GiB (and a LoRA run's frozen base's), in all and per device, logged; warns when FSDP
+    leaves parameters unsharded."""
+    sizes = {}
+    for name, tree in (("state", fns.abstract_state), ("lora_base", fns.frozen.get("base"))):
+        if tree is not None:
+            total, local = sharding.bytes_per_device(tree)
+            sizes |= {f"{name}_gib": total / 2**30, f"{name}_gib_per_device": local / 2**30}
+            base_dtype = name == "lora_base" and (cfg.lora.get("base_dtype", "") or "param_dtype")
+            what = f"LoRA: frozen base ({base_dtype})" if base_dtype else "train state"
+            log.info("%s: %.3f GiB in all, %.3f GiB per device", what, total / 2**30, local / 2**30)
     if mesh.shape["fsdp"] > 1:
         try:
-            sharding.check_sufficiently_sharded(abstract_state["params"], mesh, tolerance=0.1)
+            sharding.check_sufficiently_sharded(fns.abstract_state["params"], mesh, tolerance=0.1)
         except sharding.ShardingError as e:
             log.warning("%s", e)
+    return sizes
 
 
 def _memory(compiled) -> dict[str, float]:
