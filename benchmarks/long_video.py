@@ -13,6 +13,7 @@ directions, the seam ratio, and the seconds it took. Prints a table, writes JSON
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import time
@@ -39,13 +40,15 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--overlap", type=int, nargs="+", default=[1], help="latent frames given at each seam")
     ap.add_argument("--cfg_scale", type=float, nargs="+", default=[None], help="default: the config's")
-    ap.add_argument(
-        "--history_guidance",
-        type=float,
-        nargs="+",
-        default=[0.0],
-        help="history guidance scales w (0: plain conditioning on the previous segment's frames)",
-    )
+    for flag, default, text in (
+        (
+            "--history_guidance",
+            0.0,
+            "history guidance scales w (0: plain conditioning on the previous frames)",
+        ),
+        ("--init_strength", 1.0, "later segments start from the last frame held, noised to this (1: noise)"),
+    ):
+        ap.add_argument(flag, type=float, nargs="+", default=[default], help=text)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="JSON results file")
     ap.add_argument(
@@ -70,25 +73,33 @@ def main() -> None:
         prompts = split_prompts(dataset_dir(pipe.config, args.workdir), "test", args.num, args.seed)
         for w in args.history_guidance:
             p = Prompter.from_pipeline(pipe, history_guidance=w)
-            for overlap in args.overlap:
+            for overlap, strength in itertools.product(args.overlap, args.init_strength):
                 t0 = time.perf_counter()
                 videos, segments = p.long_video(
-                    prompts, seconds=args.seconds, overlap=overlap, seed=args.seed, progress=True
+                    prompts,
+                    seconds=args.seconds,
+                    overlap=overlap,
+                    seed=args.seed,
+                    progress=True,
+                    init_strength=strength,
                 )
                 seconds = time.perf_counter() - t0
                 m, per_segment, _ = score_long(videos, segments, prompts, p.frames, p.fps)
                 tag = f"overlap{overlap}_cfg{pipe.config.diffusion.cfg_scale:g}_hg{w:g}"
+                tag += f"_init{strength:g}" if strength < 1 else ""
                 plot_long(per_segment, out.with_name(f"{out.stem}_{tag}.png"), f"{args.workdir} {tag}")
                 row = {"source": "model", "overlap": overlap, "cfg_scale": pipe.config.diffusion.cfg_scale}
+                row["init_strength"] = strength
                 rows.append(
                     row | {"history_guidance": w, "step": pipe.step} | m | {"generate_seconds": seconds}
                 )
     if args.reference:
         rows.append(_reference(pipe.config, p, segments, args))
-    head = ["source", "overlap", "cfg", "history g."] + [label for _, label in KEYS]
+    head = ["source", "overlap", "cfg", "history g.", "init"] + [label for _, label in KEYS]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
         cells = [r["source"], str(r["overlap"]), f"{r['cfg_scale']:g}", f"{r['history_guidance']:g}"]
+        cells.append(f"{r.get('init_strength', 1.0):g}")
         print("| " + " | ".join(cells + [f"{r[k]:.3f}" for k, _ in KEYS]) + " |")
     result = {
         "command": "python benchmarks/long_video.py "

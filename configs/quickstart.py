@@ -121,6 +121,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.conditioning.max_frames = 2  # k given frames ~ U{1..max_frames} in first / last / both
 
     c.optim = ml_collections.ConfigDict()
+    c.optim.optimizer = "adamw"  # adamw | muon (the blocks' matrices; sora_jax/train/state.py)
     c.optim.lr = 2e-3  # 1e-3: test "both" 0.161, 2e-3: 0.208, 3e-3: 0.208 (benchmarks/SPEEDRUN.md)
     c.optim.warmup_steps = 100
     c.optim.weight_decay = 0.0

@@ -84,6 +84,11 @@ class FlowPrediction(enum.StrEnum):
     X0 = "x0"
 
 
+class Optimizer(enum.StrEnum):  # config.optim.optimizer: sora_jax.train.state.make_optimizer
+    ADAMW = "adamw"
+    MUON = "muon"  # Muon on the blocks' matrices, AdamW on the rest
+
+
 class TimestepSampling(enum.StrEnum):
     """How training times t in (0, 1) are drawn."""
 

@@ -28,6 +28,7 @@ from sora_jax.choices import (
     FlowTimeGrid,
     ModelArch,
     Objective,
+    Optimizer,
     Prediction,
     Remat,
     Sampler,
@@ -74,6 +75,7 @@ _ENUM_KEYS: dict[str, type[enum.StrEnum]] = {
     "model.attention_impl": AttentionImpl,
     "diffusion.flow_timestep_sampling": TimestepSampling,
     "diffusion.flow_prediction": FlowPrediction,
+    "optim.optimizer": Optimizer,
 }
 
 

@@ -149,11 +149,12 @@ class _Recorder:
     """Wraps a sampler: every call passes through; keeps (cond, cond_mask, latents returned) per call."""
 
     def __init__(self, inner):
-        self.inner, self.latent_shape, self.calls = inner, inner.latent_shape, []
+        self.inner, self.latent_shape, self.calls, self.inits = inner, inner.latent_shape, [], []
 
     def sample(self, prompts, **kw):
         out = self.inner.sample(prompts, **kw)
         self.calls.append((kw.get("cond"), kw.get("cond_mask"), out))
+        self.inits.append((kw.get("init"), kw.get("strength")))
         return out
 
     def __getattr__(self, name):  # everything else (the autoencoder, encode, decode): the inner sampler's
@@ -183,6 +184,23 @@ def test_long_video_segments_and_streaming(prompter):
     np.testing.assert_array_equal(np.concatenate(got, axis=1), videos)
     one, _ = p.long_video("a 3 moving left", seconds=(2 * T) / p.fps, seed=2)
     assert one.shape[1] == 2 * T
+    assert all(init is None for init, _ in rec.inits)  # init_strength 1: every segment from pure noise
+
+
+def test_long_video_init_strength_starts_from_the_held_last_frame(prompter):
+    """init_strength < 1: each later segment is SDEdit from the previous clip's last frame held over the
+    clip (at that strength), with that frame still given; segment 0 stays plain text-to-video."""
+    rec = _Recorder(prompter.sampler)
+    p = dataclasses.replace(prompter, sampler=rec)
+    T = p.frames
+    videos, segments = p.long_video(["a 3 moving left"], num_frames=2 * T, seed=1, init_strength=0.6)
+    assert rec.inits[0] == (None, 1.0)
+    (init, strength), (cond, cond_mask, _) = rec.inits[1], rec.calls[1]
+    assert strength == 0.6
+    last = videos[:, segments[1][0] - 1]
+    np.testing.assert_array_equal(init, p.encode(np.repeat(last[:, None], T, axis=1)))
+    np.testing.assert_array_equal(cond_mask, [[True] + [False] * (T - 1)])
+    np.testing.assert_array_equal(cond[:, :1], p.encode(last[:, None]))
 
 
 def test_fit_frames_and_frame_maps():

@@ -52,6 +52,22 @@ def test_train_one_device_then_sharded_same_loss_curve(data_dir, tmp_path):
     assert list((tmp_path / "one" / "tensorboard").iterdir())
 
 
+def test_muon_trains_sharded_like_on_one_device_and_resumes(data_dir, tmp_path):
+    """optim.optimizer=muon (its AdamW half leaves masked nodes in the optimizer state) trains under an fsdp
+    mesh with the one-device loss curve, and resumes exactly from its checkpoint."""
+    over = {"optim.optimizer": "muon", "train.num_steps": 3, "train.ckpt_every": 2}
+    one = smoke_config(data_dir, **{"mesh.data": 1, **over})
+    train(one, tmp_path / "one", progress=False, devices=jax.devices()[:1])
+    eight = smoke_config(data_dir, **{"mesh.data": 2, "mesh.fsdp": 4, **over})
+    train(eight, tmp_path / "eight", progress=False)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    assert sorted(a) == [1, 2, 3] and a.keys() == b.keys()
+    np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=2e-4, atol=1e-6)
+    (tmp_path / "one" / "checkpoints" / "3").rename(tmp_path / "step3")  # resume from step 2
+    train(one, tmp_path / "one", progress=False, devices=jax.devices()[:1])
+    np.testing.assert_allclose(losses(tmp_path / "one")[3], a[3], rtol=1e-6)
+
+
 def test_time_limit_saves_and_stops_then_resumes(data_dir, tmp_path):
     cfg = smoke_config(data_dir, **{"train.num_steps": 400, "train.time_limit_s": 1e-9, "mesh.data": 1})
     out = train(cfg, tmp_path / "w", progress=False, devices=jax.devices()[:1])

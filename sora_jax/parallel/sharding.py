@@ -117,6 +117,8 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
 
     def one(var):
         if isinstance(var, nnx.Variable):
+            if not hasattr(var.value, "shape"):  # no array: e.g. optax's MaskedNode (Muon's AdamW half)
+                return var
             spec = fit_spec(logical_to_spec(getattr(var, "out_sharding", None)), var.value.shape, mesh)
             return var.replace(NamedSharding(mesh, spec))
         return NamedSharding(mesh, PartitionSpec())

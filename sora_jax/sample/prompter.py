@@ -306,6 +306,7 @@ class Prompter:
         seed: int = 0,
         sink: Callable[[np.ndarray], None] | None = None,
         progress: bool = False,
+        init_strength: float = 1.0,
         **kw,
     ) -> tuple[np.ndarray | None, list[tuple[int, int]]]:
         """Videos of ``seconds`` at the model's fps (or ``num_frames``) by autoregressive extension, one per
@@ -329,6 +330,9 @@ class Prompter:
         n_more = -(-(total - done) // (T - P))
         for s in tqdm(range(1, n_more + 1), desc="segments", disable=not progress):
             given = [{i: c[T - P + i] for i in range(P)} for c in clip]
+            if init_strength < 1.0:
+                held = np.repeat(clip[:, T - 1 : T], T, axis=1)
+                kw = kw | {"init": held, "strength": init_strength}
             clip = self.generate(prompts, given=given, seed=seed + s, **kw)
             new = clip[:, P:][:, : total - done]
             emit(new)

@@ -35,13 +35,55 @@ def lr_schedule(cfg: ml_collections.ConfigDict, lr: float | None = None) -> opta
     )
 
 
+# Muon's matrices: the stacked blocks' projection kernels, by leaf name -> (reduction axes, output axes), the
+# leading block axis a batch axis (each block's matrix is orthogonalized alone). Embeddings, the final layer,
+# biases, norms, adaLN of the final layer and LoRA adapters stay on AdamW (as in modded-nanogpt).
+_MUON_AXES = {"wq": (1, (2, 3)), "wk": (1, (2, 3)), "wv": (1, (2, 3)), "wo": ((1, 2), 3), "kernel": (1, 2)}
+
+
+def muon_dimension_numbers(params):
+    """Per leaf of ``params``: ``MuonDimensionNumbers`` for a stacked-block kernel (see ``_MUON_AXES``), else
+    None (AdamW)."""
+    from optax.contrib import MuonDimensionNumbers
+
+    def dims(path, x):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        names = names[:-1] if names[-1] == "value" else names
+        axes = _MUON_AXES.get(names[-1])
+        if "blocks" not in names or axes is None or x.ndim != 1 + len(jax.tree.leaves(axes)):
+            return None
+        return MuonDimensionNumbers(*axes)
+
+    return jax.tree_util.tree_map_with_path(dims, params)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, lr: float | None = None) -> optax.GradientTransformation:
-    """Global-norm clipping at ``optim.grad_clip``, then AdamW on ``lr_schedule(cfg, lr)``."""
+    """Global-norm clipping at ``optim.grad_clip``, then ``optim.optimizer`` on ``lr_schedule(cfg, lr)``:
+    "adamw", or "muon" (Jordan et al. 2024: Nesterov momentum orthogonalized by Newton-Schulz on the blocks'
+    matrices, ``muon_dimension_numbers``; updates scaled to AdamW's RMS, 0.2 sqrt(max dim), as in Liu et al.
+    2025 "Muon is Scalable", so ``optim.lr`` means the same for both; AdamW with b1/b2 and Nesterov momentum,
+    as optax.contrib.muon has it, on the rest)."""
     o = cfg.optim
-    return optax.chain(
-        optax.clip_by_global_norm(o.grad_clip),
-        optax.adamw(lr_schedule(cfg, lr), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
-    )
+    schedule = lr_schedule(cfg, lr)
+    name = o.get("optimizer", "adamw")
+    if name == "adamw":
+        opt = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+    elif name == "muon":
+        from optax.contrib import muon
+
+        opt = muon(
+            schedule,
+            beta=0.95,
+            weight_decay=o.weight_decay,
+            adam_b1=o.b1,
+            adam_b2=o.b2,
+            adam_weight_decay=o.weight_decay,
+            muon_weight_dimension_numbers=muon_dimension_numbers,
+            consistent_rms=0.2,
+        )
+    else:
+        raise ValueError(f"optim.optimizer must be adamw or muon, got {name!r}")
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
 
 
 def init_state(

@@ -1,0 +1,67 @@
+"""optim.optimizer = muon: which parameters Muon takes, and its update on stacked blocks against optax's own
+2D Muon applied to each block's matrix alone (the rest against AdamW)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from configs import quickstart
+from sora_jax.models import dit as dit_lib
+from sora_jax.train.state import lr_schedule, make_optimizer, muon_dimension_numbers
+
+
+def _flat(tree, is_leaf=None):
+    return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf)}
+
+
+def test_muon_takes_the_blocks_matrices_and_matches_optax_per_block():
+    cfg = quickstart.get_config()
+    cfg.optim.optimizer, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip = "muon", 1e-2, 1, 1e9
+    model = dit_lib.DiT(dit_lib.dit_config("smoke"), rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    dims = _flat(muon_dimension_numbers(params), is_leaf=lambda x: x is None or hasattr(x, "output_axis"))
+    muon_leaves = {k.removesuffix(".value") for k, v in dims.items() if v is not None}
+    blocks = "['blocks']"
+    expected = {
+        f"{blocks}['{m}']['{w}']" for m in ("attn", "cross_attn") for w in ("wq", "wk", "wv", "wo")
+    } | {f"{blocks}['{k}']['kernel']" for k in ("adaLN_modulation",)}
+    expected |= {f"{blocks}['mlp']['{k}']['kernel']" for k in ("fc1", "fc2")}
+    assert muon_leaves == expected  # embeddings, final layer, biases and norms stay on AdamW
+
+    rng = np.random.default_rng(0)
+    grads = jax.tree.map(lambda p: jnp.asarray(0.01 * rng.standard_normal(p.shape), p.dtype), params)
+    tx = make_optimizer(cfg)
+    state = tx.init(params)
+    for _ in range(2):  # the second step also checks the momentum
+        updates, state = tx.update(grads, state, params)
+    got, g = _flat(updates), _flat(grads)
+    ref2d = optax.contrib.muon(lr_schedule(cfg), consistent_rms=0.2)
+    adam = optax.adamw(lr_schedule(cfg), b1=0.9, b2=0.99, weight_decay=0.0, nesterov=True)
+    checked = 0
+    for key, u in got.items():
+        name = key.removesuffix(".value")
+        if name in expected:
+            leaf = name.split("['")[-1].rstrip("']")
+            for layer in range(u.shape[0]):
+                gl = np.asarray(g[key][layer])
+                if leaf in ("wq", "wk", "wv"):
+                    m = gl.reshape(gl.shape[0], -1)
+                elif leaf == "wo":
+                    m = gl.reshape(-1, gl.shape[-1])
+                else:
+                    m = gl
+                s = ref2d.init({"w": jnp.asarray(m)})
+                for _ in range(2):
+                    r, s = ref2d.update({"w": jnp.asarray(m)}, s, {"w": jnp.asarray(m)})
+                np.testing.assert_allclose(
+                    np.asarray(u[layer]).reshape(m.shape), r["w"], rtol=2e-4, atol=1e-7
+                )
+                checked += 1
+        else:
+            s = adam.init(g[key])
+            for _ in range(2):
+                r, s = adam.update(g[key], s, g[key])
+            np.testing.assert_allclose(np.asarray(u), r, rtol=2e-4, atol=1e-8)
+    assert checked == len(expected) * model.cfg.depth
