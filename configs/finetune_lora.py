@@ -50,6 +50,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.lora.init_from = ""  # the trained digits workdir (configs/quickstart.py) whose weights stay frozen
 
     # a few clips of a new style: short, a small constant rate, no decay to speak of
+    c.optim.optimizer = "adamw"  # the adapters are low-rank pairs, not the matrices Muon orthogonalises
     c.optim.lr = (
         5e-4  # 1e-3 drew the style but cost 0.04 digit accuracy on plain prompts (lora_style_demo.json)
     )

@@ -104,6 +104,7 @@ def wan_recipe(sizes: dict) -> ml_collections.ConfigDict:
     c.conditioning.max_frames = 1
 
     o = c.optim
+    o.optimizer = "adamw"
     o.lr, o.warmup_steps, o.weight_decay, o.b1, o.b2, o.grad_clip, o.ema_decay = (
         1e-5, 100, 0.0, 0.9, 0.999, 1.0, 0.999
     )  # fmt: skip

@@ -149,7 +149,10 @@ def test_a_frozen_vae_enters_the_step_as_an_argument_not_a_constant(tmp_path, mo
 def _optim_config(**optim):
     cfg = quickstart.get_config("smoke")
     cfg.train.num_steps = 6
-    cfg.optim.update(dict(lr=0.1, warmup_steps=2, weight_decay=0.01, b1=0.9, b2=0.99, grad_clip=1.0) | optim)
+    cfg.optim.update(
+        dict(optimizer="adamw", lr=0.1, warmup_steps=2, weight_decay=0.01, b1=0.9, b2=0.99, grad_clip=1.0)
+        | optim
+    )
     return cfg
 
 
