@@ -122,7 +122,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict()
     # adamw | muon (the blocks' matrices; sora_jax/train/state.py). 4000 steps, 192 test prompts, "both":
-    # AdamW lr 2e-3 0.240, Muon lr 2e-3 0.312, Muon lr 4e-3 0.339 (benchmarks/SPEEDRUN.md, "Muon")
+    # AdamW lr 2e-3 0.240 (0.266 in Muon's time, 4920 steps), Muon lr 2e-3 0.312, Muon lr 4e-3 0.339; seed 1:
+    # AdamW 0.271, Muon lr 4e-3 0.359 (benchmarks/SPEEDRUN.md, "Muon"; a Muon step costs 23% more on 2 cores)
     c.optim.optimizer = "muon"
     c.optim.lr = 4e-3  # AdamW: 1e-3 0.161, 2e-3 0.208, 3e-3 0.208 (benchmarks/SPEEDRUN.md)
     c.optim.warmup_steps = 100
