@@ -89,7 +89,7 @@ def main() -> None:
                 tag += f"_init{strength:g}" if strength < 1 else ""
                 plot_long(per_segment, out.with_name(f"{out.stem}_{tag}.png"), f"{args.workdir} {tag}")
                 row = {"source": "model", "overlap": overlap, "cfg_scale": pipe.config.diffusion.cfg_scale}
-                row["init_strength"] = strength
+                row |= {"init_strength": strength}
                 rows.append(
                     row | {"history_guidance": w, "step": pipe.step} | m | {"generate_seconds": seconds}
                 )

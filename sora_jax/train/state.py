@@ -14,6 +14,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from sora_jax.choices import Optimizer
 from sora_jax.models import lora
 
 TrainState = dict[
@@ -65,10 +66,9 @@ def make_optimizer(cfg: ml_collections.ConfigDict, lr: float | None = None) -> o
     as optax.contrib.muon has it, on the rest)."""
     o = cfg.optim
     schedule = lr_schedule(cfg, lr)
-    name = o.get("optimizer", "adamw")
-    if name == "adamw":
+    if Optimizer(o.get("optimizer", "adamw")) is Optimizer.ADAMW:
         opt = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
-    elif name == "muon":
+    else:
         from optax.contrib import muon
 
         opt = muon(
@@ -81,8 +81,6 @@ def make_optimizer(cfg: ml_collections.ConfigDict, lr: float | None = None) -> o
             muon_weight_dimension_numbers=muon_dimension_numbers,
             consistent_rms=0.2,
         )
-    else:
-        raise ValueError(f"optim.optimizer must be adamw or muon, got {name!r}")
     return optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
 
 
