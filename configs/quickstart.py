@@ -120,6 +120,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     )
     c.conditioning.max_frames = 2  # k given frames ~ U{1..max_frames} in first / last / both
 
+    # REPA (Yu et al. 2024; sora_jax/train/repa.py): the tokens after block `layer` (0: off), through a projector
+    # MLP, are aligned (cosine, x weight) with the bundled digit reader's conv features (dim 96) of the clean clip,
+    # standardized per channel over the batch's tokens
+    c.repa = ml_collections.ConfigDict({"layer": 0, "dim": 96, "weight": 0.5, "standardize": True})
+
     c.optim = ml_collections.ConfigDict()
     # adamw | muon (the blocks' matrices; sora_jax/train/state.py). 4000 steps, 192 test prompts, "both":
     # AdamW lr 2e-3 0.240 (0.266 in Muon's time, 4920 steps), Muon lr 2e-3 0.312, Muon lr 4e-3 0.339; seed 1:

@@ -360,6 +360,22 @@ def _validate_eval(cfg: ml_collections.ConfigDict) -> None:
         )
 
 
+def _validate_repa(cfg: ml_collections.ConfigDict) -> None:
+    """``config.repa`` (REPA, ``sora_jax/train/repa.py``): the aligned block exists, the weight is positive."""
+    r = cfg.get("repa")
+    if r is None or not r.get("layer", 0):
+        return
+    if task(cfg) is not Task.T2V or model_arch(cfg) is not ModelArch.DIT:
+        raise ConfigError("config.repa.layer > 0 is for the DiT's text-to-video training; set it to 0")
+    depth = cfg.model.get("depth", 0) or DIT_VARIANTS[cfg.model.variant].depth
+    if not isinstance(r.layer, int) or not 1 <= r.layer <= depth:
+        raise ConfigError(f"config.repa.layer must be in [0, depth = {depth}], got {r.layer!r}")
+    if not isinstance(r.dim, int) or r.dim < 1 or not r.weight > 0:
+        raise ConfigError(
+            f"config.repa: dim must be a positive int and weight > 0, got {r.dim!r}, {r.weight!r}"
+        )
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Checks enums, sizes and cross-field constraints once, at start."""
     for key, kind in _ENUM_KEYS.items():
@@ -432,6 +448,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         _validate_marks(cfg.safety)
     if cfg.get("lora") is not None:
         _validate_lora(cfg)
+    _validate_repa(cfg)
     if not 0.0 <= cfg.text.caption_dropout < 1.0:
         raise ConfigError(f"config.text.caption_dropout must be in [0, 1), got {cfg.text.caption_dropout}")
     for axis in ("data", "fsdp", "tensor", "seq"):

@@ -158,7 +158,14 @@ def model_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
         remat=_remat(cfg.model.remat),
         seq_parallel=cfg.model.get("seq_parallel", "none"),
         attention_impl=cfg.model.get("attention_impl", "xla"),
+        **_repa_fields(cfg.get("repa") or {}),
     )
+
+
+def _repa_fields(repa) -> dict[str, int]:
+    """``config.repa`` (``sora_jax/train/repa.py``) as DiTConfig fields: the projector exists when layer > 0."""
+    layer = int(repa.get("layer", 0))
+    return {"repa_layer": layer, "repa_dim": int(repa.get("dim", 0)) if layer else 0}
 
 
 def _remat(value) -> str:

@@ -170,11 +170,19 @@ class DigitReader(nnx.Module):
         video = jnp.concatenate([presence, directions.reshape(b, -1), frames.mean(1)], -1)
         return video, frames
 
-    def _forward(self, x_BTHW: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def feature_map(self, x_BTHW: jax.Array) -> jax.Array:
+        """The conv body's map of every frame: [B, T, H', W', D] (H' = H / 4 with the shipped strides);
+        what REPA aligns a DiT's tokens with (``sora_jax/train/repa.py``)."""
         b, t, hgt, wid = x_BTHW.shape
         h = x_BTHW.reshape(b * t, hgt, wid, 1)
         for conv, norm in zip(self.convs, self.norms, strict=True):
             h = jax.nn.gelu(norm(conv(h)))  # [B*T, H', W', D]
+        return h.reshape(b, t, *h.shape[1:])
+
+    def _forward(self, x_BTHW: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        b, t, hgt, wid = x_BTHW.shape
+        h = self.feature_map(x_BTHW)
+        h = h.reshape(b * t, *h.shape[2:])  # [B*T, H', W', D]
         att = self.attn(h)  # [B*T, H', W', K]
         _, hh, ww, k = att.shape
         att = jax.nn.softmax(att.reshape(b, t, hh * ww, k), axis=2)  # [B, T, N, K]

@@ -378,7 +378,8 @@ def export(
         raise ExportError(f"{workdir} holds a Wan model: export it with --format diffusers")
     cfg, step, _, params = loading.restore(workdir, use_ema=not raw_params)
     flat = _flat(params)
-    dit = {p[1:]: a for p, a in flat.items() if p[0] == "dit"}
+    # the REPA projector (config.repa) serves the training loss only: the exported model has none
+    dit = {p[1:]: a for p, a in flat.items() if p[0] == "dit" and p[1] != "repa_proj"}
     text = {p[1:]: a for p, a in flat.items() if p[0] == "text_encoder"}
 
     with staged_folder(out) as tmp:

@@ -84,6 +84,10 @@ class DiTConfig:
     remat: str = "none"  # a name in REMAT_POLICIES: what the backward pass keeps of each block
     seq_parallel: str = "none"  # self-attention over the mesh's seq axis: none | ulysses | ring
     pooled_text_cond: bool = True
+    # REPA (Yu et al. 2024, sora_jax/train/repa.py): a projector MLP on the tokens after block ``repa_layer``
+    # (1..depth; 0: none) to a frozen encoder's feature width ``repa_dim``, used by the training loss only
+    repa_layer: int = 0
+    repa_dim: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -114,6 +118,11 @@ class DiTConfig:
             )
         if min(self.in_channels, self.width, self.depth, self.text_dim) < 1:
             raise ValueError("DiTConfig: in_channels, width, depth, text_dim must be positive")
+        if not 0 <= self.repa_layer <= self.depth or (self.repa_layer > 0) != (self.repa_dim > 0):
+            raise ValueError(
+                f"DiTConfig: repa_layer ({self.repa_layer}) must be in [0, depth = {self.depth}] and "
+                f"repa_dim ({self.repa_dim}) > 0 exactly when repa_layer > 0"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -240,9 +249,24 @@ class DiT(nnx.Module):
 
         self.blocks = make_blocks(rngs)
         self.final_layer = FinalLayer(cfg, rngs=rngs)
+        if cfg.repa_layer:  # REPA's projector (its paper: 3 linear layers, SiLU), hidden 2 x width
+            hid = 2 * cfg.width
+            self.repa_proj = nnx.List(
+                [
+                    linear(cfg.width, hid, ("embed", "mlp"), **kw),
+                    linear(hid, hid, ("mlp", "embed"), **kw),
+                    linear(hid, cfg.repa_dim, ("embed", "patch"), **kw),
+                ]
+            )
 
-    def __call__(self, x: jax.Array, t: jax.Array, text: jax.Array, text_mask: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, t: jax.Array, text: jax.Array, text_mask: jax.Array, features: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """x ``[B, T, H, W, C]`` -> ``[B, T, H, W, C]``; ``features`` (a REPA model): also the projected tokens
+        after block ``repa_layer``, ``[B, N, repa_dim]`` in patch order (``patchify``)."""
         cfg = self.cfg
+        if features and not cfg.repa_layer:
+            raise ValueError("DiT(features=True) needs DiTConfig.repa_layer > 0")
         dt = as_dtype(cfg.dtype)
         if x.ndim != 5 or x.shape[-1] != cfg.in_channels:
             raise ValueError(f"DiT wants x [B, T, H, W, {cfg.in_channels}], got {x.shape}")
@@ -284,10 +308,18 @@ class DiT(nnx.Module):
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat])
-        tokens, _ = jax.lax.scan(body, tokens, state)
+        if features:  # two scans: the blocks up to repa_layer, then the rest
+            k = cfg.repa_layer
+            tokens, _ = jax.lax.scan(body, tokens, jax.tree.map(lambda a: a[:k], state))
+            z = tokens
+            for i, layer in enumerate(self.repa_proj):
+                z = layer(z) if i == 0 else layer(jax.nn.silu(z))
+            tokens, _ = jax.lax.scan(body, tokens, jax.tree.map(lambda a: a[k:], state))
+        else:
+            tokens, _ = jax.lax.scan(body, tokens, state)
 
-        out = self.final_layer(tokens, c)  # [B, N, P]
-        return unpatchify(out, cfg.patch_size, grid)
+        out = unpatchify(self.final_layer(tokens, c), cfg.patch_size, grid)  # from [B, N, P]
+        return (out, z) if features else out
 
 
 # ------------------------------------------------------------------------------------------ cost model
@@ -304,7 +336,10 @@ def param_count(cfg: DiTConfig) -> int:
     block = self_attn + cross_attn + mlp + ada
     embed = P * D + D + FREQ_DIM * D + D + D * D + D + ((Dt * D + D) if cfg.pooled_text_cond else 0)
     final = D * 2 * D + 2 * D + D * P + P
-    return embed + cfg.depth * block + final
+    repa = (
+        (D * 2 * D + 2 * D + 4 * D * D + 2 * D + 2 * D * cfg.repa_dim + cfg.repa_dim) if cfg.repa_layer else 0
+    )
+    return embed + cfg.depth * block + final + repa
 
 
 def flops_per_token(cfg: DiTConfig, num_tokens: int, text_len: int) -> float:
@@ -325,6 +360,12 @@ def flops_per_token(cfg: DiTConfig, num_tokens: int, text_len: int) -> float:
     )
     cond = 2 * (FREQ_DIM * D + D * D + (Dt * D if cfg.pooled_text_cond else 0) + 2 * D * D) / N
     return float(cfg.depth * per_block + 2 * P * D + 2 * D * P + cond)
+
+
+def repa_flops_per_token(cfg: DiTConfig) -> float:
+    """Forward FLOPs per video token of the REPA projector (training only; 0 without one)."""
+    D = cfg.width
+    return float(2 * (2 * D * D + 4 * D * D + 2 * D * cfg.repa_dim)) if cfg.repa_layer else 0.0
 
 
 def summary(cfg: DiTConfig) -> str:

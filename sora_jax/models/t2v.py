@@ -42,9 +42,12 @@ class TextToVideo(nnx.Module):
         mask ``[B, L]``)."""
         return self.text_encoder(ids, mask), mask
 
-    def denoise(self, x_t: jax.Array, t: jax.Array, ctx: jax.Array, mask: jax.Array) -> jax.Array:
-        """The DiT alone: x_t ``[B, T, H, W, C]``, t ``[B]`` in [0, 1000], ctx ``[B, L, D]`` -> like x_t."""
-        return self.dit(x_t, t, ctx, mask)
+    def denoise(
+        self, x_t: jax.Array, t: jax.Array, ctx: jax.Array, mask: jax.Array, features: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """The DiT alone: x_t ``[B, T, H, W, C]``, t ``[B]`` in [0, 1000], ctx ``[B, L, D]`` -> like x_t
+        (``features``: with the REPA projector's tokens ``[B, N, repa_dim]``, ``DiT.__call__``)."""
+        return self.dit(x_t, t, ctx, mask, features=features)
 
     def __call__(self, x_t: jax.Array, t: jax.Array, ids: jax.Array, mask: jax.Array) -> jax.Array:
         """x_t ``[B, T, H, W, C]``, t ``[B]``, ids/mask ``[B, L]`` -> model output ``[B, T, H, W, C]``."""

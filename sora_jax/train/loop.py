@@ -39,7 +39,7 @@ from sora_jax.models import quant
 from sora_jax.models.perceptual import load_perceptual
 from sora_jax.parallel import sharding
 from sora_jax.parallel.mesh import make_mesh
-from sora_jax.train import checkpoint, metrics
+from sora_jax.train import checkpoint, metrics, repa
 from sora_jax.train import data as data_lib
 from sora_jax.train.preemption import PreemptionWatch
 from sora_jax.train.state import (
@@ -107,6 +107,7 @@ def _t2v_step(
     latents = DataContent(cfg.data.get("content", "video")) is DataContent.LATENTS
     autoencoder = factory.make_autoencoder(cfg) if latents else loading.load_autoencoder(cfg)
     null_text, null_mask = _null_text(cfg, shapes_only, table)
+    repa_term, repa_frozen = repa.from_config(cfg)
     loss_fn = make_loss_fn(
         graphdef,
         factory.make_process(cfg),
@@ -116,9 +117,10 @@ def _t2v_step(
         caption_dropout=cfg.text.caption_dropout,
         mask_probs=factory.mask_probs(cfg),
         mask_max_frames=cfg.get("conditioning", {}).get("max_frames", 1),
+        repa=repa_term,
     )
     step = make_step(loss_fn, tx, ema_decay=cfg.optim.ema_decay, lr_fn=lr_fn)
-    return _TaskStep(step, frozen_autoencoder_params(autoencoder))
+    return _TaskStep(step, frozen_autoencoder_params(autoencoder) | repa_frozen)
 
 
 def _vae_step(

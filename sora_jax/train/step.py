@@ -19,6 +19,7 @@ from sora_jax.diffusion import masks
 from sora_jax.models.autoencoder import Autoencoder, video_to_float
 from sora_jax.models.discriminator import adaptive_weight, hinge_d_loss, hinge_g_loss
 from sora_jax.models.vae import kl_divergence
+from sora_jax.train.repa import RepaTerm, alignment
 from sora_jax.train.state import TrainState, apply_update, with_base
 
 Step = Callable[[TrainState, dict, dict], tuple[TrainState, dict]]
@@ -45,6 +46,7 @@ def make_loss_fn(
     caption_dropout: float,
     mask_probs: dict[str, float] | None = None,
     mask_max_frames: int = 1,
+    repa: RepaTerm | None = None,
 ) -> LossFn:
     """The text-to-video loss ``loss_fn(params, batch, frozen, key) -> (scalar, {})``: caption dropout to the
     null prompt (``null_text`` ids ``[L]`` or frozen features ``[L, F]``, ``null_mask`` ``[L]``), encode the video
@@ -52,7 +54,10 @@ def make_loss_fn(
 
     With ``mask_probs`` giving a frame-conditioning strategy other than "none" a positive probability
     (``sora_jax/diffusion/masks.py``), each clip draws a mask of given latent frames: clean, at time 0, out of
-    the loss."""
+    the loss.
+
+    ``repa`` (``sora_jax/train/repa.py``): adds ``repa.weight * (1 - cos)`` between the DiT's projected block
+    tokens and the frozen encoder's features (``frozen["repa"]``) of the clean clip; aux ``repa_cos``."""
     use_masks = mask_probs is not None and masks.conditions_frames(mask_probs)
 
     def loss_fn(params, batch, frozen, key):
@@ -72,10 +77,22 @@ def make_loss_fn(
         cond_mask = None
         if use_masks:
             cond_mask = masks.sample_masks(k_mask, x0.shape[0], x0.shape[1], mask_probs, mask_max_frames)
-        per_example = process.training_loss(
-            lambda xt, t: model.denoise(xt, t, ctx, ctx_mask), x0, k_diff, cond_mask=cond_mask
-        )
-        return per_example.mean(), {}
+        if repa is None:
+            per_example = process.training_loss(
+                lambda xt, t: model.denoise(xt, t, ctx, ctx_mask), x0, k_diff, cond_mask=cond_mask
+            )
+            return per_example.mean(), {}
+        tokens = {}
+
+        def apply(xt, t):  # the same forward pass gives the projected tokens
+            out, tokens["z"] = model.denoise(xt, t, ctx, ctx_mask, features=True)
+            return out
+
+        per_example = process.training_loss(apply, x0, k_diff, cond_mask=cond_mask)
+        pt, ph, pw = model.dit.cfg.patch_size
+        grid = (x0.shape[1] // pt, x0.shape[2] // ph, x0.shape[3] // pw)
+        cos = alignment(tokens["z"], repa.targets(frozen["repa"], batch["video"], grid)).mean()
+        return per_example.mean() + repa.weight * (1.0 - cos), {"repa_cos": cos}
 
     return loss_fn
 

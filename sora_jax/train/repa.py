@@ -1,0 +1,95 @@
+"""REPA (Yu et al. 2024, "Representation Alignment for Generation"): the training-loss term that aligns a DiT
+block's tokens, through the model's projector MLP, with a frozen pretrained encoder's features of the clean clip.
+
+``config.repa``: ``layer`` (the block whose output is aligned, 1..depth; 0: off), ``dim`` (the encoder's
+feature width; the projector's output), ``weight`` (lambda of the term), ``standardize`` (the targets per
+channel to zero mean and unit variance over the batch's tokens). The encoder is the bundled digit reader
+(``sora_jax/eval/digit_reader.py``): its conv map of every frame ``[B, T, H/4, W/4, 96]``, average-pooled to the
+DiT's token grid. Loss: ``weight * (1 - cos(projected token, encoder feature))`` averaged over the tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from sora_jax.config import ConfigError
+from sora_jax.eval.digit_reader import DigitReader, load_reader
+
+
+def layer(cfg: ml_collections.ConfigDict) -> int:
+    """``config.repa.layer`` (0 where the config has no ``repa`` group: configs saved before it)."""
+    return int(cfg.get("repa", {}).get("layer", 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class RepaTerm:
+    """The REPA term of the loss: ``targets`` from the frozen encoder's parameters (``frozen["repa"]``)."""
+
+    graphdef: nnx.GraphDef  # of the encoder (a DigitReader)
+    weight: float
+    frames: int  # the encoder's input size: videos are block-averaged to it
+    height: int
+    width: int
+    standardize: bool = True  # targets per channel to zero mean, unit variance over the batch's tokens
+
+    def targets(self, params: nnx.State, video: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
+        """video uint8 ``[B, T, H, W, 3]`` -> the encoder's features pooled to the token ``grid`` (gt, gh, gw):
+        ``[B, gt * gh * gw, D]`` in patch order."""
+        b, t, h, w, _ = video.shape
+        fh, fw = h // self.height, w // self.width
+        if fh < 1 or h != fh * self.height or w != fw * self.width:
+            raise ConfigError(
+                f"config.repa: the digit reader reads {self.height}x{self.width} frames (or multiples), "
+                f"the data has {h}x{w}"
+            )
+        grey = video.astype(jnp.float32).mean(-1) / 255.0
+        grey = grey.reshape(b, t, self.height, fh, self.width, fw).mean((3, 5))
+        encoder: DigitReader = nnx.merge(self.graphdef, params)
+        fmap = jax.lax.stop_gradient(encoder.feature_map(grey))  # [B, T, H', W', D]
+        gt, gh, gw = grid
+        _, _, hh, ww, d = fmap.shape
+        if t % gt or hh % gh or ww % gw:
+            raise ConfigError(
+                f"config.repa: the encoder's map [T, H', W'] = {(t, hh, ww)} does not pool to the DiT's token "
+                f"grid {grid}: use a patch size that divides it"
+            )
+        fmap = fmap.reshape(b, gt, t // gt, gh, hh // gh, gw, ww // gw, d).mean((2, 4, 6))
+        fmap = fmap.reshape(b, gt * gh * gw, d)
+        if self.standardize:  # the map's shared positive mean (GELU) would make any constant output align
+            mean = fmap.mean((0, 1))
+            fmap = (fmap - mean) * jax.lax.rsqrt(jnp.square(fmap - mean).mean((0, 1)) + 1e-6)
+        return fmap
+
+
+def alignment(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """Mean cosine similarity per example: pred, target ``[B, N, D]`` -> ``[B]``."""
+    p = pred.astype(jnp.float32)
+    q = target.astype(jnp.float32)
+    cos = jnp.sum(p * q, -1) * jax.lax.rsqrt(jnp.maximum(jnp.sum(p * p, -1) * jnp.sum(q * q, -1), 1e-12))
+    return cos.mean(-1)
+
+
+def from_config(cfg: ml_collections.ConfigDict) -> tuple[RepaTerm | None, dict]:
+    """The config's REPA term and its frozen parameters ``{"repa": encoder params}`` (``(None, {})`` when off)."""
+    if not layer(cfg):
+        return None, {}
+    r = cfg.repa
+    if str(cfg.data.get("content", "video")) != "video":
+        raise ConfigError("config.repa needs the videos in the batch (config.data.content = 'video')")
+    if not float(r.weight) > 0:
+        raise ConfigError(f"config.repa.weight must be > 0 with config.repa.layer > 0, got {r.weight}")
+    reader = load_reader()
+    dim = reader.cfg.widths[-1]
+    if int(r.dim) != dim:
+        raise ConfigError(f"config.repa.dim = {r.dim}: the digit reader's features are {dim} wide")
+    graphdef, params = nnx.split(reader, nnx.Param)
+    rc = reader.cfg
+    term = RepaTerm(
+        graphdef, float(r.weight), rc.num_frames, rc.height, rc.width, bool(r.get("standardize", True))
+    )
+    return term, {"repa": params}
