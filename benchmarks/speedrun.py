@@ -67,7 +67,8 @@ def text_flops_per_step(cfg) -> float:
 def model_flops_per_step(cfg) -> dict:
     """Analytic training FLOPs of one step (forward x3) for the config's batch and clip shape."""
     from sora_jax import factory
-    from sora_jax.models.dit import flops_per_token
+    from sora_jax.models.dit import flops_per_token, repa_flops_per_token
+    from sora_jax.train import repa
 
     dit = factory.model_config(cfg)
     shape = factory.latent_shape(cfg)  # [T, H, W, C] of what the DiT sees
@@ -75,12 +76,17 @@ def model_flops_per_step(cfg) -> dict:
     tokens = shape[0] // pt * (shape[1] // ph) * (shape[2] // pw)
     dit_fwd = flops_per_token(dit, tokens, cfg.text.max_length) * tokens * cfg.data.batch_size
     text_fwd = text_flops_per_step(cfg)
+    # REPA: the projector is trained (x3), the frozen encoder runs forward only
+    proj_fwd = repa_flops_per_token(dit) * tokens * cfg.data.batch_size
+    encoder_fwd = repa.encoder_flops(cfg)
     return {
         "tokens_per_clip": tokens,
         "batch": int(cfg.data.batch_size),
         "dit_forward_gflop": dit_fwd / 1e9,
         "text_forward_gflop": text_fwd / 1e9,
-        "train_gflop_per_step": 3.0 * (dit_fwd + text_fwd) / 1e9,
+        "repa_projector_forward_gflop": proj_fwd / 1e9,
+        "repa_encoder_forward_gflop": encoder_fwd / 1e9,
+        "train_gflop_per_step": (3.0 * (dit_fwd + text_fwd + proj_fwd) + encoder_fwd) / 1e9,
     }
 
 

@@ -121,9 +121,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.conditioning.max_frames = 2  # k given frames ~ U{1..max_frames} in first / last / both
 
     # REPA (Yu et al. 2024; sora_jax/train/repa.py): the tokens after block `layer` (0: off), through a projector
-    # MLP, are aligned (cosine, x weight) with the bundled digit reader's conv features (dim 96) of the clean clip,
-    # standardized per channel over the batch's tokens
-    c.repa = ml_collections.ConfigDict({"layer": 0, "dim": 96, "weight": 0.5, "standardize": True})
+    # MLP, are aligned (cosine, x weight) with the bundled digit reader's conv features (dim 96) of the clean clip
+    # (standardize: per channel over the batch's tokens)
+    c.repa = ml_collections.ConfigDict({"layer": 0, "dim": 96, "weight": 0.5, "standardize": False})
 
     c.optim = ml_collections.ConfigDict()
     # adamw | muon (the blocks' matrices; sora_jax/train/state.py). 4000 steps, 192 test prompts, "both":

@@ -22,23 +22,26 @@ QUICK = "configs/quickstart.py"
 
 
 def test_targets_pool_the_readers_map_to_the_token_grid():
-    cfg = config_lib.load_config(QUICK, ["repa.layer=2", "repa.standardize=False"])
+    cfg = config_lib.load_config(QUICK, ["repa.layer=2"])
     term, frozen = repa.from_config(cfg)
     video = np.random.default_rng(0).integers(0, 256, (2, 8, 64, 64, 3), dtype=np.uint8)  # 2x the reader's
     got = np.asarray(term.targets(frozen["repa"], jnp.asarray(video), (4, 4, 4)))
-    standardized = repa.from_config(config_lib.load_config(QUICK, ["repa.layer=2"]))[0]
+    standardized = repa.from_config(config_lib.load_config(QUICK, ["repa.layer=2", "repa.standardize=True"]))[
+        0
+    ]
     got_std = np.asarray(standardized.targets(frozen["repa"], jnp.asarray(video), (4, 4, 4)))
-    # reference: grey in [0, 1], 2x2 block mean to 32x32, the reader's conv map, then mean over 2x2x2 blocks
-    grey = video.astype(np.float64).mean(-1).reshape(2, 8, 32, 2, 32, 2).mean((3, 5)) / 255.0
-    fmap = np.asarray(load_reader().feature_map(jnp.asarray(grey, jnp.float32)))  # [2, 8, 8, 8, 96]
-    want = fmap.reshape(2, 4, 2, 4, 2, 4, 2, 96).mean((2, 4, 6)).reshape(2, 64, 96)
+    # reference: frames 0, 2, 4, 6 (the first of each temporal token group), grey in [0, 1], 2x2 block mean to
+    # 32x32, the reader's conv map, then the mean over 2x2 blocks of it
+    grey = video[:, ::2].astype(np.float64).mean(-1).reshape(2, 4, 32, 2, 32, 2).mean((3, 5)) / 255.0
+    fmap = np.asarray(load_reader().feature_map(jnp.asarray(grey, jnp.float32)))  # [2, 4, 8, 8, 96]
+    want = fmap.reshape(2, 4, 4, 2, 4, 2, 96).mean((3, 5)).reshape(2, 64, 96)
     assert got.shape == (2, 64, 96)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     flat = want.reshape(-1, 96)
     want_std = (want - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-6)
     np.testing.assert_allclose(got_std, want_std, rtol=1e-3, atol=1e-3)
     with pytest.raises(ConfigError, match="token grid"):
-        term.targets(frozen["repa"], jnp.asarray(video), (3, 4, 4))
+        term.targets(frozen["repa"], jnp.asarray(video), (4, 3, 4))
 
 
 def test_alignment_is_the_mean_cosine_similarity():

@@ -4,8 +4,8 @@ block's tokens, through the model's projector MLP, with a frozen pretrained enco
 ``config.repa``: ``layer`` (the block whose output is aligned, 1..depth; 0: off), ``dim`` (the encoder's
 feature width; the projector's output), ``weight`` (lambda of the term), ``standardize`` (the targets per
 channel to zero mean and unit variance over the batch's tokens). The encoder is the bundled digit reader
-(``sora_jax/eval/digit_reader.py``): its conv map of every frame ``[B, T, H/4, W/4, 96]``, average-pooled to the
-DiT's token grid. Loss: ``weight * (1 - cos(projected token, encoder feature))`` averaged over the tokens.
+(``sora_jax/eval/digit_reader.py``): its conv map ``[B, gt, H/4, W/4, 96]`` of the first frame of each temporal
+token group, average-pooled to the DiT's token grid. Loss: ``weight * (1 - cos(projected token, encoder feature))`` averaged over the tokens.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class RepaTerm:
     frames: int  # the encoder's input size: videos are block-averaged to it
     height: int
     width: int
-    standardize: bool = True  # targets per channel to zero mean, unit variance over the batch's tokens
+    standardize: bool = False  # targets per channel to zero mean, unit variance over the batch's tokens
 
     def targets(self, params: nnx.State, video: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
         """video uint8 ``[B, T, H, W, 3]`` -> the encoder's features pooled to the token ``grid`` (gt, gh, gw):
@@ -47,18 +47,23 @@ class RepaTerm:
                 f"config.repa: the digit reader reads {self.height}x{self.width} frames (or multiples), "
                 f"the data has {h}x{w}"
             )
-        grey = video.astype(jnp.float32).mean(-1) / 255.0
-        grey = grey.reshape(b, t, self.height, fh, self.width, fw).mean((3, 5))
-        encoder: DigitReader = nnx.merge(self.graphdef, params)
-        fmap = jax.lax.stop_gradient(encoder.feature_map(grey))  # [B, T, H', W', D]
         gt, gh, gw = grid
-        _, _, hh, ww, d = fmap.shape
-        if t % gt or hh % gh or ww % gw:
+        if t % gt:
             raise ConfigError(
-                f"config.repa: the encoder's map [T, H', W'] = {(t, hh, ww)} does not pool to the DiT's token "
+                f"config.repa: {t} frames do not split into the DiT's {gt} temporal token groups"
+            )
+        # the first frame of each temporal token group: the encoder is most of REPA's cost
+        grey = video[:, :: t // gt].astype(jnp.float32).mean(-1) / 255.0
+        grey = grey.reshape(b, gt, self.height, fh, self.width, fw).mean((3, 5))
+        encoder: DigitReader = nnx.merge(self.graphdef, params)
+        fmap = jax.lax.stop_gradient(encoder.feature_map(grey))  # [B, gt, H', W', D]
+        _, _, hh, ww, d = fmap.shape
+        if hh % gh or ww % gw:
+            raise ConfigError(
+                f"config.repa: the encoder's map [H', W'] = {(hh, ww)} does not pool to the DiT's token "
                 f"grid {grid}: use a patch size that divides it"
             )
-        fmap = fmap.reshape(b, gt, t // gt, gh, hh // gh, gw, ww // gw, d).mean((2, 4, 6))
+        fmap = fmap.reshape(b, gt, gh, hh // gh, gw, ww // gw, d).mean((3, 5))
         fmap = fmap.reshape(b, gt * gh * gw, d)
         if self.standardize:  # the map's shared positive mean (GELU) would make any constant output align
             mean = fmap.mean((0, 1))
@@ -72,6 +77,21 @@ def alignment(pred: jax.Array, target: jax.Array) -> jax.Array:
     q = target.astype(jnp.float32)
     cos = jnp.sum(p * q, -1) * jax.lax.rsqrt(jnp.maximum(jnp.sum(p * p, -1) * jnp.sum(q * q, -1), 1e-12))
     return cos.mean(-1)
+
+
+def encoder_flops(cfg: ml_collections.ConfigDict) -> float:
+    """Forward FLOPs of the REPA encoder per training step (its 3x3 convolutions on the first frame of each
+    temporal token group of every clip; 0 when REPA is off)."""
+    if not layer(cfg):
+        return 0.0
+    rc = load_reader().cfg
+    frames = cfg.data.batch_size * cfg.data.num_frames // int(cfg.model.patch_size[0])
+    flops, c_in, h, w = 0.0, 1, rc.height, rc.width
+    for c_out, stride in zip(rc.widths, rc.strides, strict=True):
+        h, w = -(-h // stride), -(-w // stride)
+        flops += 2.0 * 9 * c_in * c_out * h * w
+        c_in = c_out
+    return flops * frames
 
 
 def from_config(cfg: ml_collections.ConfigDict) -> tuple[RepaTerm | None, dict]:
@@ -90,6 +110,6 @@ def from_config(cfg: ml_collections.ConfigDict) -> tuple[RepaTerm | None, dict]:
     graphdef, params = nnx.split(reader, nnx.Param)
     rc = reader.cfg
     term = RepaTerm(
-        graphdef, float(r.weight), rc.num_frames, rc.height, rc.width, bool(r.get("standardize", True))
+        graphdef, float(r.weight), rc.num_frames, rc.height, rc.width, bool(r.get("standardize", False))
     )
     return term, {"repa": params}
