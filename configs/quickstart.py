@@ -122,8 +122,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     # REPA (Yu et al. 2024; sora_jax/train/repa.py): the tokens after block `layer` (0: off), through a projector
     # MLP, are aligned (cosine, x weight) with the bundled digit reader's conv features (dim 96) of the clean clip
-    # (standardize: per channel over the batch's tokens)
-    c.repa = ml_collections.ConfigDict({"layer": 0, "dim": 96, "weight": 0.5, "standardize": False})
+    # (standardize: per channel over the batch's tokens; first_frames: the encoder reads one frame per token group)
+    c.repa = ml_collections.ConfigDict(
+        {"layer": 0, "dim": 96, "weight": 0.5, "standardize": False, "first_frames": False}
+    )
 
     c.optim = ml_collections.ConfigDict()
     # adamw | muon (the blocks' matrices; sora_jax/train/state.py). 4000 steps, 192 test prompts, "both":

@@ -25,21 +25,26 @@ def test_targets_pool_the_readers_map_to_the_token_grid():
     cfg = config_lib.load_config(QUICK, ["repa.layer=2"])
     term, frozen = repa.from_config(cfg)
     video = np.random.default_rng(0).integers(0, 256, (2, 8, 64, 64, 3), dtype=np.uint8)  # 2x the reader's
+    # reference: grey in [0, 1], 2x2 block mean to 32x32, the reader's conv map, then the mean over 2x2x2 blocks
+    grey = video.astype(np.float64).mean(-1).reshape(2, 8, 32, 2, 32, 2).mean((3, 5)) / 255.0
+    fmap = np.asarray(load_reader().feature_map(jnp.asarray(grey, jnp.float32)))  # [2, 8, 8, 8, 96]
+    want = fmap.reshape(2, 4, 2, 4, 2, 4, 2, 96).mean((2, 4, 6)).reshape(2, 64, 96)
     got = np.asarray(term.targets(frozen["repa"], jnp.asarray(video), (4, 4, 4)))
+    assert got.shape == (2, 64, 96)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # first_frames: frames 0, 2, 4, 6 alone (the first of each temporal token group)
+    first = repa.from_config(config_lib.load_config(QUICK, ["repa.layer=2", "repa.first_frames=True"]))[0]
+    want_first = fmap[:, ::2].reshape(2, 4, 4, 2, 4, 2, 96).mean((3, 5)).reshape(2, 64, 96)
+    got_first = np.asarray(first.targets(frozen["repa"], jnp.asarray(video), (4, 4, 4)))
+    np.testing.assert_allclose(got_first, want_first, rtol=1e-4, atol=1e-5)
     standardized = repa.from_config(config_lib.load_config(QUICK, ["repa.layer=2", "repa.standardize=True"]))[
         0
     ]
     got_std = np.asarray(standardized.targets(frozen["repa"], jnp.asarray(video), (4, 4, 4)))
-    # reference: frames 0, 2, 4, 6 (the first of each temporal token group), grey in [0, 1], 2x2 block mean to
-    # 32x32, the reader's conv map, then the mean over 2x2 blocks of it
-    grey = video[:, ::2].astype(np.float64).mean(-1).reshape(2, 4, 32, 2, 32, 2).mean((3, 5)) / 255.0
-    fmap = np.asarray(load_reader().feature_map(jnp.asarray(grey, jnp.float32)))  # [2, 4, 8, 8, 96]
-    want = fmap.reshape(2, 4, 4, 2, 4, 2, 96).mean((3, 5)).reshape(2, 64, 96)
-    assert got.shape == (2, 64, 96)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     flat = want.reshape(-1, 96)
-    want_std = (want - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-6)
-    np.testing.assert_allclose(got_std, want_std, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        got_std, (want - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-6), rtol=1e-3, atol=1e-3
+    )
     with pytest.raises(ConfigError, match="token grid"):
         term.targets(frozen["repa"], jnp.asarray(video), (4, 3, 4))
 

@@ -4,8 +4,8 @@ block's tokens, through the model's projector MLP, with a frozen pretrained enco
 ``config.repa``: ``layer`` (the block whose output is aligned, 1..depth; 0: off), ``dim`` (the encoder's
 feature width; the projector's output), ``weight`` (lambda of the term), ``standardize`` (the targets per
 channel to zero mean and unit variance over the batch's tokens). The encoder is the bundled digit reader
-(``sora_jax/eval/digit_reader.py``): its conv map ``[B, gt, H/4, W/4, 96]`` of the first frame of each temporal
-token group, average-pooled to the DiT's token grid. Loss: ``weight * (1 - cos(projected token, encoder feature))`` averaged over the tokens.
+(``sora_jax/eval/digit_reader.py``): its conv map ``[B, T, H/4, W/4, 96]`` of every frame (``first_frames``: of
+the first frame of each temporal token group), average-pooled to the DiT's token grid. Loss: ``weight * (1 - cos(projected token, encoder feature))`` averaged over the tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class RepaTerm:
     frames: int  # the encoder's input size: videos are block-averaged to it
     height: int
     width: int
+    first_frames: bool = False  # the encoder reads only the first frame of each temporal token group
     standardize: bool = False  # targets per channel to zero mean, unit variance over the batch's tokens
 
     def targets(self, params: nnx.State, video: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
@@ -52,18 +53,19 @@ class RepaTerm:
             raise ConfigError(
                 f"config.repa: {t} frames do not split into the DiT's {gt} temporal token groups"
             )
-        # the first frame of each temporal token group: the encoder is most of REPA's cost
-        grey = video[:, :: t // gt].astype(jnp.float32).mean(-1) / 255.0
-        grey = grey.reshape(b, gt, self.height, fh, self.width, fw).mean((3, 5))
+        step = t // gt if self.first_frames else 1  # first_frames: the encoder (most of REPA's cost) / pt
+        grey = video[:, ::step].astype(jnp.float32).mean(-1) / 255.0
+        n = grey.shape[1]
+        grey = grey.reshape(b, n, self.height, fh, self.width, fw).mean((3, 5))
         encoder: DigitReader = nnx.merge(self.graphdef, params)
-        fmap = jax.lax.stop_gradient(encoder.feature_map(grey))  # [B, gt, H', W', D]
+        fmap = jax.lax.stop_gradient(encoder.feature_map(grey))  # [B, n, H', W', D]
         _, _, hh, ww, d = fmap.shape
         if hh % gh or ww % gw:
             raise ConfigError(
                 f"config.repa: the encoder's map [H', W'] = {(hh, ww)} does not pool to the DiT's token "
                 f"grid {grid}: use a patch size that divides it"
             )
-        fmap = fmap.reshape(b, gt, gh, hh // gh, gw, ww // gw, d).mean((3, 5))
+        fmap = fmap.reshape(b, gt, n // gt, gh, hh // gh, gw, ww // gw, d).mean((2, 4, 6))
         fmap = fmap.reshape(b, gt * gh * gw, d)
         if self.standardize:  # the map's shared positive mean (GELU) would make any constant output align
             mean = fmap.mean((0, 1))
@@ -85,7 +87,9 @@ def encoder_flops(cfg: ml_collections.ConfigDict) -> float:
     if not layer(cfg):
         return 0.0
     rc = load_reader().cfg
-    frames = cfg.data.batch_size * cfg.data.num_frames // int(cfg.model.patch_size[0])
+    frames = cfg.data.batch_size * cfg.data.num_frames
+    if cfg.repa.get("first_frames", False):
+        frames //= int(cfg.model.patch_size[0])
     flops, c_in, h, w = 0.0, 1, rc.height, rc.width
     for c_out, stride in zip(rc.widths, rc.strides, strict=True):
         h, w = -(-h // stride), -(-w // stride)
@@ -110,6 +114,12 @@ def from_config(cfg: ml_collections.ConfigDict) -> tuple[RepaTerm | None, dict]:
     graphdef, params = nnx.split(reader, nnx.Param)
     rc = reader.cfg
     term = RepaTerm(
-        graphdef, float(r.weight), rc.num_frames, rc.height, rc.width, bool(r.get("standardize", False))
+        graphdef,
+        float(r.weight),
+        rc.num_frames,
+        rc.height,
+        rc.width,
+        first_frames=bool(r.get("first_frames", False)),
+        standardize=bool(r.get("standardize", False)),
     )
     return term, {"repa": params}
