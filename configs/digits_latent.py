@@ -26,4 +26,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.diffusion.flow_prediction = "v"  # latents are unit-variance: v-prediction as usual in latent space
     c.diffusion.flow_shift = 3.0
     c.optim.optimizer, c.optim.lr = "adamw", 2e-3  # as measured (the pixel quickstart moved to Muon, 4e-3)
+    c.repa.layer = 0  # REPA reads pixel clips (the quickstart aligns with the digit reader since stop 21)
     return c

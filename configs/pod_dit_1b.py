@@ -43,6 +43,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.text.max_length = 128
     c.text.vocab_size = 32768
     c.optim.optimizer = "adamw"
+    c.repa.layer = 0
     c.optim.lr = 1e-4
     c.optim.warmup_steps = 2000
     c.optim.weight_decay = 0.01

@@ -43,6 +43,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.vae.base_width = 16
     c.data.batch_size = 8
     c.optim.optimizer = "adamw"
+    c.repa.layer = 0  # REPA is a DiT loss term
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 200
     c.optim.ema_decay = 0.995  # 0.999 still holds 37% of the initial weights at step 1000

@@ -103,6 +103,7 @@ def wan_recipe(sizes: dict) -> ml_collections.ConfigDict:
     c.conditioning.probs = ml_collections.ConfigDict({"none": 1.0})  # Wan 2.1 T2V: one time per clip
     c.conditioning.max_frames = 1
 
+    c.repa.layer = 0  # REPA is the quickstart DiT's (the digit reader's features)
     o = c.optim
     o.optimizer = "adamw"
     o.lr, o.warmup_steps, o.weight_decay, o.b1, o.b2, o.grad_clip, o.ema_decay = (
