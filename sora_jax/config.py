@@ -363,10 +363,13 @@ def _validate_eval(cfg: ml_collections.ConfigDict) -> None:
 def _validate_repa(cfg: ml_collections.ConfigDict) -> None:
     """``config.repa`` (REPA, ``sora_jax/train/repa.py``): the aligned block exists, the weight is positive."""
     r = cfg.get("repa")
-    if r is None or not r.get("layer", 0):
-        return
-    if task(cfg) is not Task.T2V or model_arch(cfg) is not ModelArch.DIT:
-        raise ConfigError("config.repa.layer > 0 is for the DiT's text-to-video training; set it to 0")
+    if (
+        r is None
+        or not r.get("layer", 0)
+        or task(cfg) is not Task.T2V
+        or model_arch(cfg) is not ModelArch.DIT
+    ):
+        return  # REPA is a term of the DiT's text-to-video loss: the VAE task and Wan leave config.repa unused
     depth = cfg.model.get("depth", 0) or DIT_VARIANTS[cfg.model.variant].depth
     if not isinstance(r.layer, int) or not 1 <= r.layer <= depth:
         raise ConfigError(f"config.repa.layer must be in [0, depth = {depth}], got {r.layer!r}")

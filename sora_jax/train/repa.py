@@ -17,12 +17,16 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from sora_jax.config import ConfigError
+from sora_jax.choices import ModelArch, Task
+from sora_jax.config import ConfigError, model_arch, task
 from sora_jax.eval.digit_reader import DigitReader, load_reader
 
 
 def layer(cfg: ml_collections.ConfigDict) -> int:
-    """``config.repa.layer`` (0 where the config has no ``repa`` group: configs saved before it)."""
+    """``config.repa.layer``; 0 where the config has no ``repa`` group (configs saved before it) and for what
+    REPA does not apply to (the VAE task, Wan: ``config.model.arch = wan``)."""
+    if task(cfg) is not Task.T2V or model_arch(cfg) is not ModelArch.DIT:
+        return 0
     return int(cfg.get("repa", {}).get("layer", 0))
 
 
