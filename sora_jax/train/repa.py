@@ -5,7 +5,8 @@ block's tokens, through the model's projector MLP, with a frozen pretrained enco
 feature width; the projector's output), ``weight`` (lambda of the term), ``standardize`` (the targets per
 channel to zero mean and unit variance over the batch's tokens). The encoder is the bundled digit reader
 (``sora_jax/eval/digit_reader.py``): its conv map ``[B, T, H/4, W/4, 96]`` of every frame (``first_frames``: of
-the first frame of each temporal token group), average-pooled to the DiT's token grid. Loss: ``weight * (1 - cos(projected token, encoder feature))`` averaged over the tokens.
+the first frame of each temporal token group), average-pooled to the DiT's token grid.
+Loss: ``weight * (1 - cos(projected token, encoder feature))`` averaged over the tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from sora_jax.choices import ModelArch, Task
+from sora_jax.choices import DataContent, ModelArch, Task
 from sora_jax.config import ConfigError, model_arch, task
 from sora_jax.eval.digit_reader import DigitReader, load_reader
 
@@ -36,8 +37,7 @@ class RepaTerm:
 
     graphdef: nnx.GraphDef  # of the encoder (a DigitReader)
     weight: float
-    frames: int  # the encoder's input size: videos are block-averaged to it
-    height: int
+    height: int  # the encoder's frame size: videos are block-averaged to it
     width: int
     first_frames: bool = False  # the encoder reads only the first frame of each temporal token group
     standardize: bool = False  # targets per channel to zero mean, unit variance over the batch's tokens
@@ -86,8 +86,8 @@ def alignment(pred: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def encoder_flops(cfg: ml_collections.ConfigDict) -> float:
-    """Forward FLOPs of the REPA encoder per training step (its 3x3 convolutions on the first frame of each
-    temporal token group of every clip; 0 when REPA is off)."""
+    """Forward FLOPs of the REPA encoder per training step (its 3x3 convolutions on every frame of the batch, or
+    on the first frame of each temporal token group with ``first_frames``; 0 when REPA is off)."""
     if not layer(cfg):
         return 0.0
     rc = load_reader().cfg
@@ -107,7 +107,7 @@ def from_config(cfg: ml_collections.ConfigDict) -> tuple[RepaTerm | None, dict]:
     if not layer(cfg):
         return None, {}
     r = cfg.repa
-    if str(cfg.data.get("content", "video")) != "video":
+    if DataContent(cfg.data.get("content", "video")) is not DataContent.VIDEO:
         raise ConfigError("config.repa needs the videos in the batch (config.data.content = 'video')")
     if not float(r.weight) > 0:
         raise ConfigError(f"config.repa.weight must be > 0 with config.repa.layer > 0, got {r.weight}")
@@ -120,7 +120,6 @@ def from_config(cfg: ml_collections.ConfigDict) -> tuple[RepaTerm | None, dict]:
     term = RepaTerm(
         graphdef,
         float(r.weight),
-        rc.num_frames,
         rc.height,
         rc.width,
         first_frames=bool(r.get("first_frames", False)),
