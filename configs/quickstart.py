@@ -49,6 +49,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.fps = 8
     c.data.speed = (1.0, 2.0)  # (min, max) px/frame of the digits; () = the generator's default (2-4)
     c.data.num_train = 6000  # clips, used when the data has to be built
+    c.data.two_digit_fraction = 0.5  # of the built train clips, those with two digits (test: always 0.5)
     c.data.num_test = 512
     c.data.batch_size = 16  # global
     c.data.num_workers = 0
@@ -126,7 +127,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # 192 test prompts, "both": 0.438 after block 2 at 4000 steps vs 0.339 without; a step costs ~26% more time on
     # 2 cores (1.27-1.32x), so the demo trains 3000 steps (3200: 0.432), its time without REPA (SPEEDRUN.md, "REPA")
     c.repa = ml_collections.ConfigDict(
-        {"layer": 2, "dim": 96, "weight": 0.5, "standardize": False, "first_frames": False}
+        {"layer": 2, "dim": 96, "weight": 0.5, "standardize": False, "first_frames": False, "classes": 0.0}
     )
 
     c.optim = ml_collections.ConfigDict()

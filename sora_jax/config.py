@@ -360,6 +360,11 @@ def _validate_eval(cfg: ml_collections.ConfigDict) -> None:
         )
 
 
+# REPA's class term (config.repa.classes, sora_jax/train/repa.py): the projector's extra outputs, one per digit
+# class of the bundled digit reader plus background
+REPA_CLASS_CHANNELS = 11
+
+
 def _validate_repa(cfg: ml_collections.ConfigDict) -> None:
     """``config.repa`` (REPA, ``sora_jax/train/repa.py``): the aligned block exists, the weight is positive."""
     r = cfg.get("repa")
@@ -373,9 +378,10 @@ def _validate_repa(cfg: ml_collections.ConfigDict) -> None:
     depth = cfg.model.get("depth", 0) or DIT_VARIANTS[cfg.model.variant].depth
     if not isinstance(r.layer, int) or not 1 <= r.layer <= depth:
         raise ConfigError(f"config.repa.layer must be in [0, depth = {depth}], got {r.layer!r}")
-    if not isinstance(r.dim, int) or r.dim < 1 or not r.weight > 0:
+    if not isinstance(r.dim, int) or r.dim < 1 or not r.weight > 0 or not r.get("classes", 0.0) >= 0:
         raise ConfigError(
-            f"config.repa: dim must be a positive int and weight > 0, got {r.dim!r}, {r.weight!r}"
+            f"config.repa: dim must be a positive int, weight > 0 and classes >= 0, got {r.dim!r}, "
+            f"{r.weight!r}, {r.get('classes', 0.0)!r}"
         )
 
 
@@ -454,6 +460,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _validate_repa(cfg)
     if not 0.0 <= cfg.text.caption_dropout < 1.0:
         raise ConfigError(f"config.text.caption_dropout must be in [0, 1), got {cfg.text.caption_dropout}")
+    if not 0.0 <= cfg.data.get("two_digit_fraction", 0.5) <= 1.0:
+        raise ConfigError(
+            f"config.data.two_digit_fraction must be in [0, 1], got {cfg.data.two_digit_fraction}"
+        )
     for axis in ("data", "fsdp", "tensor", "seq"):
         v = cfg.mesh[axis]
         if v == 0 or v < -1:

@@ -16,7 +16,7 @@ from flax import nnx
 
 from sora_jax import diffusion
 from sora_jax.choices import AutoencoderKind, ModelArch, Task, TextEncoderKind
-from sora_jax.config import WAN_MODEL_KEYS, ConfigError, model_arch, task
+from sora_jax.config import REPA_CLASS_CHANNELS, WAN_MODEL_KEYS, ConfigError, model_arch, task
 from sora_jax.models import lora as lora_lib
 from sora_jax.models import quant
 from sora_jax.models import vae as vae_lib
@@ -165,7 +165,10 @@ def model_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
 def _repa_fields(repa) -> dict[str, int]:
     """``config.repa`` (``sora_jax/train/repa.py``) as DiTConfig fields: the projector exists when layer > 0."""
     layer = int(repa.get("layer", 0))
-    return {"repa_layer": layer, "repa_dim": int(repa.get("dim", 0)) if layer else 0}
+    if not layer:
+        return {"repa_layer": 0, "repa_dim": 0}
+    classes = REPA_CLASS_CHANNELS if float(repa.get("classes", 0.0)) > 0 else 0
+    return {"repa_layer": layer, "repa_dim": int(repa.get("dim", 0)) + classes}
 
 
 def _remat(value) -> str:

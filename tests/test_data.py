@@ -69,6 +69,30 @@ def test_labels_padding_and_distinct_digits():
     assert (digits[~one, 0] != digits[~one, 1]).all()
 
 
+def test_two_fraction_sets_the_share_of_two_digit_clips():
+    base = md.generate("train", 400, seed=0, **SMALL)
+    same = md.generate("train", 400, seed=0, two_fraction=0.5, **SMALL)
+    np.testing.assert_array_equal(base["video"], same["video"])  # the default draws nothing else
+    more = md.generate("train", 400, seed=0, two_fraction=0.75, **SMALL)
+    # the same uniform draws decide: every two-digit clip of the default is one here too
+    assert ((base["digits"][:, 1] >= 0) <= (more["digits"][:, 1] >= 0)).all()
+    assert 0.68 < (more["digits"][:, 1] >= 0).mean() < 0.82
+    assert (md.generate("train", 50, seed=0, two_fraction=1.0, **SMALL)["digits"][:, 1] >= 0).all()
+    with pytest.raises(ValueError, match="two_fraction"):
+        md.generate("train", 5, seed=0, two_fraction=1.5)
+
+
+def test_build_train_two_fraction_leaves_the_test_split(tmp_path):
+    out = md.build(tmp_path / "d", **{**BUILD, "num_train": 40, "num_test": 8}, train_two_fraction=1.0)
+    meta = pipeline.read_metadata(out)
+    assert meta["params"]["train_two_fraction"] == 1.0
+    assert all(d[1] >= 0 for d in meta["splits"]["train"]["digits"])
+    ref = md.generate("test", 8, seed=BUILD["seed"], **SMALL)
+    assert meta["splits"]["test"]["digits"] == ref["digits"].tolist()
+    md.build(tmp_path / "e", **BUILD)  # the default is not listed: builds made before it stay complete
+    assert "train_two_fraction" not in pipeline.read_metadata(tmp_path / "e")["params"]
+
+
 def test_held_out_pairs_absent_from_train_present_in_every_test_clip():
     assert len(md.HELD_OUT) == 10 and {d for d, _ in md.HELD_OUT} == set(range(10))
     assert (3, 2) in md.HELD_OUT  # 3 -> (3*3+1) % 8 = 2 = "up"

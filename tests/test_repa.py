@@ -124,3 +124,49 @@ def test_training_with_repa_raises_the_alignment(tmp_path):
     cos = [r["repa_cos"] for r in rows if "repa_cos" in r]
     assert len(cos) == 6
     assert cos[-1] > cos[0] + 0.1, cos  # measured: 0.015 -> 0.204
+
+
+def test_class_targets_pool_the_readers_class_maps():
+    """The class term's targets against a numpy pooling of ``DigitReader.class_maps`` (each map sums to the
+    reader's own presence probability, read through ``__call__``) on real two-digit clips."""
+    from sora_jax.data import moving_digits
+
+    cfg = config_lib.load_config(QUICK, ["repa.layer=2", "repa.classes=0.5"])
+    term, frozen = repa.from_config(cfg)
+    assert term.classes == 0.5 and factory.model_config(cfg).repa_dim == 96 + config_lib.REPA_CLASS_CHANNELS
+    clips = moving_digits.generate("test", 6, seed=3)
+    grey = jnp.asarray(clips["video"].astype(np.float32).mean(-1) / 255.0)
+    reader = load_reader()
+    maps, fmap = (np.asarray(a) for a in reader.class_maps(grey))  # [6, 8, 8, 8, 10], [..., 96]
+    np.testing.assert_allclose(fmap, np.asarray(reader.feature_map(grey)), rtol=1e-5, atol=1e-6)
+    presence = np.asarray(jax.nn.sigmoid(reader(grey)[0]))
+    np.testing.assert_allclose(maps.sum((2, 3)), np.repeat(presence[:, None], 8, 1), rtol=1e-4, atol=1e-5)
+    mass = maps.reshape(6, 4, 2, 4, 2, 4, 2, 10).mean(2).sum((3, 5)).reshape(6, 64, 10)
+    q = np.concatenate([mass, np.maximum(1.0 - mass.sum(-1, keepdims=True), 0.0)], -1)
+    want = q / q.sum(-1, keepdims=True)
+    got = np.asarray(term.class_targets(frozen["repa"], jnp.asarray(clips["video"]), (4, 4, 4)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # the token holding most of a shown digit's mass names that digit
+    for b in range(6):
+        for d in clips["digits"][b][clips["digits"][b] >= 0]:
+            assert got[b, got[b, :, d].argmax()].argmax() == d
+
+
+def test_loss_adds_the_class_cross_entropy():
+    cfg = config_lib.load_config(QUICK, ["repa.layer=2", "repa.weight=0.5", "repa.classes=0.25"])
+    term, frozen = repa.from_config(cfg)
+    video = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 8, 32, 32, 3), dtype=np.uint8))
+    z = jnp.asarray(np.random.default_rng(3).standard_normal((2, 64, 107)), jnp.float32)
+    got, aux = term.loss(z, frozen["repa"], video, (4, 4, 4))
+    feats = np.asarray(term.targets(frozen["repa"], video, (4, 4, 4)))
+    q = np.asarray(term.class_targets(frozen["repa"], video, (4, 4, 4)))
+    zn = np.asarray(z, np.float64)
+    cos = np.mean([1.0 - distance.cosine(zn[b, n, :96], feats[b, n]) for b in range(2) for n in range(64)])
+    logits = zn[..., 96:]
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = -(q * logp).sum(-1).mean()
+    np.testing.assert_allclose(float(aux["repa_cos"]), cos, rtol=1e-4)
+    np.testing.assert_allclose(float(aux["repa_class_ce"]), ce, rtol=1e-4)
+    np.testing.assert_allclose(float(got), 0.5 * (1.0 - cos) + 0.25 * ce, rtol=1e-4)
+    with pytest.raises(ConfigError, match="classes >= 0"):
+        config_lib.validate(config_lib.load_config(QUICK, ["repa.classes=-1.0"]))

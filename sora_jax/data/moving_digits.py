@@ -228,10 +228,13 @@ def _source_glyphs(split: str, size: int, interpolation: str) -> tuple[np.ndarra
     return np.clip(np.rint(g), 0, 255).astype(np.uint8), d.target[idx].astype(np.int64)
 
 
-def _sample_objects(rng: np.random.Generator, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """digits, directions int32 [n, 2] (-1 padded): train avoids HELD_OUT, test has >= 1 HELD_OUT object."""
+def _sample_objects(
+    rng: np.random.Generator, split: str, n: int, two_fraction: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """digits, directions int32 [n, 2] (-1 padded): train avoids HELD_OUT, test has >= 1 HELD_OUT object;
+    a clip holds two objects with probability ``two_fraction``."""
     held = np.asarray(HELD_OUT_DIRECTION)
-    two = rng.random(n) < 0.5
+    two = rng.random(n) < two_fraction
     d1 = rng.integers(0, 10, n)
     if split == "train":  # uniform over the 7 allowed directions of the digit
         k = rng.integers(0, 7, n)
@@ -334,14 +337,18 @@ def generate(
     digit_size: int | None = None,
     interpolation: str = "nearest",
     speed: tuple[float, float] | None = None,
+    two_fraction: float = 0.5,
 ) -> dict[str, Any]:
-    """Generates clips in memory, deterministic in (split, seed, sizes).
+    """Generates clips in memory, deterministic in (split, seed, sizes, two_fraction).
 
     Returns video uint8 [N, T, H, W, 3] (white digits on black), digits int32 [N, 2] and directions
     int32 [N, 2] (-1 padded for one-object clips; direction = initial direction id into DIRECTIONS),
     captions list[str] of length N. ``digit_size`` defaults to min(height, width) // 2. ``speed`` (min, max)
     px/frame; default: from the free travel L = min(H, W) - digit_size, uniform in [L/T, 2L/T].
+    ``two_fraction``: the probability that a clip shows two digits (the other clips show one).
     """
+    if not 0.0 <= float(two_fraction) <= 1.0:
+        raise ValueError(f"moving_digits.generate: two_fraction must be in [0, 1], got {two_fraction}")
     if speed is not None and not (len(speed) == 2 and 0 < float(speed[0]) <= float(speed[1])):
         raise ValueError(f"moving_digits.generate: speed must be (min, max) with 0 < min <= max, got {speed}")
     if split not in SPLITS:
@@ -357,7 +364,7 @@ def generate(
     counts = np.bincount(glyph_digit, minlength=10)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
 
-    digits, directions = _sample_objects(rng, split, num_clips)
+    digits, directions = _sample_objects(rng, split, num_clips, float(two_fraction))
     safe_digits = np.maximum(digits, 0)
     pick = offsets[safe_digits] + np.floor(rng.random(digits.shape) * counts[safe_digits]).astype(np.int64)
     glyphs = glyph_bank[pick] * (digits >= 0)[..., None, None].astype(np.uint8)  # [N, 2, S, S]
@@ -453,9 +460,13 @@ def build(
     digit_size: int | None = None,
     interpolation: str = "nearest",
     speed: tuple[float, float] | None = None,
+    train_two_fraction: float = 0.5,
     progress: bool = True,
 ) -> pathlib.Path:
     """Writes train/test ArrayRecord shards + metadata.json into ``out_dir`` atomically; returns out_dir.
+
+    ``train_two_fraction``: the share of two-digit clips in the train split (the test split keeps 0.5, so
+    scores on it stay comparable).
 
     Returns at once when ``out_dir`` already holds a complete build with the same parameters; raises
     FileExistsError when it holds something else (delete it or choose another folder).
@@ -483,6 +494,8 @@ def build(
         interpolation=interpolation,
         speed=None if speed is None else [float(v) for v in speed],
     )
+    if float(train_two_fraction) != 0.5:  # listed only when set: builds made before it stay complete
+        params["train_two_fraction"] = float(train_two_fraction)
     if _is_complete(out_dir, params):
         ensure_card(out_dir)
         return out_dir
@@ -521,6 +534,7 @@ def build(
                 digit_size=digit_size,
                 interpolation=interpolation,
                 speed=speed,
+                two_fraction=float(train_two_fraction) if split == "train" else 0.5,
             )
             shards = min(num_shards, sizes[split])
             names = shard_names(split, shards)

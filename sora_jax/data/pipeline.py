@@ -202,6 +202,7 @@ def ensure_dataset(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
             fps=d.fps,
             seed=cfg.seed,
             speed=tuple(d.speed) if d.get("speed") else None,
+            train_two_fraction=float(d.get("two_digit_fraction", 0.5)),
         )
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

@@ -157,14 +157,14 @@ class DigitReader(nnx.Module):
 
     def __call__(self, x_BTHW: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Returns presence logits [B, 10] and direction logits [B, 10, 8]."""
-        presence, directions, _ = self._forward(x_BTHW)
+        presence, directions, _, _ = self._forward(x_BTHW)
         return presence, directions
 
     def embed(self, x_BTHW: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The reader's features for Fréchet distances: per video [B, 10 + 80 + 2D] (presence logits,
         direction logits, the frame features averaged over time) and per frame [B, T, 2D] (the last conv
         map mean- and max-pooled over positions)."""
-        presence, directions, h = self._forward(x_BTHW)
+        presence, directions, h, _ = self._forward(x_BTHW)
         b, t = x_BTHW.shape[:2]
         frames = jnp.concatenate([h.mean((1, 2)), h.max((1, 2))], -1).reshape(b, t, -1)
         video = jnp.concatenate([presence, directions.reshape(b, -1), frames.mean(1)], -1)
@@ -179,7 +179,17 @@ class DigitReader(nnx.Module):
             h = jax.nn.gelu(norm(conv(h)))  # [B*T, H', W', D]
         return h.reshape(b, t, *h.shape[1:])
 
-    def _forward(self, x_BTHW: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def class_maps(self, x_BTHW: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Where each digit is: [B, T, H', W', K], per frame the attention of class k over the positions
+        (summing to 1) times the probability that digit k is present, so a map sums to that probability;
+        with the conv map it was read from, [B, T, H', W', D] (``feature_map``). What REPA's class term
+        (``config.repa.classes``) aligns a DiT's tokens with."""
+        b, t = x_BTHW.shape[:2]
+        presence, _, h, att = self._forward(x_BTHW)  # att [B, T, N, K]
+        maps = att * jax.nn.sigmoid(presence)[:, None, None, :]
+        return maps.reshape(b, t, h.shape[1], h.shape[2], -1), h.reshape(b, t, *h.shape[1:])
+
+    def _forward(self, x_BTHW: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         b, t, hgt, wid = x_BTHW.shape
         h = self.feature_map(x_BTHW)
         h = h.reshape(b * t, *h.shape[2:])  # [B*T, H', W', D]
@@ -200,7 +210,8 @@ class DigitReader(nnx.Module):
         zd = jnp.concatenate([traj, self.dir_norm(feats.mean(2))], -1)
         zd = jax.nn.gelu(self.dir_hidden(zd))
         zd = jax.nn.gelu(self.dir_hidden2(zd))
-        return presence, self.dir_out(zd), h  # h: the conv map [B*T, H', W', D]
+        # h: the conv map [B*T, H', W', D]; att: per frame and class, softmax over positions [B, T, N, K]
+        return presence, self.dir_out(zd), h, att
 
 
 def _flat_params(model: DigitReader) -> dict[str, np.ndarray]:

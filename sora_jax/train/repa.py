@@ -3,10 +3,12 @@ block's tokens, through the model's projector MLP, with a frozen pretrained enco
 
 ``config.repa``: ``layer`` (the block whose output is aligned, 1..depth; 0: off), ``dim`` (the encoder's
 feature width; the projector's output), ``weight`` (lambda of the term), ``standardize`` (the targets per
-channel to zero mean and unit variance over the batch's tokens). The encoder is the bundled digit reader
-(``sora_jax/eval/digit_reader.py``): its conv map ``[B, T, H/4, W/4, 96]`` of every frame (``first_frames``: of
-the first frame of each temporal token group), average-pooled to the DiT's token grid.
-Loss: ``weight * (1 - cos(projected token, encoder feature))`` averaged over the tokens.
+channel to zero mean and unit variance over the batch's tokens), ``classes`` (the weight of a second term). The
+encoder is the bundled digit reader (``sora_jax/eval/digit_reader.py``): its conv map ``[B, T, H/4, W/4, 96]``
+of every frame (``first_frames``: of the first frame of each temporal token group), average-pooled to the DiT's
+token grid. Loss: ``weight * (1 - cos(projected token, encoder feature))`` averaged over the tokens; with
+``classes`` > 0 the projector has 11 more outputs, the logits of which digit the reader's class maps put in
+the token (or background), plus ``classes * cross-entropy``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import ml_collections
 from flax import nnx
 
 from sora_jax.choices import DataContent, ModelArch, Task
-from sora_jax.config import ConfigError, model_arch, task
+from sora_jax.config import REPA_CLASS_CHANNELS, ConfigError, model_arch, task
 from sora_jax.eval.digit_reader import DigitReader, load_reader
 
 
@@ -41,10 +43,10 @@ class RepaTerm:
     width: int
     first_frames: bool = False  # the encoder reads only the first frame of each temporal token group
     standardize: bool = False  # targets per channel to zero mean, unit variance over the batch's tokens
+    classes: float = 0.0  # weight of the class term (which digit each token shows; 0: off)
 
-    def targets(self, params: nnx.State, video: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
-        """video uint8 ``[B, T, H, W, 3]`` -> the encoder's features pooled to the token ``grid`` (gt, gh, gw):
-        ``[B, gt * gh * gw, D]`` in patch order."""
+    def _grey(self, video: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
+        """video uint8 ``[B, T, H, W, 3]`` -> the encoder's grey frames ``[B, n, height, width]`` in [0, 1]."""
         b, t, h, w, _ = video.shape
         fh, fw = h // self.height, w // self.width
         if fh < 1 or h != fh * self.height or w != fw * self.width:
@@ -52,29 +54,80 @@ class RepaTerm:
                 f"config.repa: the digit reader reads {self.height}x{self.width} frames (or multiples), "
                 f"the data has {h}x{w}"
             )
-        gt, gh, gw = grid
-        if t % gt:
+        if t % grid[0]:
             raise ConfigError(
-                f"config.repa: {t} frames do not split into the DiT's {gt} temporal token groups"
+                f"config.repa: {t} frames do not split into the DiT's {grid[0]} temporal token groups"
             )
-        step = t // gt if self.first_frames else 1  # first_frames: the encoder (most of REPA's cost) / pt
+        # first_frames: the encoder (most of REPA's cost) / pt
+        step = t // grid[0] if self.first_frames else 1
         grey = video[:, ::step].astype(jnp.float32).mean(-1) / 255.0
-        n = grey.shape[1]
-        grey = grey.reshape(b, n, self.height, fh, self.width, fw).mean((3, 5))
-        encoder: DigitReader = nnx.merge(self.graphdef, params)
-        fmap = jax.lax.stop_gradient(encoder.feature_map(grey))  # [B, n, H', W', D]
-        _, _, hh, ww, d = fmap.shape
+        return grey.reshape(b, grey.shape[1], self.height, fh, self.width, fw).mean((3, 5))
+
+    @staticmethod
+    def _pool(fmap: jax.Array, grid: tuple[int, int, int], space: str) -> jax.Array:
+        """``[B, n, H', W', C]`` -> ``[B, gt * gh * gw, C]`` in patch order: the mean over a token's frames and
+        the ``space`` ("mean" or "sum") over its positions."""
+        b, n, hh, ww, c = fmap.shape
+        gt, gh, gw = grid
         if hh % gh or ww % gw:
             raise ConfigError(
                 f"config.repa: the encoder's map [H', W'] = {(hh, ww)} does not pool to the DiT's token "
                 f"grid {grid}: use a patch size that divides it"
             )
-        fmap = fmap.reshape(b, gt, n // gt, gh, hh // gh, gw, ww // gw, d).mean((2, 4, 6))
-        fmap = fmap.reshape(b, gt * gh * gw, d)
+        blocks = fmap.reshape(b, gt, n // gt, gh, hh // gh, gw, ww // gw, c).mean(2)
+        blocks = blocks.mean((3, 5)) if space == "mean" else blocks.sum((3, 5))
+        return blocks.reshape(b, gt * gh * gw, c)
+
+    def _features(self, fmap: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
+        fmap = self._pool(fmap, grid, "mean")
         if self.standardize:  # the map's shared positive mean (GELU) would make any constant output align
             mean = fmap.mean((0, 1))
             fmap = (fmap - mean) * jax.lax.rsqrt(jnp.square(fmap - mean).mean((0, 1)) + 1e-6)
         return fmap
+
+    def _classes(self, maps: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
+        mass = self._pool(maps, grid, "sum")
+        q = jnp.concatenate([mass, jnp.maximum(1.0 - mass.sum(-1, keepdims=True), 0.0)], -1)
+        return q / jnp.maximum(q.sum(-1, keepdims=True), 1e-6)
+
+    def targets(self, params: nnx.State, video: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
+        """video uint8 ``[B, T, H, W, 3]`` -> the encoder's features pooled to the token ``grid`` (gt, gh, gw):
+        ``[B, gt * gh * gw, D]`` in patch order."""
+        encoder: DigitReader = nnx.merge(self.graphdef, params)
+        fmap = jax.lax.stop_gradient(encoder.feature_map(self._grey(video, grid)))  # [B, n, H', W', D]
+        return self._features(fmap, grid)
+
+    def class_targets(self, params: nnx.State, video: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
+        """video uint8 ``[B, T, H, W, 3]`` -> which digit each token shows, ``[B, N, K + 1]`` (sums to 1): the
+        reader's class maps (``DigitReader.class_maps``) summed over a token's positions (the share of digit
+        k's presence there), averaged over its frames, the rest (clipped at 0) as background, normalised."""
+        encoder: DigitReader = nnx.merge(self.graphdef, params)
+        maps, _ = encoder.class_maps(self._grey(video, grid))  # [B, n, H', W', K]
+        return self._classes(jax.lax.stop_gradient(maps), grid)
+
+    def loss(
+        self, z: jax.Array, params: nnx.State, video: jax.Array, grid: tuple[int, int, int]
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The term added to the diffusion loss, from the projected tokens ``z [B, N, dim (+ K + 1)]`` and the
+        clean video uint8 ``[B, T, H, W, 3]``: ``weight * (1 - cos)`` of the first ``dim`` channels and
+        ``targets``, plus with ``classes`` > 0 ``classes *`` the cross-entropy of the last K + 1 (logits)
+        against ``class_targets`` (one encoder pass for both). Returns (the term, aux {"repa_cos"[,
+        "repa_class_ce"]})."""
+        encoder: DigitReader = nnx.merge(self.graphdef, params)
+        grey = self._grey(video, grid)
+        if self.classes:
+            maps, fmap = jax.lax.stop_gradient(encoder.class_maps(grey))
+        else:
+            maps, fmap = None, jax.lax.stop_gradient(encoder.feature_map(grey))
+        target = self._features(fmap, grid)
+        d = target.shape[-1]
+        cos = alignment(z[..., :d], target).mean()
+        term, aux = self.weight * (1.0 - cos), {"repa_cos": cos}
+        if maps is not None:
+            logp = jax.nn.log_softmax(z[..., d:].astype(jnp.float32), -1)
+            ce = -jnp.sum(self._classes(maps, grid) * logp, -1).mean()
+            term, aux = term + self.classes * ce, aux | {"repa_class_ce": ce}
+        return term, aux
 
 
 def alignment(pred: jax.Array, target: jax.Array) -> jax.Array:
@@ -115,6 +168,11 @@ def from_config(cfg: ml_collections.ConfigDict) -> tuple[RepaTerm | None, dict]:
     dim = reader.cfg.widths[-1]
     if int(r.dim) != dim:
         raise ConfigError(f"config.repa.dim = {r.dim}: the digit reader's features are {dim} wide")
+    if reader.cfg.num_digits + 1 != REPA_CLASS_CHANNELS:
+        raise ConfigError(
+            f"config.repa.classes: the digit reader has {reader.cfg.num_digits} classes, the projector "
+            f"{REPA_CLASS_CHANNELS - 1}"
+        )
     graphdef, params = nnx.split(reader, nnx.Param)
     rc = reader.cfg
     term = RepaTerm(
@@ -124,5 +182,6 @@ def from_config(cfg: ml_collections.ConfigDict) -> tuple[RepaTerm | None, dict]:
         rc.width,
         first_frames=bool(r.get("first_frames", False)),
         standardize=bool(r.get("standardize", False)),
+        classes=float(r.get("classes", 0.0)),
     )
     return term, {"repa": params}

@@ -19,7 +19,7 @@ from sora_jax.diffusion import masks
 from sora_jax.models.autoencoder import Autoencoder, video_to_float
 from sora_jax.models.discriminator import adaptive_weight, hinge_d_loss, hinge_g_loss
 from sora_jax.models.vae import kl_divergence
-from sora_jax.train.repa import RepaTerm, alignment
+from sora_jax.train.repa import RepaTerm
 from sora_jax.train.state import TrainState, apply_update, with_base
 
 Step = Callable[[TrainState, dict, dict], tuple[TrainState, dict]]
@@ -56,8 +56,9 @@ def make_loss_fn(
     (``sora_jax/diffusion/masks.py``), each clip draws a mask of given latent frames: clean, at time 0, out of
     the loss.
 
-    ``repa`` (``sora_jax/train/repa.py``): adds ``repa.weight * (1 - cos)`` between the DiT's projected block
-    tokens and the frozen encoder's features (``frozen["repa"]``) of the clean clip; aux ``repa_cos``."""
+    ``repa`` (``sora_jax/train/repa.py``): adds ``repa.loss``, ``repa.weight * (1 - cos)`` between the DiT's
+    projected block tokens and the frozen encoder's features (``frozen["repa"]``) of the clean clip (plus its
+    class term); aux ``repa_cos`` (and ``repa_class_ce``)."""
     use_masks = mask_probs is not None and masks.conditions_frames(mask_probs)
 
     def loss_fn(params, batch, frozen, key):
@@ -91,8 +92,8 @@ def make_loss_fn(
         per_example = process.training_loss(apply, x0, k_diff, cond_mask=cond_mask)
         pt, ph, pw = model.dit.cfg.patch_size
         grid = (x0.shape[1] // pt, x0.shape[2] // ph, x0.shape[3] // pw)
-        cos = alignment(tokens["z"], repa.targets(frozen["repa"], batch["video"], grid)).mean()
-        return per_example.mean() + repa.weight * (1.0 - cos), {"repa_cos": cos}
+        term, aux = repa.loss(tokens["z"], frozen["repa"], batch["video"], grid)
+        return per_example.mean() + term, aux
 
     return loss_fn
 
