@@ -149,15 +149,19 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def by_objects(rows: list[dict]) -> dict:
-    """The adherence of one-digit and two-digit prompts apart: {"1": {prompts, digits, both}, "2": ...}
-    from ``evaluate_prompts``'s per-video rows."""
+    """The adherence of one-digit and two-digit prompts apart: {"1": {prompts, digits, both, object_directions},
+    "2": ...} from ``evaluate_prompts``'s per-video rows; ``object_directions``: of the objects of the videos
+    whose digits are right, the share read moving in their asked direction (None without such videos)."""
     out = {}
     for n in sorted({len(r["intended"]) for r in rows}):
         part = [r for r in rows if len(r["intended"]) == n]
+        asked = [(d, k, r["read"]) for r in part if r["digits_ok"] for d, k in r["intended"]]
+        right = sum(any(rd == d and rk == k for rd, rk in read) for d, k, read in asked)
         out[str(n)] = {
             "prompts": len(part),
             "digits": sum(r["digits_ok"] for r in part) / len(part),
             "both": sum(r["both_ok"] for r in part) / len(part),
+            "object_directions": right / len(asked) if asked else None,
         }
     return out
 

@@ -26,3 +26,35 @@ def test_peak_while_counts_the_work_inside_not_before(sample_bench):
     assert quiet.rss_reset and busy.rss_reset
     assert busy.rss_peak_mb - quiet.rss_peak_mb > 250  # the 300 MB inside shows; the 300 MB before did not
     assert quiet.device_peak_mb is None  # CPU reports no device bytes
+
+
+def test_speedrun_by_objects_splits_one_and_two_digit_prompts():
+    by_objects = load_benchmark("speedrun").by_objects
+    rows = [
+        {"intended": [[3, "up"]], "read": [[3, "up"]], "digits_ok": True, "both_ok": True},
+        {"intended": [[4, "left"]], "read": [[7, "left"]], "digits_ok": False, "both_ok": False},
+        # digits right, one direction right, the other wrong
+        {
+            "intended": [[1, "up"], [5, "down"]],
+            "read": [[1, "up"], [5, "up"]],
+            "digits_ok": True,
+            "both_ok": False,
+        },
+        # digits right, no direction right
+        {
+            "intended": [[0, "left"], [2, "right"]],
+            "read": [[0, "up"], [2, "up"]],
+            "digits_ok": True,
+            "both_ok": False,
+        },
+        {
+            "intended": [[6, "left"], [8, "right"]],
+            "read": [[6, "left"]],
+            "digits_ok": False,
+            "both_ok": False,
+        },
+    ]
+    got = by_objects(rows)
+    assert got["1"] == {"prompts": 2, "digits": 0.5, "both": 0.5, "object_directions": 1.0}
+    assert got["2"] == {"prompts": 3, "digits": 2 / 3, "both": 0.0, "object_directions": 0.25}
+    assert by_objects(rows[1:2])["1"]["object_directions"] is None

@@ -74,8 +74,8 @@ class RepaTerm:
                 f"config.repa: the encoder's map [H', W'] = {(hh, ww)} does not pool to the DiT's token "
                 f"grid {grid}: use a patch size that divides it"
             )
-        blocks = fmap.reshape(b, gt, n // gt, gh, hh // gh, gw, ww // gw, c).mean(2)
-        blocks = blocks.mean((3, 5)) if space == "mean" else blocks.sum((3, 5))
+        blocks = fmap.reshape(b, gt, n // gt, gh, hh // gh, gw, ww // gw, c)
+        blocks = blocks.mean((2, 4, 6)) if space == "mean" else blocks.mean(2).sum((3, 5))
         return blocks.reshape(b, gt * gh * gw, c)
 
     def _features(self, fmap: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
