@@ -310,7 +310,9 @@ def test_build_is_idempotent_and_refuses_other_params(built):
 
 def test_build_cli(tmp_path):
     out = tmp_path / "cli"
-    md.main(["--out", str(out), "--num_train", "4", "--num_test", "2", "--num_frames", "2", "--height", "8"])
+    from data_pipelines.moving_digits import main
+
+    main(["--out", str(out), "--num_train", "4", "--num_test", "2", "--num_frames", "2", "--height", "8"])
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["params"]["height"] == 8 and meta["params"]["width"] == 32
     assert meta["splits"]["test"]["num_clips"] == 2 and len(meta["splits"]["test"]["shards"]) == 2

@@ -29,18 +29,19 @@ def test_targets_pool_the_readers_map_to_the_token_grid():
     grey = video.astype(np.float64).mean(-1).reshape(2, 8, 32, 2, 32, 2).mean((3, 5)) / 255.0
     fmap = np.asarray(load_reader().feature_map(jnp.asarray(grey, jnp.float32)))  # [2, 8, 8, 8, 96]
     want = fmap.reshape(2, 4, 2, 4, 2, 4, 2, 96).mean((2, 4, 6)).reshape(2, 64, 96)
-    got = np.asarray(term.targets(frozen["repa"], jnp.asarray(video), (4, 4, 4)))
+    got = np.asarray(term.targets(frozen["repa"], jnp.asarray(video), (4, 4, 4))[0])
     assert got.shape == (2, 64, 96)
+    assert term.targets(frozen["repa"], jnp.asarray(video), (4, 4, 4))[1] is None  # no class term
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     # first_frames: frames 0, 2, 4, 6 alone (the first of each temporal token group)
     first = repa.from_config(config_lib.load_config(QUICK, ["repa.layer=2", "repa.first_frames=True"]))[0]
     want_first = fmap[:, ::2].reshape(2, 4, 4, 2, 4, 2, 96).mean((3, 5)).reshape(2, 64, 96)
-    got_first = np.asarray(first.targets(frozen["repa"], jnp.asarray(video), (4, 4, 4)))
+    got_first = np.asarray(first.targets(frozen["repa"], jnp.asarray(video), (4, 4, 4))[0])
     np.testing.assert_allclose(got_first, want_first, rtol=1e-4, atol=1e-5)
     standardized = repa.from_config(config_lib.load_config(QUICK, ["repa.layer=2", "repa.standardize=True"]))[
         0
     ]
-    got_std = np.asarray(standardized.targets(frozen["repa"], jnp.asarray(video), (4, 4, 4)))
+    got_std = np.asarray(standardized.targets(frozen["repa"], jnp.asarray(video), (4, 4, 4))[0])
     flat = want.reshape(-1, 96)
     np.testing.assert_allclose(
         got_std, (want - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-6), rtol=1e-3, atol=1e-3
@@ -144,7 +145,10 @@ def test_class_targets_pool_the_readers_class_maps():
     mass = maps.reshape(6, 4, 2, 4, 2, 4, 2, 10).mean(2).sum((3, 5)).reshape(6, 64, 10)
     q = np.concatenate([mass, np.maximum(1.0 - mass.sum(-1, keepdims=True), 0.0)], -1)
     want = q / q.sum(-1, keepdims=True)
-    got = np.asarray(term.class_targets(frozen["repa"], jnp.asarray(clips["video"]), (4, 4, 4)))
+    feats, classes = term.targets(frozen["repa"], jnp.asarray(clips["video"]), (4, 4, 4))
+    want_feats = fmap.reshape(6, 4, 2, 4, 2, 4, 2, 96).mean((2, 4, 6)).reshape(6, 64, 96)
+    np.testing.assert_allclose(np.asarray(feats), want_feats, rtol=1e-4, atol=1e-5)  # the same encoder pass
+    got = np.asarray(classes)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     # the token holding most of a shown digit's mass names that digit
     for b in range(6):
@@ -158,8 +162,7 @@ def test_loss_adds_the_class_cross_entropy():
     video = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 8, 32, 32, 3), dtype=np.uint8))
     z = jnp.asarray(np.random.default_rng(3).standard_normal((2, 64, 107)), jnp.float32)
     got, aux = term.loss(z, frozen["repa"], video, (4, 4, 4))
-    feats = np.asarray(term.targets(frozen["repa"], video, (4, 4, 4)))
-    q = np.asarray(term.class_targets(frozen["repa"], video, (4, 4, 4)))
+    feats, q = (np.asarray(a) for a in term.targets(frozen["repa"], video, (4, 4, 4)))
     zn = np.asarray(z, np.float64)
     cos = np.mean([1.0 - distance.cosine(zn[b, n, :96], feats[b, n]) for b in range(2) for n in range(64)])
     logits = zn[..., 96:]

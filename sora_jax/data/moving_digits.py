@@ -19,7 +19,6 @@ glyphs' licence comes from (scikit-learn's BSD-3-Clause copy of UCI's CC BY 4.0 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -569,39 +568,3 @@ def build(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="output folder (ArrayRecord shards + metadata.json)")
-    p.add_argument("--num_train", type=int, default=6000)
-    p.add_argument("--num_test", type=int, default=512)
-    p.add_argument("--num_frames", type=int, default=8)
-    p.add_argument("--height", type=int, default=32)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--fps", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_shards", type=int, default=4)
-    p.add_argument("--digit_size", type=int, default=None, help="default: min(height, width) // 2")
-    p.add_argument("--interpolation", choices=INTERPOLATIONS, default="nearest")
-    p.add_argument("--speed", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="px/frame")
-    a = p.parse_args(argv)
-    out = build(
-        a.out,
-        num_train=a.num_train,
-        num_test=a.num_test,
-        num_frames=a.num_frames,
-        height=a.height,
-        width=a.width,
-        fps=a.fps,
-        seed=a.seed,
-        num_shards=a.num_shards,
-        digit_size=a.digit_size,
-        interpolation=a.interpolation,
-        speed=a.speed,
-    )
-    print(out)
-
-
-if __name__ == "__main__":
-    main()

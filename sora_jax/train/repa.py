@@ -85,47 +85,37 @@ class RepaTerm:
             fmap = (fmap - mean) * jax.lax.rsqrt(jnp.square(fmap - mean).mean((0, 1)) + 1e-6)
         return fmap
 
-    def _classes(self, maps: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
+    def targets(
+        self, params: nnx.State, video: jax.Array, grid: tuple[int, int, int]
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """video uint8 ``[B, T, H, W, 3]`` -> one encoder pass, the targets per token of the ``grid`` (gt, gh, gw)
+        in patch order: the encoder's features pooled to it, ``[B, gt * gh * gw, D]``, and with ``classes`` > 0
+        which digit each token shows, ``[B, N, K + 1]`` (sums to 1: the reader's class maps,
+        ``DigitReader.class_maps``, summed over a token's positions (the share of digit k's presence there),
+        averaged over its frames, the rest (clipped at 0) as background, normalised), else None."""
+        encoder: DigitReader = nnx.merge(self.graphdef, params)
+        grey = self._grey(video, grid)
+        if not self.classes:
+            return self._features(jax.lax.stop_gradient(encoder.feature_map(grey)), grid), None
+        maps, fmap = jax.lax.stop_gradient(encoder.class_maps(grey))
         mass = self._pool(maps, grid, "sum")
         q = jnp.concatenate([mass, jnp.maximum(1.0 - mass.sum(-1, keepdims=True), 0.0)], -1)
-        return q / jnp.maximum(q.sum(-1, keepdims=True), 1e-6)
-
-    def targets(self, params: nnx.State, video: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
-        """video uint8 ``[B, T, H, W, 3]`` -> the encoder's features pooled to the token ``grid`` (gt, gh, gw):
-        ``[B, gt * gh * gw, D]`` in patch order."""
-        encoder: DigitReader = nnx.merge(self.graphdef, params)
-        fmap = jax.lax.stop_gradient(encoder.feature_map(self._grey(video, grid)))  # [B, n, H', W', D]
-        return self._features(fmap, grid)
-
-    def class_targets(self, params: nnx.State, video: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
-        """video uint8 ``[B, T, H, W, 3]`` -> which digit each token shows, ``[B, N, K + 1]`` (sums to 1): the
-        reader's class maps (``DigitReader.class_maps``) summed over a token's positions (the share of digit
-        k's presence there), averaged over its frames, the rest (clipped at 0) as background, normalised."""
-        encoder: DigitReader = nnx.merge(self.graphdef, params)
-        maps, _ = encoder.class_maps(self._grey(video, grid))  # [B, n, H', W', K]
-        return self._classes(jax.lax.stop_gradient(maps), grid)
+        return self._features(fmap, grid), q / jnp.maximum(q.sum(-1, keepdims=True), 1e-6)
 
     def loss(
         self, z: jax.Array, params: nnx.State, video: jax.Array, grid: tuple[int, int, int]
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The term added to the diffusion loss, from the projected tokens ``z [B, N, dim (+ K + 1)]`` and the
-        clean video uint8 ``[B, T, H, W, 3]``: ``weight * (1 - cos)`` of the first ``dim`` channels and
-        ``targets``, plus with ``classes`` > 0 ``classes *`` the cross-entropy of the last K + 1 (logits)
-        against ``class_targets`` (one encoder pass for both). Returns (the term, aux {"repa_cos"[,
-        "repa_class_ce"]})."""
-        encoder: DigitReader = nnx.merge(self.graphdef, params)
-        grey = self._grey(video, grid)
-        if self.classes:
-            maps, fmap = jax.lax.stop_gradient(encoder.class_maps(grey))
-        else:
-            maps, fmap = None, jax.lax.stop_gradient(encoder.feature_map(grey))
-        target = self._features(fmap, grid)
-        d = target.shape[-1]
-        cos = alignment(z[..., :d], target).mean()
+        clean video uint8 ``[B, T, H, W, 3]``: ``weight * (1 - cos)`` of the first ``dim`` channels and the
+        features of ``targets``, plus with ``classes`` > 0 ``classes *`` the cross-entropy of the last K + 1
+        (logits) against its classes. Returns (the term, aux {"repa_cos"[, "repa_class_ce"]})."""
+        features, classes = self.targets(params, video, grid)
+        d = features.shape[-1]
+        cos = alignment(z[..., :d], features).mean()
         term, aux = self.weight * (1.0 - cos), {"repa_cos": cos}
-        if maps is not None:
+        if classes is not None:
             logp = jax.nn.log_softmax(z[..., d:].astype(jnp.float32), -1)
-            ce = -jnp.sum(self._classes(maps, grid) * logp, -1).mean()
+            ce = -jnp.sum(classes * logp, -1).mean()
             term, aux = term + self.classes * ce, aux | {"repa_class_ce": ce}
         return term, aux
 
