@@ -3,6 +3,8 @@
     python benchmarks/speedrun.py --config configs/quickstart.py --budget_s 600
     python benchmarks/speedrun.py --config configs/digits_small.py --budget_s 300 --num_prompts 256 \\
         --override model.attention_impl=cudnn --out /tmp/record.json
+    python benchmarks/speedrun.py --config configs/digits_latent.py --budget_s 550 \\
+        --vae_config configs/vae_digits.py --vae_budget_s 300          # the latent path, VAE in the budget
 
 Training runs through the project's trainer (``train`` with ``train.time_limit_s``), so the
 budget counts training steps only: compiling the step and building the data are timed and reported apart.
@@ -12,7 +14,13 @@ guidance scales / step counts (sampling-time ablations, no retraining); ``--eval
 existing run that way.
 Then ``--num_prompts`` test-split captions (digit/direction combinations never seen in training) are sampled
 with the config's sampler and read by the bundled digit reader (``sora-jax eval``'s adherence table);
-``--num_prompts 0`` skips that (a throughput run).
+``--num_prompts 0`` skips that (a throughput run); ``--split train`` (or ``paraphrase``) scores those captions
+instead (the key ``adherence_<split>``).
+
+The latent path: ``--vae_config C --vae_budget_s S`` first trains that VAE for S seconds of training (into
+``<workdir>/vae``, the same trainer), scores its test reconstructions and measures the latent statistics
+(``sora-jax eval``'s VAE report), then trains ``--config`` (a DiT on its latents, ``autoencoder.path`` set to
+it) for ``--budget_s``; ``budget_total_s`` is the two trainings' seconds, to put against a pixel run's.
 
 Throughput: model FLOPs per step are counted analytically (``sora_jax.models.dit.flops_per_token`` for the
 DiT, the same count for a trainable text encoder; x3 for forward + backward; rematerialised recompute is not
@@ -100,6 +108,13 @@ def run(args: argparse.Namespace) -> dict:
     cfg.train.time_limit_s = float(args.budget_s)
     cfg.train.ckpt_every = 10_000_000  # one checkpoint, at the end
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="speedrun_"))
+    vae = None
+    if args.vae_config and not args.eval_only:
+        vae = train_vae(args, workdir / "vae")
+        from sora_jax.loading import resolve_autoencoder
+
+        cfg.autoencoder.path = str(workdir / "vae")
+        cfg = resolve_autoencoder(cfg)  # its architecture and latent statistics, for the FLOP count
     if args.eval_only:
         return {
             "config": args.config,
@@ -142,16 +157,56 @@ def run(args: argparse.Namespace) -> dict:
         },
         "workdir": str(workdir),
     }
+    if vae is not None:
+        result["vae"] = vae
+        result["budget_total_s"] = vae["seconds"]["train"] + train_s
     if args.num_prompts:
         result |= evaluate(workdir, args)
         result["seconds"]["eval"] = result.pop("eval_seconds")
     return result
 
 
+def train_vae(args: argparse.Namespace, vae_dir: Path) -> dict:
+    """Trains ``--vae_config`` for ``--vae_budget_s`` seconds into ``vae_dir``, then scores it on test clips
+    (PSNR / SSIM, EMA weights) and writes the latent statistics a latent DiT reads."""
+    from sora_jax.config import load_config
+    from sora_jax.eval.reconstruction import evaluate_vae
+    from sora_jax.train.loop import train
+
+    vcfg = load_config(args.vae_config, args.vae_override)
+    vcfg.train.time_limit_s = float(args.vae_budget_s)
+    vcfg.train.ckpt_every = 10_000_000
+    t0 = time.perf_counter()
+    out = train(vcfg, vae_dir, progress=args.progress, devices=jax.devices()[:1])
+    call = time.perf_counter() - t0
+    train_s, compile_s = float(out["train_seconds"]), float(out["compile_seconds"])
+    t1 = time.perf_counter()
+    rec = evaluate_vae(vae_dir, num_clips=256, split="test", progress=False)
+    return {
+        "config": args.vae_config,
+        "overrides": list(args.vae_override),
+        "steps": int(out["steps_run"]),
+        "steps_per_s": int(out["steps_run"]) / train_s,
+        "final_loss": out.get("loss"),
+        "psnr_db": rec["psnr_db"],
+        "ssim": rec["ssim"],
+        "latent_shape": rec["latent_shape"],
+        "seconds": {
+            "compile": compile_s,
+            "train": train_s,
+            "data_and_setup": call - train_s - compile_s,
+            "eval": time.perf_counter() - t1,
+        },
+    }
+
+
 def by_objects(rows: list[dict]) -> dict:
     """The adherence of one-digit and two-digit prompts apart: {"1": {prompts, digits, both, object_directions},
     "2": ...} from ``evaluate_prompts``'s per-video rows; ``object_directions``: of the objects of the videos
-    whose digits are right, the share read moving in their asked direction (None without such videos)."""
+    whose digits are right, the share read moving in their asked direction (None without such videos). Two
+    objects also: ``object_swapped``, of those objects whose two asked directions differ, the share read moving
+    the *other* object's way, and ``pair_same_direction``, of those videos, the share whose two digits are read
+    moving the same way (one blob moving together)."""
     out = {}
     for n in sorted({len(r["intended"]) for r in rows}):
         part = [r for r in rows if len(r["intended"]) == n]
@@ -163,19 +218,29 @@ def by_objects(rows: list[dict]) -> dict:
             "both": sum(r["both_ok"] for r in part) / len(part),
             "object_directions": right / len(asked) if asked else None,
         }
+        if n == 2:
+            pairs = [r for r in part if r["digits_ok"] and r["intended"][0][1] != r["intended"][1][1]]
+            swapped = sum(
+                any(rd == d and rk == other for rd, rk in r["read"])
+                for r in pairs
+                for (d, _), (_, other) in (r["intended"], r["intended"][::-1])
+            )
+            same = sum(len({k for _, k in r["read"]}) == 1 for r in pairs)
+            out["2"]["object_swapped"] = swapped / (2 * len(pairs)) if pairs else None
+            out["2"]["pair_same_direction"] = same / len(pairs) if pairs else None
     return out
 
 
 def evaluate(workdir: Path, args: argparse.Namespace) -> dict:
-    """The test-split adherence table of the workdir's checkpoint (and apart by digits per prompt), and the
+    """The ``--split`` adherence table of the workdir's checkpoint (and apart by digits per prompt), and the
     sampling sweep."""
     from sora_jax.eval.evaluate import evaluate_workdir
 
     t0 = time.perf_counter()
     use_ema = False if args.raw_params else None  # None: the config's sample.use_ema (EMA)
-    ev = evaluate_workdir(workdir, num_prompts=args.num_prompts, split="test", use_ema=use_ema)
+    ev = evaluate_workdir(workdir, num_prompts=args.num_prompts, split=args.split, use_ema=use_ema)
     out = {
-        "adherence_test": ev["metrics"],
+        f"adherence_{args.split}": ev["metrics"],
         "weights": "raw" if args.raw_params else "config (sample.use_ema)",
         "adherence_by_objects": by_objects(ev["per_video"]),
         "eval_seconds": time.perf_counter() - t0,
@@ -194,7 +259,7 @@ def sampling_sweep(workdir: Path, args: argparse.Namespace) -> list[dict]:
         for steps in args.sweep_steps or [None]:
             pipe = load_pipeline(workdir, cfg_scale=scale, sample_steps=steps)
             ev = evaluate_workdir(
-                workdir, num_prompts=args.num_prompts, split="test", pipeline=pipe, out=workdir / "sweep"
+                workdir, num_prompts=args.num_prompts, split=args.split, pipeline=pipe, out=workdir / "sweep"
             )
             m = ev["metrics"]
             rows.append(
@@ -224,16 +289,18 @@ def table(r: dict) -> str:
             f"{r['peak_matmul']['tflops']:.2f} TFLOP/s ({r['peak_matmul']['dtype']}, n={r['peak_matmul']['n']})",
         ),
         ("MFU", f"{100 * r['mfu']:.1f}%"),
+        *_vae_rows(r),
         (
             "compile / setup / input wait",
             f"{s['compile']:.1f} / {s['data_and_setup']:.1f} / {s['input_wait']:.1f} s",
         ),
     ]
-    if "adherence_test" in r:
-        a = r["adherence_test"]
+    split = next((k for k in r if k.startswith("adherence_") and k != "adherence_by_objects"), None)
+    if split is not None:
+        a = r[split]
         rows.append(
             (
-                f"test adherence ({a['count']} prompts)",
+                f"{a['split']} adherence ({a['count']} prompts)",
                 f"digits {a['digit_accuracy']:.3f}  directions {a['direction_accuracy']:.3f}  "
                 f"both {a['both_accuracy']:.3f}  (eval {s['eval']:.1f} s)",
             )
@@ -254,6 +321,20 @@ def table(r: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def _vae_rows(r: dict) -> list[tuple[str, str]]:
+    v = r.get("vae")
+    if v is None:
+        return []
+    return [
+        (
+            "VAE (first)",
+            f"{v['steps']} steps in {v['seconds']['train']:.1f} s ({v['config']}), test PSNR "
+            f"{v['psnr_db']:.2f} dB, SSIM {v['ssim']:.3f}",
+        ),
+        ("training, VAE + DiT", f"{r['budget_total_s']:.1f} s"),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="config file[:arg]")
@@ -261,6 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval_only", action="store_true", help="score --workdir's checkpoint, no training")
     p.add_argument("--raw_params", action="store_true", help="score the trained parameters, not their EMA")
     p.add_argument("--num_prompts", type=int, default=256, help="test prompts to score (0: none)")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=("test", "train", "paraphrase"),
+        help="the captions scored (default test)",
+    )
     p.add_argument("--override", nargs="*", default=[], help="config overrides key=value")
     p.add_argument("--workdir", default="", help="run folder (default: a fresh temporary one)")
     p.add_argument("--out", default="benchmarks/results/speedrun.json")
@@ -269,13 +356,26 @@ def main(argv: list[str] | None = None) -> int:
         "--sweep_cfg", type=float, nargs="*", default=[], help="also sample at these guidance scales"
     )
     p.add_argument("--sweep_steps", type=int, nargs="*", default=[], help="... and these sampler step counts")
+    p.add_argument(
+        "--vae_config", default="", help="the latent path: train this VAE first (config file[:arg])"
+    )
+    p.add_argument(
+        "--vae_budget_s", type=float, default=0.0, help="seconds of VAE training (with --vae_config)"
+    )
+    p.add_argument("--vae_override", nargs="*", default=[], help="VAE config overrides key=value")
     args = p.parse_args(argv)
+    if args.vae_config and args.vae_budget_s <= 0 and not args.eval_only:
+        print(
+            f"speedrun: --vae_budget_s must be positive with --vae_config, got {args.vae_budget_s}",
+            file=sys.stderr,
+        )
+        return 2
     if args.eval_only:
         if not args.workdir:
             print("speedrun: --eval_only needs --workdir (a trained run)", file=sys.stderr)
             return 2
         result = run(args)
-        print(json.dumps({k: result[k] for k in ("adherence_test", "sampling_sweep")}, indent=1))
+        print(json.dumps({k: result[k] for k in (f"adherence_{args.split}", "sampling_sweep")}, indent=1))
         return _write(result, args.out)
     if args.budget_s <= 0:
         print(f"speedrun: --budget_s must be positive, got {args.budget_s}", file=sys.stderr)

@@ -89,6 +89,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.text.encoder = "minilm"  # trainable | minilm | t5 (with text.path)
     c.text.path = ""  # t5: a Hugging Face T5 / UMT5 folder; minilm: "" = the installed package
     c.text.max_length = 24
+    # each clause of a caption ("a 3 moves left while a 5 moves up") encoded alone, token states packed
+    # (sora_jax/text/frozen.py split_clauses): measured, not better (benchmarks/SPEEDRUN.md); frozen encoders only
+    c.text.clauses = False
     c.text.vocab_size = 2048
     c.text.width = 128
     c.text.depth = 2

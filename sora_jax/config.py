@@ -460,6 +460,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _validate_repa(cfg)
     if not 0.0 <= cfg.text.caption_dropout < 1.0:
         raise ConfigError(f"config.text.caption_dropout must be in [0, 1), got {cfg.text.caption_dropout}")
+    if cfg.text.get("clauses", False) and TextEncoderKind(cfg.text.encoder) is TextEncoderKind.TRAINABLE:
+        raise ConfigError("config.text.clauses needs a frozen text encoder (text.encoder = minilm or t5)")
     if not 0.0 <= cfg.data.get("two_digit_fraction", 0.5) <= 1.0:
         raise ConfigError(
             f"config.data.two_digit_fraction must be in [0, 1], got {cfg.data.two_digit_fraction}"

@@ -82,17 +82,29 @@ def make_text_input(cfg: ml_collections.ConfigDict):
     if TextEncoderKind(cfg.text.encoder) is TextEncoderKind.TRAINABLE:
         return HashWordTokenizer(vocab_size=cfg.text.vocab_size, max_length=cfg.text.max_length)
     t = cfg.text
-    extra = {k: t[k] for k in ("tokenizer_path", "dtype") if t.get(k)}  # Wan configs: UMT5's own folders
+    extra = {k: t[k] for k in ("tokenizer_path", "dtype", "clauses") if t.get(k)}  # Wan: UMT5's own folders
     return frozen_embedder(t.encoder, t.get("path", ""), t.max_length, **extra)
 
 
 @functools.lru_cache(maxsize=2)
-def frozen_embedder(kind: str, path: str, max_length: int, tokenizer_path: str = "", dtype: str = "float32"):
+def frozen_embedder(
+    kind: str,
+    path: str,
+    max_length: int,
+    tokenizer_path: str = "",
+    dtype: str = "float32",
+    clauses: bool = False,
+):
     from sora_jax.text.frozen import FrozenTextEmbedder
 
-    if tokenizer_path or dtype != "float32":
+    if tokenizer_path or dtype != "float32" or clauses:
         return FrozenTextEmbedder(
-            kind, path, max_length=max_length, tokenizer_path=tokenizer_path, dtype=dtype
+            kind,
+            path,
+            max_length=max_length,
+            tokenizer_path=tokenizer_path,
+            dtype=dtype,
+            clauses=bool(clauses),
         )
     return FrozenTextEmbedder(kind, path, max_length=max_length)
 

@@ -1,7 +1,9 @@
-"""The benchmarks' own measuring tools measure what they claim (benchmarks/sample.py's ``PeakWhile``)."""
+"""The benchmarks' own measuring tools measure what they claim (benchmarks/sample.py's ``PeakWhile``,
+benchmarks/speedrun.py's splits and its latent path's budget)."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -56,5 +58,37 @@ def test_speedrun_by_objects_splits_one_and_two_digit_prompts():
     ]
     got = by_objects(rows)
     assert got["1"] == {"prompts": 2, "digits": 0.5, "both": 0.5, "object_directions": 1.0}
-    assert got["2"] == {"prompts": 3, "digits": 2 / 3, "both": 0.0, "object_directions": 0.25}
+    assert got["2"] == {
+        "prompts": 3,
+        "digits": 2 / 3,
+        "both": 0.0,
+        "object_directions": 0.25,
+        "object_swapped": 0.25,  # the 5 read moving up, the 1's way
+        "pair_same_direction": 1.0,  # both videos read their two digits moving the same way
+    }
     assert by_objects(rows[1:2])["1"]["object_directions"] is None
+
+
+def test_speedrun_latent_path_trains_the_vae_inside_the_budget(tmp_path):
+    speedrun = load_benchmark("speedrun")
+    out = tmp_path / "r.json"
+    argv = ["--config", "configs/digits_latent.py:smoke", "--budget_s", "3", "--num_prompts", "0"]
+    argv += [
+        "--vae_config",
+        "configs/vae_digits.py:smoke",
+        "--vae_budget_s",
+        "3",
+        "--workdir",
+        str(tmp_path / "w"),
+    ]
+    assert speedrun.main([*argv, "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["vae"]["steps"] >= 1 and r["vae"]["latent_shape"]
+    assert r["budget_total_s"] == pytest.approx(r["vae"]["seconds"]["train"] + r["seconds"]["train"])
+    from sora_jax.loading import saved_config
+
+    _, cfg = saved_config(tmp_path / "w")  # the DiT trained on the latents of the VAE trained first
+    assert (
+        cfg.autoencoder.path == str(tmp_path / "w" / "vae") and cfg.autoencoder.vae_step == r["vae"]["steps"]
+    )
+    assert speedrun.main([*argv[:6], "--vae_config", "configs/vae_digits.py:smoke", "--out", str(out)]) == 2

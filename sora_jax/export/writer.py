@@ -376,6 +376,11 @@ def export(
         raise ExportError(f"{workdir} holds a VAE: export the text-to-video workdir that uses it")
     if config_lib.model_arch(saved) is not ModelArch.DIT:
         raise ExportError(f"{workdir} holds a Wan model: export it with --format diffusers")
+    if saved.text.get("clauses", False):
+        raise ExportError(
+            f"{workdir} encodes prompts clause by clause (text.clauses), which the PyTorch pipeline does not: "
+            "not exported"
+        )
     cfg, step, _, params = loading.restore(workdir, use_ema=not raw_params)
     flat = _flat(params)
     # the REPA projector (config.repa) serves the training loss only: the exported model has none

@@ -10,7 +10,9 @@ Owns:
   tokenizer there or in ``tokenizer_path``, as diffusers pipelines keep it in ``tokenizer/``),
   runs it jitted in padded batches (its weights an argument, not compiled-in constants), keeps an in-memory
   LRU of per-prompt embeddings (sampling asks for the same prompts again and again) and warns once per
-  prompt that is truncated to ``max_length``.
+  prompt that is truncated to ``max_length``. With ``clauses``, each clause of a prompt (``split_clauses``) is
+  encoded alone and their token states are packed one after the other (so a subject's states carry only its
+  own clause), a measured ablation (benchmarks/SPEEDRUN.md).
   ``encode([""])`` is the classifier-free-guidance null embedding.
 - ``EmbeddingTable``: caption -> embedding rows computed once for a whole dataset (float16 + masks, saved
   as ``.npz`` by ``data_pipelines/encode_text.py`` or the trainer), picklable and cheap, so grain worker
@@ -23,6 +25,7 @@ import collections
 import hashlib
 import logging
 import os
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +41,18 @@ from sora_jax.models.layers import RMSNorm, as_dtype
 log = logging.getLogger("sora_jax.text")
 
 FROZEN_ENCODERS = tuple(k.value for k in FROZEN_TEXT_ENCODERS)
+
+# Where ``clauses`` splits a prompt: a conjunction (with its comma or semicolon) followed by a determiner, i.e.
+# where a new subject starts ("a 3 moves left while a 5 moves up"; not "up and to the left").
+CLAUSE_BOUNDARY = re.compile(
+    r"\s*[,;]?\s*\b(?:and|while|as|next to|beside|meanwhile)\s+(?=(?:a|an|the)\b)", re.IGNORECASE
+)
+
+
+def split_clauses(text: str) -> list[str]:
+    """A prompt's clauses at ``CLAUSE_BOUNDARY``: "a 3 moves left while a 5 moves up" -> ["a 3 moves left",
+    "a 5 moves up"]; a prompt without a boundary (or empty) -> [text]."""
+    return [c for c in CLAUSE_BOUNDARY.split(text) if c.strip()] or [text]
 
 
 def _load(kind: str, path: str, dtype, tokenizer_path: str = ""):
@@ -72,8 +87,10 @@ class FrozenTextEmbedder:
         cache_size: int = 4096,
         batch_size: int = 64,
         tokenizer_path: str = "",
+        clauses: bool = False,
     ):
         self.kind, self.path, self.max_length = kind, path, int(max_length)
+        self.clauses = bool(clauses)
         module, self.tokenizer = _load(kind, path, as_dtype(dtype), tokenizer_path)
         graphdef, self.params = nnx.split(module)
         # the frozen weights are an argument, never compiled in as constants
@@ -94,7 +111,7 @@ class FrozenTextEmbedder:
     @property
     def name(self) -> str:
         """Identifies the encoder and its settings (cache files carry it): ``embedder_name``."""
-        return embedder_name(self.kind, self.path, self.max_length)
+        return embedder_name(self.kind, self.path, self.max_length, self.clauses)
 
     def _tokenize(self, texts: list[str], warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
         out = self.tokenizer.encode(texts, self.max_length)
@@ -109,6 +126,22 @@ class FrozenTextEmbedder:
         return int(self.tokenizer.encode([text], self.max_length)[2]) > 0  # (ids, mask, truncated count)
 
     def _compute(self, texts: list[str], warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``_encode``, or with ``clauses`` each text's clauses encoded alone, their unmasked token states
+        packed in order (truncated to ``max_length``)."""
+        if not self.clauses:
+            return self._encode(texts, warn)
+        parts = [split_clauses(t) for t in texts]
+        emb, mask = self._encode([c for p in parts for c in p], warn)
+        out = np.zeros((len(texts), self.max_length, emb.shape[-1]), np.float32)
+        out_mask = np.zeros((len(texts), self.max_length), bool)
+        i = 0
+        for b, p in enumerate(parts):
+            packed = np.concatenate([emb[i + j][mask[i + j]] for j in range(len(p))])[: self.max_length]
+            i += len(p)
+            out[b, : len(packed)], out_mask[b, : len(packed)] = packed, True
+        return out, out_mask
+
+    def _encode(self, texts: list[str], warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Runs the encoder in chunks of ``batch_size`` rows, each padded to a power of two (few compiles)."""
         ids, mask = self._tokenize(texts, warn)
         out = []
@@ -221,19 +254,22 @@ class EmbeddingTable:
             return cls(list(z["captions"]), z["emb"], z["mask"], name=str(z["name"]))
 
 
-def embedder_name(kind: str, path: str, max_length: int) -> str:
+def embedder_name(kind: str, path: str, max_length: int, clauses: bool = False) -> str:
     """What identifies a frozen encoder and its settings (``FrozenTextEmbedder.name``), known without loading it."""
-    return f"{kind}:{os.path.abspath(path) if path else 'bundled'}:L{int(max_length)}"
+    name = f"{kind}:{os.path.abspath(path) if path else 'bundled'}:L{int(max_length)}"
+    return name + (":clauses" if clauses else "")
 
 
 def table_file(folder: str | Path, embedder: FrozenTextEmbedder, split: str) -> Path:
     """Where a dataset's table for ``embedder`` lives: ``<folder>/text_emb-<kind>-<hash>-<split>.npz``."""
-    return table_file_for(folder, embedder.kind, embedder.path, embedder.max_length, split)
+    return table_file_for(folder, embedder.kind, embedder.path, embedder.max_length, split, embedder.clauses)
 
 
-def table_file_for(folder: str | Path, kind: str, path: str, max_length: int, split: str) -> Path:
-    """``table_file`` of the encoder (kind, path, max_length), without loading it."""
-    digest = hashlib.sha1(embedder_name(kind, path, max_length).encode()).hexdigest()[:10]
+def table_file_for(
+    folder: str | Path, kind: str, path: str, max_length: int, split: str, clauses: bool = False
+) -> Path:
+    """``table_file`` of the encoder (kind, path, max_length, clauses), without loading it."""
+    digest = hashlib.sha1(embedder_name(kind, path, max_length, clauses).encode()).hexdigest()[:10]
     return Path(folder) / f"text_emb-{kind}-{digest}-{split}.npz"
 
 

@@ -177,7 +177,13 @@ def _table_places(cfg: ml_collections.ConfigDict, workdir) -> list[Path]:
     """Where the train split's caption-embedding table may be: beside the data, then ``<workdir>/text_cache``."""
     from sora_jax.text.frozen import table_file_for
 
-    key = (cfg.text.encoder, cfg.text.get("path", ""), cfg.text.max_length, "train")
+    key = (
+        cfg.text.encoder,
+        cfg.text.get("path", ""),
+        cfg.text.max_length,
+        "train",
+        cfg.text.get("clauses", False),
+    )
     places = [] if _tfds(cfg) else [table_file_for(pipeline.dataset_dir(cfg, workdir), *key)]
     return [*places, table_file_for(Path(workdir) / "text_cache", *key)]
 
