@@ -131,7 +131,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # 192 test prompts, "both": 0.438 after block 2 at 4000 steps vs 0.339 without; a step costs ~26% more time on
     # 2 cores (1.27-1.32x), so the demo trains 3000 steps (3200: 0.432), its time without REPA (SPEEDRUN.md, "REPA")
     c.repa = ml_collections.ConfigDict(
-        {"layer": 2, "dim": 96, "weight": 0.5, "standardize": False, "first_frames": False, "classes": 0.0}
+        {
+            "layer": 2,
+            "dim": 96,
+            "weight": 0.5,
+            "standardize": False,
+            "first_frames": False,
+            "classes": 0.0,
+            "motion": 0.0,
+        }
     )
 
     c.optim = ml_collections.ConfigDict()

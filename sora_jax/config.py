@@ -363,6 +363,9 @@ def _validate_eval(cfg: ml_collections.ConfigDict) -> None:
 # REPA's class term (config.repa.classes, sora_jax/train/repa.py): the projector's extra outputs, one per digit
 # class of the bundled digit reader plus background
 REPA_CLASS_CHANNELS = 11
+# REPA's motion term (config.repa.motion): one projector output per shift (dy, dx) in [-r, r]^2 of a token's content
+REPA_MOTION_RADIUS = 3
+REPA_MOTION_CHANNELS = (2 * REPA_MOTION_RADIUS + 1) ** 2
 
 
 def _validate_repa(cfg: ml_collections.ConfigDict) -> None:
@@ -378,10 +381,16 @@ def _validate_repa(cfg: ml_collections.ConfigDict) -> None:
     depth = cfg.model.get("depth", 0) or DIT_VARIANTS[cfg.model.variant].depth
     if not isinstance(r.layer, int) or not 1 <= r.layer <= depth:
         raise ConfigError(f"config.repa.layer must be in [0, depth = {depth}], got {r.layer!r}")
-    if not isinstance(r.dim, int) or r.dim < 1 or not r.weight > 0 or not r.get("classes", 0.0) >= 0:
+    if (
+        not isinstance(r.dim, int)
+        or r.dim < 1
+        or not r.weight > 0
+        or not r.get("classes", 0.0) >= 0
+        or not r.get("motion", 0.0) >= 0
+    ):
         raise ConfigError(
-            f"config.repa: dim must be a positive int, weight > 0 and classes >= 0, got {r.dim!r}, "
-            f"{r.weight!r}, {r.get('classes', 0.0)!r}"
+            f"config.repa: dim must be a positive int, weight > 0, classes >= 0 and motion >= 0, got "
+            f"{r.dim!r}, {r.weight!r}, {r.get('classes', 0.0)!r}, {r.get('motion', 0.0)!r}"
         )
 
 

@@ -16,7 +16,14 @@ from flax import nnx
 
 from sora_jax import diffusion
 from sora_jax.choices import AutoencoderKind, ModelArch, Task, TextEncoderKind
-from sora_jax.config import REPA_CLASS_CHANNELS, WAN_MODEL_KEYS, ConfigError, model_arch, task
+from sora_jax.config import (
+    REPA_CLASS_CHANNELS,
+    REPA_MOTION_CHANNELS,
+    WAN_MODEL_KEYS,
+    ConfigError,
+    model_arch,
+    task,
+)
 from sora_jax.models import lora as lora_lib
 from sora_jax.models import quant
 from sora_jax.models import vae as vae_lib
@@ -181,7 +188,8 @@ def _repa_fields(repa) -> dict[str, int]:
     if not layer:
         return {"repa_layer": 0, "repa_dim": 0}
     classes = REPA_CLASS_CHANNELS if float(repa.get("classes", 0.0)) > 0 else 0
-    return {"repa_layer": layer, "repa_dim": int(repa.get("dim", 0)) + classes}
+    motion = REPA_MOTION_CHANNELS if float(repa.get("motion", 0.0)) > 0 else 0
+    return {"repa_layer": layer, "repa_dim": int(repa.get("dim", 0)) + classes + motion}
 
 
 def _remat(value) -> str:

@@ -173,3 +173,72 @@ def test_loss_adds_the_class_cross_entropy():
     np.testing.assert_allclose(float(got), 0.5 * (1.0 - cos) + 0.25 * ce, rtol=1e-4)
     with pytest.raises(ConfigError, match="classes >= 0"):
         config_lib.validate(config_lib.load_config(QUICK, ["repa.classes=-1.0"]))
+
+
+def _motion_reference(video: np.ndarray, grid, r=3, temperature=0.05, min_ink=4.0):
+    """Loops over tokens, frames and shifts in numpy (float64): the motion targets and weights."""
+    g = video.astype(np.float64).mean(-1) / 255.0
+    b, t, h, w = g.shape
+    gt, gh, gw = grid
+    pt, ph, pw = t // gt, h // gh, w // gw
+    shifts = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+    q = np.zeros((b, gt * gh * gw, len(shifts)))
+    wt = np.zeros((b, gt * gh * gw))
+    for i in range(b):
+        for n, (a, y, x) in enumerate(np.ndindex(gt, gh, gw)):
+            cost, ink = np.zeros(len(shifts)), 0.0
+            for f in range(a * pt, min((a + 1) * pt, t - 1)):
+                for yy in range(y * ph, (y + 1) * ph):
+                    for xx in range(x * pw, (x + 1) * pw):
+                        ink += g[i, f, yy, xx]
+                        for k, (dy, dx) in enumerate(shifts):
+                            inside = 0 <= yy + dy < h and 0 <= xx + dx < w
+                            nxt = g[i, f + 1, yy + dy, xx + dx] if inside else 0.0
+                            cost[k] += abs(nxt - g[i, f, yy, xx])
+            logits = -cost / (temperature * max(ink, 1e-3))
+            e = np.exp(logits - logits.max())
+            q[i, n], wt[i, n] = e / e.sum(), float(ink >= min_ink)
+    return q, wt
+
+
+def test_motion_targets_match_a_loop_reference_and_read_the_true_motion():
+    """``motion_targets`` against a per-token numpy loop on random clips, and on real moving-digit clips the
+    most likely shift of the first frames' inked tokens points the way the caption says."""
+    from sora_jax.data import moving_digits
+
+    video = np.random.default_rng(4).integers(0, 256, (1, 4, 8, 8, 3), dtype=np.uint8)
+    for grid in ((2, 2, 2), (4, 2, 4)):  # two frames per token, and one (the last group without a pair)
+        q, w = (np.asarray(a) for a in repa.motion_targets(jnp.asarray(video), grid))
+        want_q, want_w = _motion_reference(video, grid)
+        np.testing.assert_allclose(q, want_q, rtol=1e-3, atol=1e-5)
+        np.testing.assert_array_equal(w, want_w)
+    assert not want_w.reshape(4, 8)[-1].any()  # no next frame for the last frame's tokens
+
+    clips = moving_digits.generate("train", 16, seed=5, speed=(1.0, 2.0), two_fraction=0.0)
+    q, w = (np.asarray(a) for a in repa.motion_targets(jnp.asarray(clips["video"]), (4, 4, 4)))
+    shifts = np.array([(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)], float)
+    for i in range(16):
+        first = w[i, :16] > 0  # the first temporal group, before any bounce
+        mean = (q[i, :16][first][..., None] * shifts).sum(-2).mean(0)
+        want = moving_digits.DIRECTION_VECTORS[clips["directions"][i, 0]]
+        np.testing.assert_array_equal(np.sign(np.round(mean, 1)), np.sign(np.round(want, 1)))
+
+
+def test_loss_adds_the_motion_cross_entropy():
+    cfg = config_lib.load_config(QUICK, ["repa.layer=2", "repa.weight=0.5", "repa.motion=0.3"])
+    term, frozen = repa.from_config(cfg)
+    assert factory.model_config(cfg).repa_dim == 96 + config_lib.REPA_MOTION_CHANNELS
+    video = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 8, 32, 32, 3), dtype=np.uint8))
+    z = jnp.asarray(np.random.default_rng(3).standard_normal((2, 64, 96 + 49)), jnp.float32)
+    got, aux = term.loss(z, frozen["repa"], video, (4, 4, 4))
+    feats = np.asarray(term.targets(frozen["repa"], video, (4, 4, 4))[0])
+    q, w = _motion_reference(np.asarray(video), (4, 4, 4))
+    zn = np.asarray(z, np.float64)
+    cos = np.mean([1.0 - distance.cosine(zn[b, n, :96], feats[b, n]) for b in range(2) for n in range(64)])
+    logits = zn[..., 96:]
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = (w * -(q * logp).sum(-1)).sum() / w.sum()
+    np.testing.assert_allclose(float(aux["repa_motion_ce"]), ce, rtol=1e-4)
+    np.testing.assert_allclose(float(got), 0.5 * (1.0 - cos) + 0.3 * ce, rtol=1e-4)
+    with pytest.raises(ConfigError, match="motion >= 0"):
+        config_lib.validate(config_lib.load_config(QUICK, ["repa.motion=-1.0"]))

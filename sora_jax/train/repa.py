@@ -8,7 +8,10 @@ encoder is the bundled digit reader (``sora_jax/eval/digit_reader.py``): its con
 of every frame (``first_frames``: of the first frame of each temporal token group), average-pooled to the DiT's
 token grid. Loss: ``weight * (1 - cos(projected token, encoder feature))`` averaged over the tokens; with
 ``classes`` > 0 the projector has 11 more outputs, the logits of which digit the reader's class maps put in
-the token (or background), plus ``classes * cross-entropy``.
+the token (or background), plus ``classes * cross-entropy``. With ``motion`` > 0 (a VideoJAM-like motion term,
+Chefer et al. 2025, on REPA's projector) ``REPA_MOTION_CHANNELS`` more outputs are the logits of how each token's
+content moves to the next frame (``motion_targets``: block matching on the clean clip, any video), plus
+``motion * cross-entropy``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import ml_collections
 from flax import nnx
 
 from sora_jax.choices import DataContent, ModelArch, Task
-from sora_jax.config import REPA_CLASS_CHANNELS, ConfigError, model_arch, task
+from sora_jax.config import REPA_CLASS_CHANNELS, REPA_MOTION_RADIUS, ConfigError, model_arch, task
 from sora_jax.eval.digit_reader import DigitReader, load_reader
 
 
@@ -44,6 +47,7 @@ class RepaTerm:
     first_frames: bool = False  # the encoder reads only the first frame of each temporal token group
     standardize: bool = False  # targets per channel to zero mean, unit variance over the batch's tokens
     classes: float = 0.0  # weight of the class term (which digit each token shows; 0: off)
+    motion: float = 0.0  # weight of the motion term (how each token's content moves; 0: off)
 
     def _grey(self, video: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
         """video uint8 ``[B, T, H, W, 3]`` -> the encoder's grey frames ``[B, n, height, width]`` in [0, 1]."""
@@ -114,10 +118,61 @@ class RepaTerm:
         cos = alignment(z[..., :d], features).mean()
         term, aux = self.weight * (1.0 - cos), {"repa_cos": cos}
         if classes is not None:
-            logp = jax.nn.log_softmax(z[..., d:].astype(jnp.float32), -1)
+            k = classes.shape[-1]
+            logp = jax.nn.log_softmax(z[..., d : d + k].astype(jnp.float32), -1)
             ce = -jnp.sum(classes * logp, -1).mean()
             term, aux = term + self.classes * ce, aux | {"repa_class_ce": ce}
+            d += k
+        if self.motion:
+            q, w = motion_targets(video, grid)
+            logp = jax.nn.log_softmax(z[..., d : d + q.shape[-1]].astype(jnp.float32), -1)
+            ce = jnp.sum(w * -jnp.sum(q * logp, -1)) / jnp.maximum(jnp.sum(w), 1.0)
+            term, aux = term + self.motion * ce, aux | {"repa_motion_ce": ce}
         return term, aux
+
+
+def motion_targets(
+    video: jax.Array,
+    grid: tuple[int, int, int],
+    radius: int = REPA_MOTION_RADIUS,
+    temperature: float = 0.05,
+    min_ink: float = 4.0,
+) -> tuple[jax.Array, jax.Array]:
+    """How each token's content moves, by block matching on the clean clip: video uint8 ``[B, T, H, W, 3]`` ->
+    (targets ``[B, N, (2r + 1)^2]``, weights ``[B, N]``) for the ``grid`` (gt, gh, gw) in patch order.
+
+    For each frame t < T - 1 and shift s = (dy, dx) in ``[-radius, radius]^2`` (row-major, dy outer), the cost
+    of a token is the sum over its pixels and its frames of ``|frame[t + 1](p + s) - frame[t](p)|`` (grey in [0,
+    1], outside the frame 0); the target is ``softmax(-cost / (temperature * ink))`` with ink the token's sum of
+    grey over those frames (so a shift that leaves a fraction of the ink unmatched costs that fraction / temperature),
+    weighted 1 where ink >= ``min_ink`` (pixels' worth) and 0 elsewhere (empty tokens, the last frame, images).
+    """
+    g = video.astype(jnp.float32).mean(-1) / 255.0  # [B, T, H, W]
+    b, t, h, w = g.shape
+    gt, gh, gw = grid
+    if t % gt or h % gh or w % gw:
+        raise ConfigError(f"config.repa.motion: the clip [T, H, W] = {(t, h, w)} does not split into {grid}")
+    pt, ph, pw = t // gt, h // gh, w // gw
+    r = int(radius)
+    s = (2 * r + 1) ** 2
+    if t < 2:
+        return jnp.full((b, gt * gh * gw, s), 1.0 / s), jnp.zeros((b, gt * gh * gw))
+    cur = g[:, :-1]
+    nxt = jnp.pad(g[:, 1:], ((0, 0), (0, 0), (r, r), (r, r)))
+    cost = jnp.stack(
+        [
+            jnp.abs(nxt[:, :, r + dy : r + dy + h, r + dx : r + dx + w] - cur)
+            for dy in range(-r, r + 1)
+            for dx in range(-r, r + 1)
+        ],
+        -1,
+    )  # [B, T - 1, H, W, S]
+    cost = jnp.pad(cost, ((0, 0), (0, 1), (0, 0), (0, 0), (0, 0)))  # the last frame: no pair, no cost
+    ink = jnp.pad(cur, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    cost = cost.reshape(b, gt, pt, gh, ph, gw, pw, s).sum((2, 4, 6)).reshape(b, gt * gh * gw, s)
+    ink = ink.reshape(b, gt, pt, gh, ph, gw, pw).sum((2, 4, 6)).reshape(b, gt * gh * gw)
+    q = jax.nn.softmax(-cost / (temperature * jnp.maximum(ink, 1e-3))[..., None], -1)
+    return jax.lax.stop_gradient(q), (ink >= min_ink).astype(jnp.float32)
 
 
 def alignment(pred: jax.Array, target: jax.Array) -> jax.Array:
@@ -173,5 +228,6 @@ def from_config(cfg: ml_collections.ConfigDict) -> tuple[RepaTerm | None, dict]:
         first_frames=bool(r.get("first_frames", False)),
         standardize=bool(r.get("standardize", False)),
         classes=float(r.get("classes", 0.0)),
+        motion=float(r.get("motion", 0.0)),
     )
     return term, {"repa": params}
