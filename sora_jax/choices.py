@@ -162,6 +162,15 @@ class Remat(enum.StrEnum):  # what the backward pass keeps: sora_jax.models.dit.
     ATTN_OUT = "attn_out"
 
 
+class PosEmbed(
+    enum.StrEnum
+):  # absolute positions added to the DiT's tokens: sora_jax.models.layers.sincos_2d
+    NONE = "none"  # 3D RoPE alone (relative positions)
+    SINCOS_2D = (
+        "sincos_2d"  # + DiT's fixed 2D sin-cos table over the token grid's (h, w), the same every frame
+    )
+
+
 class SeqParallel(enum.StrEnum):  # self-attention over the mesh's seq axis: sora_jax.parallel.sequence
     NONE = "none"
     ULYSSES = "ulysses"

@@ -178,6 +178,7 @@ def model_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
         seq_parallel=cfg.model.get("seq_parallel", "none"),
         attention_impl=cfg.model.get("attention_impl", "xla"),
         pooled_text_cond=bool(cfg.model.get("pooled_text_cond", True)),
+        pos_embed=cfg.model.get("pos_embed", "none"),
         **_repa_fields(cfg.get("repa") or {}),
     )
 

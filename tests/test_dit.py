@@ -222,3 +222,40 @@ def test_config_switches_the_pooled_text_conditioning():
     assert model.dit.y_embedder is None
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model.dit, nnx.Param)))
     assert n == dit_lib.param_count(factory.model_config(cfg))
+
+
+def test_sincos_2d_matches_diffusers_and_enters_the_dit(smoke_pair):
+    """``layers.sincos_2d`` against diffusers' ``get_2d_sincos_pos_embed`` (square grid) and
+    ``get_2d_sincos_pos_embed_from_grid`` (a 3 x 5 grid); a DiT with ``pos_embed="sincos_2d"`` equals one whose
+    tokens get that table by hand (the patch embedding's output), the same in every temporal group."""
+    import torch
+    from diffusers.models import embeddings as E
+
+    from sora_jax.models.layers import patchify, sincos_2d
+
+    want = E.get_2d_sincos_pos_embed(32, (4, 4), base_size=4).numpy()
+    np.testing.assert_allclose(np.asarray(sincos_2d(4, 4, 32)), want, atol=1e-6)
+    grid = np.stack(np.meshgrid(np.arange(5.0), np.arange(3.0)), 0).reshape(2, 1, 3, 5)
+    want = E.get_2d_sincos_pos_embed_from_grid(32, torch.from_numpy(grid)).numpy()
+    np.testing.assert_allclose(np.asarray(sincos_2d(3, 5, 32)), want, atol=1e-6)
+
+    _, _, model = smoke_pair
+    x, t, text, mask = _inputs()
+    cfg = dit_lib.dit_config("smoke", pos_embed="sincos_2d")
+    graphdef, state = nnx.split(model)
+    pos = nnx.merge(nnx.graphdef(dit_lib.DiT(cfg, rngs=nnx.Rngs(0))), state)
+    table = jnp.tile(sincos_2d(2, 2, cfg.width), (2, 1))  # x [2, 2, 8, 8, 3], patch (1, 4, 4): grid (2, 2, 2)
+    embed = model.x_embedder
+
+    class Shifted:  # the patch embedding plus the table, in the model without one
+        def __call__(self, tokens):
+            return embed(tokens) + table
+
+    by_hand = nnx.merge(graphdef, state)
+    object.__setattr__(by_hand, "x_embedder", Shifted())
+    got = np.asarray(pos(x, t, text, mask))
+    np.testing.assert_allclose(got, np.asarray(by_hand(x, t, text, mask)), atol=1e-5)
+    assert np.abs(got - np.asarray(model(x, t, text, mask))).max() > 1e-3
+    assert patchify(x, cfg.patch_size).shape[1] == table.shape[0]
+    with pytest.raises(ValueError, match="pos_embed"):
+        dit_lib.dit_config("smoke", pos_embed="learned")

@@ -68,6 +68,7 @@ DIT_VARIANTS = {
         qk_norm=False,
         pooled_text_cond=False,
         mlp_ratio=2.0,
+        pos_embed="sincos_2d",  # on a 4 x 3 token grid
     ),
 }
 

@@ -20,6 +20,7 @@ def transformer_config(cfg: DiTConfig) -> dict:
         "qk_norm": bool(cfg.qk_norm),
         "rope_theta": float(cfg.rope_theta),
         "pooled_text_cond": bool(cfg.pooled_text_cond),
+        "pos_embed": str(cfg.pos_embed),
     }
 
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sora_jax.choices import DIT_VARIANTS, DiTVariant
+from sora_jax.choices import DIT_VARIANTS, DiTVariant, PosEmbed
 from sora_jax.models.layers import (
     ATTENTION_IMPLEMENTATIONS,
     Attention,
@@ -44,6 +44,7 @@ from sora_jax.models.layers import (
     patchify,
     rope_3d_angles,
     rope_split,
+    sincos_2d,
     timestep_embedding,
     unpatchify,
 )
@@ -51,6 +52,7 @@ from sora_jax.parallel.sequence import SEQ_PARALLEL
 from sora_jax.parallel.sharding import constrain
 
 FREQ_DIM = 256  # TimestepEmbedder's sinusoidal width, as in DiT
+POS_EMBEDS = tuple(p.value for p in PosEmbed)
 
 # Rematerialisation: what each scanned block keeps for the backward pass (MaxText's names). "none" keeps
 # everything (fastest, most memory); "full" keeps only the block input and recomputes the rest; "dots" keeps
@@ -84,6 +86,9 @@ class DiTConfig:
     remat: str = "none"  # a name in REMAT_POLICIES: what the backward pass keeps of each block
     seq_parallel: str = "none"  # self-attention over the mesh's seq axis: none | ulysses | ring
     pooled_text_cond: bool = True
+    # absolute positions added to the tokens after the patch embedding (``PosEmbed``): "none" (3D RoPE alone) or
+    # "sincos_2d" (DiT's fixed 2D table over the grid's (h, w), the same in every frame; nothing stored)
+    pos_embed: str = "none"
     # REPA (Yu et al. 2024, sora_jax/train/repa.py): a projector MLP on the tokens after block ``repa_layer``
     # (1..depth; 0: none) to a frozen encoder's feature width ``repa_dim``, used by the training loss only
     repa_layer: int = 0
@@ -112,6 +117,10 @@ class DiTConfig:
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"DiTConfig.remat={self.remat!r} unknown; use one of {tuple(REMAT_POLICIES)}")
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"DiTConfig.pos_embed={self.pos_embed!r} unknown; use one of {POS_EMBEDS}")
+        if self.pos_embed != "none" and self.width % 4:
+            raise ValueError(f"DiTConfig.pos_embed={self.pos_embed!r} needs a width divisible by 4")
         if self.seq_parallel not in SEQ_PARALLEL:
             raise ValueError(
                 f"DiTConfig.seq_parallel={self.seq_parallel!r} unknown; use one of {SEQ_PARALLEL}"
@@ -291,6 +300,8 @@ class DiT(nnx.Module):
         text = constrain(text.astype(dt), ("act_batch", "act_text", "act_embed"))
 
         tokens = self.x_embedder(patchify(x.astype(dt), cfg.patch_size))  # [B, N, D]
+        if cfg.pos_embed == PosEmbed.SINCOS_2D:  # the same (h, w) table in every temporal group
+            tokens = tokens + jnp.tile(sincos_2d(grid[1], grid[2], cfg.width), (grid[0], 1)).astype(dt)
         tokens = constrain(tokens, ("act_batch", "act_seq", "act_embed"))
         c = self.t_embedder(t)  # [B, D]
         if self.y_embedder is not None:

@@ -522,6 +522,23 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
     return emb
 
 
+def sincos_2d(gh: int, gw: int, dim: int) -> jax.Array:
+    """DiT's / MAE's fixed 2D position table: ``[gh * gw, dim]`` float32 in (h, w) row-major order; the first
+    half of the channels encodes the column w, the second the row h (diffusers' ``get_2d_sincos_pos_embed``
+    layout), each as ``[sin(p f), cos(p f)]`` with ``f_i = 10000^(-i / (dim / 4))``. ``dim``: a multiple of 4."""
+    if dim % 4:
+        raise ValueError(f"sincos_2d: dim {dim} is not a multiple of 4")
+    freqs = 1.0 / 10000.0 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
+
+    def axis(n: int) -> np.ndarray:
+        a = np.arange(n, dtype=np.float64)[:, None] * freqs
+        return np.concatenate([np.sin(a), np.cos(a)], -1)  # [n, dim / 2]
+
+    hh, ww = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+    table = np.concatenate([axis(gw)[ww.ravel()], axis(gh)[hh.ravel()]], -1)
+    return jnp.asarray(table, jnp.float32)
+
+
 def _per_group(x: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x ``[B, N, D]`` and a per-sample ``[B, D]`` or per-frame-group ``[B, G, D]`` value -> (x viewed as
     ``[B, N, D]`` or ``[B, G, N/G, D]``, v broadcastable to it). Tokens are in (t, h, w) order, so frame group

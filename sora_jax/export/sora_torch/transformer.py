@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
@@ -89,8 +90,11 @@ class SoraTransformer3DModel(ModelMixin, ConfigMixin):
         qk_norm: bool = True,
         rope_theta: float = 10000.0,
         pooled_text_cond: bool = True,
+        pos_embed: str = "none",
     ):
         super().__init__()
+        if pos_embed not in ("none", "sincos_2d"):
+            raise ValueError(f"SoraTransformer3DModel: pos_embed {pos_embed!r} is not 'none' or 'sincos_2d'")
         pt, ph, pw = patch_size
         patch_dim = pt * ph * pw * in_channels
         self.x_embedder = nn.Linear(patch_dim, width)
@@ -128,6 +132,10 @@ class SoraTransformer3DModel(ModelMixin, ConfigMixin):
         mask = encoder_attention_mask.bool()
         text = encoder_hidden_states.to(dt)
         tokens = self.x_embedder(patchify(x.to(dt), cfg.patch_size))
+        if cfg.pos_embed == "sincos_2d":  # diffusers' fixed 2D table over (h, w), the same every frame group
+            hw = torch.stack(torch.meshgrid(torch.arange(grid[2]), torch.arange(grid[1]), indexing="xy"))
+            table = get_2d_sincos_pos_embed_from_grid(cfg.width, hw.double().reshape(2, 1, grid[1], grid[2]))
+            tokens = tokens + table.to(device=x.device, dtype=dt).repeat(grid[0], 1)
         c = self.t_embedder(t)
         if self.y_embedder is not None:
             m = mask[..., None].float()
