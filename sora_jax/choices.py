@@ -171,6 +171,11 @@ class PosEmbed(
     )
 
 
+class TextAttention(enum.StrEnum):  # how the DiT reads the caption's token states: sora_jax.models.dit
+    CROSS = "cross"  # a cross-attention in every block (PixArt-alpha, Open-Sora)
+    JOINT = "joint"  # text tokens join the self-attention sequence, updated by every block (SD3's MMDiT, shared weights)
+
+
 class SeqParallel(enum.StrEnum):  # self-attention over the mesh's seq axis: sora_jax.parallel.sequence
     NONE = "none"
     ULYSSES = "ulysses"

@@ -179,6 +179,7 @@ def model_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
         attention_impl=cfg.model.get("attention_impl", "xla"),
         pooled_text_cond=bool(cfg.model.get("pooled_text_cond", True)),
         pos_embed=cfg.model.get("pos_embed", "none"),
+        text_attention=cfg.model.get("text_attention", "cross"),
         **_repa_fields(cfg.get("repa") or {}),
     )
 

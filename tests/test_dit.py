@@ -259,3 +259,49 @@ def test_sincos_2d_matches_diffusers_and_enters_the_dit(smoke_pair):
     assert patchify(x, cfg.patch_size).shape[1] == table.shape[0]
     with pytest.raises(ValueError, match="pos_embed"):
         dit_lib.dit_config("smoke", pos_embed="learned")
+
+
+def test_joint_text_attention():
+    """``text_attention="joint"``: parameters counted, padding tokens ignored, the text read, equal per-frame
+    times equal to one time per sample, the export refusing it, and FLOPs counted as XLA counts them (the same
+    ratio to XLA's own count as the cross-attention model's)."""
+    cfg = dit_lib.dit_config("smoke", text_attention="joint")
+    model = _perturb(dit_lib.DiT(cfg, rngs=nnx.Rngs(0)))
+    assert not hasattr(model.blocks, "cross_attn")
+    n = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert n == dit_lib.param_count(cfg)
+    x, t, text, mask = _inputs()
+    base = np.asarray(model(x, t, text, mask))
+    np.testing.assert_array_equal(np.asarray(model(x, t, text.at[0, 3:].set(9.0), mask)), base)  # padding
+    assert np.abs(np.asarray(model(x, t, text.at[0, 1].set(3.0), mask)) - base).max() > 1e-3
+    per_frame = jnp.repeat(t[:, None], 2, 1)
+    np.testing.assert_allclose(np.asarray(model(x, per_frame, text, mask)), base, atol=1e-6)
+    mixed = np.asarray(model(x, jnp.asarray([[0.0, 500.0], [700.0, 700.0]]), text, mask))
+    np.testing.assert_allclose(mixed[1], base[1], atol=1e-6)  # the second clip's times are all equal
+    assert np.abs(mixed[0] - base[0]).max() > 1e-3
+    with pytest.raises(ValueError, match="seq_parallel"):
+        dit_lib.dit_config("smoke", text_attention="joint", seq_parallel="ulysses")
+
+    ratios = {}
+    for mode in ("cross", "joint"):
+        c = dit_lib.DiTConfig(
+            in_channels=1,
+            patch_size=(2, 8, 8),
+            width=128,
+            depth=2,
+            num_heads=4,
+            text_dim=64,
+            text_attention=mode,
+        )
+        graphdef, state = nnx.split(dit_lib.DiT(c, rngs=nnx.Rngs(0)))
+        args = (
+            jnp.zeros((1, 8, 32, 32, 1)),
+            jnp.zeros((1,)),
+            jnp.zeros((1, 16, 64)),
+            jnp.ones((1, 16), bool),
+        )
+        fwd = jax.jit(lambda s, *a, g=graphdef: nnx.merge(g, s)(*a))
+        cost = fwd.lower(state, *args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        ratios[mode] = dit_lib.flops_per_token(c, 64, 16) * 64 / cost["flops"]
+    assert abs(ratios["joint"] / ratios["cross"] - 1) < 0.02, ratios  # measured: 1.835 and 1.835

@@ -227,6 +227,31 @@ def test_bad_input_one_line_nothing_written(demo_like, tmp_path, capsys, argv, e
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [("text.clauses", True, "clause by clause"), ("model.text_attention", "joint", "by joint attention")],
+)
+def test_export_refuses_what_the_pytorch_pipeline_lacks(
+    demo_like, tmp_path, capsys, monkeypatch, key, value, expected
+):
+    """A workdir trained with an option the PyTorch pipeline does not have: one line, nothing written."""
+    from sora_jax import cli, loading
+
+    real = loading.saved_config
+
+    def saved_with_option(workdir, step=None):
+        got, cfg = real(workdir, step)
+        group, name = key.split(".")
+        cfg[group][name] = value
+        return got, cfg
+
+    monkeypatch.setattr(loading, "saved_config", saved_with_option)
+    assert cli.main(["export", "--workdir", str(demo_like), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("damage", ["missing", "shape"])
 def test_import_names_a_missing_or_misshaped_tensor(exported, tmp_path, capsys, damage):
     from safetensors.torch import load_file, save_file

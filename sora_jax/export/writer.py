@@ -381,6 +381,11 @@ def export(
             f"{workdir} encodes prompts clause by clause (text.clauses), which the PyTorch pipeline does not: "
             "not exported"
         )
+    if saved.model.get("text_attention", "cross") != "cross":
+        raise ExportError(
+            f"{workdir} reads the text by joint attention (model.text_attention), which the PyTorch transformer "
+            "does not have: not exported"
+        )
     cfg, step, _, params = loading.restore(workdir, use_ema=not raw_params)
     flat = _flat(params)
     # the REPA projector (config.repa) serves the training loss only: the exported model has none

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sora_jax.choices import DIT_VARIANTS, DiTVariant, PosEmbed
+from sora_jax.choices import DIT_VARIANTS, DiTVariant, PosEmbed, TextAttention
 from sora_jax.models.layers import (
     ATTENTION_IMPLEMENTATIONS,
     Attention,
@@ -53,6 +53,7 @@ from sora_jax.parallel.sharding import constrain
 
 FREQ_DIM = 256  # TimestepEmbedder's sinusoidal width, as in DiT
 POS_EMBEDS = tuple(p.value for p in PosEmbed)
+TEXT_ATTENTIONS = tuple(a.value for a in TextAttention)
 
 # Rematerialisation: what each scanned block keeps for the backward pass (MaxText's names). "none" keeps
 # everything (fastest, most memory); "full" keeps only the block input and recomputes the rest; "dots" keeps
@@ -89,6 +90,10 @@ class DiTConfig:
     # absolute positions added to the tokens after the patch embedding (``PosEmbed``): "none" (3D RoPE alone) or
     # "sincos_2d" (DiT's fixed 2D table over the grid's (h, w), the same in every frame; nothing stored)
     pos_embed: str = "none"
+    # how the blocks read the text (``TextAttention``): "cross" (a cross-attention per block) or "joint" (the
+    # caption's tokens, through one Linear, join the self-attention sequence, keys masked, RoPE-free, and go
+    # through every block with the video tokens: SD3's joint attention with shared weights; no cross-attention)
+    text_attention: str = "cross"
     # REPA (Yu et al. 2024, sora_jax/train/repa.py): a projector MLP on the tokens after block ``repa_layer``
     # (1..depth; 0: none) to a frozen encoder's feature width ``repa_dim``, used by the training loss only
     repa_layer: int = 0
@@ -121,6 +126,12 @@ class DiTConfig:
             raise ValueError(f"DiTConfig.pos_embed={self.pos_embed!r} unknown; use one of {POS_EMBEDS}")
         if self.pos_embed != "none" and self.width % 4:
             raise ValueError(f"DiTConfig.pos_embed={self.pos_embed!r} needs a width divisible by 4")
+        if self.text_attention not in TEXT_ATTENTIONS:
+            raise ValueError(
+                f"DiTConfig.text_attention={self.text_attention!r} unknown; use one of {TEXT_ATTENTIONS}"
+            )
+        if self.text_attention == TextAttention.JOINT and self.seq_parallel != "none":
+            raise ValueError("DiTConfig.text_attention='joint' needs seq_parallel='none'")
         if self.seq_parallel not in SEQ_PARALLEL:
             raise ValueError(
                 f"DiTConfig.seq_parallel={self.seq_parallel!r} unknown; use one of {SEQ_PARALLEL}"
@@ -192,8 +203,10 @@ class DiTBlock(nnx.Module):
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         akw = dict(qk_norm=cfg.qk_norm, implementation=cfg.attention_impl, **kw)
         self.attn = Attention(D, cfg.num_heads, seq_parallel=cfg.seq_parallel, **akw)
-        self.cross_norm = RMSNorm(D, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.cross_attn = Attention(D, cfg.num_heads, context_dim=cfg.text_dim, zero_out=True, **akw)
+        self.joint = cfg.text_attention == TextAttention.JOINT
+        if not self.joint:
+            self.cross_norm = RMSNorm(D, param_dtype=cfg.param_dtype, rngs=rngs)
+            self.cross_attn = Attention(D, cfg.num_heads, context_dim=cfg.text_dim, zero_out=True, **akw)
         self.mlp = Mlp(D, cfg.mlp_dim, **kw)
         self.adaLN_modulation = linear(D, 6 * D, ("embed", "cond"), zero=True, **kw)
 
@@ -206,14 +219,17 @@ class DiTBlock(nnx.Module):
         rope: tuple[jax.Array, jax.Array],
     ) -> jax.Array:
         """x ``[B, N, D]``, c ``[B, D]`` (or per frame group ``[B, G, D]``), text ``[B, L, Dt]``, text_mask
-        ``[B, L]`` -> ``[B, N, D]``."""
+        ``[B, L]`` -> ``[B, N, D]``. Joint text attention: x is ``[B, N + L, D]`` (the text tokens last), text
+        None and text_mask the keys' mask ``[B, N + L]``; c ``[B, D]`` or per token ``[B, N + L, D]``."""
         mod = self.adaLN_modulation(jax.nn.silu(c))  # [B, 6D] or [B, G, 6D]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-        h = self.attn(modulate(layer_norm(x), shift_msa, scale_msa), rope=rope)
+        mask = text_mask if self.joint else None
+        h = self.attn(modulate(layer_norm(x), shift_msa, scale_msa), mask=mask, rope=rope)
         x = x + gate(gate_msa, h)
         x = constrain(x, ("act_batch", "act_seq", "act_embed"))
-        x = x + self.cross_attn(self.cross_norm(x), text, mask=text_mask)
-        x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+        if not self.joint:
+            x = x + self.cross_attn(self.cross_norm(x), text, mask=text_mask)
+            x = constrain(x, ("act_batch", "act_seq", "act_embed"))
         x = x + gate(gate_mlp, self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp)))
         return constrain(x, ("act_batch", "act_seq", "act_embed"))
 
@@ -249,6 +265,11 @@ class DiT(nnx.Module):
         self.t_embedder = TimestepEmbedder(cfg.width, **kw)
         self.y_embedder = (
             linear(cfg.text_dim, cfg.width, ("embed", "cond"), **kw) if cfg.pooled_text_cond else None
+        )
+        self.context_embedder = (  # joint text attention: the caption's tokens into the sequence
+            linear(cfg.text_dim, cfg.width, ("embed", "cond"), **kw)
+            if cfg.text_attention == TextAttention.JOINT
+            else None
         )
 
         @nnx.split_rngs(splits=cfg.depth)
@@ -310,25 +331,45 @@ class DiT(nnx.Module):
             y = self.y_embedder(pooled.astype(dt))
             c = c + (y[:, None] if c.ndim == 3 else y)
         rope = rope_3d_angles(*grid, cfg.head_dim, cfg.rope_theta)
+        num_video = tokens.shape[1]
+        c_blocks = c  # the blocks' conditioning; the final layer keeps c
+        if (
+            self.context_embedder is not None
+        ):  # joint: [video tokens, text tokens], text unrotated, keys masked
+            tokens = jnp.concatenate([tokens, self.context_embedder(text)], 1)
+            n_text = text.shape[1]
+            if (
+                c.ndim == 3
+            ):  # per frame group: each video token its group's c, the text tokens the groups' mean
+                per_token = jnp.repeat(c, num_video // c.shape[1], axis=1)
+                text_c = jnp.broadcast_to(c.mean(1, keepdims=True), (B, n_text, c.shape[-1]))
+                c_blocks = jnp.concatenate([per_token, text_c], 1)  # [B, N + L, D]: one "group" per token
+            rope = (
+                jnp.concatenate([rope[0], jnp.ones((n_text, rope[0].shape[1]), rope[0].dtype)]),
+                jnp.concatenate([rope[1], jnp.zeros((n_text, rope[1].shape[1]), rope[1].dtype)]),
+            )
+            text_mask = jnp.concatenate([jnp.ones((B, num_video), jnp.bool_), text_mask], 1)
+            text = None
 
         graphdef, state = nnx.split(self.blocks)
 
         def body(h: jax.Array, block_state) -> tuple[jax.Array, None]:
             block = nnx.merge(graphdef, block_state)
-            return block(h, c, text, text_mask, rope), None
+            return block(h, c_blocks, text, text_mask, rope), None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat])
         if features:  # two scans: the blocks up to repa_layer, then the rest
             k = cfg.repa_layer
             tokens, _ = jax.lax.scan(body, tokens, jax.tree.map(lambda a: a[:k], state))
-            z = tokens
+            z = tokens[:, :num_video]
             for i, layer in enumerate(self.repa_proj):
                 z = layer(z) if i == 0 else layer(jax.nn.silu(z))
             tokens, _ = jax.lax.scan(body, tokens, jax.tree.map(lambda a: a[k:], state))
         else:
             tokens, _ = jax.lax.scan(body, tokens, state)
 
+        tokens = tokens[:, :num_video]
         out = unpatchify(self.final_layer(tokens, c), cfg.patch_size, grid)  # from [B, N, P]
         return (out, z) if features else out
 
@@ -341,11 +382,13 @@ def param_count(cfg: DiTConfig) -> int:
     D, F, P, Dt, Hd = cfg.width, cfg.mlp_dim, cfg.patch_dim, cfg.text_dim, cfg.head_dim
     qkn = 2 * Hd if cfg.qk_norm else 0
     self_attn = 4 * D * D + 4 * D + qkn
-    cross_attn = 2 * D * D + 2 * Dt * D + 4 * D + qkn + D  # + the pre-norm scale
+    joint = cfg.text_attention == TextAttention.JOINT
+    cross_attn = 0 if joint else 2 * D * D + 2 * Dt * D + 4 * D + qkn + D  # + the pre-norm scale
     mlp = D * F + F + F * D + D
     ada = D * 6 * D + 6 * D
     block = self_attn + cross_attn + mlp + ada
     embed = P * D + D + FREQ_DIM * D + D + D * D + D + ((Dt * D + D) if cfg.pooled_text_cond else 0)
+    embed += (Dt * D + D) if joint else 0
     final = D * 2 * D + 2 * D + D * P + P
     repa = (
         (D * 2 * D + 2 * D + 4 * D * D + 2 * D + 2 * D * cfg.repa_dim + cfg.repa_dim) if cfg.repa_layer else 0
@@ -360,6 +403,11 @@ def flops_per_token(cfg: DiTConfig, num_tokens: int, text_len: int) -> float:
     amortised over the ``num_tokens`` video tokens. Training is about 3x this.
     """
     D, F, P, Dt, N, L = cfg.width, cfg.mlp_dim, cfg.patch_dim, cfg.text_dim, num_tokens, text_len
+    if cfg.text_attention == TextAttention.JOINT:  # N + L tokens through every block, no cross-attention
+        S = N + L
+        per_block = (S * (2 * 4 * D * D + 2 * 2 * S * D + 2 * 2 * D * F) + 2 * 6 * D * D) / N
+        cond = 2 * (FREQ_DIM * D + D * D + (Dt * D if cfg.pooled_text_cond else 0) + 2 * D * D) / N
+        return float(cfg.depth * per_block + 2 * P * D + 2 * D * P + 2 * Dt * D * L / N + cond)
     per_block = (
         2 * 4 * D * D  # self-attention q, k, v, o
         + 2 * 2 * N * D  # self-attention scores and values
