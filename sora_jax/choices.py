@@ -162,13 +162,10 @@ class Remat(enum.StrEnum):  # what the backward pass keeps: sora_jax.models.dit.
     ATTN_OUT = "attn_out"
 
 
-class PosEmbed(
-    enum.StrEnum
-):  # absolute positions added to the DiT's tokens: sora_jax.models.layers.sincos_2d
+# absolute positions added to the DiT's tokens: sora_jax.models.layers.sincos_2d
+class PosEmbed(enum.StrEnum):
     NONE = "none"  # 3D RoPE alone (relative positions)
-    SINCOS_2D = (
-        "sincos_2d"  # + DiT's fixed 2D sin-cos table over the token grid's (h, w), the same every frame
-    )
+    SINCOS_2D = "sincos_2d"  # + DiT's fixed 2D sin-cos table over the grid's (h, w), the same every frame
 
 
 class TextAttention(enum.StrEnum):  # how the DiT reads the caption's token states: sora_jax.models.dit

@@ -104,16 +104,9 @@ def frozen_embedder(
 ):
     from sora_jax.text.frozen import FrozenTextEmbedder
 
-    if tokenizer_path or dtype != "float32" or clauses:
-        return FrozenTextEmbedder(
-            kind,
-            path,
-            max_length=max_length,
-            tokenizer_path=tokenizer_path,
-            dtype=dtype,
-            clauses=bool(clauses),
-        )
-    return FrozenTextEmbedder(kind, path, max_length=max_length)
+    return FrozenTextEmbedder(
+        kind, path, max_length=max_length, tokenizer_path=tokenizer_path, dtype=dtype, clauses=bool(clauses)
+    )
 
 
 def frozen_dim(cfg: ml_collections.ConfigDict) -> int:

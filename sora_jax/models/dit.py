@@ -289,6 +289,24 @@ class DiT(nnx.Module):
                 ]
             )
 
+    def _join_text(self, tokens, c, rope, text, text_mask):
+        """Joint text attention: the blocks' inputs for [video tokens ``[B, N, D]``, text tokens] -> tokens
+        ``[B, N + L, D]``; c as given, or per token ``[B, N + L, D]`` when per frame group (each video token its
+        group's, the text tokens the groups' mean); RoPE angles with the text unrotated; the keys' mask
+        ``[B, N + L]``."""
+        B, N, _ = tokens.shape
+        L = text.shape[1]
+        tokens = jnp.concatenate([tokens, self.context_embedder(text)], 1)
+        if c.ndim == 3:
+            text_c = jnp.broadcast_to(c.mean(1, keepdims=True), (B, L, c.shape[-1]))
+            c = jnp.concatenate([jnp.repeat(c, N // c.shape[1], axis=1), text_c], 1)
+        cos, sin = rope
+        rope = (
+            jnp.concatenate([cos, jnp.ones((L, cos.shape[1]), cos.dtype)]),
+            jnp.concatenate([sin, jnp.zeros((L, sin.shape[1]), sin.dtype)]),
+        )
+        return tokens, c, rope, jnp.concatenate([jnp.ones((B, N), jnp.bool_), text_mask], 1)
+
     def __call__(
         self, x: jax.Array, t: jax.Array, text: jax.Array, text_mask: jax.Array, features: bool = False
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -333,22 +351,8 @@ class DiT(nnx.Module):
         rope = rope_3d_angles(*grid, cfg.head_dim, cfg.rope_theta)
         num_video = tokens.shape[1]
         c_blocks = c  # the blocks' conditioning; the final layer keeps c
-        if (
-            self.context_embedder is not None
-        ):  # joint: [video tokens, text tokens], text unrotated, keys masked
-            tokens = jnp.concatenate([tokens, self.context_embedder(text)], 1)
-            n_text = text.shape[1]
-            if (
-                c.ndim == 3
-            ):  # per frame group: each video token its group's c, the text tokens the groups' mean
-                per_token = jnp.repeat(c, num_video // c.shape[1], axis=1)
-                text_c = jnp.broadcast_to(c.mean(1, keepdims=True), (B, n_text, c.shape[-1]))
-                c_blocks = jnp.concatenate([per_token, text_c], 1)  # [B, N + L, D]: one "group" per token
-            rope = (
-                jnp.concatenate([rope[0], jnp.ones((n_text, rope[0].shape[1]), rope[0].dtype)]),
-                jnp.concatenate([rope[1], jnp.zeros((n_text, rope[1].shape[1]), rope[1].dtype)]),
-            )
-            text_mask = jnp.concatenate([jnp.ones((B, num_video), jnp.bool_), text_mask], 1)
+        if self.context_embedder is not None:
+            tokens, c_blocks, rope, text_mask = self._join_text(tokens, c, rope, text, text_mask)
             text = None
 
         graphdef, state = nnx.split(self.blocks)
@@ -403,10 +407,10 @@ def flops_per_token(cfg: DiTConfig, num_tokens: int, text_len: int) -> float:
     amortised over the ``num_tokens`` video tokens. Training is about 3x this.
     """
     D, F, P, Dt, N, L = cfg.width, cfg.mlp_dim, cfg.patch_dim, cfg.text_dim, num_tokens, text_len
+    cond = 2 * (FREQ_DIM * D + D * D + (Dt * D if cfg.pooled_text_cond else 0) + 2 * D * D) / N
     if cfg.text_attention == TextAttention.JOINT:  # N + L tokens through every block, no cross-attention
         S = N + L
         per_block = (S * (2 * 4 * D * D + 2 * 2 * S * D + 2 * 2 * D * F) + 2 * 6 * D * D) / N
-        cond = 2 * (FREQ_DIM * D + D * D + (Dt * D if cfg.pooled_text_cond else 0) + 2 * D * D) / N
         return float(cfg.depth * per_block + 2 * P * D + 2 * D * P + 2 * Dt * D * L / N + cond)
     per_block = (
         2 * 4 * D * D  # self-attention q, k, v, o
@@ -417,7 +421,6 @@ def flops_per_token(cfg: DiTConfig, num_tokens: int, text_len: int) -> float:
         + 2 * 2 * D * F  # MLP
         + 2 * 6 * D * D / N  # adaLN modulation, once per sample
     )
-    cond = 2 * (FREQ_DIM * D + D * D + (Dt * D if cfg.pooled_text_cond else 0) + 2 * D * D) / N
     return float(cfg.depth * per_block + 2 * P * D + 2 * D * P + cond)
 
 
