@@ -50,6 +50,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.speed = (1.0, 2.0)  # (min, max) px/frame of the digits; () = the generator's default (2-4)
     c.data.num_train = 6000  # clips, used when the data has to be built
     c.data.two_digit_fraction = 0.5  # of the built train clips, those with two digits (test: always 0.5)
+    c.data.two_digit_gap = (
+        0.0  # > 0: train clips' two digits stay this many px apart in every frame (test: 0)
+    )
+    c.data.two_digit_left_to_right = False  # train captions name the left digit first (test: any order)
     c.data.num_test = 512
     c.data.batch_size = 16  # global
     c.data.num_workers = 0
@@ -96,6 +100,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # each clause of a caption ("a 3 moves left while a 5 moves up") encoded alone, token states packed
     # (sora_jax/text/frozen.py split_clauses): measured, not better (benchmarks/SPEEDRUN.md); frozen encoders only
     c.text.clauses = False
+    # > 0: that many more text rows, each clause's sentence embedding (its mean-pooled states; the whole
+    # caption's without clauses), so one row binds a digit to its motion (sora_jax/text/frozen.py)
+    c.text.sentences = 0
     c.text.vocab_size = 2048
     c.text.width = 128
     c.text.depth = 2

@@ -475,9 +475,21 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.text.caption_dropout must be in [0, 1), got {cfg.text.caption_dropout}")
     if cfg.text.get("clauses", False) and TextEncoderKind(cfg.text.encoder) is TextEncoderKind.TRAINABLE:
         raise ConfigError("config.text.clauses needs a frozen text encoder (text.encoder = minilm or t5)")
+    if cfg.text.get("sentences", 0) and TextEncoderKind(cfg.text.encoder) is TextEncoderKind.TRAINABLE:
+        raise ConfigError("config.text.sentences needs a frozen text encoder (text.encoder = minilm or t5)")
+    if not isinstance(cfg.text.get("sentences", 0), int) or cfg.text.get("sentences", 0) < 0:
+        raise ConfigError(f"config.text.sentences must be an integer >= 0, got {cfg.text.sentences!r}")
     if not 0.0 <= cfg.data.get("two_digit_fraction", 0.5) <= 1.0:
         raise ConfigError(
             f"config.data.two_digit_fraction must be in [0, 1], got {cfg.data.two_digit_fraction}"
+        )
+    if not 0.0 <= cfg.data.get("two_digit_gap", 0.0) <= min(cfg.data.height, cfg.data.width):
+        raise ConfigError(
+            f"config.data.two_digit_gap must be in [0, min(height, width)] px, got {cfg.data.two_digit_gap}"
+        )
+    if not isinstance(cfg.data.get("two_digit_left_to_right", False), bool):
+        raise ConfigError(
+            f"config.data.two_digit_left_to_right must be True or False, got {cfg.data.two_digit_left_to_right!r}"
         )
     for axis in ("data", "fsdp", "tensor", "seq"):
         v = cfg.mesh[axis]

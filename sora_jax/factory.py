@@ -89,8 +89,17 @@ def make_text_input(cfg: ml_collections.ConfigDict):
     if TextEncoderKind(cfg.text.encoder) is TextEncoderKind.TRAINABLE:
         return HashWordTokenizer(vocab_size=cfg.text.vocab_size, max_length=cfg.text.max_length)
     t = cfg.text
-    extra = {k: t[k] for k in ("tokenizer_path", "dtype", "clauses") if t.get(k)}  # Wan: UMT5's own folders
+    extra = {
+        k: t[k] for k in ("tokenizer_path", "dtype", "clauses", "sentences") if t.get(k)
+    }  # Wan: UMT5's folders
     return frozen_embedder(t.encoder, t.get("path", ""), t.max_length, **extra)
+
+
+def text_length(cfg: ml_collections.ConfigDict) -> int:
+    """Rows of the model's text input: ``text.max_length``, plus ``text.sentences`` for a frozen encoder."""
+    if TextEncoderKind(cfg.text.encoder) is TextEncoderKind.TRAINABLE:
+        return int(cfg.text.max_length)
+    return int(cfg.text.max_length) + int(cfg.text.get("sentences", 0))
 
 
 @functools.lru_cache(maxsize=2)
@@ -101,11 +110,18 @@ def frozen_embedder(
     tokenizer_path: str = "",
     dtype: str = "float32",
     clauses: bool = False,
+    sentences: int = 0,
 ):
     from sora_jax.text.frozen import FrozenTextEmbedder
 
     return FrozenTextEmbedder(
-        kind, path, max_length=max_length, tokenizer_path=tokenizer_path, dtype=dtype, clauses=bool(clauses)
+        kind,
+        path,
+        max_length=max_length,
+        tokenizer_path=tokenizer_path,
+        dtype=dtype,
+        clauses=bool(clauses),
+        sentences=int(sentences),
     )
 
 

@@ -93,6 +93,57 @@ def test_build_train_two_fraction_leaves_the_test_split(tmp_path):
     assert "train_two_fraction" not in pipeline.read_metadata(tmp_path / "e")["params"]
 
 
+def _closest_approach(corners: np.ndarray) -> np.ndarray:
+    """corners int [n, 2, T, 2] -> the two objects' smallest max-norm distance over the frames, [n]."""
+    return np.array(
+        [min(max(abs(ya - yb), abs(xa - xb)) for (ya, xa), (yb, xb) in zip(*c)) for c in corners.tolist()]
+    )
+
+
+def test_min_gap_keeps_two_digits_apart_in_every_frame():
+    rng = np.random.default_rng(0)
+    digits, directions = md._sample_objects(rng, "train", 400, 1.0)
+    limits = np.array([16.0, 16.0])
+    default = md._trajectories(np.random.default_rng(1), directions, 8, limits, 16, (1.0, 2.0))
+    apart = md._trajectories(np.random.default_rng(1), directions, 8, limits, 16, (1.0, 2.0), min_gap=10.0)
+    assert (_closest_approach(default) < 10).mean() > 0.5  # by default most pairs come within 10 px
+    assert (_closest_approach(apart) >= 10).mean() > 0.92  # (measured: 0.945 reach it in 256 draws)
+    # both objects still move their labelled way over the two frames before any bounce
+    step = np.sign(apart[:, :, 2] - apart[:, :, 0])  # [n, 2, (y, x)]
+    np.testing.assert_array_equal(step, np.sign(md.DIRECTION_VECTORS[directions]).astype(int))
+
+
+def test_build_train_min_gap_leaves_the_test_split(tmp_path):
+    big = dict(BUILD, num_frames=8, height=32, width=32, num_train=40, num_test=8)
+    out = md.build(tmp_path / "d", **big, train_min_gap=10.0)
+    meta = pipeline.read_metadata(out)
+    assert meta["params"]["train_min_gap"] == 10.0
+    ref = md.generate("test", 8, seed=BUILD["seed"], num_frames=8, height=32, width=32)
+    assert meta["splits"]["test"]["captions"] == ref["captions"]
+    train = md.generate("train", 40, seed=BUILD["seed"], num_frames=8, height=32, width=32)
+    assert meta["splits"]["train"]["digits"] == train["digits"].tolist()  # same objects, other positions
+
+
+def test_left_to_right_names_the_left_digit_first():
+    kw = dict(seed=0, num_frames=8, height=32, width=32)
+    anyway = md.generate("train", 200, **kw)
+    ordered = md.generate("train", 200, left_to_right=True, **kw)
+    np.testing.assert_array_equal(ordered["video"], anyway["video"])  # the same clips, other captions
+    firsts = []
+    for cap, ds, ks, c in zip(
+        ordered["captions"], ordered["digits"], ordered["directions"], ordered["corners"]
+    ):
+        named = md.parse_prompt(cap)
+        if ds[1] < 0:
+            assert named == [(int(ds[0]), int(ks[0]))]
+            continue
+        (y0, x0), (y1, x1) = c[0, 0], c[1, 0]
+        left = 0 if (x0, y0) <= (x1, y1) else 1
+        assert named == [(int(ds[left]), int(ks[left])), (int(ds[1 - left]), int(ks[1 - left]))], cap
+        firsts.append(left)
+    assert 0.3 < np.mean(firsts) < 0.7  # the drawn order is random, the naming is not
+
+
 def test_held_out_pairs_absent_from_train_present_in_every_test_clip():
     assert len(md.HELD_OUT) == 10 and {d for d, _ in md.HELD_OUT} == set(range(10))
     assert (3, 2) in md.HELD_OUT  # 3 -> (3*3+1) % 8 = 2 = "up"
@@ -425,3 +476,12 @@ def test_to_global_on_8_devices(built):
         assert v.sharding.spec == PartitionSpec(("data", "fsdp"))
         assert {s.data.shape[0] for s in v.addressable_shards} == {1}
         np.testing.assert_array_equal(np.asarray(v), b[k])
+
+
+def test_two_digit_gap_is_validated():
+    from sora_jax.config import ConfigError, load_config, validate
+
+    cfg = load_config("configs/quickstart.py")
+    cfg.data.two_digit_gap = 40.0
+    with pytest.raises(ConfigError, match="two_digit_gap must be in"):
+        validate(cfg)

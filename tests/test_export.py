@@ -229,7 +229,11 @@ def test_bad_input_one_line_nothing_written(demo_like, tmp_path, capsys, argv, e
 
 @pytest.mark.parametrize(
     "key, value, expected",
-    [("text.clauses", True, "clause by clause"), ("model.text_attention", "joint", "by joint attention")],
+    [
+        ("text.clauses", True, "clause by clause"),
+        ("text.sentences", 2, "sentence rows"),
+        ("model.text_attention", "joint", "by joint attention"),
+    ],
 )
 def test_export_refuses_what_the_pytorch_pipeline_lacks(
     demo_like, tmp_path, capsys, monkeypatch, key, value, expected

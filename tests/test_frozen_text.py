@@ -149,3 +149,48 @@ def test_clauses_pack_each_clause_encoded_alone(embedder, tmp_path):
     cfg.text.clauses = True  # the smoke config's trainable encoder has no token states to pack
     with pytest.raises(ConfigError, match="text.clauses needs a frozen text encoder"):
         validate(cfg)
+
+
+def test_sentence_rows_are_each_clause_mean_pooled(embedder, tmp_path):
+    rows = FrozenTextEmbedder("minilm", max_length=16, clauses=True, sentences=2)
+    assert rows.name == embedder.name + ":clauses:S2"
+    assert table_file(tmp_path, rows, "train") != table_file(tmp_path, embedder, "train")
+    prompts = ["a 0 moves right while the digit 5 rises", "a 3 moving left"]
+    emb, mask = rows.encode(prompts)
+    assert emb.shape == (2, 18, 384) and mask.shape == (2, 18)
+    packed, packed_mask = FrozenTextEmbedder("minilm", max_length=16, clauses=True).encode(prompts)
+    np.testing.assert_allclose(emb[:, :16], packed, atol=1e-6)  # the token rows as without sentences
+    np.testing.assert_array_equal(mask[:, :16], packed_mask)
+    for b, clauses in enumerate([["a 0 moves right", "the digit 5 rises"], ["a 3 moving left"]]):
+        for j, clause in enumerate(clauses):  # the clause alone, its unpadded token states averaged
+            e, m = embedder.encode([clause])
+            np.testing.assert_allclose(emb[b, 16 + j], e[0][m[0]].mean(0), atol=1e-5)
+            assert mask[b, 16 + j]
+    assert not mask[1, 17] and not emb[1, 17].any()  # one clause: the second row is padding
+    whole, whole_mask = FrozenTextEmbedder("minilm", max_length=16, sentences=1).encode(prompts[:1])
+    e, m = embedder.encode(prompts[:1])  # without clauses: the whole prompt's row after its token states
+    np.testing.assert_allclose(whole[0, :16], e[0], atol=1e-6)
+    np.testing.assert_allclose(whole[0, 16], e[0][m[0]].mean(0), atol=1e-5)
+    assert whole_mask[0, 16]
+    cfg = quickstart.get_config("smoke")
+    cfg.text.sentences = 2
+    with pytest.raises(ConfigError, match="text.sentences needs a frozen text encoder"):
+        validate(cfg)
+
+
+def test_train_and_sample_with_sentence_rows(data_dir, tmp_path):
+    """The step compiles for max_length + sentences rows, the caption table holds them, sampling encodes them."""
+    from sora_jax import api
+    from sora_jax.config import load_config
+    from sora_jax.train.data import caption_table
+    from sora_jax.train.loop import train
+
+    overrides = [f"--config.data.path={data_dir}", "--config.text.encoder=minilm", "--config.mesh.data=1"]
+    overrides += ["--config.text.clauses=True", "--config.text.sentences=2", "--config.train.num_steps=2"]
+    cfg = load_config(f"{quickstart.__file__}:smoke", overrides)
+    out = train(cfg, tmp_path / "run", progress=False, devices=jax.devices()[:1])
+    assert np.isfinite(out["loss"])
+    table = caption_table(cfg, tmp_path / "run")
+    assert table.emb.shape[1:] == (cfg.text.max_length + 2, 384)
+    videos = api.load_pipeline(tmp_path / "run").generate(["a 4 moving up while a 7 falls"], seed=0)
+    assert videos.shape == (1, 4, 16, 16, 3)

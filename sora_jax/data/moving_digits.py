@@ -269,12 +269,15 @@ def _trajectories(
     limits: np.ndarray,
     size: int,
     speed: tuple[float, float] | None = None,
+    min_gap: float = 0.0,
 ) -> np.ndarray:
     """Top-left corners int [n, 2, T, 2] (y, x) for objects moving in ``directions`` [n, 2].
 
     Speed is uniform in ``speed`` = (min, max) px/frame, by default [L/T, 2L/T] (L = free travel, at least
     1.5 px/frame); starts leave two frames of travel before the first bounce, and the two objects of a clip
-    start >= size/2 apart.
+    start >= size/2 apart. ``min_gap`` > 0: both objects are drawn again (up to 256 times) until their
+    corners are >= min_gap px apart (max-norm) in *every* frame; a clip where no draw reaches it keeps
+    the draw whose closest approach was widest.
     """
     n = directions.shape[0]
     travel = float(limits.min())
@@ -302,8 +305,29 @@ def _trajectories(
             break
         p0[bad, 1], vel[bad, 1] = sample(int(bad.sum()), vec[bad, 1])
     t = np.arange(num_frames, dtype=np.float64)
-    pos = p0[:, :, None, :] + vel[:, :, None, :] * t[:, None]  # [n, 2, T, 2]
-    return np.rint(_reflect(pos, limits)).astype(np.int64)
+
+    def corners(p0_: np.ndarray, vel_: np.ndarray) -> np.ndarray:
+        return np.rint(_reflect(p0_[:, :, None, :] + vel_[:, :, None, :] * t[:, None], limits)).astype(
+            np.int64
+        )
+
+    out = corners(p0, vel)  # [n, 2, T, 2]
+    if min_gap <= 0:
+        return out
+    two = directions[:, 1] >= 0
+    closest = np.where(two, np.abs(out[:, 0] - out[:, 1]).max(-1).min(-1), np.inf)  # [n]
+    for _ in range(256):
+        bad = np.flatnonzero(closest < min_gap)
+        if bad.size == 0:
+            break
+        q0, qv = np.empty((bad.size, MAX_OBJECTS, 2)), np.empty((bad.size, MAX_OBJECTS, 2))
+        for o in range(MAX_OBJECTS):
+            q0[:, o], qv[:, o] = sample(bad.size, vec[bad, o])
+        cand = corners(q0, qv)
+        gap = np.abs(cand[:, 0] - cand[:, 1]).max(-1).min(-1)
+        better = gap > closest[bad]
+        out[bad[better]], closest[bad[better]] = cand[better], gap[better]
+    return out
 
 
 def _render(glyphs: np.ndarray, corners: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -337,14 +361,20 @@ def generate(
     interpolation: str = "nearest",
     speed: tuple[float, float] | None = None,
     two_fraction: float = 0.5,
+    min_gap: float = 0.0,
+    left_to_right: bool = False,
 ) -> dict[str, Any]:
     """Generates clips in memory, deterministic in (split, seed, sizes, two_fraction).
 
     Returns video uint8 [N, T, H, W, 3] (white digits on black), digits int32 [N, 2] and directions
     int32 [N, 2] (-1 padded for one-object clips; direction = initial direction id into DIRECTIONS),
-    captions list[str] of length N. ``digit_size`` defaults to min(height, width) // 2. ``speed`` (min, max)
+    captions list[str] of length N, corners int [N, 2, T, 2] (each object's top-left (y, x) per frame). ``digit_size`` defaults to min(height, width) // 2. ``speed`` (min, max)
     px/frame; default: from the free travel L = min(H, W) - digit_size, uniform in [L/T, 2L/T].
-    ``two_fraction``: the probability that a clip shows two digits (the other clips show one).
+    ``two_fraction``: the probability that a clip shows two digits (the other clips show one). ``min_gap``
+    > 0: two digits stay >= min_gap px apart (max-norm between their corners) in every frame where a draw
+    allows it (0: they only start >= digit_size/2 apart, and often cross). ``left_to_right``: a two-digit
+    caption names the digit that starts further left first (then the higher one on a tie); by default the
+    naming order is random.
     """
     if not 0.0 <= float(two_fraction) <= 1.0:
         raise ValueError(f"moving_digits.generate: two_fraction must be in [0, 1], got {two_fraction}")
@@ -368,7 +398,7 @@ def generate(
     pick = offsets[safe_digits] + np.floor(rng.random(digits.shape) * counts[safe_digits]).astype(np.int64)
     glyphs = glyph_bank[pick] * (digits >= 0)[..., None, None].astype(np.uint8)  # [N, 2, S, S]
     limits = np.array([height - size, width - size], np.float64)
-    corners = _trajectories(rng, directions, num_frames, limits, size, speed)
+    corners = _trajectories(rng, directions, num_frames, limits, size, speed, float(min_gap))
 
     video = np.empty((num_clips, num_frames, height, width, 3), np.uint8)
     chunk = max(1, (1 << 22) // (MAX_OBJECTS * num_frames * height * width))
@@ -376,11 +406,21 @@ def generate(
         video[s : s + chunk] = _render(glyphs[s : s + chunk], corners[s : s + chunk], height, width)[
             ..., None
         ]
+    order = np.tile(np.arange(MAX_OBJECTS), (num_clips, 1))  # [N, 2]: the objects in naming order
+    if left_to_right:
+        start = corners[:, :, 0]  # [N, 2, (y, x)]
+        order = np.lexsort((start[..., 0], start[..., 1]), axis=-1)
     captions = [
-        caption(rng, [(int(d), int(k)) for d, k in zip(ds, ks) if d >= 0])
-        for ds, ks in zip(digits, directions)
+        caption(rng, [(int(ds[o]), int(ks[o])) for o in oo if ds[o] >= 0])
+        for ds, ks, oo in zip(digits, directions, order)
     ]
-    return {"video": video, "digits": digits, "directions": directions, "captions": captions}
+    return {
+        "video": video,
+        "digits": digits,
+        "directions": directions,
+        "captions": captions,
+        "corners": corners,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -460,12 +500,16 @@ def build(
     interpolation: str = "nearest",
     speed: tuple[float, float] | None = None,
     train_two_fraction: float = 0.5,
+    train_min_gap: float = 0.0,
+    train_left_to_right: bool = False,
     progress: bool = True,
 ) -> pathlib.Path:
     """Writes train/test ArrayRecord shards + metadata.json into ``out_dir`` atomically; returns out_dir.
 
     ``train_two_fraction``: the share of two-digit clips in the train split (the test split keeps 0.5, so
-    scores on it stay comparable).
+    scores on it stay comparable). ``train_min_gap``: ``generate``'s ``min_gap`` for the train split (the test
+    split keeps 0, so its captions stay the same). ``train_left_to_right``: ``generate``'s ``left_to_right``
+    for the train split.
 
     Returns at once when ``out_dir`` already holds a complete build with the same parameters; raises
     FileExistsError when it holds something else (delete it or choose another folder).
@@ -495,6 +539,10 @@ def build(
     )
     if float(train_two_fraction) != 0.5:  # listed only when set: builds made before it stay complete
         params["train_two_fraction"] = float(train_two_fraction)
+    if float(train_min_gap) > 0:
+        params["train_min_gap"] = float(train_min_gap)
+    if train_left_to_right:
+        params["train_left_to_right"] = True
     if _is_complete(out_dir, params):
         ensure_card(out_dir)
         return out_dir
@@ -534,6 +582,8 @@ def build(
                 interpolation=interpolation,
                 speed=speed,
                 two_fraction=float(train_two_fraction) if split == "train" else 0.5,
+                min_gap=float(train_min_gap) if split == "train" else 0.0,
+                left_to_right=bool(train_left_to_right) and split == "train",
             )
             shards = min(num_shards, sizes[split])
             names = shard_names(split, shards)

@@ -203,6 +203,8 @@ def ensure_dataset(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
             seed=cfg.seed,
             speed=tuple(d.speed) if d.get("speed") else None,
             train_two_fraction=float(d.get("two_digit_fraction", 0.5)),
+            train_min_gap=float(d.get("two_digit_gap", 0.0)),
+            train_left_to_right=bool(d.get("two_digit_left_to_right", False)),
         )
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

@@ -381,6 +381,11 @@ def export(
             f"{workdir} encodes prompts clause by clause (text.clauses), which the PyTorch pipeline does not: "
             "not exported"
         )
+    if saved.text.get("sentences", 0):
+        raise ExportError(
+            f"{workdir} adds sentence rows to the text (text.sentences), which the PyTorch pipeline does not: "
+            "not exported"
+        )
     if saved.model.get("text_attention", "cross") != "cross":
         raise ExportError(
             f"{workdir} reads the text by joint attention (model.text_attention), which the PyTorch transformer "

@@ -12,7 +12,10 @@ Owns:
   LRU of per-prompt embeddings (sampling asks for the same prompts again and again) and warns once per
   prompt that is truncated to ``max_length``. With ``clauses``, each clause of a prompt (``split_clauses``) is
   encoded alone and their token states are packed one after the other (so a subject's states carry only its
-  own clause), a measured ablation (benchmarks/SPEEDRUN.md).
+  own clause), a measured ablation (benchmarks/SPEEDRUN.md). With ``sentences`` = S > 0, S more rows follow
+  the ``max_length`` token rows: the mean-pooled states of each clause encoded alone (the sentence embedding
+  all-MiniLM-L6-v2 was trained to give; the whole prompt's without ``clauses``), so one row carries a subject
+  together with what it does.
   ``encode([""])`` is the classifier-free-guidance null embedding.
 - ``EmbeddingTable``: caption -> embedding rows computed once for a whole dataset (float16 + masks, saved
   as ``.npz`` by ``data_pipelines/encode_text.py`` or the trainer), picklable and cheap, so grain worker
@@ -88,9 +91,13 @@ class FrozenTextEmbedder:
         batch_size: int = 64,
         tokenizer_path: str = "",
         clauses: bool = False,
+        sentences: int = 0,
     ):
         self.kind, self.path, self.max_length = kind, path, int(max_length)
         self.clauses = bool(clauses)
+        if int(sentences) < 0:
+            raise ValueError(f"FrozenTextEmbedder: sentences must be >= 0, got {sentences}")
+        self.sentences = int(sentences)
         module, self.tokenizer = _load(kind, path, as_dtype(dtype), tokenizer_path)
         graphdef, self.params = nnx.split(module)
         # the frozen weights are an argument, never compiled in as constants
@@ -111,7 +118,7 @@ class FrozenTextEmbedder:
     @property
     def name(self) -> str:
         """Identifies the encoder and its settings (cache files carry it): ``embedder_name``."""
-        return embedder_name(self.kind, self.path, self.max_length, self.clauses)
+        return embedder_name(self.kind, self.path, self.max_length, self.clauses, self.sentences)
 
     def _tokenize(self, texts: list[str], warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
         out = self.tokenizer.encode(texts, self.max_length)
@@ -127,18 +134,26 @@ class FrozenTextEmbedder:
 
     def _compute(self, texts: list[str], warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """``_encode``, or with ``clauses`` each text's clauses encoded alone, their unmasked token states
-        packed in order (truncated to ``max_length``)."""
-        if not self.clauses:
+        packed in order (truncated to ``max_length``); then the ``sentences`` rows: ``[B, max_length + S, D]``."""
+        if not self.clauses and not self.sentences:
             return self._encode(texts, warn)
-        parts = [split_clauses(t) for t in texts]
+        parts = [split_clauses(t) if self.clauses else [t] for t in texts]
         emb, mask = self._encode([c for p in parts for c in p], warn)
-        out = np.zeros((len(texts), self.max_length, emb.shape[-1]), np.float32)
-        out_mask = np.zeros((len(texts), self.max_length), bool)
+        length = self.max_length + self.sentences
+        out = np.zeros((len(texts), length, emb.shape[-1]), np.float32)
+        out_mask = np.zeros((len(texts), length), bool)
         i = 0
         for b, p in enumerate(parts):
-            packed = np.concatenate([emb[i + j][mask[i + j]] for j in range(len(p))])[: self.max_length]
+            rows = range(i, i + len(p))
             i += len(p)
-            out[b, : len(packed)], out_mask[b, : len(packed)] = packed, True
+            if self.clauses:
+                packed = np.concatenate([emb[r][mask[r]] for r in rows])[: self.max_length]
+                out[b, : len(packed)], out_mask[b, : len(packed)] = packed, True
+            else:
+                out[b, : self.max_length], out_mask[b, : self.max_length] = emb[rows[0]], mask[rows[0]]
+            for j, r in enumerate(rows[: self.sentences]):  # mean over the clause's tokens (padding is zero)
+                out[b, self.max_length + j] = emb[r].sum(0) / max(int(mask[r].sum()), 1)
+                out_mask[b, self.max_length + j] = mask[r].any()
         return out, out_mask
 
     def _encode(self, texts: list[str], warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -254,22 +269,30 @@ class EmbeddingTable:
             return cls(list(z["captions"]), z["emb"], z["mask"], name=str(z["name"]))
 
 
-def embedder_name(kind: str, path: str, max_length: int, clauses: bool = False) -> str:
+def embedder_name(kind: str, path: str, max_length: int, clauses: bool = False, sentences: int = 0) -> str:
     """What identifies a frozen encoder and its settings (``FrozenTextEmbedder.name``), known without loading it."""
     name = f"{kind}:{os.path.abspath(path) if path else 'bundled'}:L{int(max_length)}"
-    return name + (":clauses" if clauses else "")
+    return name + (":clauses" if clauses else "") + (f":S{int(sentences)}" if sentences else "")
 
 
 def table_file(folder: str | Path, embedder: FrozenTextEmbedder, split: str) -> Path:
     """Where a dataset's table for ``embedder`` lives: ``<folder>/text_emb-<kind>-<hash>-<split>.npz``."""
-    return table_file_for(folder, embedder.kind, embedder.path, embedder.max_length, split, embedder.clauses)
+    return table_file_for(
+        folder, embedder.kind, embedder.path, embedder.max_length, split, embedder.clauses, embedder.sentences
+    )
 
 
 def table_file_for(
-    folder: str | Path, kind: str, path: str, max_length: int, split: str, clauses: bool = False
+    folder: str | Path,
+    kind: str,
+    path: str,
+    max_length: int,
+    split: str,
+    clauses: bool = False,
+    sentences: int = 0,
 ) -> Path:
-    """``table_file`` of the encoder (kind, path, max_length, clauses), without loading it."""
-    digest = hashlib.sha1(embedder_name(kind, path, max_length, clauses).encode()).hexdigest()[:10]
+    """``table_file`` of the encoder (kind, path, max_length, clauses, sentences), without loading it."""
+    digest = hashlib.sha1(embedder_name(kind, path, max_length, clauses, sentences).encode()).hexdigest()[:10]
     return Path(folder) / f"text_emb-{kind}-{digest}-{split}.npz"
 
 

@@ -31,7 +31,7 @@ def abstract_batch(
     cfg: ml_collections.ConfigDict, mesh, video_shape: tuple[int, int, int, int] | None = None
 ) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch the step takes; ``video_shape`` (B, T, H, W) overrides the config's (buckets)."""
-    d, b, length = cfg.data, cfg.data.batch_size, cfg.text.max_length
+    d, b, length = cfg.data, cfg.data.batch_size, factory.text_length(cfg)
     if video_shape is not None:
         b = video_shape[0]
     if DataContent(d.get("content", "video")) is DataContent.LATENTS:  # a bucket's, or the config's clip
@@ -183,6 +183,7 @@ def _table_places(cfg: ml_collections.ConfigDict, workdir) -> list[Path]:
         cfg.text.max_length,
         "train",
         cfg.text.get("clauses", False),
+        cfg.text.get("sentences", 0),
     )
     places = [] if _tfds(cfg) else [table_file_for(pipeline.dataset_dir(cfg, workdir), *key)]
     return [*places, table_file_for(Path(workdir) / "text_cache", *key)]

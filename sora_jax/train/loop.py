@@ -95,7 +95,7 @@ def _null_text(cfg: ml_collections.ConfigDict, shapes_only: bool, table) -> tupl
         return table.encode([""])
     frozen = factory.frozen_dim(cfg)
     if shapes_only and frozen:
-        length = cfg.text.max_length
+        length = factory.text_length(cfg)
         return np.zeros((1, length, frozen), np.float32), np.zeros((1, length), bool)
     return factory.make_text_input(cfg).encode([""])
 
