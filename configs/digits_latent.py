@@ -27,4 +27,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.diffusion.flow_shift = 3.0
     c.optim.optimizer, c.optim.lr = "adamw", 2e-3  # as measured (the pixel quickstart moved to Muon, 4e-3)
     c.repa.layer = 0  # REPA reads pixel clips (the quickstart aligns with the digit reader since stop 21)
+    c.data.two_digit_gap, c.data.two_digit_left_to_right = 0.0, False  # its data as measured
     return c

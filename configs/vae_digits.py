@@ -18,6 +18,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         raise ValueError(f"configs/vae_digits.py: unknown argument {arg!r} (use '' or 'smoke')")
     c = quickstart.get_config("smoke" if arg == "smoke" else "")
     c.task = "vae"
+    c.data.two_digit_gap, c.data.two_digit_left_to_right = 0.0, False  # the clips it was measured on
     c.vae = ml_collections.ConfigDict()
     c.vae.variant = "digits"  # sora_jax.models.vae.VAE_VARIANTS
     c.vae.latent_channels = 0  # 0: the variant's

@@ -92,3 +92,25 @@ def test_speedrun_latent_path_trains_the_vae_inside_the_budget(tmp_path):
         cfg.autoencoder.path == str(tmp_path / "w" / "vae") and cfg.autoencoder.vae_step == r["vae"]["steps"]
     )
     assert speedrun.main([*argv[:6], "--vae_config", "configs/vae_digits.py:smoke", "--out", str(out)]) == 2
+
+
+def test_two_digit_data_reports_the_closest_approach(tmp_path):
+    """benchmarks/two_digit_data.py: its shares and percentiles against a per-clip loop over the generator's
+    corners, and its sheet."""
+    from sora_jax.data import moving_digits as md
+
+    bench = load_benchmark("two_digit_data")
+    out = tmp_path / "gap.json"
+    assert bench.main(["--gaps", "0", "10", "--clips", "64", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    for row, gap in zip(rows, (0.0, 10.0)):
+        g = md.generate("train", 64, seed=0, speed=(1.0, 2.0), min_gap=gap, num_frames=8, height=32, width=32)
+        d = []
+        for digits, c in zip(g["digits"], g["corners"].tolist()):
+            if digits[1] >= 0:
+                d.append(min(max(abs(ya - yb), abs(xa - xb)) for (ya, xa), (yb, xb) in zip(*c)))
+        assert row["two_digit_clips"] == len(d)
+        assert row["reach_gap"] == pytest.approx(np.mean(np.asarray(d) >= gap))
+        assert row["closest_approach_px"]["p50"] == pytest.approx(np.median(d))
+    assert rows[1]["closest_approach_px"]["p50"] > rows[0]["closest_approach_px"]["p50"]
+    assert out.with_suffix(".png").is_file()
