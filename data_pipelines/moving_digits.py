@@ -29,6 +29,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument(
         "--train_two_fraction", type=float, default=0.5, help="share of two-digit train clips (test: 0.5)"
     )
+    p.add_argument(
+        "--train_min_gap",
+        type=float,
+        default=0.0,
+        help="px two train digits stay apart in every frame (test: 0)",
+    )
+    p.add_argument(
+        "--train_left_to_right", action="store_true", help="train captions name the left digit first"
+    )
     a = p.parse_args(argv)
     out = build(
         a.out,
@@ -44,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         interpolation=a.interpolation,
         speed=a.speed,
         train_two_fraction=a.train_two_fraction,
+        train_min_gap=a.train_min_gap,
+        train_left_to_right=a.train_left_to_right,
     )
     print(out)
 
