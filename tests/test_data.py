@@ -368,7 +368,6 @@ def test_build_cli(tmp_path):
     assert meta["params"]["height"] == 8 and meta["params"]["width"] == 32
     assert meta["splits"]["test"]["num_clips"] == 2 and len(meta["splits"]["test"]["shards"]) == 2
     main(["--out", str(tmp_path / "apart"), "--num_train", "4", "--num_test", "2", "--train_min_gap", "12"])
-    main(["--out", str(tmp_path / "apart"), "--num_train", "4", "--num_test", "2", "--train_min_gap", "12"])
     params = json.loads((tmp_path / "apart" / "metadata.json").read_text())["params"]
     assert params["train_min_gap"] == 12.0 and "train_left_to_right" not in params
     main(["--out", str(tmp_path / "ltr"), "--num_train", "4", "--num_test", "2", "--train_left_to_right"])
