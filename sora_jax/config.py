@@ -479,6 +479,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("config.text.sentences needs a frozen text encoder (text.encoder = minilm or t5)")
     if not isinstance(cfg.text.get("sentences", 0), int) or cfg.text.get("sentences", 0) < 0:
         raise ConfigError(f"config.text.sentences must be an integer >= 0, got {cfg.text.sentences!r}")
+    out_conv = cfg.model.get("out_conv", 0)
+    if isinstance(out_conv, bool) or not isinstance(out_conv, int) or out_conv < 0:
+        raise ConfigError(f"config.model.out_conv must be an integer >= 0 (channels), got {out_conv!r}")
     if not 0.0 <= cfg.data.get("two_digit_fraction", 0.5) <= 1.0:
         raise ConfigError(
             f"config.data.two_digit_fraction must be in [0, 1], got {cfg.data.two_digit_fraction}"

@@ -189,6 +189,7 @@ def model_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
         pooled_text_cond=bool(cfg.model.get("pooled_text_cond", True)),
         pos_embed=cfg.model.get("pos_embed", "none"),
         text_attention=cfg.model.get("text_attention", "cross"),
+        out_conv=int(cfg.model.get("out_conv", 0)),
         **_repa_fields(cfg.get("repa") or {}),
     )
 

@@ -46,6 +46,46 @@ def test_init_outputs_exactly_zero(smoke_pair):
     assert float(jnp.max(jnp.abs(out))) == 0.0
 
 
+def test_out_conv_head_starts_at_zero_and_reads_across_patch_seams():
+    """``out_conv``: a fresh model still outputs exactly zero; trained (perturbed), the head's conv makes an
+    output pixel at a patch's edge depend on the neighbouring patch's features, which the plain head cannot."""
+    cfg = dit_lib.dit_config("smoke", out_conv=4)
+    model = dit_lib.DiT(cfg, rngs=nnx.Rngs(0))
+    x, t, text, mask = _inputs()
+    assert float(jnp.max(jnp.abs(model(x, t, text, mask)))) == 0.0
+    live = _perturb(model)
+    ph, pw = cfg.patch_size[1:]
+
+    def edge_pixel(features_of_right_patch):  # pixel (0, 0, pw - 1) of patch (0, 0, 0), right edge
+        tokens = jnp.zeros((1, 8, cfg.width)).at[0, 1].set(features_of_right_patch)
+        head = live.final_layer
+        c = jnp.zeros((1, cfg.width))
+        out, feat = head(tokens, c)
+        grid = (2 // cfg.patch_size[0], 8 // ph, 8 // pw)
+        conv = live.head_conv(jax.nn.silu(dit_lib.unpatchify(feat, cfg.patch_size, grid)))
+        return dit_lib.unpatchify(out, cfg.patch_size, grid) + conv
+
+    r = np.random.default_rng(3)
+    a, b = (jnp.asarray(r.standard_normal(cfg.width), jnp.float32) for _ in range(2))
+    pa, pb = edge_pixel(a), edge_pixel(b)
+    # the edge pixel reads its neighbour's features; pixels beyond the kernel's reach do not
+    assert float(jnp.max(jnp.abs(pa[0, 0, 0, pw - 1] - pb[0, 0, 0, pw - 1]))) > 1e-3
+    assert float(jnp.max(jnp.abs(pa[0, 0, 0, : pw - 2] - pb[0, 0, 0, : pw - 2]))) == 0.0
+
+
+def test_out_conv_is_validated_and_reaches_the_model():
+    from sora_jax import factory
+    from sora_jax.config import ConfigError, load_config, validate
+
+    cfg = load_config("configs/quickstart.py")
+    assert factory.model_config(cfg).out_conv == 0
+    cfg.model.out_conv = 8
+    assert factory.model_config(cfg).out_conv == 8
+    cfg.model.out_conv = -1
+    with pytest.raises(ConfigError, match="model.out_conv must be an integer >= 0"):
+        validate(cfg)
+
+
 def test_output_depends_on_text_and_time_not_on_padding(smoke_pair):
     _, _, model = smoke_pair
     fwd = jax.jit(lambda x, t, text, mask: model(x, t, text, mask))
@@ -115,12 +155,13 @@ def test_bf16_compute():
     assert err < 0.1 * float(jnp.max(jnp.abs(ref))) + 1e-2
 
 
-@pytest.mark.parametrize("variant", ["smoke", "tiny", "S", "B", "L", "XL", "1B", "8B"])
+@pytest.mark.parametrize("variant", ["smoke", "tiny", "S", "B", "L", "XL", "1B", "8B", "tiny_out_conv"])
 def test_param_count_formula_and_eval_shape(variant):
-    cfg = dit_lib.dit_config(variant)
+    cfg = dit_lib.dit_config(variant.removesuffix("_out_conv"), out_conv=8 if variant.endswith("conv") else 0)
     state = jax.eval_shape(lambda: nnx.state(dit_lib.DiT(cfg, rngs=nnx.Rngs(0)), nnx.Param))
     counted = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state))
-    print(f"{variant}: {counted / 1e6:.1f}M params ({dit_lib.VARIANTS[variant].follows})")
+    follows = dit_lib.VARIANTS[variant.removesuffix("_out_conv")].follows
+    print(f"{variant}: {counted / 1e6:.1f}M params ({follows})")
     assert counted == dit_lib.param_count(cfg)
     # every weight outside the per-sample (adaLN, conditioning) and per-text-token (cross k/v) paths is used
     # once per video token: a multiply-add each, plus attention on top

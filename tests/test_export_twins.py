@@ -58,6 +58,9 @@ def rel_err(a, b) -> float:
 
 DIT_VARIANTS = {
     "pixel": DiTConfig(in_channels=1, patch_size=(2, 8, 8), width=32, depth=2, num_heads=2, text_dim=32),
+    "pixel_out_conv": DiTConfig(  # the convolutional head: a 3x3x3 conv over 3 feature channels per pixel
+        in_channels=1, patch_size=(2, 8, 8), width=32, depth=2, num_heads=2, text_dim=32, out_conv=3
+    ),
     "latent": DiTConfig(
         in_channels=4,
         patch_size=(1, 2, 2),
@@ -81,7 +84,7 @@ def test_dit_twin_matches_jax(variant):
     twin = SoraTransformer3DModel(**configs.transformer_config(cfg))
     load_twin(twin, flat)
     rng = np.random.default_rng(0)
-    T, H, W = (4, 16, 16) if variant == "pixel" else (3, 8, 6)
+    T, H, W = (4, 16, 16) if variant.startswith("pixel") else (3, 8, 6)
     x = rng.standard_normal((2, T, H, W, cfg.in_channels)).astype(np.float32)
     text = rng.standard_normal((2, 5, cfg.text_dim)).astype(np.float32)
     mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)

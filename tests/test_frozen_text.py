@@ -167,11 +167,12 @@ def test_sentence_rows_are_each_clause_mean_pooled(embedder, tmp_path):
             np.testing.assert_allclose(emb[b, 16 + j], e[0][m[0]].mean(0), atol=1e-5)
             assert mask[b, 16 + j]
     assert not mask[1, 17] and not emb[1, 17].any()  # one clause: the second row is padding
-    whole, whole_mask = FrozenTextEmbedder("minilm", max_length=16, sentences=1).encode(prompts[:1])
-    e, m = embedder.encode(prompts[:1])  # without clauses: the whole prompt's row after its token states
+    whole, whole_mask = FrozenTextEmbedder("minilm", max_length=16, sentences=2).encode(prompts[:1])
+    e, m = embedder.encode(prompts[:1])  # without clauses: the whole prompt's token states, then the clauses'
     np.testing.assert_allclose(whole[0, :16], e[0], atol=1e-6)
-    np.testing.assert_allclose(whole[0, 16], e[0][m[0]].mean(0), atol=1e-5)
-    assert whole_mask[0, 16]
+    np.testing.assert_array_equal(whole_mask[0, :16], m[0])
+    np.testing.assert_allclose(whole[0, 16:], emb[0, 16:], atol=1e-6)
+    assert whole_mask[0, 16:].all()
     cfg = quickstart.get_config("smoke")
     cfg.text.sentences = 2
     with pytest.raises(ConfigError, match="text.sentences needs a frozen text encoder"):

@@ -21,6 +21,7 @@ def transformer_config(cfg: DiTConfig) -> dict:
         "rope_theta": float(cfg.rope_theta),
         "pooled_text_cond": bool(cfg.pooled_text_cond),
         "pos_embed": str(cfg.pos_embed),
+        "out_conv": int(cfg.out_conv),
     }
 
 

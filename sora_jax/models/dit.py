@@ -14,6 +14,7 @@ in PixArt-alpha / Open-Sora / Latte)::
         x += CrossAttn(RMSNorm(x), text, key mask)                         # QK RMSNorm, no modulation
         x += gate_mlp * Mlp(modulate(LN(x), shift_mlp, scale_mlp))
     FinalLayer: modulate(LN(x), shift, scale) --Linear--> [B,N,P] --unpatchify--> [B,T,H,W,C]
+    out_conv = K (optional head): + Conv3x3x3(SiLU(unpatchify(Linear(same, D -> pt*ph*pw*K))))  # zero-init
 
 adaLN-Zero: every block's modulation Linear (D -> 6D) is zero-initialised, so each block starts as the
 identity; the cross-attention is not modulated and instead has a zero-initialised output projection (its own
@@ -47,6 +48,7 @@ from sora_jax.models.layers import (
     sincos_2d,
     timestep_embedding,
     unpatchify,
+    zeros_init,
 )
 from sora_jax.parallel.sequence import SEQ_PARALLEL
 from sora_jax.parallel.sharding import constrain
@@ -98,6 +100,10 @@ class DiTConfig:
     # (1..depth; 0: none) to a frozen encoder's feature width ``repa_dim``, used by the training loss only
     repa_layer: int = 0
     repa_dim: int = 0
+    # a convolutional head (U-ViT's final conv, widened): K > 0 more channels per pixel from the final layer's
+    # tokens (one more Linear), unpatchified, SiLU, a 3x3x3 conv (zero-initialised) to the output channels,
+    # added to the output, so that neighbouring patches meet at their seams; 0: none
+    out_conv: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -138,6 +144,8 @@ class DiTConfig:
             )
         if min(self.in_channels, self.width, self.depth, self.text_dim) < 1:
             raise ValueError("DiTConfig: in_channels, width, depth, text_dim must be positive")
+        if self.out_conv < 0:
+            raise ValueError(f"DiTConfig.out_conv must be >= 0 (channels), got {self.out_conv}")
         if not 0 <= self.repa_layer <= self.depth or (self.repa_layer > 0) != (self.repa_dim > 0):
             raise ValueError(
                 f"DiTConfig: repa_layer ({self.repa_layer}) must be in [0, depth = {self.depth}] and "
@@ -235,17 +243,21 @@ class DiTBlock(nnx.Module):
 
 
 class FinalLayer(nnx.Module):
-    """modulate(LN(x), shift, scale) -> Linear(D -> pt*ph*pw*C); modulation and output zero-initialised."""
+    """modulate(LN(x), shift, scale) -> Linear(D -> pt*ph*pw*C); modulation and output zero-initialised.
+    With ``out_conv`` = K also ``features``: Linear(D -> pt*ph*pw*K), the convolutional head's input."""
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.adaLN_modulation = linear(cfg.width, 2 * cfg.width, ("embed", "cond"), zero=True, **kw)
         self.linear = linear(cfg.width, cfg.patch_dim, ("embed", "patch"), zero=True, **kw)
+        k = math.prod(cfg.patch_size) * cfg.out_conv
+        self.features = linear(cfg.width, k, ("embed", "patch"), **kw) if k else None
 
-    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-        """x ``[B, N, D]``, c ``[B, D]`` or ``[B, G, D]`` -> ``[B, N, P]``."""
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """x ``[B, N, D]``, c ``[B, D]`` or ``[B, G, D]`` -> ``[B, N, P]``; with features also ``[B, N, P/C*K]``."""
         shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(c)), 2, axis=-1)
-        return self.linear(modulate(layer_norm(x), shift, scale))
+        h = modulate(layer_norm(x), shift, scale)
+        return self.linear(h) if self.features is None else (self.linear(h), self.features(h))
 
 
 class DiT(nnx.Module):
@@ -279,6 +291,21 @@ class DiT(nnx.Module):
 
         self.blocks = make_blocks(rngs)
         self.final_layer = FinalLayer(cfg, rngs=rngs)
+        self.head_conv = (
+            nnx.Conv(
+                cfg.out_conv,
+                cfg.in_channels,
+                kernel_size=(3, 3, 3),
+                padding="SAME",
+                kernel_init=zeros_init((None, None, None, "conv_in", "conv_out")),
+                bias_init=zeros_init(("conv_out",)),
+                dtype=as_dtype(cfg.dtype),
+                param_dtype=as_dtype(cfg.param_dtype),
+                rngs=rngs,
+            )
+            if cfg.out_conv
+            else None
+        )
         if cfg.repa_layer:  # REPA's projector (its paper: 3 linear layers, SiLU), hidden 2 x width
             hid = 2 * cfg.width
             self.repa_proj = nnx.List(
@@ -374,7 +401,12 @@ class DiT(nnx.Module):
             tokens, _ = jax.lax.scan(body, tokens, state)
 
         tokens = tokens[:, :num_video]
-        out = unpatchify(self.final_layer(tokens, c), cfg.patch_size, grid)  # from [B, N, P]
+        if self.head_conv is None:
+            out = unpatchify(self.final_layer(tokens, c), cfg.patch_size, grid)  # from [B, N, P]
+        else:  # the convolutional head reads across the patches' seams
+            out, feat = self.final_layer(tokens, c)
+            out = unpatchify(out, cfg.patch_size, grid)
+            out = out + self.head_conv(jax.nn.silu(unpatchify(feat, cfg.patch_size, grid)))
         return (out, z) if features else out
 
 
@@ -394,6 +426,9 @@ def param_count(cfg: DiTConfig) -> int:
     embed = P * D + D + FREQ_DIM * D + D + D * D + D + ((Dt * D + D) if cfg.pooled_text_cond else 0)
     embed += (Dt * D + D) if joint else 0
     final = D * 2 * D + 2 * D + D * P + P
+    if cfg.out_conv:  # the features Linear and the 3x3x3 conv
+        k = math.prod(cfg.patch_size) * cfg.out_conv
+        final += D * k + k + 27 * cfg.out_conv * cfg.in_channels + cfg.in_channels
     repa = (
         (D * 2 * D + 2 * D + 4 * D * D + 2 * D + 2 * D * cfg.repa_dim + cfg.repa_dim) if cfg.repa_layer else 0
     )
@@ -407,11 +442,13 @@ def flops_per_token(cfg: DiTConfig, num_tokens: int, text_len: int) -> float:
     amortised over the ``num_tokens`` video tokens. Training is about 3x this.
     """
     D, F, P, Dt, N, L = cfg.width, cfg.mlp_dim, cfg.patch_dim, cfg.text_dim, num_tokens, text_len
+    # the convolutional head, per token: its features Linear and the conv over the token's pixels
+    head = 2 * math.prod(cfg.patch_size) * cfg.out_conv * (D + 27 * cfg.in_channels)
     cond = 2 * (FREQ_DIM * D + D * D + (Dt * D if cfg.pooled_text_cond else 0) + 2 * D * D) / N
     if cfg.text_attention == TextAttention.JOINT:  # N + L tokens through every block, no cross-attention
         S = N + L
         per_block = (S * (2 * 4 * D * D + 2 * 2 * S * D + 2 * 2 * D * F) + 2 * 6 * D * D) / N
-        return float(cfg.depth * per_block + 2 * P * D + 2 * D * P + 2 * Dt * D * L / N + cond)
+        return float(cfg.depth * per_block + 2 * P * D + 2 * D * P + 2 * Dt * D * L / N + cond + head)
     per_block = (
         2 * 4 * D * D  # self-attention q, k, v, o
         + 2 * 2 * N * D  # self-attention scores and values
@@ -421,7 +458,7 @@ def flops_per_token(cfg: DiTConfig, num_tokens: int, text_len: int) -> float:
         + 2 * 2 * D * F  # MLP
         + 2 * 6 * D * D / N  # adaLN modulation, once per sample
     )
-    return float(cfg.depth * per_block + 2 * P * D + 2 * D * P + cond)
+    return float(cfg.depth * per_block + 2 * P * D + 2 * D * P + cond + head)
 
 
 def repa_flops_per_token(cfg: DiTConfig) -> float:

@@ -14,8 +14,8 @@ Owns:
   encoded alone and their token states are packed one after the other (so a subject's states carry only its
   own clause), a measured ablation (benchmarks/SPEEDRUN.md). With ``sentences`` = S > 0, S more rows follow
   the ``max_length`` token rows: the mean-pooled states of each clause encoded alone (the sentence embedding
-  all-MiniLM-L6-v2 was trained to give; the whole prompt's without ``clauses``), so one row carries a subject
-  together with what it does.
+  all-MiniLM-L6-v2 was trained to give; with or without ``clauses``, whose token rows are the whole
+  prompt's without it), so one row carries a subject together with what it does.
   ``encode([""])`` is the classifier-free-guidance null embedding.
 - ``EmbeddingTable``: caption -> embedding rows computed once for a whole dataset (float16 + masks, saved
   as ``.npz`` by ``data_pipelines/encode_text.py`` or the trainer), picklable and cheap, so grain worker
@@ -134,11 +134,14 @@ class FrozenTextEmbedder:
 
     def _compute(self, texts: list[str], warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """``_encode``, or with ``clauses`` each text's clauses encoded alone, their unmasked token states
-        packed in order (truncated to ``max_length``); then the ``sentences`` rows: ``[B, max_length + S, D]``."""
+        packed in order (truncated to ``max_length``); then the ``sentences`` rows, each clause's mean-pooled
+        states (with or without ``clauses``): ``[B, max_length + S, D]``."""
         if not self.clauses and not self.sentences:
             return self._encode(texts, warn)
-        parts = [split_clauses(t) if self.clauses else [t] for t in texts]
+        parts = [split_clauses(t) for t in texts]
         emb, mask = self._encode([c for p in parts for c in p], warn)
+        if not self.clauses:  # token rows of the whole texts; the clauses for the sentence rows
+            whole, whole_mask = self._encode(texts, warn)
         length = self.max_length + self.sentences
         out = np.zeros((len(texts), length, emb.shape[-1]), np.float32)
         out_mask = np.zeros((len(texts), length), bool)
@@ -150,7 +153,7 @@ class FrozenTextEmbedder:
                 packed = np.concatenate([emb[r][mask[r]] for r in rows])[: self.max_length]
                 out[b, : len(packed)], out_mask[b, : len(packed)] = packed, True
             else:
-                out[b, : self.max_length], out_mask[b, : self.max_length] = emb[rows[0]], mask[rows[0]]
+                out[b, : self.max_length], out_mask[b, : self.max_length] = whole[b], whole_mask[b]
             for j, r in enumerate(rows[: self.sentences]):  # mean over the clause's tokens (padding is zero)
                 out[b, self.max_length + j] = emb[r].sum(0) / max(int(mask[r].sum()), 1)
                 out_mask[b, self.max_length + j] = mask[r].any()

@@ -59,14 +59,16 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, width: int, patch_dim: int):
+    def __init__(self, width: int, patch_dim: int, feature_dim: int = 0):
         super().__init__()
         self.adaLN_modulation = nn.Linear(width, 2 * width)
         self.linear = nn.Linear(width, patch_dim)
+        self.features = nn.Linear(width, feature_dim) if feature_dim else None
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(F.silu(c)).chunk(2, dim=-1)
-        return self.linear(modulate(layer_norm(x), shift, scale))
+        h = modulate(layer_norm(x), shift, scale)
+        return self.linear(h) if self.features is None else (self.linear(h), self.features(h))
 
 
 class SoraTransformer3DModel(ModelMixin, ConfigMixin):
@@ -91,6 +93,7 @@ class SoraTransformer3DModel(ModelMixin, ConfigMixin):
         rope_theta: float = 10000.0,
         pooled_text_cond: bool = True,
         pos_embed: str = "none",
+        out_conv: int = 0,
     ):
         super().__init__()
         if pos_embed not in ("none", "sincos_2d"):
@@ -104,7 +107,9 @@ class SoraTransformer3DModel(ModelMixin, ConfigMixin):
         self.blocks = nn.ModuleList(
             [DiTBlock(width, num_heads, text_dim, mlp_dim, qk_norm) for _ in range(depth)]
         )
-        self.final_layer = FinalLayer(width, patch_dim)
+        self.final_layer = FinalLayer(width, patch_dim, pt * ph * pw * out_conv)
+        # the convolutional head across the patches' seams (channels last outside, as the JAX model)
+        self.head_conv = nn.Conv3d(out_conv, in_channels, 3, padding=1) if out_conv else None
 
     def forward(
         self,
@@ -145,8 +150,13 @@ class SoraTransformer3DModel(ModelMixin, ConfigMixin):
         rope = rope_3d_angles(*grid, cfg.width // cfg.num_heads, cfg.rope_theta, device=x.device)
         for block in self.blocks:
             tokens = block(tokens, c, text, mask, rope)
-        out = unpatchify(self.final_layer(tokens, c), cfg.patch_size, grid)
-        return out.permute(0, 4, 1, 2, 3)
+        if self.head_conv is None:
+            out = unpatchify(self.final_layer(tokens, c), cfg.patch_size, grid).permute(0, 4, 1, 2, 3)
+        else:
+            out, feat = self.final_layer(tokens, c)
+            feat = unpatchify(feat, cfg.patch_size, grid).permute(0, 4, 1, 2, 3)
+            out = unpatchify(out, cfg.patch_size, grid).permute(0, 4, 1, 2, 3) + self.head_conv(F.silu(feat))
+        return out
 
     @torch.no_grad()
     def load_lora_weights(self, path, weight: float = 1.0) -> list[str]:
