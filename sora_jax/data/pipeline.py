@@ -183,11 +183,9 @@ def no_tokens(captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((len(captions), 1), np.int32), np.ones((len(captions), 1), bool)
 
 
-def in_order(
-    path: str | pathlib.Path | None, split: str, batch_size: int, source: Any | None = None
-) -> grain.IterDataset:
-    """Every clip of a split once (or of ``source``), in stored order, on this process alone, in batches of
-    ``batch_size`` (the last one smaller); no tokens (for evaluation and preprocessing, not training)."""
+def in_order(path: str | pathlib.Path, split: str, batch_size: int) -> grain.IterDataset:
+    """Every clip of a split once, in stored order, on this process alone, in batches of ``batch_size``
+    (the last one smaller); no tokens (for evaluation and preprocessing, not training)."""
     return make_dataset(
         path,
         split,
@@ -199,7 +197,6 @@ def in_order(
         process_index=0,
         process_count=1,
         drop_remainder=False,
-        source=source,
     )
 
 

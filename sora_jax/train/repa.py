@@ -256,7 +256,19 @@ def precompute(cfg: ml_collections.ConfigDict, source, batch_size: int = 64) -> 
     pt, ph, pw = cfg.model.patch_size
     grid = (t // pt, h // ph, w // pw)
     encode = jax.jit(lambda p, v: term.encode(p, v, grid))
-    batches = pipeline.in_order(None, "train", batch_size, source=source)
+    batches = pipeline.make_dataset(
+        None,
+        "train",
+        source=source,
+        global_batch_size=batch_size,
+        tokenize=pipeline.no_tokens,
+        seed=0,
+        shuffle=False,
+        repeat=False,
+        process_index=0,
+        process_count=1,
+        drop_remainder=False,
+    )
     out = []
     for batch in tqdm(batches, total=-(-len(source) // batch_size), desc="REPA targets", leave=False):
         video = batch["video"]
