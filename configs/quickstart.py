@@ -155,7 +155,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             "first_frames": False,
             "classes": 0.0,
             "motion": 0.0,
-            "precompute": False,  # the encoder's targets of every train clip once, before training
         }
     )
 

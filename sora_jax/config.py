@@ -396,13 +396,6 @@ def _validate_repa(cfg: ml_collections.ConfigDict) -> None:
             f"config.repa: dim must be a positive int, weight > 0, classes >= 0 and motion >= 0, got "
             f"{r.dim!r}, {r.weight!r}, {r.get('classes', 0.0)!r}, {r.get('motion', 0.0)!r}"
         )
-    if r.get("precompute", False) and (
-        cfg.data.get("buckets") or cfg.data.get("content", "video") != "video"
-    ):
-        raise ConfigError(
-            "config.repa.precompute needs one clip shape (config.data.buckets = '') and videos in the records "
-            "(config.data.content = 'video')"
-        )
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:

@@ -65,32 +65,6 @@ def _decode_batch(records: list[bytes]) -> dict[str, Any]:
     return {k: np.stack([c[k] for c in clips]) for k in clips[0]}
 
 
-class _Indexed:
-    """A random-access source whose records come with their index in it: ``(i, record)``."""
-
-    def __init__(self, source):
-        self.source = source
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i):
-        return int(i), self.source[i]
-
-
-class _DecodeWithArrays:
-    """Batch transform of ``(index, record)`` pairs: the decoded clips plus, for each ``arrays`` key, its rows
-    of those records (picklable for workers)."""
-
-    def __init__(self, arrays: dict[str, np.ndarray]):
-        self.arrays = arrays
-
-    def __call__(self, pairs: list[tuple[int, bytes]]) -> dict[str, Any]:
-        index = np.asarray([i for i, _ in pairs], np.int64)
-        batch = _decode_batch([r for _, r in pairs])
-        return batch | {k: a[index] for k, a in self.arrays.items()}
-
-
 class _Tokenize:
     """Batch transform: captions -> tokens int32 [b, L] (or text_emb float32 [b, L, F] from a frozen encoder's
     table), text_mask bool [b, L] (picklable for workers)."""
@@ -126,7 +100,6 @@ def make_dataset(
     process_count: int | None = None,
     drop_remainder: bool = True,
     source: Any | None = None,
-    record_arrays: dict[str, np.ndarray] | None = None,
 ) -> grain.IterDataset:
     """Per-process batches of a split as a grain IterDataset.
 
@@ -135,8 +108,6 @@ def make_dataset(
     With ``num_workers > 0`` decoding runs in worker processes (``tokenize`` must then be picklable);
     restoring an iterator's state needs the same process count and ``num_workers``. ``source``: read this
     random-access source of records (e.g. ``tfds_source.open_tfds_source``) instead of ``path``.
-    ``record_arrays``: {key: array ``[num_records, ...]``}, each batch also gets its records' rows under the key
-    (values precomputed per record, e.g. REPA's targets: ``sora_jax/train/repa.py``).
     """
     process_index = jax.process_index() if process_index is None else int(process_index)
     process_count = jax.process_count() if process_count is None else int(process_count)
@@ -148,22 +119,14 @@ def make_dataset(
             f"{process_count}"
         )
     per_process = global_batch_size // process_count
-    source = open_source(path, split) if source is None else source
-    if record_arrays:
-        bad = {k: a.shape for k, a in record_arrays.items() if len(a) != len(source)}
-        if bad:
-            raise ValueError(
-                f"record_arrays {bad} do not have one row per record of the source ({len(source)})"
-            )
-        source = _Indexed(source)
-    ds = grain.MapDataset.source(source).seed(seed)
+    ds = grain.MapDataset.source(open_source(path, split) if source is None else source).seed(seed)
     if shuffle:
         ds = ds.shuffle()
     if repeat:
         ds = ds.repeat()
     # global batch k = records [kB, (k+1)B); this process's part: [kB + p b, kB + (p+1) b)
     ds = ds.batch(per_process, drop_remainder=drop_remainder, batch_fn=list)[process_index::process_count]
-    ds = ds.map(_DecodeWithArrays(record_arrays) if record_arrays else _decode_batch).map(_Tokenize(tokenize))
+    ds = ds.map(_decode_batch).map(_Tokenize(tokenize))
     return to_iter(ds, num_workers)
 
 

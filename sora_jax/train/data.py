@@ -3,8 +3,7 @@ without its data) and the train stream (the split's records, the caption -> text
 
 ``batch_specs(cfg, mesh)`` lists one abstract global batch per bucket (or the config's one shape);
 ``open_train_stream(cfg, workdir, mesh)`` builds the dataset folder when it is the bundled digits and missing,
-and returns the grain iterator of global batches' host parts (with ``config.repa.precompute`` their REPA
-targets, computed here once per clip).
+and returns the grain iterator of global batches' host parts.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from sora_jax.config import task
 from sora_jax.data import buckets as buckets_lib
 from sora_jax.data import pipeline
 from sora_jax.parallel import sharding
-from sora_jax.train import repa
 
 log = logging.getLogger("sora_jax.train")
 
@@ -51,9 +49,6 @@ def abstract_batch(
             "text_emb": ((b, length, factory.frozen_dim(cfg)), jnp.float32),
             "text_mask": ((b, length), jnp.bool_),
         }
-    targets = repa.precomputed_shape(cfg) if task(cfg) is Task.T2V else None
-    if targets is not None:  # REPA's encoder targets of each clip, computed once (train/repa.py precompute)
-        shapes |= {"repa_target": ((b, *targets), jnp.float32)}
     return {
         k: jax.ShapeDtypeStruct(s, dt, sharding=sharding.batch_sharding(mesh, len(s)))
         for k, (s, dt) in shapes.items()
@@ -104,7 +99,6 @@ def open_train_stream(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh)
     text_input = train_text_input(cfg, workdir, source) if task(cfg) is Task.T2V else pipeline.no_tokens
     if cfg.data.get("buckets"):
         return make_bucketed_train_data(cfg, source, index, mesh, text_input)
-    targets = task(cfg) is Task.T2V and repa.precomputed_shape(cfg) is not None
     return pipeline.make_dataset(
         None,
         "train",
@@ -113,7 +107,6 @@ def open_train_stream(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh)
         tokenize=text_input,
         seed=cfg.data.shuffle_seed,
         num_workers=cfg.data.num_workers,
-        record_arrays={"repa_target": repa.precompute(cfg, source)} if targets else None,
     )
 
 

@@ -11,8 +11,7 @@ token grid. Loss: ``weight * (1 - cos(projected token, encoder feature))`` avera
 the token (or background), plus ``classes * cross-entropy``. With ``motion`` > 0 (a VideoJAM-like motion term,
 Chefer et al. 2025, on REPA's projector) ``REPA_MOTION_CHANNELS`` more outputs are the logits of how each token's
 content moves to the next frame (``motion_targets``: block matching on the clean clip, any video), plus
-``motion * cross-entropy``. ``precompute`` (``config.repa.precompute``): the encoder's targets of every train
-clip computed once before training and carried by the batches (``repa_target``), not recomputed every step.
+``motion * cross-entropy``.
 """
 
 from __future__ import annotations
@@ -22,11 +21,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
-from sora_jax import factory
 from sora_jax.choices import DataContent, ModelArch, Task
 from sora_jax.config import REPA_CLASS_CHANNELS, REPA_MOTION_RADIUS, ConfigError, model_arch, task
 from sora_jax.eval.digit_reader import DigitReader, load_reader
@@ -38,9 +34,6 @@ def layer(cfg: ml_collections.ConfigDict) -> int:
     if task(cfg) is not Task.T2V or model_arch(cfg) is not ModelArch.DIT:
         return 0
     return int(cfg.get("repa", {}).get("layer", 0))
-
-
-MAX_PRECOMPUTED_GIB = 8.0  # of host memory for config.repa.precompute's table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,33 +82,12 @@ class RepaTerm:
         blocks = blocks.mean((2, 4, 6)) if space == "mean" else blocks.mean(2).sum((3, 5))
         return blocks.reshape(b, gt * gh * gw, c)
 
-    def _standardized(self, features: jax.Array) -> jax.Array:
+    def _features(self, fmap: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
+        fmap = self._pool(fmap, grid, "mean")
         if self.standardize:  # the map's shared positive mean (GELU) would make any constant output align
-            mean = features.mean((0, 1))
-            features = (features - mean) * jax.lax.rsqrt(jnp.square(features - mean).mean((0, 1)) + 1e-6)
-        return features
-
-    def encode(self, params: nnx.State, video: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
-        """video uint8 ``[B, T, H, W, 3]`` -> one encoder pass: the targets of each clip alone (before any batch
-        statistic), packed ``[B, gt * gh * gw, D (+ K + 1)]``: the encoder's features pooled to the token grid,
-        then with ``classes`` > 0 which digit each token shows (``targets``). What ``precompute`` stores."""
-        encoder: DigitReader = nnx.merge(self.graphdef, params)
-        grey = self._grey(video, grid)
-        if not self.classes:
-            return self._pool(jax.lax.stop_gradient(encoder.feature_map(grey)), grid, "mean")
-        maps, fmap = jax.lax.stop_gradient(encoder.class_maps(grey))
-        mass = self._pool(maps, grid, "sum")
-        q = jnp.concatenate([mass, jnp.maximum(1.0 - mass.sum(-1, keepdims=True), 0.0)], -1)
-        q = q / jnp.maximum(q.sum(-1, keepdims=True), 1e-6)
-        return jnp.concatenate([self._pool(fmap, grid, "mean"), q], -1)
-
-    def unpack(self, packed: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-        """``encode``'s packed targets of a batch -> (features ``[B, N, D]``, standardized over the batch when
-        asked; class shares ``[B, N, K + 1]`` or None)."""
-        if not self.classes:
-            return self._standardized(packed), None
-        k = REPA_CLASS_CHANNELS
-        return self._standardized(packed[..., :-k]), packed[..., -k:]
+            mean = fmap.mean((0, 1))
+            fmap = (fmap - mean) * jax.lax.rsqrt(jnp.square(fmap - mean).mean((0, 1)) + 1e-6)
+        return fmap
 
     def targets(
         self, params: nnx.State, video: jax.Array, grid: tuple[int, int, int]
@@ -125,22 +97,23 @@ class RepaTerm:
         which digit each token shows, ``[B, N, K + 1]`` (sums to 1: the reader's class maps,
         ``DigitReader.class_maps``, summed over a token's positions (the share of digit k's presence there),
         averaged over its frames, the rest (clipped at 0) as background, normalised), else None."""
-        return self.unpack(self.encode(params, video, grid))
+        encoder: DigitReader = nnx.merge(self.graphdef, params)
+        grey = self._grey(video, grid)
+        if not self.classes:
+            return self._features(jax.lax.stop_gradient(encoder.feature_map(grey)), grid), None
+        maps, fmap = jax.lax.stop_gradient(encoder.class_maps(grey))
+        mass = self._pool(maps, grid, "sum")
+        q = jnp.concatenate([mass, jnp.maximum(1.0 - mass.sum(-1, keepdims=True), 0.0)], -1)
+        return self._features(fmap, grid), q / jnp.maximum(q.sum(-1, keepdims=True), 1e-6)
 
     def loss(
-        self,
-        z: jax.Array,
-        params: nnx.State,
-        video: jax.Array,
-        grid: tuple[int, int, int],
-        packed: jax.Array | None = None,
+        self, z: jax.Array, params: nnx.State, video: jax.Array, grid: tuple[int, int, int]
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The term added to the diffusion loss, from the projected tokens ``z [B, N, dim (+ K + 1)]`` and the
         clean video uint8 ``[B, T, H, W, 3]``: ``weight * (1 - cos)`` of the first ``dim`` channels and the
         features of ``targets``, plus with ``classes`` > 0 ``classes *`` the cross-entropy of the last K + 1
-        (logits) against its classes. ``packed``: the batch's ``encode`` output computed before (``precompute``),
-        so the encoder does not run. Returns (the term, aux {"repa_cos"[, "repa_class_ce"]})."""
-        features, classes = self.unpack(self.encode(params, video, grid) if packed is None else packed)
+        (logits) against its classes. Returns (the term, aux {"repa_cos"[, "repa_class_ce"]})."""
+        features, classes = self.targets(params, video, grid)
         d = features.shape[-1]
         cos = alignment(z[..., :d], features).mean()
         term, aux = self.weight * (1.0 - cos), {"repa_cos": cos}
@@ -225,58 +198,6 @@ def encoder_flops(cfg: ml_collections.ConfigDict) -> float:
         flops += 2.0 * 9 * c_in * c_out * h * w
         c_in = c_out
     return flops * frames
-
-
-def precomputed_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int] | None:
-    """(tokens, channels) of a clip's packed targets when ``config.repa.precompute`` is on, else None."""
-    if not layer(cfg) or not cfg.repa.get("precompute", False):
-        return None
-    t, h, w, _ = factory.latent_shape(cfg)
-    pt, ph, pw = cfg.model.patch_size
-    classes = REPA_CLASS_CHANNELS if float(cfg.repa.get("classes", 0.0)) > 0 else 0
-    return (t // pt) * (h // ph) * (w // pw), int(cfg.repa.dim) + classes
-
-
-def precompute(cfg: ml_collections.ConfigDict, source, batch_size: int = 64) -> np.ndarray:
-    """``config.repa.precompute``: the packed targets (``RepaTerm.encode``) of every record of the train
-    ``source``, in its order, float32 ``[num_records, tokens, channels]``: the frozen encoder runs once per clip
-    here instead of on every batch (a clip's targets depend on it alone). The batches then carry their rows
-    (``pipeline.make_dataset(record_arrays=...)``)."""
-    from sora_jax.data import pipeline
-
-    term, frozen = from_config(cfg)
-    tokens, channels = precomputed_shape(cfg)
-    gib = len(source) * tokens * channels * 4 / 2**30
-    if gib > MAX_PRECOMPUTED_GIB:
-        raise ConfigError(
-            f"config.repa.precompute: {len(source)} clips' targets would take {gib:.1f} GiB of host memory "
-            f"(limit {MAX_PRECOMPUTED_GIB}); set config.repa.precompute = False"
-        )
-    t, h, w, _ = factory.latent_shape(cfg)
-    pt, ph, pw = cfg.model.patch_size
-    grid = (t // pt, h // ph, w // pw)
-    encode = jax.jit(lambda p, v: term.encode(p, v, grid))
-    batches = pipeline.make_dataset(
-        None,
-        "train",
-        source=source,
-        global_batch_size=batch_size,
-        tokenize=pipeline.no_tokens,
-        seed=0,
-        shuffle=False,
-        repeat=False,
-        process_index=0,
-        process_count=1,
-        drop_remainder=False,
-    )
-    out = []
-    for batch in tqdm(batches, total=-(-len(source) // batch_size), desc="REPA targets", leave=False):
-        video = batch["video"]
-        n = len(video)
-        if n < batch_size:  # one compile: the last batch padded with its first clip
-            video = np.concatenate([video, np.repeat(video[:1], batch_size - n, 0)])
-        out.append(np.asarray(encode(frozen["repa"], video), np.float32)[:n])
-    return np.concatenate(out)
 
 
 def from_config(cfg: ml_collections.ConfigDict) -> tuple[RepaTerm | None, dict]:

@@ -92,8 +92,7 @@ def make_loss_fn(
         per_example = process.training_loss(apply, x0, k_diff, cond_mask=cond_mask)
         pt, ph, pw = model.dit.cfg.patch_size
         grid = (x0.shape[1] // pt, x0.shape[2] // ph, x0.shape[3] // pw)
-        # "repa_target": the clips' encoder targets computed before training (config.repa.precompute)
-        term, aux = repa.loss(tokens["z"], frozen["repa"], batch["video"], grid, batch.get("repa_target"))
+        term, aux = repa.loss(tokens["z"], frozen["repa"], batch["video"], grid)
         return per_example.mean() + term, aux
 
     return loss_fn
