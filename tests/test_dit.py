@@ -62,7 +62,7 @@ def test_out_conv_head_starts_at_zero_and_reads_across_patch_seams():
         c = jnp.zeros((1, cfg.width))
         out, feat = head(tokens, c)
         grid = (2 // cfg.patch_size[0], 8 // ph, 8 // pw)
-        conv = live.head_conv(jax.nn.silu(dit_lib.unpatchify(feat, cfg.patch_size, grid)))
+        conv = live.head_conv(jax.nn.silu(dit_lib.unpatchify(feat, cfg.patch_size, grid)))  # nnx.Conv itself
         return dit_lib.unpatchify(out, cfg.patch_size, grid) + conv
 
     r = np.random.default_rng(3)
@@ -71,6 +71,13 @@ def test_out_conv_head_starts_at_zero_and_reads_across_patch_seams():
     # the edge pixel reads its neighbour's features; pixels beyond the kernel's reach do not
     assert float(jnp.max(jnp.abs(pa[0, 0, 0, pw - 1] - pb[0, 0, 0, pw - 1]))) > 1e-3
     assert float(jnp.max(jnp.abs(pa[0, 0, 0, : pw - 2] - pb[0, 0, 0, : pw - 2]))) == 0.0
+
+
+def test_conv_1x3x3_matches_nnx_conv():
+    conv = nnx.Conv(5, 2, kernel_size=(1, 3, 3), padding="SAME", rngs=nnx.Rngs(0))
+    conv.bias.value = jnp.asarray([0.5, -1.0])
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 6, 7, 5)), jnp.float32)
+    np.testing.assert_allclose(dit_lib.conv_1x3x3(x, conv.kernel, conv.bias), conv(x), atol=1e-5)
 
 
 def test_out_conv_is_validated_and_reaches_the_model():

@@ -58,7 +58,7 @@ def rel_err(a, b) -> float:
 
 DIT_VARIANTS = {
     "pixel": DiTConfig(in_channels=1, patch_size=(2, 8, 8), width=32, depth=2, num_heads=2, text_dim=32),
-    "pixel_out_conv": DiTConfig(  # the convolutional head: a 3x3x3 conv over 3 feature channels per pixel
+    "pixel_out_conv": DiTConfig(  # the convolutional head: a 1x3x3 conv over 3 feature channels per pixel
         in_channels=1, patch_size=(2, 8, 8), width=32, depth=2, num_heads=2, text_dim=32, out_conv=3
     ),
     "latent": DiTConfig(

@@ -14,7 +14,7 @@ in PixArt-alpha / Open-Sora / Latte)::
         x += CrossAttn(RMSNorm(x), text, key mask)                         # QK RMSNorm, no modulation
         x += gate_mlp * Mlp(modulate(LN(x), shift_mlp, scale_mlp))
     FinalLayer: modulate(LN(x), shift, scale) --Linear--> [B,N,P] --unpatchify--> [B,T,H,W,C]
-    out_conv = K (optional head): + Conv3x3x3(SiLU(unpatchify(Linear(same, D -> pt*ph*pw*K))))  # zero-init
+    out_conv = K (optional head): + Conv1x3x3(SiLU(unpatchify(Linear(same, D -> pt*ph*pw*K))))  # zero-init
 
 adaLN-Zero: every block's modulation Linear (D -> 6D) is zero-initialised, so each block starts as the
 identity; the cross-attention is not modulated and instead has a zero-initialised output projection (its own
@@ -101,7 +101,7 @@ class DiTConfig:
     repa_layer: int = 0
     repa_dim: int = 0
     # a convolutional head (U-ViT's final conv, widened): K > 0 more channels per pixel from the final layer's
-    # tokens (one more Linear), unpatchified, SiLU, a 3x3x3 conv (zero-initialised) to the output channels,
+    # tokens (one more Linear), unpatchified, SiLU, a 1x3x3 conv per frame (zero-initialised) to the output channels,
     # added to the output, so that neighbouring patches meet at their seams; 0: none
     out_conv: int = 0
 
@@ -260,6 +260,17 @@ class FinalLayer(nnx.Module):
         return self.linear(h) if self.features is None else (self.linear(h), self.features(h))
 
 
+def conv_1x3x3(x: jax.Array, kernel: nnx.Param, bias: nnx.Param) -> jax.Array:
+    """``nnx.Conv`` with a (1, 3, 3) kernel and SAME padding as one matmul over the 9 shifted copies (im2col):
+    x ``[B, T, H, W, K]``, kernel ``[1, 3, 3, K, C]`` -> ``[B, T, H, W, C]``. XLA CPU runs a convolution with
+    few output channels and its gradients far slower than this dot."""
+    _, _, H, W, K = x.shape
+    xp = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
+    cols = jnp.concatenate([xp[:, :, a : a + H, b : b + W] for a in range(3) for b in range(3)], -1)
+    k, b = kernel.get_value(), bias.get_value()
+    return cols @ k.reshape(9 * K, -1).astype(x.dtype) + b.astype(x.dtype)
+
+
 class DiT(nnx.Module):
     """Spacetime DiT: ``(x [B,T,H,W,C], t [B] or [B,T], text [B,L,Dt], text_mask [B,L]) -> [B,T,H,W,C]``.
 
@@ -295,7 +306,7 @@ class DiT(nnx.Module):
             nnx.Conv(
                 cfg.out_conv,
                 cfg.in_channels,
-                kernel_size=(3, 3, 3),
+                kernel_size=(1, 3, 3),
                 padding="SAME",
                 kernel_init=zeros_init((None, None, None, "conv_in", "conv_out")),
                 bias_init=zeros_init(("conv_out",)),
@@ -406,7 +417,8 @@ class DiT(nnx.Module):
         else:  # the convolutional head reads across the patches' seams
             out, feat = self.final_layer(tokens, c)
             out = unpatchify(out, cfg.patch_size, grid)
-            out = out + self.head_conv(jax.nn.silu(unpatchify(feat, cfg.patch_size, grid)))
+            feat = jax.nn.silu(unpatchify(feat, cfg.patch_size, grid))
+            out = out + conv_1x3x3(feat, self.head_conv.kernel, self.head_conv.bias)
         return (out, z) if features else out
 
 
@@ -426,9 +438,9 @@ def param_count(cfg: DiTConfig) -> int:
     embed = P * D + D + FREQ_DIM * D + D + D * D + D + ((Dt * D + D) if cfg.pooled_text_cond else 0)
     embed += (Dt * D + D) if joint else 0
     final = D * 2 * D + 2 * D + D * P + P
-    if cfg.out_conv:  # the features Linear and the 3x3x3 conv
+    if cfg.out_conv:  # the features Linear and the 1x3x3 conv
         k = math.prod(cfg.patch_size) * cfg.out_conv
-        final += D * k + k + 27 * cfg.out_conv * cfg.in_channels + cfg.in_channels
+        final += D * k + k + 9 * cfg.out_conv * cfg.in_channels + cfg.in_channels
     repa = (
         (D * 2 * D + 2 * D + 4 * D * D + 2 * D + 2 * D * cfg.repa_dim + cfg.repa_dim) if cfg.repa_layer else 0
     )
@@ -443,7 +455,7 @@ def flops_per_token(cfg: DiTConfig, num_tokens: int, text_len: int) -> float:
     """
     D, F, P, Dt, N, L = cfg.width, cfg.mlp_dim, cfg.patch_dim, cfg.text_dim, num_tokens, text_len
     # the convolutional head, per token: its features Linear and the conv over the token's pixels
-    head = 2 * math.prod(cfg.patch_size) * cfg.out_conv * (D + 27 * cfg.in_channels)
+    head = 2 * math.prod(cfg.patch_size) * cfg.out_conv * (D + 9 * cfg.in_channels)
     cond = 2 * (FREQ_DIM * D + D * D + (Dt * D if cfg.pooled_text_cond else 0) + 2 * D * D) / N
     if cfg.text_attention == TextAttention.JOINT:  # N + L tokens through every block, no cross-attention
         S = N + L

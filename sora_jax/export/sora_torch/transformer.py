@@ -109,7 +109,7 @@ class SoraTransformer3DModel(ModelMixin, ConfigMixin):
         )
         self.final_layer = FinalLayer(width, patch_dim, pt * ph * pw * out_conv)
         # the convolutional head across the patches' seams (channels last outside, as the JAX model)
-        self.head_conv = nn.Conv3d(out_conv, in_channels, 3, padding=1) if out_conv else None
+        self.head_conv = nn.Conv3d(out_conv, in_channels, (1, 3, 3), padding=(0, 1, 1)) if out_conv else None
 
     def forward(
         self,
