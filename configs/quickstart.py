@@ -85,7 +85,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.attention_impl = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs, bf16) | reference
     c.model.pooled_text_cond = True  # the caption's mean embedding also modulates every block (adaLN)
     c.model.pos_embed = "none"  # none (3D RoPE alone) | sincos_2d (+ DiT's fixed 2D table over (h, w))
-    # > 0: a convolutional head with that many channels per pixel across the patches' seams (models/dit.py)
+    # > 0: a convolutional head with that many channels per pixel across the patches' seams (models/dit.py);
+    # at 8 a CPU step takes 32% longer (benchmarks/SPEEDRUN.md, "Steps, batch"): not measured for quality yet
     c.model.out_conv = 0
     c.model.text_attention = (
         "cross"  # cross (a cross-attention per block) | joint (text tokens in the sequence)
