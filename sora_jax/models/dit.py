@@ -260,15 +260,14 @@ class FinalLayer(nnx.Module):
         return self.linear(h) if self.features is None else (self.linear(h), self.features(h))
 
 
-def conv_1x3x3(x: jax.Array, kernel: nnx.Param, bias: nnx.Param) -> jax.Array:
+def conv_1x3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """``nnx.Conv`` with a (1, 3, 3) kernel and SAME padding as one matmul over the 9 shifted copies (im2col):
     x ``[B, T, H, W, K]``, kernel ``[1, 3, 3, K, C]`` -> ``[B, T, H, W, C]``. XLA CPU runs a convolution with
     few output channels and its gradients far slower than this dot."""
     _, _, H, W, K = x.shape
     xp = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
     cols = jnp.concatenate([xp[:, :, a : a + H, b : b + W] for a in range(3) for b in range(3)], -1)
-    k, b = kernel.get_value(), bias.get_value()
-    return cols @ k.reshape(9 * K, -1).astype(x.dtype) + b.astype(x.dtype)
+    return cols @ kernel.reshape(9 * K, -1).astype(x.dtype) + bias.astype(x.dtype)
 
 
 class DiT(nnx.Module):
@@ -411,15 +410,19 @@ class DiT(nnx.Module):
         else:
             tokens, _ = jax.lax.scan(body, tokens, state)
 
-        tokens = tokens[:, :num_video]
-        if self.head_conv is None:
-            out = unpatchify(self.final_layer(tokens, c), cfg.patch_size, grid)  # from [B, N, P]
-        else:  # the convolutional head reads across the patches' seams
-            out, feat = self.final_layer(tokens, c)
-            out = unpatchify(out, cfg.patch_size, grid)
-            feat = jax.nn.silu(unpatchify(feat, cfg.patch_size, grid))
-            out = out + conv_1x3x3(feat, self.head_conv.kernel, self.head_conv.bias)
+        out = self.head(tokens[:, :num_video], c, grid)
         return (out, z) if features else out
+
+    def head(self, tokens: jax.Array, c: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
+        """The final layer (and the convolutional head, across the patches' seams): tokens ``[B, N, D]`` of the
+        ``grid`` (gt, gh, gw), conditioning c -> ``[B, T, H, W, C]``."""
+        patch = self.cfg.patch_size
+        if self.head_conv is None:
+            return unpatchify(self.final_layer(tokens, c), patch, grid)
+        out, feat = self.final_layer(tokens, c)
+        feat = jax.nn.silu(unpatchify(feat, patch, grid))
+        kernel, bias = self.head_conv.kernel.get_value(), self.head_conv.bias.get_value()
+        return unpatchify(out, patch, grid) + conv_1x3x3(feat, kernel, bias)
 
 
 # ------------------------------------------------------------------------------------------ cost model
