@@ -26,13 +26,15 @@ Throughput: model FLOPs per step are counted analytically (``sora_jax.models.dit
 DiT, the same count for a trainable text encoder; x3 for forward + backward; rematerialised recompute is not
 model FLOPs), and MFU is taken against the device's matmul peak measured in this run with a large matmul in
 the model's compute dtype. Prints a table and writes the JSON (``--out``, default
-``benchmarks/results/speedrun.json``). The records and every ablation live in ``benchmarks/SPEEDRUN.md``.
+``benchmarks/results/speedrun.json``). Like ``sora-jax``, the script first re-executes itself with glibc's malloc
+advising huge pages (``sora_jax.host_malloc``; ``SORA_JAX_HOST_MALLOC=default`` keeps it off). The records and every ablation live in ``benchmarks/SPEEDRUN.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -41,6 +43,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
+from sora_jax import host_malloc
 
 
 def matmul_peak(dtype: str, n: int | None = None, repeats: int = 10) -> dict:
@@ -140,6 +144,7 @@ def run(args: argparse.Namespace) -> dict:
         "device": f"{device.platform}: {device.device_kind}",
         "jax": jax.__version__,
         "host": platform.node(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # sora_jax.host_malloc (huge pages) or not
         "budget_s": float(args.budget_s),
         "steps": steps,
         "steps_per_s": steps_per_s,
@@ -402,4 +407,5 @@ def _write(result: dict, path: str) -> int:
 
 
 if __name__ == "__main__":
+    host_malloc.reexec_with_huge_pages()  # as `sora-jax` does (the demo's runtime); nothing of JAX has run yet
     sys.exit(main())

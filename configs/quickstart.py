@@ -81,6 +81,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.patch_size = (2, 8, 8)  # 64 tokens of 128 values (luma); x0-prediction makes this work
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
     c.model.remat = "none"  # none | full | dots | dots_no_batch | attn_out (what the backward pass keeps)
+    # False: the 4 blocks unrolled instead of a lax.scan loop (MaxText's scan_layers): the same parameters, 1.05x
+    # and 1.10x the steps per second on 2 CPU cores, in one process against the scan (benchmarks/SPEEDRUN.md,
+    # "Where a CPU step spends its time")
+    c.model.scan_layers = False
     c.model.seq_parallel = "none"  # self-attention over the mesh's seq axis: none | ulysses | ring
     c.model.attention_impl = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs, bf16) | reference
     c.model.pooled_text_cond = True  # the caption's mean embedding also modulates every block (adaLN)

@@ -17,6 +17,7 @@ import os
 import sys
 import traceback
 
+from sora_jax import host_malloc
 from sora_jax.choices import SampleMode
 from sora_jax.errors import PATH_ERRORS, UserError
 
@@ -467,6 +468,8 @@ def _is_lora_workdir(workdir: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """``sora-jax``: runs the command; 0 on success, 2 (one line on stderr) for a user error (3 for a prompt the
     safety policy refuses), 1 with the traceback for anything else (a bug), 130 when interrupted."""
+    if argv is None:  # the console command, not a caller in this process: huge pages for XLA's temporaries
+        host_malloc.reexec_with_huge_pages()
     argv = sys.argv[1:] if argv is None else argv
     try:
         return run(argv)

@@ -479,6 +479,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("config.text.sentences needs a frozen text encoder (text.encoder = minilm or t5)")
     if not isinstance(cfg.text.get("sentences", 0), int) or cfg.text.get("sentences", 0) < 0:
         raise ConfigError(f"config.text.sentences must be an integer >= 0, got {cfg.text.sentences!r}")
+    if not isinstance(cfg.model.get("scan_layers", True), bool):
+        raise ConfigError(f"config.model.scan_layers must be True or False, got {cfg.model.scan_layers!r}")
     out_conv = cfg.model.get("out_conv", 0)
     if isinstance(out_conv, bool) or not isinstance(out_conv, int) or out_conv < 0:
         raise ConfigError(f"config.model.out_conv must be an integer >= 0 (channels), got {out_conv!r}")

@@ -184,6 +184,7 @@ def model_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
         text_dim=cfg.text.width,
         dtype=_DTYPES[cfg.model.dtype],
         remat=_remat(cfg.model.remat),
+        scan_layers=bool(cfg.model.get("scan_layers", True)),
         seq_parallel=cfg.model.get("seq_parallel", "none"),
         attention_impl=cfg.model.get("attention_impl", "xla"),
         pooled_text_cond=bool(cfg.model.get("pooled_text_cond", True)),

@@ -4,11 +4,12 @@ benchmarks/speedrun.py's splits and its latent path's budget)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import numpy as np
 import pytest
-from helpers import load_benchmark
+from helpers import ROOT, load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +115,76 @@ def test_two_digit_data_reports_the_closest_approach(tmp_path):
         assert row["closest_approach_px"]["p50"] == pytest.approx(np.median(d))
     assert rows[1]["closest_approach_px"]["p50"] > rows[0]["closest_approach_px"]["p50"]
     assert out.with_suffix(".png").is_file()
+
+
+def _bench(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+
+def test_cpu_step_profile_splits_the_step_by_part(tmp_path):
+    """benchmarks/cpu_step_profile.py: every part of the smoke step is found (blocks both ways, the rest, the
+    optimizer, the EMA; no REPA in the smoke config), and the parts add up to all traced ops."""
+    out = tmp_path / "p.json"
+    _bench("cpu_step_profile", "--config", "configs/quickstart.py:smoke", "--steps", "2", "--out", str(out))
+    r = json.loads(out.read_text())
+    parts = r["parts"]
+    for part in ("blocks forward", "blocks backward", "model, rest forward", "optimizer", "EMA"):
+        assert parts[part] > 0, part
+    assert parts["REPA encoder and term"] == 0.0
+    assert sum(parts.values()) == pytest.approx(r["op_ms_per_step"])
+    assert sum(r["parts_by_kind"].values()) == pytest.approx(r["op_ms_per_step"])
+
+
+@pytest.mark.parametrize(
+    "op_name, part",
+    [
+        ("jit(sharded_step)/transpose(jvp(blocks))/while/body/dot_general", "blocks backward"),
+        ("jit(sharded_step)/jvp(blocks)/dot_general", "blocks forward"),
+        ("jit(sharded_step)/jvp(repa)/conv_general_dilated", "REPA encoder and term"),
+        ("jit(sharded_step)/optimizer/vmap()/closed_call/dot_general", "optimizer"),
+        ("jit(sharded_step)/ema/add", "EMA"),
+        ("jit(sharded_step)/transpose(jvp())/dot_general", "model, rest backward"),
+        ("state['ema']['dit']['repa_proj'][0]['bias'].value", "model, rest forward"),  # a name, not a scope
+    ],
+)
+def test_cpu_step_profile_part_names(op_name, part):
+    assert _profile_module().part_of(op_name) == part
+
+
+def _profile_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports host_malloc.py beside it
+    try:
+        return load_benchmark("cpu_step_profile")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_step_ab_times_both_variants_alternately(tmp_path):
+    out = tmp_path / "ab.json"
+    _bench(
+        "step_ab",
+        "--config",
+        "configs/quickstart.py:smoke",
+        "--a",
+        "model.scan_layers=True",
+        "--b",
+        "model.scan_layers=False",
+        "--rounds",
+        "3",
+        "--block",
+        "2",
+        "--out",
+        str(out),
+    )
+    r = json.loads(out.read_text())
+    assert [len(r["ms_per_step"][k]) for k in "AB"] == [3, 3]
+    assert r["median_ms_per_step"]["A"] == pytest.approx(np.median(r["ms_per_step"]["A"]))
+    assert r["speedup_b_over_a"] == pytest.approx(r["median_ms_per_step"]["A"] / r["median_ms_per_step"]["B"])
+    a, b = r["ms_per_step"]["A"], r["ms_per_step"]["B"]
+    assert r["b_faster_in_rounds"] == sum(y < x for x, y in zip(a, b))

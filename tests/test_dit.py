@@ -89,6 +89,53 @@ def test_out_conv_is_validated_and_reaches_the_model():
         validate(cfg)
 
 
+@pytest.mark.parametrize("repa_layer", [0, 1])
+def test_unrolled_blocks_compute_what_the_scan_does(repa_layer):
+    """scan_layers=False: the same parameters, outputs, REPA features and gradients, and no loop in the
+    program (what makes it faster on CPU)."""
+    kw = {"depth": 3, "repa_layer": repa_layer, "repa_dim": 8 if repa_layer else 0}
+    scanned = _perturb(dit_lib.DiT(dit_lib.dit_config("smoke", **kw), rngs=nnx.Rngs(0)))
+    gdef, params = nnx.split(scanned)
+    unrolled_def = nnx.graphdef(
+        dit_lib.DiT(dit_lib.dit_config("smoke", scan_layers=False, **kw), rngs=nnx.Rngs(0))
+    )
+    x, t, text, mask = _inputs()
+
+    def loss(graphdef, p):
+        out = nnx.merge(graphdef, p)(x, t, text, mask, features=bool(repa_layer))
+        out, z = out if repa_layer else (out, jnp.zeros(()))
+        return jnp.mean(out**2) + jnp.mean(z**2), (out, z)
+
+    runs = {}
+    for name, graphdef in (("scan", gdef), ("unrolled", unrolled_def)):
+        f = jax.jit(jax.value_and_grad(lambda p, g=graphdef: loss(g, p), has_aux=True))
+        runs[name] = f(params)
+        hlo = f.lower(params).as_text()
+        assert ("stablehlo.while" in hlo) == (name == "scan"), name
+    (_, (out_s, z_s)), g_s = runs["scan"]
+    (_, (out_u, z_u)), g_u = runs["unrolled"]
+    assert np.abs(np.asarray(out_s)).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(out_u), np.asarray(out_s), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(z_u), np.asarray(z_s), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_u), jax.tree.leaves(g_s), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_scan_layers_is_validated_and_reaches_the_model():
+    from sora_jax import factory
+    from sora_jax.config import ConfigError, load_config, validate
+
+    cfg = load_config("configs/quickstart.py")
+    assert factory.model_config(cfg).scan_layers is False  # the demo unrolls its 4 blocks
+    with cfg.unlocked():
+        del cfg.model["scan_layers"]  # a config saved before the option: the scan
+    assert factory.model_config(cfg).scan_layers is True
+    with cfg.unlocked():
+        cfg.model.scan_layers = 1
+    with pytest.raises(ConfigError, match="model.scan_layers must be True or False"):
+        validate(cfg)
+
+
 def test_output_depends_on_text_and_time_not_on_padding(smoke_pair):
     _, _, model = smoke_pair
     fwd = jax.jit(lambda x, t, text, mask: model(x, t, text, mask))

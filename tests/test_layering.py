@@ -23,6 +23,7 @@ RANKS = {
     "sora_jax.config": 0,
     "sora_jax.config_safety": 0,  # config.safety's sections: rules, defaults, validation
     "sora_jax.choices": 0,
+    "sora_jax.host_malloc": 0,  # the process's C allocator (a re-execution with a glibc tunable): no JAX
     "sora_jax.models": 1,
     "sora_jax.text": 1,
     "sora_jax.diffusion": 1,

@@ -87,6 +87,11 @@ class DiTConfig:
     param_dtype: str | jnp.dtype = "float32"
     attention_impl: str | None = None  # None/"xla" | "cudnn" | "reference"
     remat: str = "none"  # a name in REMAT_POLICIES: what the backward pass keeps of each block
+    # True: the stacked blocks run as a loop (lax.scan), compile time flat in depth; False: a Python loop over
+    # them (MaxText's scan_layers), one program with every block in it and no while loop: the demo's 4-block
+    # step 1.05x / 1.10x the steps per second on 2 CPU cores (benchmarks/results/step_ab_scan_layers*.json);
+    # compile time grows with depth. The same parameters either way.
+    scan_layers: bool = True
     seq_parallel: str = "none"  # self-attention over the mesh's seq axis: none | ulysses | ring
     pooled_text_cond: bool = True
     # absolute positions added to the tokens after the patch embedding (``PosEmbed``): "none" (3D RoPE alone) or
@@ -277,7 +282,7 @@ class DiT(nnx.Module):
     frames (clean conditioning frames at t = 0, Open-Sora's mask strategies): the adaLN modulation is then
     computed per temporal patch group from the largest time among the group's ``pt`` frames and applied to
     that group's tokens. Equal times in every frame give exactly the per-sample result. Blocks are stored stacked (leading axis ``"layers"``) and run
-    with ``jax.lax.scan`` so compile time does not grow with depth.
+    with ``jax.lax.scan`` so compile time does not grow with depth (``cfg.scan_layers``; False unrolls it).
     """
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
@@ -400,15 +405,25 @@ class DiT(nnx.Module):
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat])
+
+        def run_blocks(h: jax.Array, blocks_state) -> jax.Array:
+            with jax.named_scope("blocks"):  # a name for profiles (benchmarks/cpu_step_profile.py)
+                if cfg.scan_layers:
+                    return jax.lax.scan(body, h, blocks_state)[0]
+                # unrolled: a Python loop (a scan of one block with unroll=True still lowers to a while loop)
+                for i in range(jax.tree.leaves(blocks_state)[0].shape[0]):
+                    h = body(h, jax.tree.map(lambda a, i=i: a[i], blocks_state))[0]
+                return h
+
         if features:  # two scans: the blocks up to repa_layer, then the rest
             k = cfg.repa_layer
-            tokens, _ = jax.lax.scan(body, tokens, jax.tree.map(lambda a: a[:k], state))
+            tokens = run_blocks(tokens, jax.tree.map(lambda a: a[:k], state))
             z = tokens[:, :num_video]
             for i, layer in enumerate(self.repa_proj):
                 z = layer(z) if i == 0 else layer(jax.nn.silu(z))
-            tokens, _ = jax.lax.scan(body, tokens, jax.tree.map(lambda a: a[k:], state))
+            tokens = run_blocks(tokens, jax.tree.map(lambda a: a[k:], state))
         else:
-            tokens, _ = jax.lax.scan(body, tokens, state)
+            tokens = run_blocks(tokens, state)
 
         out = self.head(tokens[:, :num_video], c, grid)
         return (out, z) if features else out

@@ -112,15 +112,12 @@ def apply_update(
 ) -> TrainState:
     """The update every model shares: the optimizer on ``grads``, the EMA of the new params, step + 1 (the
     rest of the state, e.g. a discriminator's, is carried over)."""
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    return {
-        **state,
-        "step": state["step"] + 1,
-        "params": params,
-        "opt_state": opt_state,
-        "ema": ema_update(state["ema"], params, ema_decay),
-    }
+    with jax.named_scope("optimizer"):  # named for profiles (benchmarks/cpu_step_profile.py)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+    with jax.named_scope("ema"):
+        ema = ema_update(state["ema"], params, ema_decay)
+    return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema}
 
 
 def split_lora(params: nnx.State) -> tuple[nnx.State, nnx.State]:

@@ -92,7 +92,8 @@ def make_loss_fn(
         per_example = process.training_loss(apply, x0, k_diff, cond_mask=cond_mask)
         pt, ph, pw = model.dit.cfg.patch_size
         grid = (x0.shape[1] // pt, x0.shape[2] // ph, x0.shape[3] // pw)
-        term, aux = repa.loss(tokens["z"], frozen["repa"], batch["video"], grid)
+        with jax.named_scope("repa"):  # the encoder's targets and the term (benchmarks/cpu_step_profile.py)
+            term, aux = repa.loss(tokens["z"], frozen["repa"], batch["video"], grid)
         return per_example.mean() + term, aux
 
     return loss_fn
