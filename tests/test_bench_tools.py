@@ -141,6 +141,15 @@ def test_cpu_step_profile_splits_the_step_by_part(tmp_path):
     assert sum(r["parts_by_kind"].values()) == pytest.approx(r["op_ms_per_step"])
 
 
+@pytest.fixture(scope="module")
+def profile_bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports host_malloc.py beside it
+    try:
+        return load_benchmark("cpu_step_profile")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
 @pytest.mark.parametrize(
     "op_name, part",
     [
@@ -153,16 +162,8 @@ def test_cpu_step_profile_splits_the_step_by_part(tmp_path):
         ("state['ema']['dit']['repa_proj'][0]['bias'].value", "model, rest forward"),  # a name, not a scope
     ],
 )
-def test_cpu_step_profile_part_names(op_name, part):
-    assert _profile_module().part_of(op_name) == part
-
-
-def _profile_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports host_malloc.py beside it
-    try:
-        return load_benchmark("cpu_step_profile")
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+def test_cpu_step_profile_part_names(profile_bench, op_name, part):
+    assert profile_bench.part_of(op_name) == part
 
 
 def test_step_ab_times_both_variants_alternately(tmp_path):
