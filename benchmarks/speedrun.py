@@ -88,7 +88,8 @@ def model_flops_per_step(cfg) -> dict:
     tokens = shape[0] // pt * (shape[1] // ph) * (shape[2] // pw)
     dit_fwd = flops_per_token(dit, tokens, cfg.text.max_length) * tokens * cfg.data.batch_size
     text_fwd = text_flops_per_step(cfg)
-    # REPA: the projector is trained (x3), the frozen encoder runs forward only
+    # REPA: the projector is trained (x3), the frozen encoder runs forward only (not in the step at all with
+    # config.repa.precompute: once per train clip before the first step, its time inside the training seconds)
     proj_fwd = repa_flops_per_token(dit) * tokens * cfg.data.batch_size
     encoder_fwd = repa.encoder_flops(cfg)
     return {
@@ -158,6 +159,8 @@ def run(args: argparse.Namespace) -> dict:
             "compile": float(out["compile_seconds"]),
             "train": train_s,
             "input_wait": float(out["input_seconds"]),
+            # config.repa.precompute: the encoder's pass over the train clips, inside "train" (it is training)
+            "repa_precompute": float(out.get("repa_precompute_seconds", 0.0)),
             "data_and_setup": total_train_call - train_s - float(out["compile_seconds"]),
         },
         "workdir": str(workdir),

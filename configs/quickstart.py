@@ -158,6 +158,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             "weight": 0.5,
             "standardize": False,
             "first_frames": False,
+            # the encoder's pass over every train clip once, before the first step (~25 s, counted as training
+            # time), read with each batch instead of run in each step (sora_jax/train/repa.py precompute_table):
+            # 1.19x / 1.26x the steps per second in one process (benchmarks/SPEEDRUN.md, "REPA's targets
+            # computed once per clip"); 3200 steps: "both" 0.516 (0.484 with the encoder in the step)
+            "precompute": True,
             "classes": 0.0,
             "motion": 0.0,
         }
@@ -170,6 +175,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optim.optimizer = "muon"
     c.optim.lr = 4e-3  # AdamW: 1e-3 0.161, 2e-3 0.208, 3e-3 0.208 (benchmarks/SPEEDRUN.md)
     c.optim.warmup_steps = 100
+    c.optim.final_lr_fraction = 0.1  # the cosine decay's end, of optim.lr
+    c.optim.muon_skip = ()  # block modules whose matrices stay on AdamW, e.g. ("adaLN_modulation",)
     c.optim.weight_decay = 0.0
     c.optim.b1 = 0.9
     c.optim.b2 = 0.99
@@ -177,7 +184,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optim.ema_decay = 0.995
 
     c.train = ml_collections.ConfigDict()
-    c.train.num_steps = 3000  # REPA's steps in the time of 4000 without it
+    c.train.num_steps = 3300  # 3000 with REPA's encoder in each step (SPEEDRUN.md, the records' demo rows)
     c.train.log_every = 100
     c.train.ckpt_every = 1000
     c.train.keep_checkpoints = 2  # the last N checkpoints ...

@@ -396,6 +396,11 @@ def _validate_repa(cfg: ml_collections.ConfigDict) -> None:
             f"config.repa: dim must be a positive int, weight > 0, classes >= 0 and motion >= 0, got "
             f"{r.dim!r}, {r.weight!r}, {r.get('classes', 0.0)!r}, {r.get('motion', 0.0)!r}"
         )
+    if r.get("precompute", False) and cfg.data.get("buckets"):
+        raise ConfigError(
+            "config.repa.precompute: targets per train clip need the clips as stored; buckets resize them "
+            "(set config.repa.precompute=False or config.data.buckets='')"
+        )
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:

@@ -417,6 +417,19 @@ def test_make_dataset_deterministic_per_seed(built):
     assert [_digest(v) for v in va[24:32]] != [_digest(v) for v in va[:8]]
 
 
+def test_make_dataset_with_index_names_each_clips_record(built):
+    """``with_index``: the same batches in the same order, plus each clip's record number in the source."""
+    kw = dict(global_batch_size=4, tokenize=toy_tokenize, seed=0)
+    plain = _take(pipeline.make_dataset(built, "train", **kw), 8)
+    indexed = _take(pipeline.make_dataset(built, "train", with_index=True, **kw), 8)
+    source = pipeline.open_source(built, "train")
+    for p, q in zip(plain, indexed):
+        np.testing.assert_array_equal(p["video"], q["video"])
+        assert "index" not in p and q["index"].dtype == np.int64
+        for i, v in zip(q["index"], q["video"]):
+            np.testing.assert_array_equal(decode_clip(source[int(i)])["video"], v)
+
+
 def test_two_processes_see_disjoint_clips_covering_the_epoch(built):
     src = pipeline.open_source(built, "train")
     everything = {_digest(decode_clip(src[i])["video"]) for i in range(len(src))}

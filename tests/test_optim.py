@@ -65,3 +65,14 @@ def test_muon_takes_the_blocks_matrices_and_matches_optax_per_block():
                 r, s = adam.update(g[key], s, g[key])
             np.testing.assert_allclose(np.asarray(u), r, rtol=2e-4, atol=1e-8)
     assert checked == len(expected) * model.cfg.depth
+
+
+def test_muon_skip_leaves_the_named_modules_on_adamw():
+    params = nnx.state(dit_lib.DiT(dit_lib.dit_config("smoke"), rngs=nnx.Rngs(0)), nnx.Param)
+    is_leaf = lambda x: x is None or hasattr(x, "output_axis")  # noqa: E731
+    on_muon = lambda tree: {
+        k.removesuffix(".value") for k, v in _flat(tree, is_leaf).items() if v is not None
+    }  # noqa: E731
+    full = on_muon(muon_dimension_numbers(params))
+    skipped = on_muon(muon_dimension_numbers(params, skip=("adaLN_modulation",)))
+    assert full - skipped == {"['blocks']['adaLN_modulation']['kernel']"} and skipped < full

@@ -242,3 +242,64 @@ def test_loss_adds_the_motion_cross_entropy():
     np.testing.assert_allclose(float(got), 0.5 * (1.0 - cos) + 0.3 * ce, rtol=1e-4)
     with pytest.raises(ConfigError, match="motion >= 0"):
         config_lib.validate(config_lib.load_config(QUICK, ["repa.motion=-1.0"]))
+
+
+@pytest.mark.parametrize("classes", [0.0, 0.5])
+def test_precomputed_targets_train_as_the_encoder_in_the_step(tmp_path, classes):
+    """``repa.precompute``: the encoder's pass per train clip, computed once and looked up by record index,
+    gives the losses of the encoder run in each step (the same clips in the same order; with the class term,
+    its mass too), the encoder's FLOPs leave the step's count, and the time counts as training."""
+    over = ["repa.layer=1", "train.num_steps=4", "train.log_every=1", f"repa.classes={classes}"]
+    rows, outs = {}, {}
+    for pre in (False, True):
+        cfg = config_lib.load_config(f"{QUICK}:smoke_eval", [*over, f"repa.precompute={pre}"])
+        work = tmp_path / str(pre)
+        outs[pre] = train(cfg, work, progress=False)
+        rows[pre] = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    keys = ["loss", "repa_cos"] + (["repa_class_ce"] if classes else [])
+    for k in keys:
+        want = [r[k] for r in rows[False] if k in r]
+        got = [r[k] for r in rows[True] if k in r]
+        assert len(want) == 4
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5)
+    if not classes:  # resumed from step 2 (its data iterator's state through the lookup), steps 3-4 again
+        cfg = config_lib.load_config(
+            f"{QUICK}:smoke_eval", [*over, "repa.precompute=True", "train.ckpt_every=2"]
+        )
+        train(cfg, tmp_path / "resumed", progress=False)
+        (tmp_path / "resumed" / "checkpoints" / "4").rename(tmp_path / "step4")
+        train(cfg, tmp_path / "resumed", progress=False)
+        lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+        again = {r["step"]: r["loss"] for r in map(json.loads, lines)}
+        np.testing.assert_allclose([again[3], again[4]], [r["loss"] for r in rows[True][2:4]], rtol=1e-6)
+    assert outs[True]["repa_precompute_seconds"] > 0 and "repa_precompute_seconds" not in outs[False]
+    assert outs[True]["train_seconds"] > outs[True]["repa_precompute_seconds"]
+    cfg = config_lib.load_config(f"{QUICK}:smoke_eval", [*over, "repa.precompute=True"])
+    assert (
+        repa.encoder_flops(cfg) == 0.0 < repa.encoder_flops(config_lib.load_config(QUICK, ["repa.layer=2"]))
+    )
+
+
+def test_precompute_table_rows_are_the_clips_encoded_alone():
+    """Each row of ``precompute_table`` (batches of 4, the last padded) is ``encode`` of that record alone."""
+    from sora_jax.data import moving_digits
+    from sora_jax.data.records import encode_clip
+
+    cfg = config_lib.load_config(QUICK, ["repa.layer=2", "repa.classes=0.5"])
+    term, frozen = repa.from_config(cfg)
+    clips = moving_digits.generate("test", 6, seed=5)
+    source = [
+        encode_clip(clips["video"][i], clips["captions"][i], clips["digits"][i], clips["directions"][i])
+        for i in range(6)
+    ]
+    table = repa.precompute_table(term, frozen["repa"], source, repa.token_grid(cfg), batch_size=4)
+    assert set(table) == {"repa_features", "repa_mass"} and table["repa_features"].shape == (6, 64, 96)
+    for i in (0, 5):
+        one = term.encode(frozen["repa"], jnp.asarray(clips["video"][i : i + 1]), (4, 4, 4))
+        for k, v in one.items():
+            np.testing.assert_allclose(table[k][i], np.asarray(v[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_precompute_refuses_buckets():
+    with pytest.raises(ConfigError, match="precompute"):
+        config_lib.load_config(QUICK, ["repa.precompute=True", "data.buckets=8x32x32"])

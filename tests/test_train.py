@@ -174,6 +174,11 @@ def test_learning_rate_is_linear_warmup_then_cosine_to_a_tenth():
     cfg.optim.warmup_steps = 0  # no warmup is one step of it: the first update has learning rate 0
     assert float(lr_schedule(cfg)(0)) == 0.0
     np.testing.assert_allclose(float(lr_schedule(cfg)(1)), 2e-3, rtol=1e-6)
+    cfg.optim.final_lr_fraction = 0.0  # the cosine to zero
+    np.testing.assert_allclose(float(lr_schedule(cfg)(50)), 0.0, atol=1e-12)
+    np.testing.assert_allclose(
+        float(lr_schedule(cfg)(25)), 2e-3 * 0.5 * (1 + np.cos(np.pi * 24 / 49)), rtol=1e-5
+    )
 
 
 def _np_train(params, grads, *, lr, warmup, total, b1, b2, wd, clip, ema_decay):

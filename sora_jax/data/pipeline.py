@@ -60,9 +60,23 @@ def open_source(path: str | pathlib.Path, split: str) -> grain.sources.ArrayReco
     return grain.sources.ArrayRecordDataSource([str(p) for p in shards])
 
 
-def _decode_batch(records: list[bytes]) -> dict[str, Any]:
-    clips = [decode_clip(r) for r in records]
-    return {k: np.stack([c[k] for c in clips]) for k in clips[0]}
+def _decode_batch(records: list) -> dict[str, Any]:
+    """Records (or (index, record) pairs: ``make_dataset(with_index=True)``) -> the batch of their clips."""
+    indexed = bool(records) and isinstance(records[0], tuple)
+    clips = [decode_clip(r[1] if indexed else r) for r in records]
+    batch = {k: np.stack([c[k] for c in clips]) for k in clips[0]}
+    return batch | {"index": np.asarray([r[0] for r in records], np.int64)} if indexed else batch
+
+
+class _WithIndex:
+    """(index, record) -> (its record number in a source of ``n``, record): grain's datasets pass indices past
+    the source's length (later epochs, ``repeat``) and the source wraps them."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, index: int, record: bytes) -> tuple[int, bytes]:
+        return index % self.n, record
 
 
 class _Tokenize:
@@ -100,6 +114,7 @@ def make_dataset(
     process_count: int | None = None,
     drop_remainder: bool = True,
     source: Any | None = None,
+    with_index: bool = False,
 ) -> grain.IterDataset:
     """Per-process batches of a split as a grain IterDataset.
 
@@ -108,6 +123,7 @@ def make_dataset(
     With ``num_workers > 0`` decoding runs in worker processes (``tokenize`` must then be picklable);
     restoring an iterator's state needs the same process count and ``num_workers``. ``source``: read this
     random-access source of records (e.g. ``tfds_source.open_tfds_source``) instead of ``path``.
+    ``with_index``: each element also holds index int64 [b], the clips' record numbers in the source.
     """
     process_index = jax.process_index() if process_index is None else int(process_index)
     process_count = jax.process_count() if process_count is None else int(process_count)
@@ -119,7 +135,8 @@ def make_dataset(
             f"{process_count}"
         )
     per_process = global_batch_size // process_count
-    ds = grain.MapDataset.source(open_source(path, split) if source is None else source).seed(seed)
+    ds = grain.MapDataset.source(open_source(path, split) if source is None else source)
+    ds = (ds.map_with_index(_WithIndex(len(ds))) if with_index else ds).seed(seed)
     if shuffle:
         ds = ds.shuffle()
     if repeat:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import jax
@@ -23,6 +24,7 @@ from sora_jax.config import task
 from sora_jax.data import buckets as buckets_lib
 from sora_jax.data import pipeline
 from sora_jax.parallel import sharding
+from sora_jax.train import repa
 
 log = logging.getLogger("sora_jax.train")
 
@@ -49,6 +51,8 @@ def abstract_batch(
             "text_emb": ((b, length, factory.frozen_dim(cfg)), jnp.float32),
             "text_mask": ((b, length), jnp.bool_),
         }
+    if video_shape is None:  # buckets resize clips, so targets per record do not apply (config checks)
+        shapes |= repa.batch_shapes(cfg, b)
     return {
         k: jax.ShapeDtypeStruct(s, dt, sharding=sharding.batch_sharding(mesh, len(s)))
         for k, (s, dt) in shapes.items()
@@ -92,14 +96,21 @@ def batch_specs(cfg: ml_collections.ConfigDict, mesh) -> list[dict[str, jax.Shap
     return specs
 
 
-def open_train_stream(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh):
+def open_train_stream(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh, timings: dict | None = None):
     """The train split as an iterator of host batches (dicts of numpy arrays), sharded over processes:
-    the config's one shape, or buckets. Builds the bundled digits first when they are the data and missing."""
+    the config's one shape, or buckets. Builds the bundled digits first when they are the data and missing.
+    With ``repa.precomputed(cfg)`` the batches carry their clips' REPA targets, computed here once
+    (``timings["repa_precompute_seconds"]`` says how long: training work, the trainer counts it so)."""
     source, index = train_source(cfg, workdir)
     text_input = train_text_input(cfg, workdir, source) if task(cfg) is Task.T2V else pipeline.no_tokens
     if cfg.data.get("buckets"):
         return make_bucketed_train_data(cfg, source, index, mesh, text_input)
-    return pipeline.make_dataset(
+    lookup = None
+    if repa.precomputed(cfg):
+        t0 = time.perf_counter()
+        lookup = repa_lookup(cfg, source)
+        (timings if timings is not None else {})["repa_precompute_seconds"] = time.perf_counter() - t0
+    ds = pipeline.make_dataset(
         None,
         "train",
         source=source,
@@ -107,7 +118,35 @@ def open_train_stream(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh)
         tokenize=text_input,
         seed=cfg.data.shuffle_seed,
         num_workers=cfg.data.num_workers,
+        with_index=lookup is not None,
     )
+    return ds if lookup is None else ds.map(lookup)
+
+
+class RepaLookup:
+    """Batch transform: index int64 [b] -> the batch plus its clips' rows of a precomputed REPA table
+    (``repa_features`` float32 [b, N, D], ``repa_mass`` [b, N, K] with the class term)."""
+
+    def __init__(self, table: dict[str, np.ndarray]):
+        self.table = table
+
+    def __call__(self, batch: dict) -> dict:
+        return batch | {k: v[batch["index"]] for k, v in self.table.items()}
+
+
+def repa_lookup(cfg: ml_collections.ConfigDict, source) -> RepaLookup:
+    """The REPA encoder's pass over every clip of the train ``source``, once (``repa.precompute_table``), as
+    the stream's lookup; every process computes the whole table (its memory: clips x tokens x 96 floats)."""
+    term, frozen = repa.from_config(cfg)
+    t0 = time.perf_counter()
+    table = repa.precompute_table(
+        term, frozen["repa"], source, repa.token_grid(cfg), progress=jax.process_index() == 0
+    )
+    mib = sum(v.nbytes for v in table.values()) / 2**20
+    log.info(
+        "REPA targets of %d train clips in %.1f s (%.0f MiB)", len(source), time.perf_counter() - t0, mib
+    )
+    return RepaLookup(table)
 
 
 def _tfds(cfg: ml_collections.ConfigDict):

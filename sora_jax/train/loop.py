@@ -259,7 +259,7 @@ def train(
     if compile_only:
         return {"compiled": True, **timings, **memory, **sizes}
 
-    stream = iter(data_lib.open_train_stream(cfg, workdir, mesh))
+    stream = iter(data_lib.open_train_stream(cfg, workdir, mesh, timings))
     card = _data_card(cfg, workdir)
     mgr = checkpoint.manager(
         workdir, keep=cfg.train.keep_checkpoints, keep_every=cfg.train.get("keep_every", 0)
@@ -271,7 +271,11 @@ def train(
             log.info("resumed from step %d in %s", resumed[0], workdir)
         start, state = resumed if resumed is not None else (0, _initial_state(cfg, fns))
         evals = _Evals(cfg, workdir, fns.graphdef, mesh, card, fns.frozen) if evaluating else None
-        last = _loop(cfg, workdir, mesh, fns, executables, state, start, stream, mgr, progress, evals, card)
+        # REPA's targets computed once per clip (config.repa.precompute) are training: in its clock and limit
+        already = timings.get("repa_precompute_seconds", 0.0)
+        last = _loop(
+            cfg, workdir, mesh, fns, executables, state, start, stream, mgr, progress, evals, card, already
+        )
     finally:
         mgr.wait_until_finished()
         mgr.close()
@@ -389,16 +393,18 @@ class _Window:
 
 
 def _loop(
-    cfg, workdir, mesh, fns: TrainFns, executables, state, start, stream, mgr, progress, evals, card
+    cfg, workdir, mesh, fns, executables, state, start, stream, mgr, progress, evals, card, already=0.0
 ) -> dict:
     """Steps from ``start`` to ``train.num_steps``, or until the time limit or a preemption notice; ``evals``
-    (or None) evaluates when due; ``card`` (the data card's {hash, summary}, or None) goes into each save."""
+    (or None) evaluates when due; ``card`` (the data card's {hash, summary}, or None) goes into each save.
+    ``already``: seconds of training work done before the first step (in ``train_seconds`` and the limit)."""
     total, log_every = cfg.train.num_steps, cfg.train.log_every
     time_limit = float(cfg.train.get("time_limit_s", 0.0))
     writer = metrics.MetricWriter(workdir)
     bar = tqdm(total=total, initial=start, desc="train", disable=not progress or jax.process_index() != 0)
     window, last, done = _Window(), {}, start
-    started = trained_until = time.perf_counter()
+    started = time.perf_counter() - already
+    trained_until = started
     input_seconds = 0.0  # host time spent waiting for the next batch (the input pipeline's share)
     eval_share = 0.0  # seconds of evaluation inside [started, trained_until]: not training
     try:

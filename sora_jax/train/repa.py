@@ -17,14 +17,18 @@ content moves to the next frame (``motion_targets``: block matching on the clean
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
+from sora_jax import factory
 from sora_jax.choices import DataContent, ModelArch, Task
 from sora_jax.config import REPA_CLASS_CHANNELS, REPA_MOTION_RADIUS, ConfigError, model_arch, task
+from sora_jax.data.records import decode_clip
 from sora_jax.eval.digit_reader import DigitReader, load_reader
 
 
@@ -82,38 +86,57 @@ class RepaTerm:
         blocks = blocks.mean((2, 4, 6)) if space == "mean" else blocks.mean(2).sum((3, 5))
         return blocks.reshape(b, gt * gh * gw, c)
 
-    def _features(self, fmap: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
-        fmap = self._pool(fmap, grid, "mean")
+    def encode(self, params: nnx.State, video: jax.Array, grid: tuple[int, int, int]) -> dict[str, jax.Array]:
+        """video uint8 ``[B, T, H, W, 3]`` -> the frozen encoder's pass, pooled to the ``grid`` (gt, gh, gw) in
+        patch order: ``{"repa_features": [B, N, D]}`` (its conv map, mean over each token's positions and
+        frames), with ``classes`` > 0 also ``"repa_mass": [B, N, K]`` (the reader's class maps,
+        ``DigitReader.class_maps``, summed over a token's positions: the share of digit k's presence there,
+        averaged over its frames). What does not depend on the batch: ``precompute_table`` keeps it per clip."""
+        encoder: DigitReader = nnx.merge(self.graphdef, params)
+        grey = self._grey(video, grid)
+        if not self.classes:
+            return {
+                "repa_features": self._pool(jax.lax.stop_gradient(encoder.feature_map(grey)), grid, "mean")
+            }
+        maps, fmap = jax.lax.stop_gradient(encoder.class_maps(grey))
+        return {"repa_features": self._pool(fmap, grid, "mean"), "repa_mass": self._pool(maps, grid, "sum")}
+
+    def finish(self, encoded: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array | None]:
+        """``encode``'s output -> the targets: the features ``[B, N, D]`` (``standardize``: per channel over the
+        batch's tokens) and with ``classes`` > 0 which digit each token shows, ``[B, N, K + 1]`` (the mass, the
+        rest clipped at 0 as background, normalised to sum to 1), else None."""
+        features = encoded["repa_features"]
         if self.standardize:  # the map's shared positive mean (GELU) would make any constant output align
-            mean = fmap.mean((0, 1))
-            fmap = (fmap - mean) * jax.lax.rsqrt(jnp.square(fmap - mean).mean((0, 1)) + 1e-6)
-        return fmap
+            mean = features.mean((0, 1))
+            features = (features - mean) * jax.lax.rsqrt(jnp.square(features - mean).mean((0, 1)) + 1e-6)
+        if not self.classes:
+            return features, None
+        mass = encoded["repa_mass"]
+        q = jnp.concatenate([mass, jnp.maximum(1.0 - mass.sum(-1, keepdims=True), 0.0)], -1)
+        return features, q / jnp.maximum(q.sum(-1, keepdims=True), 1e-6)
 
     def targets(
         self, params: nnx.State, video: jax.Array, grid: tuple[int, int, int]
     ) -> tuple[jax.Array, jax.Array | None]:
-        """video uint8 ``[B, T, H, W, 3]`` -> one encoder pass, the targets per token of the ``grid`` (gt, gh, gw)
-        in patch order: the encoder's features pooled to it, ``[B, gt * gh * gw, D]``, and with ``classes`` > 0
-        which digit each token shows, ``[B, N, K + 1]`` (sums to 1: the reader's class maps,
-        ``DigitReader.class_maps``, summed over a token's positions (the share of digit k's presence there),
-        averaged over its frames, the rest (clipped at 0) as background, normalised), else None."""
-        encoder: DigitReader = nnx.merge(self.graphdef, params)
-        grey = self._grey(video, grid)
-        if not self.classes:
-            return self._features(jax.lax.stop_gradient(encoder.feature_map(grey)), grid), None
-        maps, fmap = jax.lax.stop_gradient(encoder.class_maps(grey))
-        mass = self._pool(maps, grid, "sum")
-        q = jnp.concatenate([mass, jnp.maximum(1.0 - mass.sum(-1, keepdims=True), 0.0)], -1)
-        return self._features(fmap, grid), q / jnp.maximum(q.sum(-1, keepdims=True), 1e-6)
+        """video uint8 ``[B, T, H, W, 3]`` -> ``finish(encode(...))``: one encoder pass, the targets per token of
+        the ``grid`` (gt, gh, gw) in patch order, ``[B, gt * gh * gw, D]`` and the class targets or None."""
+        return self.finish(self.encode(params, video, grid))
 
     def loss(
-        self, z: jax.Array, params: nnx.State, video: jax.Array, grid: tuple[int, int, int]
+        self,
+        z: jax.Array,
+        params: nnx.State,
+        video: jax.Array,
+        grid: tuple[int, int, int],
+        encoded: dict[str, jax.Array] | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The term added to the diffusion loss, from the projected tokens ``z [B, N, dim (+ K + 1)]`` and the
         clean video uint8 ``[B, T, H, W, 3]``: ``weight * (1 - cos)`` of the first ``dim`` channels and the
         features of ``targets``, plus with ``classes`` > 0 ``classes *`` the cross-entropy of the last K + 1
-        (logits) against its classes. Returns (the term, aux {"repa_cos"[, "repa_class_ce"]})."""
-        features, classes = self.targets(params, video, grid)
+        (logits) against its classes. ``encoded``: the batch's ``encode`` output, precomputed per clip
+        (``precompute_table``); None: the encoder runs here. Returns (the term, aux {"repa_cos"[,
+        "repa_class_ce"]})."""
+        features, classes = self.finish(self.encode(params, video, grid) if encoded is None else encoded)
         d = features.shape[-1]
         cos = alignment(z[..., :d], features).mean()
         term, aux = self.weight * (1.0 - cos), {"repa_cos": cos}
@@ -183,10 +206,64 @@ def alignment(pred: jax.Array, target: jax.Array) -> jax.Array:
     return cos.mean(-1)
 
 
+def token_grid(cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """(gt, gh, gw): the DiT's token grid over the config's clip (its latents / the patch size)."""
+    t, h, w, _ = factory.latent_shape(cfg)
+    pt, ph, pw = cfg.model.patch_size
+    return t // pt, h // ph, w // pw
+
+
+def precomputed(cfg: ml_collections.ConfigDict) -> bool:
+    """``config.repa.precompute`` with REPA on: the encoder's pass is computed once per train clip
+    (``precompute_table``) and read from the batch (``repa_features``, ``repa_mass``) instead of each step."""
+    return bool(layer(cfg)) and bool(cfg.repa.get("precompute", False))
+
+
+def batch_shapes(
+    cfg: ml_collections.ConfigDict, batch_size: int
+) -> dict[str, tuple[tuple[int, ...], object]]:
+    """{key: (shape, dtype)} that the step's batch holds for a precomputed REPA term ({} without one)."""
+    if not precomputed(cfg):
+        return {}
+    n = math.prod(token_grid(cfg))
+    shapes = {"repa_features": ((batch_size, n, int(cfg.repa.dim)), jnp.float32)}
+    if cfg.repa.get("classes", 0.0):
+        shapes["repa_mass"] = ((batch_size, n, REPA_CLASS_CHANNELS - 1), jnp.float32)
+    return shapes
+
+
+def precompute_table(
+    term: RepaTerm,
+    params: nnx.State,
+    source,
+    grid: tuple[int, int, int],
+    batch_size: int = 64,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """``term.encode`` of every clip of ``source`` (a random-access source of clip records; train clips are
+    read unchanged, so a clip's targets never change), in record order: {key: ``[len(source), N, C]``
+    float32}. ``batch_size`` clips per jitted call (the last one padded)."""
+    from tqdm.auto import tqdm
+
+    encode = jax.jit(lambda p, v: term.encode(p, v, grid))
+    n = len(source)
+    table: dict[str, np.ndarray] = {}
+    for lo in tqdm(range(0, n, batch_size), desc="REPA targets", unit="batch", disable=not progress):
+        video = np.stack([decode_clip(source[i])["video"] for i in range(lo, min(lo + batch_size, n))])
+        pad = batch_size - len(video)
+        out = encode(params, np.concatenate([video, np.zeros((pad, *video.shape[1:]), video.dtype)]))
+        for k, v in out.items():
+            table.setdefault(k, np.zeros((n, *v.shape[1:]), np.float32))[lo : lo + len(video)] = np.asarray(
+                v[: len(video)]
+            )
+    return table
+
+
 def encoder_flops(cfg: ml_collections.ConfigDict) -> float:
     """Forward FLOPs of the REPA encoder per training step (its 3x3 convolutions on every frame of the batch, or
-    on the first frame of each temporal token group with ``first_frames``; 0 when REPA is off)."""
-    if not layer(cfg):
+    on the first frame of each temporal token group with ``first_frames``; 0 when REPA is off or
+    ``precomputed``: the step does not run it)."""
+    if not layer(cfg) or precomputed(cfg):
         return 0.0
     rc = load_reader().cfg
     frames = cfg.data.batch_size * cfg.data.num_frames

@@ -6,6 +6,7 @@ shardings for ``jax.jit(out_shardings=...)``. The NNX graph definition is rebuil
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -23,8 +24,9 @@ TrainState = dict[
 
 
 def lr_schedule(cfg: ml_collections.ConfigDict, lr: float | None = None) -> optax.Schedule:
-    """Linear warmup over ``optim.warmup_steps`` to ``lr`` (default ``optim.lr``), then cosine decay to 10% at
-    ``train.num_steps``: the schedule the optimizer follows and the ``lr`` metric reports."""
+    """Linear warmup over ``optim.warmup_steps`` to ``lr`` (default ``optim.lr``), then cosine decay to
+    ``optim.final_lr_fraction`` of it (default 0.1) at ``train.num_steps``: the schedule the optimizer follows and
+    the ``lr`` metric reports."""
     o = cfg.optim
     lr = o.lr if lr is None else lr
     return optax.warmup_cosine_decay_schedule(
@@ -32,7 +34,7 @@ def lr_schedule(cfg: ml_collections.ConfigDict, lr: float | None = None) -> opta
         peak_value=lr,
         warmup_steps=max(1, o.warmup_steps),
         decay_steps=max(cfg.train.num_steps, o.warmup_steps + 1),
-        end_value=lr * 0.1,
+        end_value=lr * float(o.get("final_lr_fraction", 0.1)),
     )
 
 
@@ -42,9 +44,9 @@ def lr_schedule(cfg: ml_collections.ConfigDict, lr: float | None = None) -> opta
 _MUON_AXES = {"wq": (1, (2, 3)), "wk": (1, (2, 3)), "wv": (1, (2, 3)), "wo": ((1, 2), 3), "kernel": (1, 2)}
 
 
-def muon_dimension_numbers(params):
+def muon_dimension_numbers(params, skip: tuple[str, ...] = ()):
     """Per leaf of ``params``: ``MuonDimensionNumbers`` for a stacked-block kernel (see ``_MUON_AXES``), else
-    None (AdamW)."""
+    None (AdamW); also None under a module named in ``skip`` (``optim.muon_skip``, e.g. "adaLN_modulation")."""
     from optax.contrib import MuonDimensionNumbers
 
     def dims(path, x):
@@ -53,7 +55,7 @@ def muon_dimension_numbers(params):
         axes = _MUON_AXES.get(names[-1])
         if "blocks" not in names or axes is None or x.ndim != 1 + len(jax.tree.leaves(axes)):
             return None
-        return MuonDimensionNumbers(*axes)
+        return None if set(names) & set(skip) else MuonDimensionNumbers(*axes)
 
     return jax.tree_util.tree_map_with_path(dims, params)
 
@@ -78,7 +80,9 @@ def make_optimizer(cfg: ml_collections.ConfigDict, lr: float | None = None) -> o
             adam_b1=o.b1,
             adam_b2=o.b2,
             adam_weight_decay=o.weight_decay,
-            muon_weight_dimension_numbers=muon_dimension_numbers,
+            muon_weight_dimension_numbers=functools.partial(
+                muon_dimension_numbers, skip=tuple(o.get("muon_skip", ()))
+            ),
             consistent_rms=0.2,
         )
     return optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)

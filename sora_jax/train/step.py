@@ -58,7 +58,8 @@ def make_loss_fn(
 
     ``repa`` (``sora_jax/train/repa.py``): adds ``repa.loss``, ``repa.weight * (1 - cos)`` between the DiT's
     projected block tokens and the frozen encoder's features (``frozen["repa"]``) of the clean clip (plus its
-    class term); aux ``repa_cos`` (and ``repa_class_ce``)."""
+    class term); aux ``repa_cos`` (and ``repa_class_ce``). A batch holding ``repa_features`` (and ``repa_mass``:
+    ``config.repa.precompute``) gives the encoder's pass, which then does not run in the step."""
     use_masks = mask_probs is not None and masks.conditions_frames(mask_probs)
 
     def loss_fn(params, batch, frozen, key):
@@ -93,7 +94,8 @@ def make_loss_fn(
         pt, ph, pw = model.dit.cfg.patch_size
         grid = (x0.shape[1] // pt, x0.shape[2] // ph, x0.shape[3] // pw)
         with jax.named_scope("repa"):  # the encoder's targets and the term (benchmarks/cpu_step_profile.py)
-            term, aux = repa.loss(tokens["z"], frozen["repa"], batch["video"], grid)
+            encoded = {k: batch[k] for k in ("repa_features", "repa_mass") if k in batch} or None
+            term, aux = repa.loss(tokens["z"], frozen["repa"], batch["video"], grid, encoded)
         return per_example.mean() + term, aux
 
     return loss_fn
