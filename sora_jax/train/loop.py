@@ -271,10 +271,9 @@ def train(
             log.info("resumed from step %d in %s", resumed[0], workdir)
         start, state = resumed if resumed is not None else (0, _initial_state(cfg, fns))
         evals = _Evals(cfg, workdir, fns.graphdef, mesh, card, fns.frozen) if evaluating else None
-        # REPA's targets computed once per clip (config.repa.precompute) are training: in its clock and limit
-        already = timings.get("repa_precompute_seconds", 0.0)
+        pre = timings.get("repa_precompute_seconds", 0.0)  # REPA's table (repa.precompute) is training time
         last = _loop(
-            cfg, workdir, mesh, fns, executables, state, start, stream, mgr, progress, evals, card, already
+            cfg, workdir, mesh, fns, executables, state, start, stream, mgr, progress, evals, card, pre
         )
     finally:
         mgr.wait_until_finished()
@@ -403,8 +402,7 @@ def _loop(
     writer = metrics.MetricWriter(workdir)
     bar = tqdm(total=total, initial=start, desc="train", disable=not progress or jax.process_index() != 0)
     window, last, done = _Window(), {}, start
-    started = time.perf_counter() - already
-    trained_until = started
+    started = trained_until = time.perf_counter() - already
     input_seconds = 0.0  # host time spent waiting for the next batch (the input pipeline's share)
     eval_share = 0.0  # seconds of evaluation inside [started, trained_until]: not training
     try:
