@@ -90,8 +90,11 @@ def model_flops_per_step(cfg) -> dict:
     text_fwd = text_flops_per_step(cfg)
     # REPA: the projector is trained (x3), the frozen encoder runs forward only (not in the step at all with
     # config.repa.precompute: once per train clip before the first step, its time inside the training seconds)
-    proj_fwd = repa_flops_per_token(dit) * tokens * cfg.data.batch_size
-    encoder_fwd = repa.encoder_flops(cfg)
+    # (config.repa.until < 1: the projector only in that share of the steps, so its mean per step)
+    until = repa.until_step(cfg)
+    share = 1.0 if until is None else until / max(1, cfg.train.num_steps)
+    proj_fwd = repa_flops_per_token(dit) * tokens * cfg.data.batch_size * share
+    encoder_fwd = repa.encoder_flops(cfg) * share
     return {
         "tokens_per_clip": tokens,
         "batch": int(cfg.data.batch_size),

@@ -165,6 +165,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             "precompute": True,
             "classes": 0.0,
             "motion": 0.0,
+            # < 1: the term only for that fraction of train.num_steps (HASTE, Wang et al. 2025: REPA helps
+            # early and can hold a model back later); after it the projector costs nothing (one lax.cond)
+            "until": 1.0,
         }
     )
 
@@ -176,6 +179,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optim.lr = 4e-3  # AdamW: 1e-3 0.161, 2e-3 0.208, 3e-3 0.208 (benchmarks/SPEEDRUN.md)
     c.optim.warmup_steps = 100
     c.optim.final_lr_fraction = 0.1  # the cosine decay's end, of optim.lr
+    c.optim.muon_ns_steps = 5  # Newton-Schulz iterations per Muon update
+    c.optim.muon_ns_coeffs = "standard"  # standard (Jordan et al.) | polar_express (Amsel et al. 2025)
     c.optim.muon_skip = ()  # block modules whose matrices stay on AdamW, e.g. ("adaLN_modulation",)
     c.optim.weight_decay = 0.0
     c.optim.b1 = 0.9

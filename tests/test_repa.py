@@ -248,7 +248,8 @@ def test_loss_adds_the_motion_cross_entropy():
 def test_precomputed_targets_train_as_the_encoder_in_the_step(tmp_path, classes):
     """``repa.precompute``: the encoder's pass per train clip, computed once and looked up by record index,
     gives the losses of the encoder run in each step (the same clips in the same order; with the class term,
-    its mass too), the encoder's FLOPs leave the step's count, and the time counts as training."""
+    its mass too), the encoder's FLOPs leave the step's count, and the time counts as training; with
+    ``repa.until`` the term stops at its step."""
     over = ["repa.layer=1", "train.num_steps=4", "train.log_every=1", f"repa.classes={classes}"]
     rows, outs = {}, {}
     for pre in (False, True):
@@ -272,6 +273,16 @@ def test_precomputed_targets_train_as_the_encoder_in_the_step(tmp_path, classes)
         lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
         again = {r["step"]: r["loss"] for r in map(json.loads, lines)}
         np.testing.assert_allclose([again[3], again[4]], [r["loss"] for r in rows[True][2:4]], rtol=1e-6)
+        # repa.until = 0.5 (HASTE): steps 1-2 as above, steps 3-4 without the term (no repa_cos logged)
+        cfg = config_lib.load_config(f"{QUICK}:smoke_eval", [*over, "repa.precompute=True", "repa.until=0.5"])
+        train(cfg, tmp_path / "until", progress=False)
+        lines = (tmp_path / "until" / "metrics.jsonl").read_text().splitlines()
+        until = [json.loads(line) for line in lines]
+        np.testing.assert_allclose(
+            [r["loss"] for r in until[:2]], [r["loss"] for r in rows[True][:2]], rtol=1e-6
+        )
+        assert [("repa_cos" in r) for r in until] == [True, True, False, False]
+        assert abs(until[2]["loss"] - rows[True][2]["loss"]) > 1e-3  # the term left the loss
     assert outs[True]["repa_precompute_seconds"] > 0 and "repa_precompute_seconds" not in outs[False]
     assert outs[True]["train_seconds"] > outs[True]["repa_precompute_seconds"]
     on, off = (config_lib.load_config(QUICK, [f"repa.precompute={p}"]) for p in (True, False))

@@ -119,7 +119,7 @@ def test_a_frozen_vae_enters_the_step_as_an_argument_not_a_constant(tmp_path, mo
 
     from sora_jax import factory, loading
     from sora_jax.models.vae import VideoVAE
-    from sora_jax.train.loop import largest_constant
+    from sora_jax.train.program import largest_constant
 
     vcfg = factory.vae_config(load_config("configs/vae_digits.py"))
     params = nnx.state(VideoVAE(vcfg, rngs=nnx.Rngs(0)), nnx.Param)
@@ -242,6 +242,42 @@ def test_step_applies_clipped_adamw_on_the_schedule_and_updates_the_ema():
     unclipped = _np_train(init, grads, **{**kw, "clip": np.inf})[-1][0]
     assert max(np.abs(a - b).max() for a, b in zip(unclipped, ref[-1][0])) > 1e-2
     assert max(np.abs(a - b).max() for a, b in zip(ref[-1][0], ref[-1][1])) > 1e-2
+
+
+def test_make_step_switches_to_the_late_loss_at_its_step():
+    """``make_step(late=(2, late_fn))``: steps 0-1 follow ``loss_fn``'s gradients, steps 2-3 ``late_fn``'s (plain
+    SGD, lr 0.1, so each update is -0.1 x the taken branch's gradient, computed here by hand); the early aux
+    metric is NaN once the late loss runs."""
+    from flax import nnx
+
+    from sora_jax.train.state import init_state
+    from sora_jax.train.step import make_step
+
+    def early(params, batch, frozen, key):
+        w = params["w"].value
+        return jnp.sum(w**2), {"early_aux": jnp.sum(w)}
+
+    def late(params, batch, frozen, key):
+        w = params["w"].value
+        return jnp.sum((w - 1.0) ** 3), {}
+
+    class Weights(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.asarray([0.5, -2.0, 3.0]))
+
+    import optax
+
+    tx = optax.sgd(0.1)
+    state = init_state(Weights(), tx, seed=0)
+    step = jax.jit(make_step(early, tx, ema_decay=0.0, lr_fn=lambda s: 0.1, late=(2, late)))
+    w = np.asarray([0.5, -2.0, 3.0])
+    for k in range(4):
+        state, metrics = step(state, {}, {})
+        loss, grad = (np.sum(w**2), 2 * w) if k < 2 else (np.sum((w - 1) ** 3), 3 * (w - 1) ** 2)
+        np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-6)
+        assert np.isnan(metrics["early_aux"]) == (k >= 2)
+        w = w - 0.1 * grad
+        np.testing.assert_allclose(np.asarray(state["params"]["w"].value), w, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- caption dropout in the step

@@ -16,9 +16,8 @@ Each task has one step builder (``_STEP_BUILDERS``: the DiT's, the VAE's), all o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +41,7 @@ from sora_jax.parallel.mesh import make_mesh
 from sora_jax.train import checkpoint, metrics, repa
 from sora_jax.train import data as data_lib
 from sora_jax.train.preemption import PreemptionWatch
+from sora_jax.train.program import compiled_memory, largest_constant
 from sora_jax.train.state import (
     TrainState,
     dora_start,
@@ -108,7 +108,8 @@ def _t2v_step(
     autoencoder = factory.make_autoencoder(cfg) if latents else loading.load_autoencoder(cfg)
     null_text, null_mask = _null_text(cfg, shapes_only, table)
     repa_term, repa_frozen = repa.from_config(cfg)
-    loss_fn = make_loss_fn(
+    loss_fn = functools.partial(
+        make_loss_fn,
         graphdef,
         factory.make_process(cfg),
         autoencoder,
@@ -117,9 +118,10 @@ def _t2v_step(
         caption_dropout=cfg.text.caption_dropout,
         mask_probs=factory.mask_probs(cfg),
         mask_max_frames=cfg.get("conditioning", {}).get("max_frames", 1),
-        repa=repa_term,
     )
-    step = make_step(loss_fn, tx, ema_decay=cfg.optim.ema_decay, lr_fn=lr_fn)
+    until = repa.until_step(cfg)  # REPA off from this step on (repa.until), None: never
+    late = None if until is None else (until, loss_fn(repa=None))
+    step = make_step(loss_fn(repa=repa_term), tx, ema_decay=cfg.optim.ema_decay, lr_fn=lr_fn, late=late)
     return _TaskStep(step, frozen_autoencoder_params(autoencoder) | repa_frozen)
 
 
@@ -328,21 +330,6 @@ def _batch_key(batch: dict) -> tuple:
     return tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
 
 
-def largest_constant(hlo_text: str) -> tuple[int, str]:
-    """(bytes, tensor type) of the largest constant in a lowered program's StableHLO text: what the program
-    carries baked in (frozen weights closed over would show here; arguments do not)."""
-    best = (0, "")
-    for m in _CONSTANT.finditer(hlo_text):
-        dims, dtype = m.group(1), m.group(2)
-        n = math.prod(int(d) for d in dims.split("x") if d) if dims else 1
-        bits = int(re.sub(r"\D", "", dtype) or 8)
-        best = max(best, (n * max(bits, 8) // 8, f"tensor<{dims}{dtype}>"))
-    return best
-
-
-_CONSTANT = re.compile(r"stablehlo\.constant .*: tensor<((?:\d+x)*)([a-z]+\d*)>")
-
-
 def _compile(fns: TrainFns, specs: list[dict]) -> tuple[dict, dict]:
     """One executable per batch shape, and the memory report of the largest (``peak_gib`` over all), with
     the largest constant any of them holds."""
@@ -352,7 +339,7 @@ def _compile(fns: TrainFns, specs: list[dict]) -> tuple[dict, dict]:
         constant = max(constant, largest_constant(lowered.as_text()))
         compiled = lowered.compile()
         executables[_batch_key(spec)] = compiled
-        memory = _memory(compiled)
+        memory = compiled_memory(compiled)
         if memory.get("peak_gib", -1.0) > worst.get("peak_gib", -1.0):
             worst = memory | {
                 "peak_batch": ",".join(f"{k}:{'x'.join(map(str, v.shape))}" for k, v in sorted(spec.items()))
@@ -384,7 +371,7 @@ class _Window:
         for _, m in host:
             one = collection.single_from_model_output(**m)
             coll = one if coll is None else coll.merge(one)
-        out = {k: float(v) for k, v in coll.compute().items()}
+        out = metrics.computed({k: float(v) for k, v in coll.compute().items()})
         out["steps_per_sec"] = len(host) / (time.perf_counter() - self.started)
         writer.write_scalars(step, out)
         self.pending, self.started = [], time.perf_counter()
@@ -582,23 +569,3 @@ def _state_sizes(cfg: ml_collections.ConfigDict, fns: TrainFns, mesh) -> dict[st
         except sharding.ShardingError as e:
             log.warning("%s", e)
     return sizes
-
-
-def _memory(compiled) -> dict[str, float]:
-    """The compiled step's memory per device in GiB (empty where the backend reports none)."""
-    try:
-        mem = compiled.memory_analysis()
-    except Exception:  # not every backend reports it
-        return {}
-    if mem is None:
-        return {}
-    gib = 1 / 2**30
-    out = {
-        "argument_gib": mem.argument_size_in_bytes * gib,
-        "output_gib": mem.output_size_in_bytes * gib,
-        "temp_gib": mem.temp_size_in_bytes * gib,
-        "alias_gib": mem.alias_size_in_bytes * gib,
-    }
-    # donated state: outputs alias arguments, so the peak is arguments + temporaries + non-aliased outputs
-    out["peak_gib"] = out["argument_gib"] + out["temp_gib"] + out["output_gib"] - out["alias_gib"]
-    return out

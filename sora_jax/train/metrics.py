@@ -42,6 +42,12 @@ def check_finite(steps: list[tuple[int, dict]]) -> None:
                 )
 
 
+def computed(scalars: dict[str, float]) -> dict[str, float]:
+    """``scalars`` without the NaNs that mean "not computed at these steps" (an aux metric of a step whose loss
+    changed, e.g. ``repa_cos`` after ``repa.until``); the loss's and gradient norm's are kept (``check_finite``)."""
+    return {k: v for k, v in scalars.items() if k in ("loss", "grad_norm") or not math.isnan(v)}
+
+
 class MetricWriter:
     """Scalars to TensorBoard (tensorboardX) and ``metrics.jsonl`` under ``<workdir>``; process 0 only."""
 

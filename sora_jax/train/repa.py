@@ -277,6 +277,16 @@ def encoder_flops(cfg: ml_collections.ConfigDict) -> float:
     return flops * frames
 
 
+def until_step(cfg: ml_collections.ConfigDict) -> int | None:
+    """The first step without the REPA term: ``repa.until`` (a fraction of ``train.num_steps``) < 1 turns it
+    off there, as HASTE (Wang et al. 2025) does, so the projector's forward and backward stop costing time;
+    None while it stays on (``repa.until`` 1, or REPA off)."""
+    until = float(cfg.repa.get("until", 1.0)) if layer(cfg) else 1.0
+    if not 0.0 < until <= 1.0:
+        raise ConfigError(f"config.repa.until must be in (0, 1], got {until}")
+    return None if until == 1.0 else round(until * cfg.train.num_steps)
+
+
 def from_config(cfg: ml_collections.ConfigDict) -> tuple[RepaTerm | None, dict]:
     """The config's REPA term and its frozen parameters ``{"repa": encoder params}`` (``(None, {})`` when off)."""
     if not layer(cfg):

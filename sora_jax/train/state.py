@@ -43,6 +43,30 @@ def lr_schedule(cfg: ml_collections.ConfigDict, lr: float | None = None) -> opta
 # biases, norms, adaLN of the final layer and LoRA adapters stay on AdamW (as in modded-nanogpt).
 _MUON_AXES = {"wq": (1, (2, 3)), "wk": (1, (2, 3)), "wv": (1, (2, 3)), "wo": ((1, 2), 3), "kernel": (1, 2)}
 
+# Polar Express (Amsel et al. 2025), the per-iteration quintic coefficients modded-nanogpt uses, designed for an
+# input divided by 1.02 ||X||_F; optax divides by ||X||_F alone, so the first iteration takes the 1.02 instead.
+_POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def newton_schulz_coeffs(kind: str, steps: int):
+    """``optim.muon_ns_coeffs`` -> what optax's muon takes for ``steps`` iterations: "standard" (Jordan et al.'s
+    one quintic, (3.4445, -4.775, 2.0315), every iteration) or "polar_express" (one (a, b, c) row per iteration,
+    made for exactly 5: cut short, its first rows overshoot, singular values up to ~1.9)."""
+    if kind == "standard":
+        return (3.4445, -4.775, 2.0315)
+    if kind != "polar_express":
+        raise ValueError(f"optim.muon_ns_coeffs must be standard or polar_express, got {kind!r}")
+    if steps != len(_POLAR_EXPRESS):
+        raise ValueError(f"optim.muon_ns_coeffs = polar_express takes optim.muon_ns_steps = 5, got {steps}")
+    (a, b, c), *rest = _POLAR_EXPRESS
+    return ((a / 1.02, b / 1.02**3, c / 1.02**5), *rest)
+
 
 def muon_dimension_numbers(params, skip: tuple[str, ...] = ()):
     """Per leaf of ``params``: ``MuonDimensionNumbers`` for a stacked-block kernel (see ``_MUON_AXES``), else
@@ -65,7 +89,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, lr: float | None = None) -> o
     "adamw", or "muon" (Jordan et al. 2024: Nesterov momentum orthogonalized by Newton-Schulz on the blocks'
     matrices, ``muon_dimension_numbers``; updates scaled to AdamW's RMS, 0.2 sqrt(max dim), as in Liu et al.
     2025 "Muon is Scalable", so ``optim.lr`` means the same for both; AdamW with b1/b2 and Nesterov momentum,
-    as optax.contrib.muon has it, on the rest)."""
+    as optax.contrib.muon has it, on the rest); ``optim.muon_ns_steps`` Newton-Schulz iterations with
+    ``newton_schulz_coeffs(optim.muon_ns_coeffs)``."""
     o = cfg.optim
     schedule = lr_schedule(cfg, lr)
     if Optimizer(o.get("optimizer", "adamw")) is Optimizer.ADAMW:
@@ -73,8 +98,11 @@ def make_optimizer(cfg: ml_collections.ConfigDict, lr: float | None = None) -> o
     else:
         from optax.contrib import muon
 
+        steps = int(o.get("muon_ns_steps", 5))
         opt = muon(
             schedule,
+            ns_coeffs=newton_schulz_coeffs(o.get("muon_ns_coeffs", "standard"), steps),
+            ns_steps=steps,
             beta=0.95,
             weight_decay=o.weight_decay,
             adam_b1=o.b1,

@@ -102,15 +102,41 @@ def make_loss_fn(
 
 
 def make_step(
-    loss_fn: LossFn, tx: optax.GradientTransformation, *, ema_decay: float, lr_fn: optax.Schedule
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    *,
+    ema_decay: float,
+    lr_fn: optax.Schedule,
+    late: tuple[int, LossFn] | None = None,
 ) -> Step:
     """``step(state, batch, frozen)``: ``loss_fn(params, batch, frozen, key) -> (loss, aux)``, its gradients,
     ``apply_update``; metrics = loss, grad_norm, lr and the aux metrics. The key is
-    ``fold_in(state rng, step)``."""
+    ``fold_in(state rng, step)``.
+
+    ``late = (s, late_loss_fn)``: from step ``s`` on, ``late_loss_fn`` instead (a ``lax.cond`` on the step: one
+    compiled program, only the taken branch runs); aux metrics it lacks are NaN there (e.g. REPA's
+    ``repa_cos`` after ``repa.until``)."""
+
+    def grad_of(fn):
+        return jax.value_and_grad(fn, has_aux=True)
 
     def step(state: TrainState, batch: dict, frozen: dict) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, frozen, key)
+        args = (batch, frozen, key)
+        if late is None:
+            (loss, aux), grads = grad_of(loss_fn)(state["params"], *args)
+        else:
+            switch, late_fn = late
+            shapes = jax.eval_shape(grad_of(loss_fn), state["params"], *args)[0][1]
+
+            def after(params):
+                (loss, aux), grads = grad_of(late_fn)(params, *args)
+                nan = {k: jnp.full(v.shape, jnp.nan, v.dtype) for k, v in shapes.items()}
+                return (loss, nan | aux), grads
+
+            (loss, aux), grads = jax.lax.cond(
+                state["step"] < switch, lambda p: grad_of(loss_fn)(p, *args), after, state["params"]
+            )
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_fn(state["step"]), **aux}
         return apply_update(state, grads, tx, ema_decay), metrics
 
