@@ -9,8 +9,9 @@
 Training runs through the project's trainer (``train`` with ``train.time_limit_s``), so the
 budget counts training steps only: compiling the step and building the data are timed and reported apart.
 The config's ``train.num_steps`` stays the learning-rate schedule's horizon (a run that gets there first
-stops there). ``--sweep_cfg 3 6 9 [--sweep_steps 16 32]`` also samples the trained checkpoint at other
-guidance scales / step counts (sampling-time ablations, no retraining); ``--eval_only --workdir W`` scores an
+stops there). ``--sweep_cfg 3 6 9 [--sweep_steps 16 32] [--sweep_jitter 0 0.5]`` also samples the trained
+checkpoint at other guidance scales / step counts / patch-grid jitter (sampling-time ablations, no retraining;
+``--sweep_sheets DIR``: a contact sheet of the config's sample prompts per setting); ``--eval_only --workdir W`` scores an
 existing run that way.
 Then ``--num_prompts`` test-split captions (digit/direction combinations never seen in training) are sampled
 with the config's sampler and read by the bundled digit reader (``sora-jax eval``'s adherence table);
@@ -33,6 +34,7 @@ advising huge pages (``sora_jax.host_malloc``; ``SORA_JAX_HOST_MALLOC=default`` 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -264,23 +266,30 @@ def sampling_sweep(workdir: Path, args: argparse.Namespace) -> list[dict]:
     retraining), each on the same test prompts and seeds."""
     from sora_jax.eval.evaluate import evaluate_workdir
     from sora_jax.sample.pipeline import load_pipeline
+    from sora_jax.sample.video_io import contact_sheet
 
     rows = []
-    for scale in args.sweep_cfg:
-        for steps in args.sweep_steps or [None]:
-            pipe = load_pipeline(workdir, cfg_scale=scale, sample_steps=steps)
-            ev = evaluate_workdir(
-                workdir, num_prompts=args.num_prompts, split=args.split, pipeline=pipe, out=workdir / "sweep"
-            )
-            m = ev["metrics"]
-            rows.append(
-                {
-                    "cfg_scale": pipe.config.diffusion.cfg_scale,
-                    "sample_steps": pipe.config.diffusion.sample_steps,
-                    **{k: m[k] for k in ("digit_accuracy", "direction_accuracy", "both_accuracy")},
-                    "by_objects": by_objects(ev["per_video"]),
-                }
-            )
+    grid = itertools.product(
+        args.sweep_cfg or [None], args.sweep_steps or [None], args.sweep_jitter or [None]
+    )
+    for scale, steps, jitter in grid if args.sweep_cfg or args.sweep_steps or args.sweep_jitter else []:
+        pipe = load_pipeline(workdir, cfg_scale=scale, sample_steps=steps, sample_jitter=jitter)
+        ev = evaluate_workdir(
+            workdir, num_prompts=args.num_prompts, split=args.split, pipeline=pipe, out=workdir / "sweep"
+        )
+        m, d = ev["metrics"], pipe.config.diffusion
+        row = {
+            "cfg_scale": d.cfg_scale,
+            "sample_steps": d.sample_steps,
+            "jitter": d.get("sample_jitter", 0.0),
+        }
+        if args.sweep_sheets:  # the config's sample prompts (the demo's), seed 0, one PNG per row
+            prompts = list(pipe.config.sample.prompts)
+            name = "_".join(f"{k}{v:g}" for k, v in row.items())
+            row["sheet"] = str(Path(args.sweep_sheets) / f"{Path(args.out).stem}_{name}.png")
+            contact_sheet(pipe.generate(prompts, seed=0), prompts, row["sheet"], scale=3)
+        by = {k: m[k] for k in ("digit_accuracy", "direction_accuracy", "both_accuracy")}
+        rows.append(row | by | {"by_objects": by_objects(ev["per_video"])})
     return rows
 
 
@@ -323,7 +332,7 @@ def table(r: dict) -> str:
     for row in r.get("sampling_sweep", []):
         rows.append(
             (
-                f"  at cfg {row['cfg_scale']:g}, {row['sample_steps']} steps",
+                f"  at cfg {row['cfg_scale']:g}, {row['sample_steps']} steps, jitter {row.get('jitter', 0):g}",
                 f"digits {row['digit_accuracy']:.3f}  directions {row['direction_accuracy']:.3f}  "
                 f"both {row['both_accuracy']:.3f}",
             )
@@ -367,6 +376,16 @@ def main(argv: list[str] | None = None) -> int:
         "--sweep_cfg", type=float, nargs="*", default=[], help="also sample at these guidance scales"
     )
     p.add_argument("--sweep_steps", type=int, nargs="*", default=[], help="... and these sampler step counts")
+    p.add_argument(
+        "--sweep_jitter",
+        type=float,
+        nargs="*",
+        default=[],
+        help="... and these diffusion.sample_jitter values",
+    )
+    p.add_argument(
+        "--sweep_sheets", default="", help="a folder: a contact sheet of the sample prompts per row"
+    )
     p.add_argument(
         "--vae_config", default="", help="the latent path: train this VAE first (config file[:arg])"
     )

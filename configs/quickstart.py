@@ -134,6 +134,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     )
     c.diffusion.sample_steps = 32
     c.diffusion.cfg_scale = 6.0  # demo checkpoint, test digit accuracy: 0.115 at 6, 0.083 at 3
+    # the sampling steps at noise level t <= this (the last 4 of 32 here) see the frame rolled by an offset under
+    # one patch, a new one each step (sora_jax/sample/sampler.py jittered), so the per-patch head's seams do not
+    # pile up on one grid; 0: off. 192 test prompts, "both" 0.531 against 0.516 (benchmarks/SPEEDRUN.md, "the
+    # patch grid jittered")
+    c.diffusion.sample_jitter = 0.5
 
     # Frame conditioning (sora_jax/diffusion/masks.py): per clip, the latent frames given clean, so one model
     # also animates images, extends, connects and loops (`sora-jax sample --mode ...`). Three clips in four
@@ -179,7 +184,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optim.lr = 4e-3  # AdamW: 1e-3 0.161, 2e-3 0.208, 3e-3 0.208 (benchmarks/SPEEDRUN.md)
     c.optim.warmup_steps = 100
     c.optim.final_lr_fraction = 0.1  # the cosine decay's end, of optim.lr
-    c.optim.muon_ns_steps = 5  # Newton-Schulz iterations per Muon update
+    # Newton-Schulz iterations per Muon update: 3 instead of 5 is 1.13x the steps per second in one process, and
+    # 3200 steps read "both" 0.516 either way (benchmarks/SPEEDRUN.md, "Fewer Newton-Schulz iterations")
+    c.optim.muon_ns_steps = 3
     c.optim.muon_ns_coeffs = "standard"  # standard (Jordan et al.) | polar_express (Amsel et al. 2025)
     c.optim.muon_skip = ()  # block modules whose matrices stay on AdamW, e.g. ("adaLN_modulation",)
     c.optim.weight_decay = 0.0

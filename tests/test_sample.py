@@ -227,3 +227,36 @@ def test_vae_latent_samplers_code_as_the_codec(latent_setups):
     np.testing.assert_allclose(sharded.encode(videos), ref, atol=1e-5)
     np.testing.assert_array_equal(sharded.decode(ref), js.decode(ref))
     np.testing.assert_allclose(sharded.sample(PROMPTS[:2], seed=0), latents, atol=1e-4)
+
+
+def test_jitter_rolls_the_patch_grid_at_the_late_steps_only():
+    """``jittered``: a denoiser that adds a fixed pattern G [H, W] (a per-position head, as a patch grid is) comes
+    back with G rolled by the step's offset below the threshold, and unrolled above it; a shift-equivariant
+    denoiser is unchanged; over the 32 steps of the demo's shifted time grid the late steps use many offsets."""
+    from sora_jax.diffusion import flow
+    from sora_jax.sample.sampler import jittered
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 3, 16, 16, 1)), jnp.float32)
+    grid = rng.standard_normal((16, 16)).astype(np.float32)
+    pattern = jittered(lambda x, t, c: x + grid[None, None, :, :, None], (8, 8), below=500.0)
+    double = jittered(lambda x, t, c: 2.0 * x, (8, 8), below=500.0)
+    times = flow.model_time(jnp.asarray(flow.sampling_times(32, 6.0)[:-1]))
+    offsets = set()
+    for t in np.asarray(times):
+        tb = jnp.full((2,), t)
+        np.testing.assert_allclose(double(x, tb, None), 2.0 * x, rtol=1e-6)
+        added = np.asarray(pattern(x, tb, None) - x)[0, 0, :, :, 0]
+        if t > 500.0:
+            np.testing.assert_allclose(added, grid, atol=1e-5)
+            continue
+        match = [
+            (dy, dx)
+            for dy in range(8)
+            for dx in range(8)
+            if np.allclose(added, np.roll(grid, (-dy, -dx), axis=(0, 1)), atol=1e-5)
+        ]
+        assert len(match) == 1
+        offsets.add(match[0])
+    late = int((np.asarray(times) <= 500.0).sum())
+    assert late >= 4 and len(offsets) >= late - 1  # (0, 0) can come up; the grid otherwise moves every step

@@ -483,6 +483,7 @@ def _model_index(cfg, vae_entry, sched_name, text_entries) -> dict:
         "max_text_length": cfg.text.max_length,
         "default_num_inference_steps": d.sample_steps,
         "default_guidance_scale": float(d.cfg_scale),
+        "sample_jitter": float(d.get("sample_jitter", 0.0)),
     }
 
 

@@ -159,6 +159,7 @@ def pipeline_from_params(
         sampler=cfg.diffusion.sampler,
         num_steps=cfg.diffusion.sample_steps,
         cfg_scale=cfg.diffusion.cfg_scale,
+        jitter=float(cfg.diffusion.get("sample_jitter", 0.0)),
         devices=devices,
     )
     return Pipeline(cfg, ae, text_input, graphdef, params, step, sampler)

@@ -160,6 +160,7 @@ class Prompter:
             cfg_scale=cfg.diffusion.cfg_scale,
             guidance_rescale=guidance_rescale,
             history_guidance=history_guidance,
+            jitter=float(cfg.diffusion.get("sample_jitter", 0.0)),
             autoencoder=pipe.autoencoder,
             mesh=mesh,
             param_sharding=param_sharding,

@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from sora_jax.diffusion import flow
 from sora_jax.diffusion.guidance import cfg_apply
 from sora_jax.diffusion.process import Process
 from sora_jax.models.autoencoder import Autoencoder, float_to_video, video_to_float
@@ -53,10 +54,11 @@ class SamplerSpec:
     cfg_scale: float
     guidance_rescale: float = 0.0
     history_guidance: float = 0.0
+    jitter: float = 0.0  # the steps at noise level <= this roll the model's input by an offset (``jittered``)
 
     def __post_init__(self):
         object.__setattr__(self, "latent_shape", tuple(self.latent_shape))
-        for name in ("guidance_rescale", "history_guidance"):
+        for name in ("guidance_rescale", "history_guidance", "jitter"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
 
@@ -180,8 +182,12 @@ def sample_latents(spec: SamplerSpec, params, inputs: SampleInputs, strength: fl
         noise = jax.vmap(lambda k: jax.random.normal(k, (1, *spec.latent_shape)))(pairs[:, 0])[:, 0]
     else:
         noise = jnp.asarray(inputs.noise, jnp.float32)
+    denoise = lambda x, t, c: model.denoise(x, t, c[0], c[1])  # noqa: E731
+    if spec.jitter:
+        scale = flow.TIME_SCALE if spec.process.is_flow else spec.process.num_timesteps
+        denoise = jittered(denoise, model.dit.cfg.patch_size[1:], spec.jitter * scale)
     guided = cfg_apply(
-        lambda x, t, c: model.denoise(x, t, c[0], c[1]),
+        denoise,
         (jnp.concatenate([ctx, null_ctx]), jnp.concatenate([ctx_mask, null_mask])),
         spec.cfg_scale,
         rescale=spec.guidance_rescale,
@@ -198,6 +204,28 @@ def sample_latents(spec: SamplerSpec, params, inputs: SampleInputs, strength: fl
         strength=strength,
         history_scale=spec.history_guidance,
     )
+
+
+JITTER_HASH = 2654435761  # Knuth's multiplicative hash; the exported PyTorch pipeline uses the same offsets
+
+
+def jittered(denoise: Callable, patch: tuple[int, int], below: float) -> Callable:
+    """``denoise(x, t, c)`` where the model time (the largest of t: the frames being generated) is <= ``below``:
+    x ``[B, T, H, W, C]`` rolled by (dy, dx) in [0, ph) x [0, pw), a hash of round(t), and the output rolled
+    back. The patch grid falls elsewhere at every step, so the seams of the per-patch linear head do not add up
+    in one place; the early, noisier steps (above ``below``), where the layout is decided, keep the grid still.
+    Rolled content wraps around the frame's edges."""
+    ph, pw = (int(p) for p in patch)
+
+    def fn(x, t, c):
+        t0 = jnp.max(jnp.asarray(t, jnp.float32))
+        h = jnp.round(t0).astype(jnp.uint32) * jnp.uint32(JITTER_HASH)
+        on = (t0 <= below).astype(jnp.int32)
+        dy, dx = on * ((h >> 16) % ph).astype(jnp.int32), on * ((h >> 24) % pw).astype(jnp.int32)
+        out = denoise(jnp.roll(x, (dy, dx), axis=(2, 3)), t, c)
+        return jnp.roll(out, (-dy, -dx), axis=(2, 3))
+
+    return fn
 
 
 def decode_videos(autoencoder: Autoencoder, ae_params, latents: jax.Array) -> jax.Array:
@@ -233,9 +261,10 @@ class PmapSampler:
         cfg_scale: float,
         guidance_rescale: float = 0.0,
         history_guidance: float = 0.0,
+        jitter: float = 0.0,
         devices: list[jax.Device] | None = None,
     ):
-        args = (latent_shape, sampler, num_steps, cfg_scale, guidance_rescale, history_guidance)
+        args = (latent_shape, sampler, num_steps, cfg_scale, guidance_rescale, history_guidance, jitter)
         self.spec = SamplerSpec(graphdef, process, *args)
         self.text_input, self.autoencoder = text_input, autoencoder
         self.devices = devices or jax.local_devices()
@@ -323,11 +352,12 @@ class JitSampler:
         cfg_scale: float,
         guidance_rescale: float = 0.0,
         history_guidance: float = 0.0,
+        jitter: float = 0.0,
         autoencoder: Autoencoder | None = None,
         mesh: jax.sharding.Mesh | None = None,
         param_sharding=None,
     ):
-        args = (latent_shape, sampler, num_steps, cfg_scale, guidance_rescale, history_guidance)
+        args = (latent_shape, sampler, num_steps, cfg_scale, guidance_rescale, history_guidance, jitter)
         self.spec = SamplerSpec(graphdef, process, *args)
         self.text_input, self.mesh = text_input, mesh
         self.params = self._place(params, param_sharding)

@@ -244,6 +244,7 @@ class SoraPipeline(DiffusionPipeline):
         max_text_length: int = 24,
         default_num_inference_steps: int = 32,
         default_guidance_scale: float = 6.0,
+        sample_jitter: float = 0.0,
     ):
         super().__init__()
         self.register_modules(
@@ -264,6 +265,7 @@ class SoraPipeline(DiffusionPipeline):
             max_text_length=max_text_length,
             default_num_inference_steps=default_num_inference_steps,
             default_guidance_scale=default_guidance_scale,
+            sample_jitter=sample_jitter,
         )
 
     @classmethod
@@ -353,13 +355,27 @@ class SoraPipeline(DiffusionPipeline):
             x = torch.where(cond_mask[:, None, :, None, None], cond, x)
             t = torch.where(cond_mask, torch.zeros_like(t[:, None]), t[:, None].expand(cond_mask.shape))
         dt = self.transformer.dtype
+        dy, dx = self._jitter(t)
+        x = torch.roll(x, (dy, dx), dims=(3, 4))
         if guidance_scale == 1.0:
-            return self.transformer(x.to(dt), t, ctx[:B], mask[:B]).float()
-        if guidance_scale == 0.0:
-            return self.transformer(x.to(dt), t, ctx[B:], mask[B:]).float()
-        out = self.transformer(torch.cat([x, x]).to(dt), torch.cat([t, t]), ctx, mask).float()
-        c, u = out[:B], out[B:]
-        return u + guidance_scale * (c - u)
+            out = self.transformer(x.to(dt), t, ctx[:B], mask[:B]).float()
+        elif guidance_scale == 0.0:
+            out = self.transformer(x.to(dt), t, ctx[B:], mask[B:]).float()
+        else:
+            both = self.transformer(torch.cat([x, x]).to(dt), torch.cat([t, t]), ctx, mask).float()
+            c, u = both[:B], both[B:]
+            out = u + guidance_scale * (c - u)
+        return torch.roll(out, (-dy, -dx), dims=(3, 4))
+
+    def _jitter(self, t) -> tuple[int, int]:
+        """sora_jax's ``diffusion.sample_jitter``: the step's roll (dy, dx) of the latent frame, (0, 0) above
+        the noise level ``sample_jitter`` (of the scheduler's train timesteps); the same offsets as JAX's."""
+        t0 = float(t.max())
+        if t0 > self.config.sample_jitter * self.scheduler.config.num_train_timesteps:
+            return 0, 0
+        _, ph, pw = self.transformer.config.patch_size
+        h = (round(t0) * 2654435761) & 0xFFFFFFFF  # sora_jax.sample.sampler.JITTER_HASH
+        return (h >> 16) % ph, (h >> 24) % pw
 
     def _flow(self, x, ctx, mask, steps, scale, cond, cond_mask):
         n = steps
