@@ -99,6 +99,7 @@ def wan_recipe(sizes: dict) -> ml_collections.ConfigDict:
     f.time_grid = "diffusers"  # diffusers' scheduler grids: euler and unipc sample as WanPipeline does
     f.sample_steps = 50
     f.cfg_scale = 5.0
+    f.sample_jitter = 0.0  # the quickstart's patch-grid jitter off: sampled as WanPipeline samples
 
     c.conditioning.probs = ml_collections.ConfigDict({"none": 1.0})  # Wan 2.1 T2V: one time per clip
     c.conditioning.max_frames = 1

@@ -38,7 +38,7 @@ def test_muon_takes_the_blocks_matrices_and_matches_optax_per_block():
     for _ in range(2):  # the second step also checks the momentum
         updates, state = tx.update(grads, state, params)
     got, g = _flat(updates), _flat(grads)
-    ref2d = optax.contrib.muon(lr_schedule(cfg), consistent_rms=0.2)
+    ref2d = optax.contrib.muon(lr_schedule(cfg), ns_steps=cfg.optim.muon_ns_steps, consistent_rms=0.2)
     adam = optax.adamw(lr_schedule(cfg), b1=0.9, b2=0.99, weight_decay=0.0, nesterov=True)
     checked = 0
     for key, u in got.items():

@@ -142,6 +142,7 @@ def workdir_config() -> ml_collections.ConfigDict:
     c.diffusion.time_grid = "diffusers"  # and its time grid: sampling reproduces WanPipeline's
     c.diffusion.sample_steps = 50
     c.diffusion.cfg_scale = 5.0
+    c.diffusion.sample_jitter = 0.0  # the quickstart's patch-grid jitter off: WanPipeline's sampling
 
     c.conditioning.probs = ml_collections.ConfigDict({"none": 1.0})  # Wan 2.1 T2V: one time per sample
     c.conditioning.max_frames = 1
