@@ -82,7 +82,7 @@ def test_muon_skip_leaves_the_named_modules_on_adamw():
 def test_polar_express_coefficients_approach_the_polar_factor():
     """``optim.muon_ns_coeffs``: after 5 iterations Polar Express's coefficients (1.02 safety folded into the
     first) are within 0.12 of the SVD's polar factor U V^T of a random 128 x 512 matrix, and its singular values
-    within [0.85, 1.15]; Jordan et al.'s quintic keeps them in about [0.68, 1.2] (it stops short of 1 by design)."""
+    within [0.85, 1.15]; Jordan et al.'s quintic stays further (it does not converge to 1, by design)."""
     from optax.contrib._muon import orthogonalize_via_newton_schulz
 
     g = np.random.default_rng(0).standard_normal((128, 512)).astype(np.float32)
