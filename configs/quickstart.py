@@ -171,7 +171,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             "classes": 0.0,
             "motion": 0.0,
             # < 1: the term only for that fraction of train.num_steps (HASTE, Wang et al. 2025: REPA helps
-            # early and can hold a model back later); after it the projector costs nothing (one lax.cond)
+            # early and can hold a model back later); 0.5 at 3200 steps: "both" 0.490 against 0.516, no faster
             "until": 1.0,
         }
     )

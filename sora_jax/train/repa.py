@@ -279,8 +279,8 @@ def encoder_flops(cfg: ml_collections.ConfigDict) -> float:
 
 def until_step(cfg: ml_collections.ConfigDict) -> int | None:
     """The first step without the REPA term: ``repa.until`` (a fraction of ``train.num_steps``) < 1 turns it
-    off there, as HASTE (Wang et al. 2025) does, so the projector's forward and backward stop costing time;
-    None while it stays on (``repa.until`` 1, or REPA off)."""
+    off there, as HASTE (Wang et al. 2025) does (measured on 2 CPU cores: the step after the switch is no
+    faster, benchmarks/SPEEDRUN.md); None while it stays on (``repa.until`` 1, or REPA off)."""
     until = float(cfg.repa.get("until", 1.0)) if layer(cfg) else 1.0
     if not 0.0 < until <= 1.0:
         raise ConfigError(f"config.repa.until must be in (0, 1], got {until}")

@@ -57,7 +57,7 @@ _POLAR_EXPRESS = (
 def newton_schulz_coeffs(kind: str, steps: int):
     """``optim.muon_ns_coeffs`` -> what optax's muon takes for ``steps`` iterations: "standard" (Jordan et al.'s
     one quintic, (3.4445, -4.775, 2.0315), every iteration) or "polar_express" (one (a, b, c) row per iteration,
-    made for exactly 5: cut short, its first rows overshoot, singular values up to ~1.9)."""
+    made for exactly 5: cut short, its first rows overshoot past 1)."""
     if kind == "standard":
         return (3.4445, -4.775, 2.0315)
     if kind != "polar_express":
