@@ -128,6 +128,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # training and sampling steps near the noise end (video models use shifts of 5-17).
     c.diffusion.flow_shift = 6.0
     c.diffusion.flow_prediction = "x0"  # rectified_flow only: v | x0 (JiT; large pixel patches)
+    # > 0: contrastive flow matching's lambda (Stoica et al. 2025; sora_jax/diffusion/process.py): the loss also
+    # pushes each prediction away from another clip's target, for prompts that the model tells apart
+    c.diffusion.contrastive = 0.0
     c.diffusion.sampler = "euler"  # ddpm | ddim | euler
     c.diffusion.time_grid = (
         ""  # flow: "" (the sampler's own), "uniform" or "diffusers" (its scheduler's grid)
@@ -188,6 +191,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # 3200 steps read "both" 0.516 either way (benchmarks/SPEEDRUN.md, "Fewer Newton-Schulz iterations")
     c.optim.muon_ns_steps = 3
     c.optim.muon_ns_coeffs = "standard"  # standard (Jordan et al.) | polar_express (Amsel et al. 2025)
+    c.optim.adam_lr = 0.0  # > 0: Muon's AdamW part (embeddings, final layer, norms, biases) at this peak lr
     c.optim.muon_skip = ()  # block modules whose matrices stay on AdamW, e.g. ("adaLN_modulation",)
     c.optim.weight_decay = 0.0
     c.optim.b1 = 0.9

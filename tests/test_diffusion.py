@@ -353,6 +353,39 @@ def test_flow_x0_prediction_loss_is_clipped_v_loss():
     assert float(_jit_loss(process, oracle, x0, key).max()) < 1e-10
 
 
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_contrastive_flow_matching_loss_matches_numpy(prediction):
+    """Contrastive flow matching (Stoica et al. 2025): |v_hat - v|^2 - lambda |v_hat - v_next|^2, the negative
+    the batch's next example's target; recomputed in float64 from the same draws of t and noise."""
+    lam = 0.05
+    process = D.make_process(
+        "rectified_flow", flow_prediction=prediction, flow_timestep_sampling="uniform", contrastive=lam
+    )
+    x0 = jax.random.normal(jax.random.key(30), (8, 6))
+    key = jax.random.key(31)
+    w = jax.random.normal(jax.random.key(32), (6, 6)) * 0.3
+    model = lambda xt, mt: xt @ w  # some model, neither oracle nor zero
+    loss = np.asarray(_jit_loss(process, model, x0, key), np.float64)
+    key_t, key_noise = jax.random.split(key)
+    t = np.asarray(D.sample_time(key_t, 8, "uniform"), np.float64)[:, None]
+    x = np.asarray(x0, np.float64)
+    n = np.asarray(jax.random.normal(key_noise, (8, 6), jnp.float32), np.float64)
+    xt = (1 - t) * x + t * n
+    out = xt @ np.asarray(w, np.float64)
+    tb = np.maximum(t, 0.05)
+    v_hat = (xt - out) / tb if prediction == "x0" else out
+    v = (xt - x) / tb if prediction == "x0" else n - x  # x0: the clipped v-loss's target
+    v_next = np.roll(n - x, 1, axis=0)  # example i's negative: example i - 1's noise - x0
+    want = np.mean((v_hat - v) ** 2, axis=1) - lam * np.mean((v_hat - v_next) ** 2, axis=1)
+    np.testing.assert_allclose(loss, want, rtol=2e-4, atol=1e-5)
+    plain = D.make_process("rectified_flow", flow_prediction=prediction, flow_timestep_sampling="uniform")
+    assert np.all(loss < np.asarray(_jit_loss(plain, model, x0, key)))  # the subtracted term is positive
+    with pytest.raises(ValueError, match="contrastive"):
+        D.make_process("ddpm", contrastive=lam)
+    with pytest.raises(ValueError, match="contrastive"):
+        D.make_process("rectified_flow", contrastive=1.0)
+
+
 # ----------------------------------------------------------------------------- losses
 
 

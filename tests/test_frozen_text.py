@@ -81,6 +81,21 @@ def test_embedding_table_roundtrip(embedder, tmp_path):
         loaded.encode(["c"])
 
 
+def test_table_rows_are_the_encoders_output_at_full_length():
+    """The table encodes shortest first, each chunk (here one caption) cut to its own length: its rows, in
+    caption order, equal the encoder run on the captions padded to max_length."""
+    from sora_jax.text.minilm import load_minilm
+
+    caps = ["a digit moving left while another digit moves up and right", "a 7", "the number five falls"]
+    table = FrozenTextEmbedder("minilm", max_length=16, batch_size=1).table(caps)
+    model, tok = load_minilm()
+    ids, mask, _ = tok.encode(table.captions, 16)
+    assert mask.sum(1).max() > 8 and mask.sum(1).min() <= 8  # chunks of two lengths
+    ref = np.asarray(model(ids, mask)) * mask[..., None]
+    np.testing.assert_array_equal(table.mask, mask)
+    np.testing.assert_allclose(table.emb.astype(np.float32), ref, atol=2e-3)  # float16 storage
+
+
 def test_train_and_sample_with_minilm(data_dir, tmp_path, caplog):
     # precompute the dataset's caption table next to its shards, as data_pipelines/encode_text.py does
     from data_pipelines import encode_text

@@ -17,9 +17,12 @@ def _flat(tree, is_leaf=None):
     return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf)}
 
 
-def test_muon_takes_the_blocks_matrices_and_matches_optax_per_block():
+@pytest.mark.parametrize("adam_lr", [0.0, 3e-3])
+def test_muon_takes_the_blocks_matrices_and_matches_optax_per_block(adam_lr):
+    """With ``optim.adam_lr`` > 0 the AdamW part follows the schedule at that peak, Muon's at ``optim.lr``."""
     cfg = quickstart.get_config()
     cfg.optim.optimizer, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip = "muon", 1e-2, 1, 1e9
+    cfg.optim.adam_lr = adam_lr
     model = dit_lib.DiT(dit_lib.dit_config("smoke"), rngs=nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
     dims = _flat(muon_dimension_numbers(params), is_leaf=lambda x: x is None or hasattr(x, "output_axis"))
@@ -39,7 +42,7 @@ def test_muon_takes_the_blocks_matrices_and_matches_optax_per_block():
         updates, state = tx.update(grads, state, params)
     got, g = _flat(updates), _flat(grads)
     ref2d = optax.contrib.muon(lr_schedule(cfg), ns_steps=cfg.optim.muon_ns_steps, consistent_rms=0.2)
-    adam = optax.adamw(lr_schedule(cfg), b1=0.9, b2=0.99, weight_decay=0.0, nesterov=True)
+    adam = optax.adamw(lr_schedule(cfg, adam_lr or None), b1=0.9, b2=0.99, weight_decay=0.0, nesterov=True)
     checked = 0
     for key, u in got.items():
         name = key.removesuffix(".value")

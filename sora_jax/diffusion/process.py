@@ -80,6 +80,10 @@ class Process:
     flow_shift: float = 1.0
     flow_prediction: FlowPrediction = FlowPrediction.V
     flow_time_grid: FlowTimeGrid | None = None  # None: each flow sampler's default grid
+    # flow only: lambda of contrastive flow matching (Stoica et al. 2025, "Contrastive Flow Matching"): the loss
+    # also pushes the predicted velocity away from another example's target, lambda * |v_hat - v_other|^2
+    # subtracted (the next example of the batch, rolled); 0: plain flow matching
+    contrastive: float = 0.0
 
     @property
     def num_timesteps(self) -> int:
@@ -145,6 +149,8 @@ class Process:
             keep = (~cond_mask).astype(jnp.float32)
             loss_mask = keep if loss_mask is None else jnp.asarray(loss_mask, jnp.float32) * keep
         out = apply_fn(x_t, model_time)
+        if self.is_flow and self.contrastive:
+            return self._contrastive_loss(out, x_t, x0, noise, t, loss_mask)
         if self.is_flow and self.flow_prediction is FlowPrediction.X0:
             return _masked_mean(flow.x0_loss(out, x0, t), loss_mask)
         if self.is_flow:
@@ -155,6 +161,21 @@ class Process:
             target = ddpm.v_target(self.schedule, x0, t, noise)
         sq = jnp.square(out.astype(jnp.float32) - target.astype(jnp.float32))
         return _masked_mean(sq, loss_mask)
+
+    def _contrastive_loss(self, out, x_t, x0, noise, t, loss_mask) -> jax.Array:
+        """Contrastive flow matching's per-example loss [B]: ``|v_hat - v|^2 - lambda |v_hat - v'|^2`` where
+        v' = noise' - x0' of the batch's next example (rolled by one). For x0-prediction v_hat is
+        ``(x_t - out) / max(t, 0.05)``, so the first term is ``flow.x0_loss`` exactly."""
+        target = flow.velocity_target(x0, noise).astype(jnp.float32)
+        if self.flow_prediction is FlowPrediction.X0:
+            tb = jnp.maximum(flow._bcast(t, x0), flow.X0_MIN_T)
+            v_hat = (x_t.astype(jnp.float32) - out.astype(jnp.float32)) / tb
+            positive = flow.x0_loss(out, x0, t)
+        else:
+            v_hat = out.astype(jnp.float32)
+            positive = jnp.square(v_hat - target)
+        negative = jnp.square(v_hat - jnp.roll(target, 1, axis=0))
+        return _masked_mean(positive - self.contrastive * negative, loss_mask)
 
     # ---------------------------------------------------------------- sampling
 
@@ -365,12 +386,14 @@ def make_process(
     flow_shift: float = 1.0,
     flow_prediction: str = "v",
     time_grid: str = "",
+    contrastive: float = 0.0,
 ) -> Process:
     """Validates the names once and builds the Process; ValueError names a bad value and the allowed ones.
 
     objective: "ddpm" | "rectified_flow". DDPM only: prediction "eps" | "v", schedule "linear" | "cosine",
     num_timesteps. Flow only: flow_timestep_sampling "uniform" | "logit_normal", flow_shift > 0,
-    flow_prediction "v" | "x0", time_grid "" (each sampler's default) | "uniform" | "diffusers".
+    flow_prediction "v" | "x0", time_grid "" (each sampler's default) | "uniform" | "diffusers", contrastive
+    (contrastive flow matching's lambda, in [0, 1)).
     """
     obj = _parse(Objective, objective, "objective")
     pred = _parse(Prediction, prediction, "prediction")
@@ -380,6 +403,10 @@ def make_process(
     if not flow_shift > 0:
         raise ValueError(f"flow_shift must be > 0, got {flow_shift!r}")
     grid = _parse(FlowTimeGrid, time_grid, "time_grid") if time_grid else None
+    if not 0.0 <= contrastive < 1.0:
+        raise ValueError(f"contrastive must be in [0, 1), got {contrastive!r}")
+    if contrastive and obj is not Objective.RECTIFIED_FLOW:
+        raise ValueError("contrastive flow matching is for the rectified_flow objective only")
     if obj is Objective.RECTIFIED_FLOW:
         return Process(
             obj,
@@ -387,6 +414,7 @@ def make_process(
             flow_shift=float(flow_shift),
             flow_prediction=flow_pred,
             flow_time_grid=grid,
+            contrastive=float(contrastive),
         )
     if grid is not None:
         raise ValueError(f"time_grid={time_grid!r} is for the rectified_flow objective only")
@@ -407,4 +435,5 @@ def process_from_config(diffusion_config) -> Process:
         flow_shift=c.get("flow_shift", 1.0),
         flow_prediction=c.get("flow_prediction", "v"),
         time_grid=c.get("time_grid", ""),
+        contrastive=c.get("contrastive", 0.0),
     )

@@ -248,7 +248,8 @@ def load_reader(path: str | os.PathLike | None = None) -> DigitReader:
             raise UserError(f"{path} is not a digit-reader weights file (no {_CONFIG_KEY} entry)")
         cfg = ReaderConfig.from_json(str(npz[_CONFIG_KEY]))
         arrays = {k: npz[k] for k in npz.files if k != _CONFIG_KEY}
-    model = DigitReader(cfg, rngs=nnx.Rngs(0))
+    # built abstract (no initialiser runs: eager JAX compiles each op once, seconds on a CPU), then filled
+    model = nnx.eval_shape(lambda: DigitReader(cfg, rngs=nnx.Rngs(0)))
     pairs = []
     for p, v in nnx.state(model, nnx.Param).flat_state():
         key = "/".join(map(str, p))

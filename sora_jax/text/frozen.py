@@ -44,6 +44,7 @@ from sora_jax.models.layers import RMSNorm, as_dtype
 log = logging.getLogger("sora_jax.text")
 
 FROZEN_ENCODERS = tuple(k.value for k in FROZEN_TEXT_ENCODERS)
+LENGTH_STEP = 8  # the encoder's input is cut to a multiple of this many tokens (``_encode``)
 
 # Where ``clauses`` splits a prompt: a conjunction (with its comma or semicolon) followed by a determiner, i.e.
 # where a new subject starts ("a 3 moves left while a 5 moves up"; not "up and to the left").
@@ -160,9 +161,11 @@ class FrozenTextEmbedder:
         return out, out_mask
 
     def _encode(self, texts: list[str], warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Runs the encoder in chunks of ``batch_size`` rows, each padded to a power of two (few compiles)."""
+        """Runs the encoder in chunks of ``batch_size`` rows, each padded to a power of two, and cut to the
+        chunk's longest text rounded up to ``LENGTH_STEP`` tokens (few compiles; the keys are masked, so the
+        padding's length does not change the states of real tokens)."""
         ids, mask = self._tokenize(texts, warn)
-        out = []
+        out = np.zeros((*ids.shape, self.output_dim), np.float32)
         for i in range(0, len(texts), self.batch_size):
             ci, cm = ids[i : i + self.batch_size], mask[i : i + self.batch_size]
             k = len(ci)
@@ -170,8 +173,10 @@ class FrozenTextEmbedder:
             if rows > k:  # pad with copies of the first row (an all-padding row could make NaNs)
                 ci = np.concatenate([ci, np.repeat(ci[:1], rows - k, 0)])
                 cm = np.concatenate([cm, np.repeat(cm[:1], rows - k, 0)])
-            out.append(np.asarray(self.encode_fn(self.params, ci, cm), np.float32)[:k])
-        return np.concatenate(out) * mask[:, :, None], mask
+            length = min(self.max_length, -(-max(int(cm.sum(1).max()), 1) // LENGTH_STEP) * LENGTH_STEP)
+            states = self.encode_fn(self.params, ci[:, :length], cm[:, :length])
+            out[i : i + k, :length] = np.asarray(states, np.float32)[:k]
+        return out * mask[:, :, None], mask
 
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """B strings -> embeddings float32 ``[B, L, D]`` (zero at padding), mask bool ``[B, L]``."""
@@ -199,15 +204,19 @@ class FrozenTextEmbedder:
         from tqdm.auto import tqdm
 
         unique = sorted(set(map(str, captions)) | {""})
+        # encoded shortest first, so that each chunk is cut to about its own length (``_encode``)
+        order = np.argsort(self._tokenize(unique, warn=False)[1].sum(1), kind="stable")
         embs, masks, truncated = [], [], 0
         chunk = max(self.batch_size, 1) * 4
         for i in tqdm(
             range(0, len(unique), chunk), desc=f"embed captions ({self.kind})", disable=not progress
         ):
-            e, m = self._compute(unique[i : i + chunk], warn=False)
-            truncated += int(self.tokenizer.encode(unique[i : i + chunk], self.max_length)[2])
+            texts = [unique[j] for j in order[i : i + chunk]]
+            e, m = self._compute(texts, warn=False)
+            truncated += int(self.tokenizer.encode(texts, self.max_length)[2])
             embs.append(e.astype(np.float16))
             masks.append(m)
+        back = np.argsort(order)  # rows in the order of ``unique`` again
         if truncated:  # one line for the whole table
             log.warning(
                 "%d of %d distinct captions are longer than %d tokens and were truncated (raise "
@@ -216,7 +225,7 @@ class FrozenTextEmbedder:
                 len(unique),
                 self.max_length,
             )
-        return EmbeddingTable(unique, np.concatenate(embs), np.concatenate(masks), name=self.name)
+        return EmbeddingTable(unique, np.concatenate(embs)[back], np.concatenate(masks)[back], name=self.name)
 
 
 def _features(out) -> jax.Array:

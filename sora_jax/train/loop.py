@@ -1,9 +1,10 @@
 """The trainer, one ordered script (big_vision's ``train.py`` shape). ``train(cfg, workdir)`` runs:
 
-    mesh -> batch specs (from the config) -> abstract state + shardings (``build_train_fns``) -> compile the
-    step for every batch shape, memory checked (the peak over all of them) -> [compile_only: stop] -> the
-    train stream -> the data card (its {hash, summary} goes into every checkpoint) -> resume, or init (fine-tuning: ``model.init_from``'s parameters, ``_initial_state``) -> loop
-    (metrics, checkpoints, evaluation, time limit, preemption).
+    mesh -> batch specs (from the config) -> abstract state + shardings (``build_train_fns``) -> [compile_only:
+    compile the step for every batch shape, memory checked (the peak over all of them), stop] -> the same
+    compile in a thread, while the main thread opens the train stream -> the data card (its {hash, summary}
+    goes into every checkpoint) -> resume, or init (fine-tuning: ``model.init_from``'s parameters,
+    ``_initial_state``) -> the compiled steps -> loop (metrics, checkpoints, evaluation, time limit, preemption).
 
 LoRA (``config.lora``): the state (optimizer, EMA, checkpoints) holds the adapters alone; the frozen base
 (``lora.init_from``'s parameters, stored as ``lora.base_dtype`` says: float32 / bfloat16 / int8 / fp8) enters
@@ -15,6 +16,7 @@ Each task has one step builder (``_STEP_BUILDERS``: the DiT's, the VAE's), all o
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -251,16 +253,27 @@ def train(
     mesh = make_mesh(cfg.mesh, devices)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     specs = data_lib.batch_specs(cfg, mesh)
-    frozen_text = task(cfg) is Task.T2V and factory.frozen_dim(cfg) > 0
-    table = data_lib.ensure_caption_table(cfg, workdir) if frozen_text and not compile_only else None
+    frozen_text = task(cfg) is Task.T2V and factory.frozen_dim(cfg) > 0 and not compile_only
+    # T5's empty prompt comes from the captions' table (``_null_text``); MiniLM's table is made while the
+    # step compiles
+    t5 = frozen_text and TextEncoderKind(cfg.text.encoder) is TextEncoderKind.T5
+    table = data_lib.ensure_caption_table(cfg, workdir) if t5 else None
     fns = build_train_fns(cfg, mesh, shapes_only=compile_only, text_table=table)
     sizes = _state_sizes(cfg, fns, mesh)
-    t0 = time.perf_counter()
-    executables, memory = _compile(fns, specs)
-    timings = {"compiled_steps": len(executables), "compile_seconds": time.perf_counter() - t0}
     if compile_only:
+        t0 = time.perf_counter()
+        executables, memory = _compile(fns, specs)
+        timings = {"compiled_steps": len(executables), "compile_seconds": time.perf_counter() - t0}
         return {"compiled": True, **timings, **memory, **sizes}
 
+    # XLA compiles the step on one core while the captions' table, the data stream (with REPA's table) and the
+    # initial state are made on the others (``compile_seconds`` is the compile's own wall-clock)
+    compiling = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+    compiled = compiling.submit(_timed_compile, fns, specs)
+    compiling.shutdown(wait=False)
+    if frozen_text and table is None:
+        data_lib.ensure_caption_table(cfg, workdir)  # kept in the workdir; the stream reads it from there
+    timings = {}
     stream = iter(data_lib.open_train_stream(cfg, workdir, mesh, timings))
     card = _data_card(cfg, workdir)
     mgr = checkpoint.manager(
@@ -272,6 +285,8 @@ def train(
         if resumed is not None:
             log.info("resumed from step %d in %s", resumed[0], workdir)
         start, state = resumed if resumed is not None else (0, _initial_state(cfg, fns))
+        executables, _, seconds = compiled.result()
+        timings |= {"compiled_steps": len(executables), "compile_seconds": seconds}
         evals = _Evals(cfg, workdir, fns.graphdef, mesh, card, fns.frozen) if evaluating else None
         pre = timings.get("repa_precompute_seconds", 0.0)  # REPA's table (repa.precompute) is training time
         last = _loop(
@@ -328,6 +343,12 @@ def _initial_state(cfg: ml_collections.ConfigDict, fns: TrainFns) -> TrainState:
 
 def _batch_key(batch: dict) -> tuple:
     return tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+
+
+def _timed_compile(fns: TrainFns, specs: list[dict]) -> tuple[dict, dict, float]:
+    """``_compile`` and its wall-clock seconds."""
+    t0 = time.perf_counter()
+    return *_compile(fns, specs), time.perf_counter() - t0
 
 
 def _compile(fns: TrainFns, specs: list[dict]) -> tuple[dict, dict]:

@@ -89,8 +89,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, lr: float | None = None) -> o
     "adamw", or "muon" (Jordan et al. 2024: Nesterov momentum orthogonalized by Newton-Schulz on the blocks'
     matrices, ``muon_dimension_numbers``; updates scaled to AdamW's RMS, 0.2 sqrt(max dim), as in Liu et al.
     2025 "Muon is Scalable", so ``optim.lr`` means the same for both; AdamW with b1/b2 and Nesterov momentum,
-    as optax.contrib.muon has it, on the rest); ``optim.muon_ns_steps`` Newton-Schulz iterations with
-    ``newton_schulz_coeffs(optim.muon_ns_coeffs)``."""
+    as optax.contrib.muon has it, on the rest, at ``optim.adam_lr`` when > 0, on the same schedule);
+    ``optim.muon_ns_steps`` Newton-Schulz iterations with ``newton_schulz_coeffs(optim.muon_ns_coeffs)``."""
     o = cfg.optim
     schedule = lr_schedule(cfg, lr)
     if Optimizer(o.get("optimizer", "adamw")) is Optimizer.ADAMW:
@@ -99,6 +99,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, lr: float | None = None) -> o
         from optax.contrib import muon
 
         steps = int(o.get("muon_ns_steps", 5))
+        adam_lr = float(o.get("adam_lr", 0.0)) * (1.0 if lr is None else lr / o.lr)
         opt = muon(
             schedule,
             ns_coeffs=newton_schulz_coeffs(o.get("muon_ns_coeffs", "standard"), steps),
@@ -108,6 +109,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, lr: float | None = None) -> o
             adam_b1=o.b1,
             adam_b2=o.b2,
             adam_weight_decay=o.weight_decay,
+            adam_learning_rate=lr_schedule(cfg, adam_lr) if adam_lr else None,
             muon_weight_dimension_numbers=functools.partial(
                 muon_dimension_numbers, skip=tuple(o.get("muon_skip", ()))
             ),
