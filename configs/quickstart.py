@@ -129,18 +129,23 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.diffusion.flow_shift = 6.0
     c.diffusion.flow_prediction = "x0"  # rectified_flow only: v | x0 (JiT; large pixel patches)
     # > 0: contrastive flow matching's lambda (Stoica et al. 2025; sora_jax/diffusion/process.py): the loss also
-    # pushes each prediction away from another clip's target, for prompts that the model tells apart
+    # pushes each prediction away from another clip's target; 0.05 at 3200 steps: "both" 0.469 against 0.484
+    # (benchmarks/SPEEDRUN.md, "Contrastive flow matching")
     c.diffusion.contrastive = 0.0
     c.diffusion.sampler = "euler"  # ddpm | ddim | euler
     c.diffusion.time_grid = (
         ""  # flow: "" (the sampler's own), "uniform" or "diffusers" (its scheduler's grid)
     )
-    c.diffusion.sample_steps = 32
+    # 16 Euler steps: half the sampling time of 32, and on four 3200-step checkpoints "both" 0.510 / 0.479 / 0.479 /
+    # 0.458 against 0.484 / 0.479 / 0.495 / 0.469 at 32 (192 test prompts; benchmarks/SPEEDRUN.md, "16 sampling
+    # steps")
+    c.diffusion.sample_steps = 16
     c.diffusion.cfg_scale = 6.0  # demo checkpoint, test digit accuracy: 0.115 at 6, 0.083 at 3
-    # the sampling steps at noise level t <= this (the last 4 of 32 here) see the frame rolled by an offset under
+    # the sampling steps at noise level t <= this (the last 2 of 16 here) see the frame rolled by an offset under
     # one patch, a new one each step (sora_jax/sample/sampler.py jittered), so the per-patch head's seams do not
-    # pile up on one grid; 0: off. 192 test prompts, "both" 0.531 against 0.516 (benchmarks/SPEEDRUN.md, "the
-    # patch grid jittered")
+    # pile up on one grid; 0: off. 192 test prompts, "both" 0.531 against 0.516 on one checkpoint, 0.484 against
+    # 0.516 on another: within one run's spread; kept for the smooth strokes (benchmarks/SPEEDRUN.md, "the patch
+    # grid jittered", "Contrastive flow matching, guidance")
     c.diffusion.sample_jitter = 0.5
 
     # Frame conditioning (sora_jax/diffusion/masks.py): per clip, the latent frames given clean, so one model
@@ -191,7 +196,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # 3200 steps read "both" 0.516 either way (benchmarks/SPEEDRUN.md, "Fewer Newton-Schulz iterations")
     c.optim.muon_ns_steps = 3
     c.optim.muon_ns_coeffs = "standard"  # standard (Jordan et al.) | polar_express (Amsel et al. 2025)
-    c.optim.adam_lr = 0.0  # > 0: Muon's AdamW part (embeddings, final layer, norms, biases) at this peak lr
+    # > 0: Muon's AdamW part (embeddings, final layer, norms, biases) at this peak lr; 2e-3 at 3200 steps: "both"
+    # 0.479 against 0.484 (benchmarks/SPEEDRUN.md, "the AdamW part's learning rate")
+    c.optim.adam_lr = 0.0
     c.optim.muon_skip = ()  # block modules whose matrices stay on AdamW, e.g. ("adaLN_modulation",)
     c.optim.weight_decay = 0.0
     c.optim.b1 = 0.9

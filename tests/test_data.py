@@ -505,3 +505,14 @@ def test_two_digit_gap_is_validated():
     cfg.data.two_digit_gap = 40.0
     with pytest.raises(ConfigError, match="two_digit_gap must be in"):
         validate(cfg)
+
+
+def test_uci_digits_are_sklearns_load_digits():
+    """The glyphs are read from scikit-learn's CSV file without importing scikit-learn: the same arrays."""
+    from sklearn.datasets import load_digits
+
+    images, target = md.uci_digits()
+    ref = load_digits()
+    assert images.dtype == ref.images.dtype and images.shape == (1797, 8, 8)
+    np.testing.assert_array_equal(images, ref.images)
+    np.testing.assert_array_equal(target, ref.target)

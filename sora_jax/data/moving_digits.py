@@ -19,6 +19,9 @@ glyphs' licence comes from (scikit-learn's BSD-3-Clause copy of UCI's CC BY 4.0 
 
 from __future__ import annotations
 
+import functools
+import gzip
+import importlib.util
 import json
 import os
 import pathlib
@@ -81,16 +84,28 @@ def _resize_matrix(size: int, src: int, interpolation: str) -> np.ndarray:
     return m
 
 
+@functools.lru_cache(maxsize=1)
+def uci_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits, as ``sklearn.datasets.load_digits`` returns them: images float64
+    [1797, 8, 8] (0..16), labels int [1797]; read from the package's CSV file without importing scikit-learn
+    (whose import, seconds on a CPU, is most of what building the demo's data cost)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the bundled digits need scikit-learn: pip install scikit-learn")
+    path = pathlib.Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, "rt") as fh:
+        data = np.loadtxt(fh, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 def _source_glyphs(split: str, size: int, interpolation: str) -> tuple[np.ndarray, np.ndarray]:
     """The split's source digits resized: glyphs uint8 [G, size, size] (0..255), labels int [G], sorted."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    idx = np.arange(len(d.target))[_SPLIT_ID[split] :: 2]
-    idx = idx[np.argsort(d.target[idx], kind="stable")]
+    images, target = uci_digits()
+    idx = np.arange(len(target))[_SPLIT_ID[split] :: 2]
+    idx = idx[np.argsort(target[idx], kind="stable")]
     m = _resize_matrix(size, 8, interpolation)
-    g = np.einsum("ia,nab,jb->nij", m, d.images[idx], m) * (255.0 / 16.0)
-    return np.clip(np.rint(g), 0, 255).astype(np.uint8), d.target[idx].astype(np.int64)
+    g = np.einsum("ia,nab,jb->nij", m, images[idx], m) * (255.0 / 16.0)
+    return np.clip(np.rint(g), 0, 255).astype(np.uint8), target[idx].astype(np.int64)
 
 
 def _sample_objects(
