@@ -50,14 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--a", required=True, help="checkout A (a git worktree of the old commit)")
     p.add_argument("--b", required=True, help="checkout B")
-    p.add_argument("--config", default="configs/quickstart.py", help="relative to each checkout")
+    p.add_argument("--config", default="configs/quickstart.py", help="file[:arg], relative to each checkout")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--out", default="benchmarks/results/train_setup_ab.json")
     args = p.parse_args(argv)
     trees = {"A": Path(args.a).resolve(), "B": Path(args.b).resolve()}
     for name, tree in trees.items():
-        if not (tree / args.config).is_file():
+        if not (tree / args.config.split(":")[0]).is_file():  # file[:arg]
             print(f"train_setup_ab: no {args.config} in checkout {name} ({tree})", file=sys.stderr)
             return 2
     if min(args.steps, args.pairs) < 1:
