@@ -2,7 +2,7 @@
 
 Builds the bundled moving-digits data (if missing), trains ``configs/quickstart.py``, samples its prompts to
 MP4/GIF with a contact sheet, scores prompt adherence on test-split captions, shows video prompting (a test
-clip's first frame animated, a test clip extended, a 20-second video) and writes ``report.md``.
+clip's first frame animated, a test clip extended, a 60-second video) and writes ``report.md``.
 """
 
 from __future__ import annotations
