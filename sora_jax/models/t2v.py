@@ -37,6 +37,11 @@ class TextToVideo(nnx.Module):
             self.text_encoder = TrainableTextEncoder(text_cfg, rngs=rngs)
         self.dit = DiT(dit_cfg, rngs=rngs)
 
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """The DiT's (t, h, w) patch over latent frames."""
+        return tuple(self.dit.cfg.patch_size)
+
     def encode_text(self, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """ids int32 ``[B, L]`` (or frozen features ``[B, L, F]``), mask bool ``[B, L]`` -> (ctx ``[B, L, D]``,
         mask ``[B, L]``)."""

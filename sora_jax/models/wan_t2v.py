@@ -40,6 +40,11 @@ class WanTextToVideo(nnx.Module):
     def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
         self.transformer = WanTransformer(cfg, rngs=rngs)
 
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """The transformer's (t, h, w) patch over latent frames."""
+        return tuple(self.transformer.cfg.patch_size)
+
     def encode_text(self, emb: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """emb float ``[B, L, F]`` (frozen features), mask bool ``[B, L]`` -> the same (ctx, mask)."""
         if emb.ndim != 3:

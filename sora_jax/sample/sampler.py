@@ -185,10 +185,7 @@ def sample_latents(spec: SamplerSpec, params, inputs: SampleInputs, strength: fl
     denoise = lambda x, t, c: model.denoise(x, t, c[0], c[1])  # noqa: E731
     if spec.jitter:
         scale = flow.TIME_SCALE if spec.process.is_flow else spec.process.num_timesteps
-        net = (
-            model.dit if hasattr(model, "dit") else model.transformer
-        )  # a DiT, or an imported Wan transformer
-        denoise = jittered(denoise, net.cfg.patch_size[1:], spec.jitter * scale)
+        denoise = jittered(denoise, model.patch_size[1:], spec.jitter * scale)
     guided = cfg_apply(
         denoise,
         (jnp.concatenate([ctx, null_ctx]), jnp.concatenate([ctx_mask, null_mask])),

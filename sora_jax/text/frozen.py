@@ -205,15 +205,15 @@ class FrozenTextEmbedder:
 
         unique = sorted(set(map(str, captions)) | {""})
         # encoded shortest first, so that each chunk is cut to about its own length (``_encode``)
-        order = np.argsort(self._tokenize(unique, warn=False)[1].sum(1), kind="stable")
-        embs, masks, truncated = [], [], 0
+        _, mask, truncated = self.tokenizer.encode(unique, self.max_length)  # (ids, mask, truncated count)
+        order = np.argsort(np.asarray(mask).sum(1), kind="stable")
+        embs, masks = [], []
         chunk = max(self.batch_size, 1) * 4
         for i in tqdm(
             range(0, len(unique), chunk), desc=f"embed captions ({self.kind})", disable=not progress
         ):
             texts = [unique[j] for j in order[i : i + chunk]]
             e, m = self._compute(texts, warn=False)
-            truncated += int(self.tokenizer.encode(texts, self.max_length)[2])
             embs.append(e.astype(np.float16))
             masks.append(m)
         back = np.argsort(order)  # rows in the order of ``unique`` again

@@ -261,10 +261,14 @@ def train(
     fns = build_train_fns(cfg, mesh, shapes_only=compile_only, text_table=table)
     sizes = _state_sizes(cfg, fns, mesh)
     if compile_only:
-        t0 = time.perf_counter()
-        executables, memory = _compile(fns, specs)
-        timings = {"compiled_steps": len(executables), "compile_seconds": time.perf_counter() - t0}
-        return {"compiled": True, **timings, **memory, **sizes}
+        executables, memory, seconds = _timed_compile(fns, specs)
+        return {
+            "compiled": True,
+            "compiled_steps": len(executables),
+            "compile_seconds": seconds,
+            **memory,
+            **sizes,
+        }
 
     # XLA compiles the step on one core while the captions' table, the data stream (with REPA's table) and the
     # initial state are made on the others (``compile_seconds`` is the compile's own wall-clock)
